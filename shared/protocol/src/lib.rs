@@ -1,0 +1,22 @@
+//! The hexfleet wire protocol (QUIC, ALPN `hexfleet/1`).
+//!
+//! - [`messages`]: every message a client and a node exchange.
+//! - [`codec`]: how messages become bytes — versioned MessagePack bodies,
+//!   length-delimited on streams, bare in datagrams, with a hard size limit.
+//! - [`token`]: signed, expiring tokens that bind a role to a subject.
+
+pub mod codec;
+pub mod messages;
+pub mod token;
+
+pub use codec::{
+    decode_datagram, encode_datagram, FrameCodec, FrameError, MAX_FRAME_LEN, WIRE_VERSION,
+};
+pub use messages::*;
+pub use token::{Claims, TokenError};
+
+/// The ALPN protocol id of hexfleet over QUIC.
+pub const ALPN: &[u8] = b"hexfleet/1";
+
+/// The session protocol version a client announces in `Hello`.
+pub const PROTOCOL_VERSION: u16 = 1;

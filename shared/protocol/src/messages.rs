@@ -1,0 +1,258 @@
+//! Messages. Clients open one bidirectional control stream per connection and
+//! send [`ClientMsg`]s on it; the node answers with [`ServerMsg`]s. Driver
+//! fixes travel as QUIC datagrams where the peer supports them (a lost fix
+//! never delays a newer one), else as `ClientMsg::Fix` on the control stream.
+
+use hexfleet_model::{VehicleClass, VehicleStatus};
+use serde::{Deserialize, Serialize};
+
+/// Who is connecting. The token must have been minted for the same role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Driver,
+    Rider,
+    Dashboard,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Driver => "driver",
+            Self::Rider => "rider",
+            Self::Dashboard => "dashboard",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "driver" => Some(Self::Driver),
+            "rider" => Some(Self::Rider),
+            "dashboard" => Some(Self::Dashboard),
+            _ => None,
+        }
+    }
+}
+
+/// The first message on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u16,
+    pub role: Role,
+    pub token: String,
+}
+
+/// One GPS fix from a driver's device.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Fix {
+    /// Per-driver sequence number; strictly increasing.
+    pub seq: u64,
+    /// When the device took the fix, Unix milliseconds.
+    pub fix_time_ms: i64,
+    pub lat: f64,
+    pub lon: f64,
+    /// Degrees clockwise from north, in [0, 360).
+    pub heading_deg: f32,
+    pub speed_mps: f32,
+    /// Horizontal accuracy radius in metres.
+    pub accuracy_m: f32,
+}
+
+/// What the driver reports about the vehicle, on connect and on every change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverReport {
+    pub class: VehicleClass,
+    pub status: VehicleStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    Hello(Hello),
+    Driver(DriverReport),
+    /// The stream fallback for fixes, when datagrams are unavailable.
+    Fix(Fix),
+    /// A clean sign-off: the node removes the vehicle at once.
+    Goodbye,
+}
+
+/// Limits the node holds the client to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_frame_len: u32,
+    /// Whether the node accepts fixes as datagrams on this connection.
+    pub datagrams: bool,
+    /// How often, at most, the node acknowledges fixes.
+    pub ack_interval_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub node: String,
+    pub version: u16,
+    /// The highest sequence this node already accepted for this driver, so a
+    /// reconnecting client continues above it.
+    pub resume_seq: u64,
+    pub limits: Limits,
+}
+
+/// The shard of the driver is owned by another node: connect there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// The QUIC address of the owner.
+    pub addr: String,
+    pub shard: String,
+}
+
+/// Why a connection is closed. Sent in an `Error` frame, and used as the QUIC
+/// application close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A frame did not decode, was too large, or came out of order.
+    ProtocolViolation,
+    UnsupportedVersion,
+    /// The token is missing, malformed, forged, expired or for another role.
+    Unauthorized,
+    /// A request the node understood but refuses (e.g. a radius over the cap).
+    BadRequest,
+    /// The client did not read fast enough and fell too far behind.
+    SlowConsumer,
+    /// The node is at its connection limit.
+    Overloaded,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The QUIC application close code.
+    pub fn close_code(self) -> u32 {
+        match self {
+            Self::ProtocolViolation => 1,
+            Self::UnsupportedVersion => 2,
+            Self::Unauthorized => 3,
+            Self::BadRequest => 4,
+            Self::SlowConsumer => 5,
+            Self::Overloaded => 6,
+            Self::ShuttingDown => 7,
+            Self::Internal => 8,
+        }
+    }
+
+    pub fn from_close_code(code: u64) -> Option<Self> {
+        [
+            Self::ProtocolViolation,
+            Self::UnsupportedVersion,
+            Self::Unauthorized,
+            Self::BadRequest,
+            Self::SlowConsumer,
+            Self::Overloaded,
+            Self::ShuttingDown,
+            Self::Internal,
+        ]
+        .into_iter()
+        .find(|c| u64::from(c.close_code()) == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ProtocolViolation => "protocol_violation",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::Unauthorized => "unauthorized",
+            Self::BadRequest => "bad_request",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// The close code of a connection that ended with a `Redirect`.
+pub const REDIRECT_CLOSE_CODE: u32 = 100;
+/// The close code of a clean `Goodbye`.
+pub const GOODBYE_CLOSE_CODE: u32 = 0;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// Why a fix was not accepted. The vehicle's state is untouched by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The datagram did not decode as a fix.
+    Malformed,
+    /// Latitude or longitude is NaN, infinite or out of range.
+    InvalidCoordinate,
+    /// Exactly (0, 0): a device that has no fix yet.
+    NullIsland,
+    /// Heading, speed or accuracy is NaN or out of range.
+    InvalidField,
+    /// Taken further in the future than clock skew explains.
+    FromFuture,
+    /// Taken too long ago to describe where the vehicle is.
+    TooOld,
+    /// The sequence is not above the highest accepted one (a duplicate or a
+    /// replay).
+    StaleSeq,
+    /// The fix time is before the last accepted fix's time.
+    TimeBackwards,
+    /// Reaching it from the last accepted fix needs a speed no vehicle has.
+    TooFast,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        Self::Malformed,
+        Self::InvalidCoordinate,
+        Self::NullIsland,
+        Self::InvalidField,
+        Self::FromFuture,
+        Self::TooOld,
+        Self::StaleSeq,
+        Self::TimeBackwards,
+        Self::TooFast,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::InvalidCoordinate => "invalid_coordinate",
+            Self::NullIsland => "null_island",
+            Self::InvalidField => "invalid_field",
+            Self::FromFuture => "from_future",
+            Self::TooOld => "too_old",
+            Self::StaleSeq => "stale_seq",
+            Self::TimeBackwards => "time_backwards",
+            Self::TooFast => "too_fast",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub seq: u64,
+    pub reason: RejectReason,
+}
+
+/// Acknowledges fixes: `seq` is the highest sequence accepted so far, and
+/// `rejected` lists the fixes refused since the previous `Ack` (at most
+/// [`MAX_REJECTIONS_PER_ACK`]; `rejected_total` counts them all).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub seq: u64,
+    pub rejected: Vec<Rejection>,
+    pub rejected_total: u64,
+}
+
+pub const MAX_REJECTIONS_PER_ACK: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Welcome(Welcome),
+    Redirect(Redirect),
+    Error(ErrorFrame),
+    Ack(Ack),
+}
