@@ -1,1 +1,241 @@
+//! The hexfleet ingest node.
+//!
+//! One driver fix flows one way through these modules:
+//!
+//! ```text
+//! endpoint ─▶ session ─▶ validate ─▶ ingest ─▶ table
+//!  (QUIC)    (handshake,  (reject +   (cell,     └─▶ store::writer ─▶ store (memory | Redis)
+//!             auth, acks)  reason)     shard)        (staged, coalesced, batched)
+//! ```
+//!
+//! On the side: the [`sweeper`] evicts stale vehicles, [`http`] answers
+//! queries from the store, [`metrics`] counts everything.
+//!
+//! [`Node::start`] runs all of it inside the caller's tokio runtime, so tests
+//! and the simulator embed a node the same way the binary runs one.
 
+pub mod clock;
+pub mod config;
+pub mod endpoint;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod session;
+pub mod store;
+pub mod sweeper;
+pub mod table;
+pub mod tls;
+pub mod validate;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{Config, ConfigError, StoreKind},
+    ingest::Ingest,
+    metrics::Metrics,
+    store::{memory::MemoryStore, redis::RedisStore, writer::StoreWriter, Store, StoreError},
+    sweeper::Sweeper,
+    table::VehicleTable,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("QUIC: {0}")]
+    Endpoint(#[from] endpoint::EndpointError),
+    #[error("binding HTTP {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+pub struct Node {
+    pub node_id: String,
+    /// The QUIC address actually bound.
+    pub quic_addr: SocketAddr,
+    /// The HTTP address actually bound.
+    pub http_addr: SocketAddr,
+    /// The development certificate clients should trust, if one is used.
+    pub dev_cert: Option<PathBuf>,
+    pub metrics: Arc<Metrics>,
+    pub table: Arc<VehicleTable>,
+    pub store: Arc<dyn Store>,
+    sweeper_handle: Arc<Sweeper>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    sessions: TaskTracker,
+}
+
+async fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config.kind {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Redis => Arc::new(RedisStore::connect(&config.redis_url).await?),
+        StoreKind::RedisCluster => {
+            let seeds: Vec<String> = config
+                .redis_url
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect();
+            Arc::new(RedisStore::connect_cluster(&seeds).await?)
+        }
+    })
+}
+
+impl Node {
+    /// Starts a node: opens the store and takes over the vehicles it holds,
+    /// binds QUIC and HTTP, and starts the writer and the sweeper.
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        let cells = config.validate()?;
+        if config.uses_dev_secret() {
+            tracing::warn!("using the built-in development token secret; set HEXFLEET_TOKEN_SECRET in production");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let store = open_store(&config.store).await?;
+        let table = Arc::new(VehicleTable::new());
+        let writer = Arc::new(StoreWriter::new(metrics.clone()));
+        let ingest = Arc::new(Ingest {
+            cells,
+            table: table.clone(),
+            writer: writer.clone(),
+            metrics: metrics.clone(),
+        });
+        let restored = ingest.restore(store.load_all().await?);
+        if restored > 0 {
+            tracing::info!(restored, "took over vehicles from the store");
+        }
+
+        let identity = tls::load_or_create(&config.tls)?;
+        let dev_cert = identity.dev_cert.clone();
+        let server = tls::server_config(identity, endpoint::transport(&config.quic)?)?;
+        let (endpoints, quic_addr) = endpoint::bind(&config.quic, server)?;
+
+        let http_listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| NodeError::Http {
+                addr: config.http.listen,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| NodeError::Http {
+                addr: config.http.listen,
+                source,
+            })?;
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let sessions = TaskTracker::new();
+        let ctx = Arc::new(session::Context::new(
+            config.node_id.clone(),
+            ingest.clone(),
+            config.auth.token_secret.as_bytes().to_vec(),
+            validate::Limits::new(&config.ingest, config.store.stale_after),
+            config.ingest.ack_interval,
+            config.quic.handshake_timeout,
+        ));
+        for endpoint in endpoints {
+            tasks.spawn(endpoint::accept_loop(
+                endpoint,
+                ctx.clone(),
+                config.quic.max_connections,
+                sessions.clone(),
+                shutdown.clone(),
+            ));
+        }
+        // The writer outlives the sessions: it stops on its own token, after
+        // they are done, so their last changes are flushed.
+        let writer_stop = CancellationToken::new();
+        let writer_task = tokio::spawn(writer.clone().run(
+            store.clone(),
+            config.store.flush_interval,
+            writer_stop.clone(),
+        ));
+        {
+            let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                sessions.close();
+                sessions.wait().await;
+                writer_stop.cancel();
+                let _ = writer_task.await;
+            });
+        }
+        let sweeper = Arc::new(Sweeper {
+            table: table.clone(),
+            writer,
+            metrics: metrics.clone(),
+            stale_after: config.store.stale_after,
+            interval: config.store.sweep_interval,
+        });
+        tasks.spawn(sweeper.clone().run(shutdown.clone()));
+        let api = http::Api {
+            node_id: config.node_id.as_str().into(),
+            store: store.clone(),
+            cells,
+            metrics: metrics.clone(),
+            limits: config.http.clone(),
+        };
+        {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(http_listener, http::router(api))
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            });
+        }
+        tasks.close();
+        tracing::info!(node = %config.node_id, %quic_addr, %http_addr, store = store.kind(), "node started");
+        Ok(Node {
+            node_id: config.node_id,
+            quic_addr,
+            http_addr,
+            dev_cert,
+            metrics,
+            table,
+            store,
+            sweeper_handle: sweeper,
+            shutdown,
+            tasks,
+            sessions,
+        })
+    }
+
+    /// Runs one sweep now, as of `now_ms`; returns how many were evicted.
+    pub fn sweep_now(&self, now_ms: i64) -> usize {
+        self.sweeper_handle.sweep(now_ms)
+    }
+
+    /// Open sessions right now.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A token that is cancelled when the node shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, closes every session, flushes the store writer and
+    /// waits (at most `grace`) for everything to end.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.cancel();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("node tasks did not stop within {grace:?}");
+        }
+    }
+}

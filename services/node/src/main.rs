@@ -1,1 +1,161 @@
-fn main() {}
+//! `hexfleet-node`: runs an ingest node, or mints a token.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use hexfleet_model::VehicleId;
+use hexfleet_node::{
+    clock,
+    config::{Config, StoreKind},
+    Node,
+};
+use hexfleet_protocol::{Claims, Role};
+
+#[derive(Parser)]
+#[command(name = "hexfleet-node", version, about = "hexfleet ingest node")]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a signed token for a driver, rider or dashboard.
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML); see config/default.toml.
+    #[arg(long, env = "HEXFLEET_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// This node's id.
+    #[arg(long, env = "HEXFLEET_NODE_ID")]
+    node_id: Option<String>,
+    /// UDP address of the QUIC endpoint.
+    #[arg(long, env = "HEXFLEET_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// TCP address of the HTTP API.
+    #[arg(long, env = "HEXFLEET_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Vehicle store.
+    #[arg(long, env = "HEXFLEET_STORE", value_parser = parse_store)]
+    store: Option<StoreKind>,
+    /// Redis URL (for redis-cluster: comma-separated seed nodes). Implies
+    /// `--store redis` unless `--store` says otherwise.
+    #[arg(long, env = "HEXFLEET_REDIS_URL")]
+    redis_url: Option<String>,
+    /// TLS certificate chain (PEM); without it a development certificate is made.
+    #[arg(long, env = "HEXFLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "HEXFLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Secret that signs tokens (HMAC-SHA256).
+    #[arg(
+        long,
+        env = "HEXFLEET_TOKEN_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    token_secret: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Mint a driver token for this driver (vehicle) id.
+    #[arg(long, group = "subject")]
+    driver: Option<String>,
+    /// Mint a rider token for this rider id.
+    #[arg(long, group = "subject")]
+    rider: Option<String>,
+    /// Mint a dashboard token for this dashboard id.
+    #[arg(long, group = "subject")]
+    dashboard: Option<String>,
+    /// How long the token is valid.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+fn parse_store(s: &str) -> Result<StoreKind, String> {
+    match s {
+        "memory" => Ok(StoreKind::Memory),
+        "redis" => Ok(StoreKind::Redis),
+        "redis-cluster" => Ok(StoreKind::RedisCluster),
+        _ => Err("expected memory, redis or redis-cluster".into()),
+    }
+}
+
+impl RunArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.node_id {
+            config.node_id = v.clone();
+        }
+        if let Some(v) = self.quic_listen {
+            config.quic.listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            config.http.listen = v;
+        }
+        if let Some(v) = &self.redis_url {
+            config.store.redis_url = v.clone();
+            config.store.kind = StoreKind::Redis;
+        }
+        if let Some(v) = self.store {
+            config.store.kind = v;
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls.cert = Some(cert.clone());
+            config.tls.key = Some(key.clone());
+        }
+        if let Some(v) = &self.token_secret {
+            config.auth.token_secret = v.clone();
+        }
+        Ok(config)
+    }
+}
+
+fn mint(args: &TokenArgs, secret: &str) -> anyhow::Result<String> {
+    let (role, subject) = match (&args.driver, &args.rider, &args.dashboard) {
+        (Some(id), _, _) => (Role::Driver, id),
+        (_, Some(id), _) => (Role::Rider, id),
+        (_, _, Some(id)) => (Role::Dashboard, id),
+        _ => anyhow::bail!("say whom the token is for: --driver ID, --rider ID or --dashboard ID"),
+    };
+    let subject = VehicleId::new(subject).context("the id")?;
+    let claims = Claims::new(role, subject, clock::now_s() + args.ttl.as_secs());
+    Ok(claims.mint(secret.as_bytes()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = cli.run.config()?;
+    if let Some(Command::Token(args)) = &cli.command {
+        println!("{}", mint(args, &config.auth.token_secret)?);
+        return Ok(());
+    }
+    let node = Node::start(config).await?;
+    if let Some(cert) = &node.dev_cert {
+        tracing::info!(cert = %cert.display(), "clients on this machine trust this development certificate");
+    }
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    tracing::info!("shutting down");
+    node.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}

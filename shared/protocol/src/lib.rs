@@ -6,6 +6,7 @@
 //! - [`token`]: signed, expiring tokens that bind a role to a subject.
 
 pub mod codec;
+pub mod dev;
 pub mod messages;
 pub mod token;
 

@@ -120,6 +120,8 @@ pub enum ErrorCode {
     /// The node is at its connection limit.
     Overloaded,
     ShuttingDown,
+    /// The same driver connected again; this older connection is closed.
+    Superseded,
     Internal,
 }
 
@@ -135,6 +137,7 @@ impl ErrorCode {
             Self::Overloaded => 6,
             Self::ShuttingDown => 7,
             Self::Internal => 8,
+            Self::Superseded => 9,
         }
     }
 
@@ -148,6 +151,7 @@ impl ErrorCode {
             Self::Overloaded,
             Self::ShuttingDown,
             Self::Internal,
+            Self::Superseded,
         ]
         .into_iter()
         .find(|c| u64::from(c.close_code()) == code)
@@ -163,6 +167,7 @@ impl ErrorCode {
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
+            Self::Superseded => "superseded",
         }
     }
 }

@@ -1,0 +1,312 @@
+//! Node configuration: one struct, every field documented, every default in
+//! one place. Loaded from TOML (`config/default.toml` documents the same
+//! fields) and overridden by command-line flags and environment variables.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use hexfleet_model::{CellModel, CellModelError};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, shown in `Welcome`, `/healthz` and logs.
+    pub node_id: String,
+    pub quic: QuicConfig,
+    pub http: HttpConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub cells: CellsConfig,
+    pub ingest: IngestConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// UDP address of the QUIC endpoint. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// How many endpoints share the port (SO_REUSEPORT); the kernel spreads
+    /// clients over them by address, so each endpoint task takes a share of
+    /// the packets. 1 is enough until the endpoint task saturates a core.
+    pub endpoints: usize,
+    /// Requested UDP send and receive buffer size per socket, in bytes. The
+    /// kernel may cap it (net.core.rmem_max); the effective size is logged.
+    pub udp_buffer_bytes: usize,
+    /// Connections beyond this are refused at once.
+    pub max_connections: usize,
+    /// A connection silent for this long is closed. Clients keep alive well
+    /// within it.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed from the first packet to a verified `Hello`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// TCP address of the HTTP API (health, metrics, vehicles).
+    pub listen: SocketAddr,
+    /// The largest `radius_m` the nearby API accepts.
+    pub max_nearby_radius_m: f64,
+    /// The largest `limit` the nearby API accepts.
+    pub max_nearby_limit: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM). With `key`, used as is; without both, the
+    /// node makes a development certificate for `localhost`.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `cert`.
+    pub key: Option<PathBuf>,
+    /// Where the development certificate is written (and reused from), so
+    /// clients on the same machine find it with no flag. Defaults to
+    /// `$HEXFLEET_DEV_DIR` or `<tmp>/hexfleet-dev`.
+    pub dev_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared secret that signs tokens (HMAC-SHA256). Set it with
+    /// `HEXFLEET_TOKEN_SECRET`; the built-in default is for development only.
+    pub token_secret: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CellsConfig {
+    /// H3 resolution fixes are indexed at (9 ≈ 0.1 km² cells).
+    pub index_res: u8,
+    /// H3 resolution of shards (5 ≈ 250 km² cells); coarser than `index_res`.
+    pub shard_res: u8,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Fastest plausible vehicle, m/s. A fix implying more is `too_fast`.
+    pub max_speed_mps: f64,
+    /// Distance always allowed between fixes whatever the time, covering GPS
+    /// jitter, in metres.
+    pub jitter_m: f64,
+    /// How far ahead of the node's clock a fix time may be (device skew).
+    #[serde(with = "humantime_serde")]
+    pub max_future: Duration,
+    /// How old a fix may be when it arrives.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How often a driver's fixes are acknowledged, at most.
+    #[serde(with = "humantime_serde")]
+    pub ack_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// In-process; the embedded single-node default.
+    Memory,
+    /// One Redis server.
+    Redis,
+    /// A Redis Cluster; `redis_url` lists seed nodes separated by commas.
+    RedisCluster,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `redis://host:port[/db]`; for a cluster, comma-separated seed nodes.
+    pub redis_url: String,
+    /// How often staged vehicle changes are flushed to the store. Changes to
+    /// one vehicle within an interval coalesce (latest wins).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// A vehicle not heard from for this long is evicted.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// How often the sweeper looks for stale vehicles.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: "node-1".into(),
+            quic: QuicConfig::default(),
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            cells: CellsConfig::default(),
+            ingest: IngestConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 4433).into(),
+            endpoints: 1,
+            udp_buffer_bytes: 8 * 1024 * 1024,
+            max_connections: 100_000,
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            max_nearby_radius_m: 50_000.0,
+            max_nearby_limit: 1_000,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            dev_dir: hexfleet_protocol::dev::default_dev_dir(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token_secret: hexfleet_protocol::dev::DEV_TOKEN_SECRET.into(),
+        }
+    }
+}
+
+impl Default for CellsConfig {
+    fn default() -> Self {
+        Self {
+            index_res: 9,
+            shard_res: 5,
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_speed_mps: 70.0,
+            jitter_m: 50.0,
+            max_future: Duration::from_secs(5),
+            max_age: Duration::from_secs(30),
+            ack_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            flush_interval: Duration::from_millis(5),
+            stale_after: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error(transparent)]
+    Cells(#[from] CellModelError),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl Config {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks what the types cannot, and yields the cell model.
+    pub fn validate(&self) -> Result<CellModel, ConfigError> {
+        if self.quic.endpoints == 0 {
+            return Err(ConfigError::Invalid("quic.endpoints must be at least 1"));
+        }
+        if self.auth.token_secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "auth.token_secret must be at least 16 bytes",
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid("tls.cert and tls.key go together"));
+        }
+        if !(self.ingest.max_speed_mps > 0.0) {
+            return Err(ConfigError::Invalid(
+                "ingest.max_speed_mps must be positive",
+            ));
+        }
+        if self.store.flush_interval.is_zero() || self.store.sweep_interval.is_zero() {
+            return Err(ConfigError::Invalid("store intervals must be positive"));
+        }
+        Ok(CellModel::new(self.cells.index_res, self.cells.shard_res)?)
+    }
+
+    /// Whether the token secret is the public development default.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.auth.token_secret == hexfleet_protocol::dev::DEV_TOKEN_SECRET
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_toml_matches_the_built_in_defaults() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
+        let file = Config::from_file(&path).unwrap();
+        let builtin = Config::default();
+        assert_eq!(format!("{:?}", file.quic), format!("{:?}", builtin.quic));
+        assert_eq!(format!("{:?}", file.http), format!("{:?}", builtin.http));
+        assert_eq!(format!("{:?}", file.cells), format!("{:?}", builtin.cells));
+        assert_eq!(
+            format!("{:?}", file.ingest),
+            format!("{:?}", builtin.ingest)
+        );
+        assert_eq!(format!("{:?}", file.store), format!("{:?}", builtin.store));
+        assert_eq!(file.node_id, builtin.node_id);
+        file.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<Config>("[store]\nkindd = \"redis\"").is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! The node's HTTP API (axum): health, metrics, and vehicle queries served
+//! from the store, so they answer the same on any node of a Redis-backed
+//! cluster.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use hexfleet_model::{CellModel, Position, VehicleId, VehicleState};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{
+    config::HttpConfig,
+    metrics::Metrics,
+    store::{NearbyQuery, Store},
+};
+
+#[derive(Clone)]
+pub struct Api {
+    pub node_id: Arc<str>,
+    pub store: Arc<dyn Store>,
+    pub cells: CellModel,
+    pub metrics: Arc<Metrics>,
+    pub limits: HttpConfig,
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/vehicles", get(nearby))
+        .route("/v1/vehicles/{id}", get(vehicle))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(api)
+}
+
+/// An error answer: a status and a JSON body `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn store(e: crate::store::StoreError) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unavailable: {e}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+async fn healthz(State(api): State<Api>) -> Response {
+    let store = api.store.ping().await;
+    let status = if store.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "node": &*api.node_id,
+        "status": if store.is_ok() { "ok" } else { "degraded" },
+        "store": {
+            "kind": api.store.kind(),
+            "ok": store.is_ok(),
+            "error": store.err().map(|e| e.to_string()),
+        },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        api.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn vehicle(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<VehicleState>, ApiError> {
+    let id = VehicleId::new(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match api.store.vehicle(&id).await.map_err(ApiError::store)? {
+        Some(state) => Ok(Json(state)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no live vehicle {id}"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct NearbyItem {
+    #[serde(flatten)]
+    state: VehicleState,
+    distance_m: f64,
+}
+
+#[derive(Serialize)]
+struct NearbyAnswer {
+    count: usize,
+    vehicles: Vec<NearbyItem>,
+}
+
+/// Reads a required or optional numeric parameter with a clear complaint.
+fn number(
+    params: &HashMap<String, String>,
+    name: &str,
+    default: Option<f64>,
+) -> Result<f64, ApiError> {
+    match params.get(name) {
+        Some(raw) => raw
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("{name} must be a finite number, not {raw:?}"))
+            }),
+        None => default.ok_or_else(|| ApiError::bad_request(format!("{name} is required"))),
+    }
+}
+
+async fn nearby(
+    State(api): State<Api>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<NearbyAnswer>, ApiError> {
+    const DEFAULT_LIMIT: f64 = 50.0;
+    let lat = number(&params, "lat", None)?;
+    let lon = number(&params, "lon", None)?;
+    let radius_m = number(&params, "radius_m", None)?;
+    let limit = number(&params, "limit", Some(DEFAULT_LIMIT))?;
+    let center = Position::new(lat, lon).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let max_radius = api.limits.max_nearby_radius_m;
+    if !(radius_m > 0.0 && radius_m <= max_radius) {
+        return Err(ApiError::bad_request(format!(
+            "radius_m must be in (0, {max_radius}]"
+        )));
+    }
+    let max_limit = api.limits.max_nearby_limit;
+    if !(limit >= 1.0 && limit <= max_limit as f64 && limit.fract() == 0.0) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be a whole number in [1, {max_limit}]"
+        )));
+    }
+    let query = NearbyQuery {
+        center,
+        radius_m,
+        limit: limit as usize,
+        shards: api.cells.shards_within(center, radius_m),
+    };
+    let found = api.store.nearby(&query).await.map_err(ApiError::store)?;
+    let vehicles: Vec<NearbyItem> = found
+        .into_iter()
+        .map(|n| NearbyItem {
+            state: n.state,
+            distance_m: n.distance_m,
+        })
+        .collect();
+    Ok(Json(NearbyAnswer {
+        count: vehicles.len(),
+        vehicles,
+    }))
+}

@@ -1,0 +1,126 @@
+//! Where vehicles are persisted and searched: one [`Store`] trait, two
+//! implementations.
+//!
+//! - [`memory::MemoryStore`]: in-process, the embedded single-node default.
+//! - [`redis::RedisStore`]: the production store, on one Redis or a Redis
+//!   Cluster, laid out as in DESIGN.md (per-shard hash tags, geo set,
+//!   last-seen set, state hash).
+//!
+//! The node never writes one fix at a time: the [`writer::StoreWriter`]
+//! stages changes (latest wins per vehicle) and flushes them as one
+//! [`Batch`] per interval, grouped by shard.
+
+pub mod keys;
+pub mod memory;
+pub mod redis;
+pub mod writer;
+
+use async_trait::async_trait;
+use hexfleet_model::{Position, ShardId, VehicleId, VehicleState};
+
+/// A vehicle written to a shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upsert {
+    pub state: VehicleState,
+    /// The vehicle is new to this shard (first seen, or crossed into it):
+    /// the store must record where to find it by id.
+    pub relocated: bool,
+}
+
+/// A vehicle removed from a shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    pub id: VehicleId,
+    /// The vehicle is gone (stale, signed off), not just moved to another
+    /// shard: the store forgets it entirely.
+    pub forget: bool,
+}
+
+/// The changes to one shard in one flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardBatch {
+    pub shard: ShardId,
+    pub upserts: Vec<Upsert>,
+    pub removals: Vec<Removal>,
+}
+
+/// One flush: the changes to every shard touched since the previous one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub shards: Vec<ShardBatch>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.upserts.len() + s.removals.len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+}
+
+/// A nearby search: vehicles within `radius_m` of `center` in the given
+/// shards (the caller computes which shards the circle can touch).
+#[derive(Debug, Clone)]
+pub struct NearbyQuery {
+    pub center: Position,
+    pub radius_m: f64,
+    pub limit: usize,
+    pub shards: Vec<ShardId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nearby {
+    pub state: VehicleState,
+    pub distance_m: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("stored state of {id} does not decode: {source}")]
+    Corrupt {
+        id: String,
+        source: rmp_serde::decode::Error,
+    },
+    #[error("state does not encode: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `memory`, `redis` or `redis-cluster`.
+    fn kind(&self) -> &'static str;
+
+    /// Writes one flush. On error nothing is assumed written; the writer
+    /// retries the changes (merged under newer ones).
+    async fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
+
+    /// The latest state of a vehicle, wherever it is.
+    async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError>;
+
+    /// Vehicles within the radius, nearest first, at most `limit`.
+    async fn nearby(&self, query: &NearbyQuery) -> Result<Vec<Nearby>, StoreError>;
+
+    /// Every vehicle the store holds, for a node taking over its shards.
+    async fn load_all(&self) -> Result<Vec<VehicleState>, StoreError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Keeps the `limit` nearest of `found`, nearest first.
+fn nearest_first(mut found: Vec<Nearby>, limit: usize) -> Vec<Nearby> {
+    found.sort_by(|a, b| {
+        a.distance_m
+            .total_cmp(&b.distance_m)
+            .then_with(|| a.state.id.cmp(&b.state.id))
+    });
+    found.truncate(limit);
+    found
+}

@@ -1,0 +1,265 @@
+//! The store writer: stages vehicle changes and flushes them in batches.
+//!
+//! Sessions stage changes synchronously (a short lock on one of several
+//! stripes, chosen by shard) and never wait on the store. Every
+//! `flush_interval` the writer takes everything staged, which has coalesced to
+//! the latest change per vehicle and shard, and writes it as one [`Batch`].
+//! A failed flush keeps its changes and merges them under newer ones, so a
+//! store outage loses nothing and memory stays bounded by the number of
+//! vehicles.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hexfleet_model::{ShardId, VehicleId, VehicleState};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{Batch, Removal, ShardBatch, Store, Upsert};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    Upsert {
+        state: VehicleState,
+        relocated: bool,
+    },
+    Remove {
+        forget: bool,
+    },
+}
+
+type Stage = HashMap<ShardId, HashMap<VehicleId, Change>>;
+
+const STRIPES: usize = 16;
+
+pub struct StoreWriter {
+    stripes: Box<[Mutex<Stage>]>,
+    hasher: RandomState,
+    metrics: Arc<Metrics>,
+}
+
+/// Folds a newer change into an older one for the same vehicle and shard.
+/// The newer wins, except that a pending relocation is not forgotten: the
+/// store must still learn where the vehicle now is.
+fn merge(older: Option<Change>, newer: Change) -> Change {
+    match (older, newer) {
+        (
+            Some(Change::Upsert {
+                relocated: true, ..
+            }),
+            Change::Upsert { state, .. },
+        ) => Change::Upsert {
+            state,
+            relocated: true,
+        },
+        (_, newer) => newer,
+    }
+}
+
+fn stage_into(stage: &mut Stage, shard: ShardId, id: VehicleId, change: Change) {
+    let changes = stage.entry(shard).or_default();
+    let older = changes.remove(&id);
+    changes.insert(id, merge(older, change));
+}
+
+impl StoreWriter {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::new(Stage::new())).collect(),
+            hasher: RandomState::new(),
+            metrics,
+        }
+    }
+
+    fn stripe(&self, shard: ShardId) -> &Mutex<Stage> {
+        &self.stripes[self.hasher.hash_one(shard) as usize % STRIPES]
+    }
+
+    /// Stages the latest state of a vehicle in its shard. `relocated` says
+    /// the vehicle is new to this shard.
+    pub fn stage_upsert(&self, shard: ShardId, state: VehicleState, relocated: bool) {
+        let id = state.id.clone();
+        stage_into(
+            &mut self.stripe(shard).lock(),
+            shard,
+            id,
+            Change::Upsert { state, relocated },
+        );
+    }
+
+    /// Stages a vehicle's removal from a shard; `forget` when it is gone for
+    /// good rather than moved to another shard.
+    pub fn stage_removal(&self, shard: ShardId, id: VehicleId, forget: bool) {
+        stage_into(
+            &mut self.stripe(shard).lock(),
+            shard,
+            id,
+            Change::Remove { forget },
+        );
+    }
+
+    /// Moves everything staged into `stage`, newer over older.
+    fn take_into(&self, stage: &mut Stage) {
+        for stripe in self.stripes.iter() {
+            let taken = std::mem::take(&mut *stripe.lock());
+            for (shard, changes) in taken {
+                for (id, change) in changes {
+                    stage_into(stage, shard, id, change);
+                }
+            }
+        }
+    }
+
+    /// Flushes every `interval` until `shutdown`, then flushes what is left
+    /// once more.
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending = Stage::new();
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.cancelled() => {
+                    self.take_into(&mut pending);
+                    if let Err(e) = self.flush(store.as_ref(), &mut pending).await {
+                        tracing::warn!(error = %e, lost = pending.len(), "final flush failed");
+                    }
+                    return;
+                }
+            }
+            self.take_into(&mut pending);
+            match self.flush(store.as_ref(), &mut pending).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    self.metrics.store_flush_errors.inc();
+                    tracing::warn!(error = %e, failures, "store flush failed; retrying");
+                    let backoff = interval
+                        .saturating_mul(1 << failures.min(8))
+                        .min(Duration::from_secs(1));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn flush(&self, store: &dyn Store, pending: &mut Stage) -> Result<(), super::StoreError> {
+        let batch = to_batch(pending);
+        self.metrics.store_pending.set(batch.len() as u64);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        store.apply(&batch).await?;
+        self.metrics
+            .store_flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .store_flush_batch_size
+            .observe(batch.len() as f64);
+        pending.clear();
+        Ok(())
+    }
+}
+
+fn to_batch(stage: &Stage) -> Batch {
+    let shards = stage
+        .iter()
+        .map(|(&shard, changes)| {
+            let mut sb = ShardBatch {
+                shard,
+                upserts: Vec::new(),
+                removals: Vec::new(),
+            };
+            for (id, change) in changes {
+                match change {
+                    Change::Upsert { state, relocated } => sb.upserts.push(Upsert {
+                        state: state.clone(),
+                        relocated: *relocated,
+                    }),
+                    Change::Remove { forget } => sb.removals.push(Removal {
+                        id: id.clone(),
+                        forget: *forget,
+                    }),
+                }
+            }
+            sb
+        })
+        .collect();
+    Batch { shards }
+}
+
+#[cfg(test)]
+mod tests {
+    use hexfleet_model::{VehicleClass, VehicleStatus};
+
+    use super::*;
+
+    fn state(id: &str, seq: u64) -> VehicleState {
+        VehicleState {
+            id: VehicleId::new(id).unwrap(),
+            lat: 1.0,
+            lon: 1.0,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 1.0,
+            fix_time_ms: 0,
+            seq,
+            class: VehicleClass::Economy,
+            status: VehicleStatus::Available,
+            seen_ms: 0,
+        }
+    }
+
+    fn shard() -> ShardId {
+        "85283473fffffff".parse().unwrap()
+    }
+
+    #[test]
+    fn changes_to_one_vehicle_coalesce_to_the_latest() {
+        let w = StoreWriter::new(Arc::new(Metrics::new()));
+        for seq in 1..=100 {
+            w.stage_upsert(shard(), state("v1", seq), seq == 1);
+        }
+        w.stage_upsert(shard(), state("v2", 1), true);
+        let mut stage = Stage::new();
+        w.take_into(&mut stage);
+        let batch = to_batch(&stage);
+        assert_eq!(batch.len(), 2);
+        let v1 = batch.shards[0]
+            .upserts
+            .iter()
+            .find(|u| u.state.id.as_str() == "v1")
+            .unwrap();
+        assert_eq!(v1.state.seq, 100);
+        assert!(
+            v1.relocated,
+            "the first upsert's relocation must survive coalescing"
+        );
+    }
+
+    #[test]
+    fn a_removal_after_an_upsert_wins_and_a_failed_batch_merges_under_newer_changes() {
+        let w = StoreWriter::new(Arc::new(Metrics::new()));
+        w.stage_upsert(shard(), state("v1", 1), true);
+        let mut failed = Stage::new();
+        w.take_into(&mut failed);
+        // The flush of `failed` failed; meanwhile the vehicle went away.
+        w.stage_removal(shard(), VehicleId::new("v1").unwrap(), true);
+        w.take_into(&mut failed);
+        let batch = to_batch(&failed);
+        assert_eq!(batch.shards[0].upserts, vec![]);
+        assert_eq!(batch.shards[0].removals.len(), 1);
+    }
+}

@@ -1,0 +1,81 @@
+//! The vehicle table: the live vehicles of this node's shards, in memory.
+//!
+//! It is the node's source of truth for "where is vehicle X now" and the
+//! reference the fan-out and the sweeper work from. Sharded internally
+//! (DashMap), so concurrent driver sessions do not contend on one lock.
+
+use dashmap::DashMap;
+use hexfleet_model::{IndexCell, ShardId, VehicleId, VehicleState};
+
+/// One vehicle as the node holds it: its latest state and where it is indexed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub state: VehicleState,
+    pub cell: IndexCell,
+    pub shard: ShardId,
+}
+
+/// What an upsert replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Previous {
+    pub cell: IndexCell,
+    pub shard: ShardId,
+}
+
+#[derive(Default)]
+pub struct VehicleTable {
+    vehicles: DashMap<VehicleId, Entry>,
+}
+
+impl VehicleTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Inserts or replaces a vehicle's entry and says where it was before.
+    pub fn upsert(&self, entry: Entry) -> Option<Previous> {
+        self.vehicles
+            .insert(entry.state.id.clone(), entry)
+            .map(|old| Previous {
+                cell: old.cell,
+                shard: old.shard,
+            })
+    }
+
+    /// Changes a vehicle's state in place (class, status) without moving it.
+    /// Returns the updated entry, or `None` when the vehicle is not live.
+    pub fn update(&self, id: &VehicleId, f: impl FnOnce(&mut VehicleState)) -> Option<Entry> {
+        let mut entry = self.vehicles.get_mut(id)?;
+        f(&mut entry.state);
+        Some(entry.clone())
+    }
+
+    pub fn get(&self, id: &VehicleId) -> Option<Entry> {
+        self.vehicles.get(id).map(|e| e.clone())
+    }
+
+    pub fn remove(&self, id: &VehicleId) -> Option<Entry> {
+        self.vehicles.remove(id).map(|(_, e)| e)
+    }
+
+    /// Removes and returns every vehicle last heard from before `cutoff_ms`.
+    pub fn evict_stale(&self, cutoff_ms: i64) -> Vec<Entry> {
+        let mut evicted = Vec::new();
+        self.vehicles.retain(|_, entry| {
+            let live = entry.state.seen_ms >= cutoff_ms;
+            if !live {
+                evicted.push(entry.clone());
+            }
+            live
+        });
+        evicted
+    }
+
+    pub fn len(&self) -> usize {
+        self.vehicles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vehicles.is_empty()
+    }
+}

@@ -1,0 +1,202 @@
+//! The client side of a QUIC endpoint: TLS trust, ALPN, transport settings,
+//! and the `Hello` handshake every role shares. One `Connector` serves many
+//! connections (the simulator puts hundreds of drivers on one).
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_protocol::{
+    dev, ClientMsg, ErrorCode, FrameCodec, FrameError, Hello, Role, ServerMsg, Welcome,
+    PROTOCOL_VERSION, REDIRECT_CLOSE_CODE,
+};
+use rustls::pki_types::{pem::PemObject, CertificateDer};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+pub(crate) type ControlRead = FramedRead<quinn::RecvStream, FrameCodec<ServerMsg, ClientMsg>>;
+pub(crate) type ControlWrite = FramedWrite<quinn::SendStream, FrameCodec<ServerMsg, ClientMsg>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading the certificate {path}: {reason}")]
+    Certificate { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("binding the client socket: {0}")]
+    Bind(std::io::Error),
+    #[error("connecting: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the node refused: {code:?}: {reason}")]
+    Refused { code: ErrorCode, reason: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("sending a datagram: {0}")]
+    Datagram(#[from] quinn::SendDatagramError),
+    #[error("writing to the control stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("too many redirects")]
+    TooManyRedirects,
+    #[error("timed out")]
+    Timeout,
+}
+
+impl ClientError {
+    /// Turns how a connection ended into the error the node meant.
+    pub(crate) fn from_close(e: &quinn::ConnectionError) -> Self {
+        if let quinn::ConnectionError::ApplicationClosed(close) = e {
+            if let Some(code) = ErrorCode::from_close_code(close.error_code.into_inner()) {
+                return ClientError::Refused {
+                    code,
+                    reason: String::from_utf8_lossy(&close.reason).into_owned(),
+                };
+            }
+        }
+        ClientError::Connection(e.clone())
+    }
+}
+
+/// What the node answered to `Hello`.
+pub(crate) enum Greeting {
+    Welcome {
+        conn: quinn::Connection,
+        tx: ControlWrite,
+        rx: ControlRead,
+        welcome: Welcome,
+    },
+    Redirect(SocketAddr),
+}
+
+#[derive(Clone)]
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+    server_name: String,
+    timeout: Duration,
+}
+
+const MAX_REDIRECTS: usize = 3;
+
+impl Connector {
+    /// A connector that trusts the certificates in `ca` (PEM or DER) and
+    /// expects nodes to present `server_name`.
+    pub fn new(ca: &Path, server_name: &str) -> Result<Self, ClientError> {
+        let cert_err = |reason: String| ClientError::Certificate {
+            path: ca.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(ca).map_err(|e| cert_err(e.to_string()))?;
+        let certs: Vec<CertificateDer<'static>> = if bytes.starts_with(b"-----BEGIN") {
+            CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| cert_err(e.to_string()))?
+        } else {
+            vec![CertificateDer::from(bytes)]
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs {
+            roots.add(cert).map_err(|e| cert_err(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut transport = quinn::TransportConfig::default();
+        // Keep idle drivers' connections alive well within the node's idle timeout.
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        transport.max_concurrent_uni_streams(0u32.into());
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Bind)?;
+        endpoint.set_default_client_config(config);
+        Ok(Self {
+            endpoint,
+            server_name: server_name.to_string(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// A connector that trusts the development certificate a node on this
+    /// machine wrote to the default location.
+    pub fn dev() -> Result<Self, ClientError> {
+        Self::new(&dev::default_dev_cert(), dev::DEV_SERVER_NAME)
+    }
+
+    /// Binds the connector's socket to another local address (e.g. `[::1]:0`
+    /// for IPv6 nodes).
+    pub fn rebind(&self, addr: SocketAddr) -> Result<(), ClientError> {
+        let socket = std::net::UdpSocket::bind(addr).map_err(ClientError::Bind)?;
+        self.endpoint.rebind(socket).map_err(ClientError::Bind)
+    }
+
+    /// Connects, says `Hello` and follows redirects to the node that owns the
+    /// client's shard.
+    pub(crate) async fn hello(
+        &self,
+        mut addr: SocketAddr,
+        role: Role,
+        token: &str,
+    ) -> Result<Greeting, ClientError> {
+        for _ in 0..=MAX_REDIRECTS {
+            match tokio::time::timeout(self.timeout, self.hello_once(addr, role, token)).await {
+                Err(_) => return Err(ClientError::Timeout),
+                Ok(Ok(Greeting::Redirect(to))) => addr = to,
+                Ok(other) => return other,
+            }
+        }
+        Err(ClientError::TooManyRedirects)
+    }
+
+    async fn hello_once(
+        &self,
+        addr: SocketAddr,
+        role: Role,
+        token: &str,
+    ) -> Result<Greeting, ClientError> {
+        let conn = self.endpoint.connect(addr, &self.server_name)?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        let mut tx: ControlWrite = FramedWrite::new(send, FrameCodec::default());
+        let mut rx: ControlRead = FramedRead::new(recv, FrameCodec::default());
+        tx.send(ClientMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role,
+            token: token.to_string(),
+        }))
+        .await?;
+        match rx.next().await {
+            Some(Ok(ServerMsg::Welcome(welcome))) => Ok(Greeting::Welcome {
+                conn,
+                tx,
+                rx,
+                welcome,
+            }),
+            Some(Ok(ServerMsg::Redirect(r))) => {
+                conn.close(REDIRECT_CLOSE_CODE.into(), b"redirected");
+                r.addr.parse().map(Greeting::Redirect).map_err(|_| {
+                    ClientError::Protocol(format!("redirect to an invalid address {:?}", r.addr))
+                })
+            }
+            Some(Ok(ServerMsg::Error(e))) => Err(ClientError::Refused {
+                code: e.code,
+                reason: e.reason,
+            }),
+            Some(Ok(other)) => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            ))),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(conn
+                .close_reason()
+                .map(|e| ClientError::from_close(&e))
+                .unwrap_or_else(|| {
+                    ClientError::Protocol("the node closed the control stream".into())
+                })),
+        }
+    }
+}

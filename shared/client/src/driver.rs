@@ -1,0 +1,257 @@
+//! The driver client: sends fixes, reports status, tracks acknowledgements.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_protocol::{
+    encode_datagram, ClientMsg, DriverReport, ErrorCode, Fix, RejectReason, Role, ServerMsg,
+    GOODBYE_CLOSE_CODE,
+};
+use parking_lot::Mutex;
+
+use crate::connector::{ClientError, Connector, ControlRead, ControlWrite, Greeting};
+
+/// A fix as the app knows it; the SDK adds the sequence and, unless given,
+/// the time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FixInput {
+    pub lat: f64,
+    pub lon: f64,
+    pub heading_deg: f32,
+    pub speed_mps: f32,
+    pub accuracy_m: f32,
+    /// Unix milliseconds; `None` means now.
+    pub fix_time_ms: Option<i64>,
+}
+
+impl FixInput {
+    /// A fix at a position, now, standing still, accurate to 5 m.
+    pub fn at(lat: f64, lon: f64) -> Self {
+        Self {
+            lat,
+            lon,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 5.0,
+            fix_time_ms: None,
+        }
+    }
+}
+
+/// What the node has said about this driver's fixes so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriverStats {
+    /// The highest sequence the node accepted.
+    pub acked_seq: u64,
+    /// Rejections the node reported, with their reasons (the node lists up
+    /// to 64 per acknowledgement; `rejected_total` counts all).
+    pub rejections: Vec<(u64, RejectReason)>,
+    pub rejected_total: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    acked_seq: AtomicU64,
+    stats: Mutex<DriverStats>,
+    closed: Mutex<Option<(ErrorCode, String)>>,
+}
+
+pub struct DriverClient {
+    conn: quinn::Connection,
+    tx: ControlWrite,
+    datagrams: bool,
+    next_seq: u64,
+    first_seq: u64,
+    shared: Arc<Shared>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Connector {
+    /// Connects a driver: handshake with its token, then reports the
+    /// vehicle's class and status.
+    pub async fn driver(
+        &self,
+        addr: SocketAddr,
+        token: &str,
+        report: DriverReport,
+    ) -> Result<DriverClient, ClientError> {
+        let Greeting::Welcome {
+            conn,
+            tx,
+            rx,
+            welcome,
+        } = self.hello(addr, Role::Driver, token).await?
+        else {
+            return Err(ClientError::TooManyRedirects);
+        };
+        let shared = Arc::new(Shared::default());
+        shared
+            .acked_seq
+            .store(welcome.resume_seq, Ordering::Relaxed);
+        let reader = tokio::spawn(read_control(rx, shared.clone()));
+        let mut driver = DriverClient {
+            datagrams: welcome.limits.datagrams && conn.max_datagram_size().is_some(),
+            conn,
+            tx,
+            next_seq: welcome.resume_seq + 1,
+            first_seq: welcome.resume_seq + 1,
+            shared,
+            reader,
+        };
+        driver.report(report).await?;
+        Ok(driver)
+    }
+}
+
+async fn read_control(mut rx: ControlRead, shared: Arc<Shared>) {
+    while let Some(msg) = rx.next().await {
+        match msg {
+            Ok(ServerMsg::Ack(ack)) => {
+                shared.acked_seq.fetch_max(ack.seq, Ordering::Relaxed);
+                let mut stats = shared.stats.lock();
+                stats.acked_seq = stats.acked_seq.max(ack.seq);
+                stats.rejected_total = ack.rejected_total;
+                stats
+                    .rejections
+                    .extend(ack.rejected.iter().map(|r| (r.seq, r.reason)));
+            }
+            Ok(ServerMsg::Error(e)) => {
+                *shared.closed.lock() = Some((e.code, e.reason));
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl DriverClient {
+    /// Sends a fix with the next sequence number; returns that number.
+    /// Datagrams are used when the connection has them: a lost fix is simply
+    /// superseded by the next.
+    pub async fn send_fix(&mut self, input: FixInput) -> Result<u64, ClientError> {
+        let seq = self.next_seq;
+        self.send_raw(Fix {
+            seq,
+            fix_time_ms: input.fix_time_ms.unwrap_or_else(now_ms),
+            lat: input.lat,
+            lon: input.lon,
+            heading_deg: input.heading_deg,
+            speed_mps: input.speed_mps,
+            accuracy_m: input.accuracy_m,
+        })
+        .await?;
+        Ok(seq)
+    }
+
+    /// Sends a fix exactly as given, sequence included. For tests and the
+    /// simulator's deliberately bad fixes; apps use [`send_fix`](Self::send_fix).
+    pub async fn send_raw(&mut self, fix: Fix) -> Result<(), ClientError> {
+        self.next_seq = self.next_seq.max(fix.seq.saturating_add(1));
+        if self.datagrams {
+            self.conn.send_datagram(encode_datagram(&fix)?)?;
+        } else {
+            self.send(ClientMsg::Fix(fix)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends raw bytes as a datagram. For testing the node's defences.
+    pub fn send_datagram_bytes(&self, bytes: bytes::Bytes) -> Result<(), ClientError> {
+        Ok(self.conn.send_datagram(bytes)?)
+    }
+
+    /// Forces fixes onto the control stream (as when datagrams are
+    /// unavailable).
+    pub fn use_stream_for_fixes(&mut self) {
+        self.datagrams = false;
+    }
+
+    /// Whether fixes go out as datagrams.
+    pub fn uses_datagrams(&self) -> bool {
+        self.datagrams
+    }
+
+    /// Reports the vehicle's class and status.
+    pub async fn report(&mut self, report: DriverReport) -> Result<(), ClientError> {
+        self.send(ClientMsg::Driver(report)).await
+    }
+
+    async fn send(&mut self, msg: ClientMsg) -> Result<(), ClientError> {
+        match self.tx.send(msg).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.closed_error().unwrap_or(ClientError::Frame(e))),
+        }
+    }
+
+    /// The highest sequence the node acknowledged.
+    pub fn acked_seq(&self) -> u64 {
+        self.shared.acked_seq.load(Ordering::Relaxed)
+    }
+
+    /// The next sequence number `send_fix` will use.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The first sequence this connection sent (one above what the node had).
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    pub fn stats(&self) -> DriverStats {
+        self.shared.stats.lock().clone()
+    }
+
+    /// Why the node closed this connection, if it did.
+    pub fn closed_error(&self) -> Option<ClientError> {
+        if let Some((code, reason)) = self.shared.closed.lock().clone() {
+            return Some(ClientError::Refused { code, reason });
+        }
+        self.conn
+            .close_reason()
+            .map(|e| ClientError::from_close(&e))
+    }
+
+    /// Waits until the node closes the connection, and says why.
+    pub async fn closed(&self) -> ClientError {
+        let e = self.conn.closed().await;
+        self.closed_error()
+            .unwrap_or_else(|| ClientError::from_close(&e))
+    }
+
+    /// Signs off: the node removes the vehicle at once.
+    pub async fn goodbye(mut self) -> Result<(), ClientError> {
+        self.send(ClientMsg::Goodbye).await?;
+        let _ = self.tx.get_mut().finish();
+        // The node closes the connection once it has taken the Goodbye.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.conn.closed()).await;
+        self.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
+        Ok(())
+    }
+
+    /// Drops the connection without a goodbye (as a phone losing signal).
+    pub fn abandon(self) {
+        self.conn.close(GOODBYE_CLOSE_CODE.into(), b"");
+    }
+}
+
+impl Drop for DriverClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
