@@ -1,1 +1,260 @@
+//! Helpers for hexfleet's integration tests: a private `redis-server` per
+//! test, an embedded node on free ports, tokens and clients for it.
+//!
+//! Every test starts what it needs and owns it: no shared Redis, no fixed
+//! ports, nothing left running after the test (servers are killed on drop).
 
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use hexfleet_client::Connector;
+use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
+use hexfleet_node::{
+    config::{Config, StoreKind},
+    Node,
+};
+use hexfleet_protocol::{Claims, DriverReport, Role};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+/// A `redis-server` of the test's own, on a free port, in a temp directory.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free port")
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut last_error = String::new();
+        // A free port can be taken between our probe and Redis binding it.
+        for _ in 0..5 {
+            let mut server = Self {
+                child: None,
+                port: free_tcp_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawning redis-server (is it installed?): {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!("redis-server exited: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("redis-server did not answer PING in 10 s".into())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (a crash, for fault tests).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn().expect("redis-server restarts");
+    }
+
+    /// A synchronous connection for checking what the node wrote.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An embedded node for a test, with its own dev-certificate directory.
+pub struct TestNode {
+    pub node: Node,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+}
+
+/// A config for a test node on free loopback ports, with the given store.
+pub fn test_config(redis: Option<&RedisServer>, dev_dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.node_id = "test-node".into();
+    config.quic.listen = ([127, 0, 0, 1], 0).into();
+    config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.tls.dev_dir = dev_dir.to_path_buf();
+    config.auth.token_secret = SECRET.into();
+    if let Some(redis) = redis {
+        config.store.kind = StoreKind::Redis;
+        config.store.redis_url = redis.url();
+    }
+    config
+}
+
+impl TestNode {
+    pub async fn start(redis: Option<&RedisServer>) -> Self {
+        Self::start_with(redis, |_| {}).await
+    }
+
+    pub async fn start_with(redis: Option<&RedisServer>, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(redis, dir.path());
+        tweak(&mut config);
+        let node = Node::start(config).await.expect("the node starts");
+        let cert = node
+            .dev_cert
+            .clone()
+            .expect("a test node uses a dev certificate");
+        Self {
+            node,
+            http: reqwest::Client::new(),
+            _dir: dir,
+            cert,
+        }
+    }
+
+    pub fn connector(&self) -> Connector {
+        Connector::new(&self.cert, hexfleet_protocol::dev::DEV_SERVER_NAME)
+            .expect("the dev certificate loads")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.node.http_addr)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("a JSON body"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one metric line (exact name with labels), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub async fn stop(self) {
+        self.node.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+pub fn token(role: Role, id: &str) -> String {
+    Claims::new(
+        role,
+        VehicleId::new(id).expect("a valid id"),
+        now_s() + 3600,
+    )
+    .mint(SECRET.as_bytes())
+}
+
+pub fn driver_token(id: &str) -> String {
+    token(Role::Driver, id)
+}
+
+pub fn now_s() -> u64 {
+    hexfleet_node::clock::now_s()
+}
+
+pub fn now_ms() -> i64 {
+    hexfleet_node::clock::now_ms()
+}
+
+pub fn available() -> DriverReport {
+    DriverReport {
+        class: VehicleClass::Economy,
+        status: VehicleStatus::Available,
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `within`. Tests
+/// wait for outcomes this way rather than sleeping a guessed time.
+pub async fn eventually<T>(
+    within: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -169,6 +169,26 @@ impl Node {
                 let _ = writer_task.await;
             });
         }
+        {
+            // After a store outage, rewrite everything this node owns.
+            let (writer, table, shutdown) = (writer.clone(), table.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = writer.recovered().notified() => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    let entries = table.entries();
+                    tracing::info!(
+                        vehicles = entries.len(),
+                        "rewriting all vehicles to the recovered store"
+                    );
+                    for entry in entries {
+                        writer.stage_upsert(entry.shard, entry.state, true);
+                    }
+                }
+            });
+        }
         let sweeper = Arc::new(Sweeper {
             table: table.clone(),
             writer,

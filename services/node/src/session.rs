@@ -197,6 +197,8 @@ async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<VehicleId, Ref
     }
 }
 
+const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);
+
 /// Tells the client why, counts it, and closes the connection.
 async fn close(
     conn: &quinn::Connection,
@@ -211,7 +213,15 @@ async fn close(
             code: refusal.code,
             reason: refusal.reason.clone(),
         });
-        let _ = tokio::time::timeout(Duration::from_millis(200), tx.send(frame)).await;
+        // Give the frame a moment to arrive before the close discards it;
+        // the peer reading it, or going away, ends the wait early.
+        let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
+            if tx.send(frame).await.is_ok() {
+                let _ = tx.get_mut().finish();
+                let _ = tx.get_mut().stopped().await;
+            }
+        })
+        .await;
     }
     // The reason travels in the CONNECTION_CLOSE too, in case the frame does not.
     let mut reason = refusal.reason.into_bytes();

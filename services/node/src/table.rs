@@ -71,6 +71,12 @@ impl VehicleTable {
         evicted
     }
 
+    /// A copy of every entry (not an atomic snapshot: entries change while
+    /// it is taken, each one is consistent).
+    pub fn entries(&self) -> Vec<Entry> {
+        self.vehicles.iter().map(|e| e.value().clone()).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.vehicles.len()
     }

@@ -6,12 +6,11 @@
 //! on one multiplexed connection. All keys of a pipeline share the shard's
 //! hash tag, so on a cluster each pipeline goes to one slot.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
-use parking_lot::Mutex;
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline};
 
 use super::{keys, nearest_first, Batch, Nearby, NearbyQuery, ShardBatch, Store, StoreError};
@@ -40,8 +39,6 @@ impl Conn {
 
 pub struct RedisStore {
     conn: Conn,
-    /// Shards already registered in `hexfleet:shards` by this node.
-    registered: Mutex<HashSet<ShardId>>,
 }
 
 impl RedisStore {
@@ -62,10 +59,7 @@ impl RedisStore {
     }
 
     fn with(conn: Conn) -> Self {
-        Self {
-            conn,
-            registered: Mutex::new(HashSet::new()),
-        }
+        Self { conn }
     }
 
     fn shard_pipeline(sb: &ShardBatch) -> Result<Pipeline, StoreError> {
@@ -140,24 +134,21 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Registers shards that gained a vehicle, so a node taking over finds
+    /// them. Only relocations can add a shard, and they are rare.
     async fn register_shards(&self, batch: &Batch) -> Result<(), StoreError> {
-        let new: Vec<ShardId> = {
-            let registered = self.registered.lock();
-            batch
-                .shards
-                .iter()
-                .filter(|sb| !sb.upserts.is_empty() && !registered.contains(&sb.shard))
-                .map(|sb| sb.shard)
-                .collect()
-        };
-        if new.is_empty() {
+        let gained: Vec<String> = batch
+            .shards
+            .iter()
+            .filter(|sb| sb.upserts.iter().any(|u| u.relocated))
+            .map(|sb| sb.shard.to_string())
+            .collect();
+        if gained.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> = new.iter().map(ToString::to_string).collect();
         self.conn
-            .cmd::<()>(redis::cmd("SADD").arg(keys::SHARDS).arg(&names))
+            .cmd::<()>(redis::cmd("SADD").arg(keys::SHARDS).arg(&gained))
             .await?;
-        self.registered.lock().extend(new);
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use std::{
 
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Batch, Removal, ShardBatch, Store, Upsert};
@@ -41,6 +42,7 @@ pub struct StoreWriter {
     stripes: Box<[Mutex<Stage>]>,
     hasher: RandomState,
     metrics: Arc<Metrics>,
+    recovered: Notify,
 }
 
 /// Folds a newer change into an older one for the same vehicle and shard.
@@ -73,6 +75,7 @@ impl StoreWriter {
             stripes: (0..STRIPES).map(|_| Mutex::new(Stage::new())).collect(),
             hasher: RandomState::new(),
             metrics,
+            recovered: Notify::new(),
         }
     }
 
@@ -101,6 +104,13 @@ impl StoreWriter {
             id,
             Change::Remove { forget },
         );
+    }
+
+    /// Notified when a flush succeeds after failures. The store may have lost
+    /// data meanwhile (a Redis restarted without persistence), so whoever
+    /// owns the vehicles re-stages all of them.
+    pub fn recovered(&self) -> &Notify {
+        &self.recovered
     }
 
     /// Moves everything staged into `stage`, newer over older.
@@ -140,7 +150,12 @@ impl StoreWriter {
             }
             self.take_into(&mut pending);
             match self.flush(store.as_ref(), &mut pending).await {
-                Ok(()) => failures = 0,
+                Ok(()) if failures > 0 => {
+                    failures = 0;
+                    tracing::info!("store writes succeed again");
+                    self.recovered.notify_one();
+                }
+                Ok(()) => {}
                 Err(e) => {
                     failures += 1;
                     self.metrics.store_flush_errors.inc();

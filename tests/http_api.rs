@@ -1,0 +1,93 @@
+//! The node's HTTP API: health, metrics, and clear JSON errors for bad
+//! queries.
+
+use hexfleet_client::FixInput;
+use hexfleet_tests::*;
+
+#[tokio::test]
+async fn healthz_reports_the_node_and_its_store() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(Some(&redis)).await;
+    let (status, body) = node.get_json("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["node"], "test-node");
+    assert_eq!(body["store"]["kind"], "redis");
+    assert_eq!(body["store"]["ok"], true);
+    node.stop().await;
+
+    let node = TestNode::start(None).await;
+    let (_, body) = node.get_json("/healthz").await;
+    assert_eq!(body["store"]["kind"], "memory");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_connections_fixes_and_flushes() {
+    let node = TestNode::start(None).await;
+    let mut driver = node
+        .connector()
+        .driver(node.node.quic_addr, &driver_token("drv-m"), available())
+        .await
+        .unwrap();
+    let seq = driver.send_fix(FixInput::at(59.33, 18.06)).await.unwrap();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the fix flushed",
+        async || {
+            (node.get_json("/v1/vehicles/drv-m").await.0 == 200 && driver.acked_seq() == seq)
+                .then_some(())
+        },
+    )
+    .await;
+    let text = node.metrics().await;
+    for series in [
+        "hexfleet_connections 1",
+        "hexfleet_connections_accepted_total 1",
+        "hexfleet_fixes_accepted_total 1",
+        "hexfleet_store_flush_seconds_count",
+        "hexfleet_store_flush_batch_size_count",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_queries_get_a_400_with_a_json_reason() {
+    let node = TestNode::start(None).await;
+    let cases = [
+        ("/v1/vehicles?lon=1&radius_m=10", "lat is required"),
+        (
+            "/v1/vehicles?lat=abc&lon=1&radius_m=10",
+            "lat must be a finite number",
+        ),
+        (
+            "/v1/vehicles?lat=NaN&lon=1&radius_m=10",
+            "lat must be a finite number",
+        ),
+        ("/v1/vehicles?lat=91&lon=1&radius_m=10", "latitude"),
+        ("/v1/vehicles?lat=1&lon=-200&radius_m=10", "longitude"),
+        ("/v1/vehicles?lat=1&lon=1&radius_m=0", "radius_m"),
+        ("/v1/vehicles?lat=1&lon=1&radius_m=1e9", "radius_m"),
+        ("/v1/vehicles?lat=1&lon=1&radius_m=10&limit=0", "limit"),
+        ("/v1/vehicles?lat=1&lon=1&radius_m=10&limit=2.5", "limit"),
+        ("/v1/vehicles/not%20an%20id", "invalid vehicle id"),
+    ];
+    for (path, needle) in cases {
+        let (status, body) = node.get_json(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains(needle),
+            "{path}: {error:?} should mention {needle:?}"
+        );
+    }
+    let (status, body) = node.get_json("/v1/vehicles/nobody").await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("nobody"));
+    let (status, _) = node.get_json("/v1/nothing-here").await;
+    assert_eq!(status, 404);
+    let (status, body) = node.get_json("/v1/vehicles?lat=1&lon=1&radius_m=10").await;
+    assert_eq!((status, body["count"].as_u64()), (200, Some(0)));
+    node.stop().await;
+}

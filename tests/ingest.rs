@@ -1,0 +1,457 @@
+//! Driver ingest over real QUIC: acceptance, every rejection reason, and
+//! every way a client can misbehave, each confined to that client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_client::{ClientError, FixInput};
+use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
+use hexfleet_protocol::{
+    Claims, ClientMsg, DriverReport, ErrorCode, Fix, FrameCodec, Hello, RejectReason, Role,
+    ServerMsg,
+};
+use hexfleet_tests::*;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn fix(seq: u64, t: i64, lat: f64, lon: f64) -> Fix {
+    Fix {
+        seq,
+        fix_time_ms: t,
+        lat,
+        lon,
+        heading_deg: 45.0,
+        speed_mps: 8.0,
+        accuracy_m: 4.0,
+    }
+}
+
+async fn vehicle_seq(node: &TestNode, id: &str) -> Option<u64> {
+    let (status, body) = node.get_json(&format!("/v1/vehicles/{id}")).await;
+    (status == 200).then(|| body["seq"].as_u64().expect("seq"))
+}
+
+#[tokio::test]
+async fn accepted_fixes_become_the_vehicles_state_and_are_acknowledged() {
+    let node = TestNode::start(None).await;
+    let mut driver = node
+        .connector()
+        .driver(node.node.quic_addr, &driver_token("drv-1"), available())
+        .await
+        .unwrap();
+    assert!(driver.uses_datagrams());
+    let mut last = 0;
+    for i in 0..20 {
+        last = driver
+            .send_fix(FixInput::at(52.52 + i as f64 * 1e-4, 13.405))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the last fix acknowledged", async || {
+        (driver.acked_seq() == last).then_some(())
+    })
+    .await;
+    let (status, state) = node.get_json("/v1/vehicles/drv-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(state["seq"], last);
+    assert_eq!(state["class"], "economy");
+    assert_eq!(state["status"], "available");
+    assert!((state["lat"].as_f64().unwrap() - (52.52 + 19e-4)).abs() < 1e-9);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn every_rejection_reason_is_reported_to_the_driver_and_counted() {
+    let node = TestNode::start(None).await;
+    let mut driver = node
+        .connector()
+        .driver(node.node.quic_addr, &driver_token("drv-bad"), available())
+        .await
+        .unwrap();
+    let now = now_ms();
+    driver
+        .send_raw(fix(10, now - 1_000, 52.52, 13.405))
+        .await
+        .unwrap();
+    eventually(WAIT, "the good fix acknowledged", async || {
+        (driver.acked_seq() == 10).then_some(())
+    })
+    .await;
+
+    let bad = [
+        (
+            fix(11, now, f64::NAN, 13.405),
+            RejectReason::InvalidCoordinate,
+        ),
+        (fix(12, now, 52.52, 181.0), RejectReason::InvalidCoordinate),
+        (fix(13, now, 0.0, 0.0), RejectReason::NullIsland),
+        (
+            Fix {
+                speed_mps: f32::NAN,
+                ..fix(14, now, 52.52, 13.405)
+            },
+            RejectReason::InvalidField,
+        ),
+        (
+            fix(15, now + 600_000, 52.52, 13.405),
+            RejectReason::FromFuture,
+        ),
+        (fix(16, now - 600_000, 52.52, 13.405), RejectReason::TooOld),
+        (fix(10, now, 52.52, 13.405), RejectReason::StaleSeq),
+        (
+            fix(17, now - 5_000, 52.52, 13.405),
+            RejectReason::TimeBackwards,
+        ),
+        (fix(18, now, 48.85, 2.35), RejectReason::TooFast),
+    ];
+    for (f, _) in &bad {
+        driver.send_raw(*f).await.unwrap();
+    }
+    driver
+        .send_datagram_bytes(Bytes::from_static(b"\x01\xc1 not a fix"))
+        .unwrap();
+
+    let expected = bad.len() + 1;
+    let stats = eventually(WAIT, "all rejections reported", async || {
+        let s = driver.stats();
+        (s.rejections.len() == expected).then_some(s)
+    })
+    .await;
+    for (f, reason) in &bad {
+        assert!(
+            stats.rejections.contains(&(f.seq, *reason)),
+            "{reason:?} for seq {} missing: {stats:?}",
+            f.seq
+        );
+    }
+    assert!(stats.rejections.contains(&(0, RejectReason::Malformed)));
+    assert_eq!(stats.rejected_total, expected as u64);
+
+    // Counted by reason, and the vehicle still stands where the good fix put it.
+    let counted = |reason: RejectReason| {
+        format!(
+            "hexfleet_fixes_rejected_total{{reason=\"{}\"}}",
+            reason.as_str()
+        )
+    };
+    assert_eq!(
+        node.metric(&counted(RejectReason::InvalidCoordinate)).await,
+        2.0
+    );
+    for reason in RejectReason::ALL
+        .into_iter()
+        .filter(|r| *r != RejectReason::InvalidCoordinate)
+    {
+        assert_eq!(node.metric(&counted(reason)).await, 1.0, "{reason:?}");
+    }
+    assert_eq!(vehicle_seq(&node, "drv-bad").await, Some(10));
+    let (_, state) = node.get_json("/v1/vehicles/drv-bad").await;
+    assert_eq!(state["lat"], 52.52);
+    node.stop().await;
+}
+
+async fn expect_refused(
+    result: Result<hexfleet_client::DriverClient, ClientError>,
+    code: ErrorCode,
+) -> String {
+    match result {
+        Err(ClientError::Refused { code: got, reason }) => {
+            assert_eq!(got, code, "{reason}");
+            reason
+        }
+        Err(other) => panic!("expected a refusal with {code:?}, got {other}"),
+        Ok(_) => panic!("expected a refusal with {code:?}, got a session"),
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_and_harm_no_one_else() {
+    let node = TestNode::start(None).await;
+    let connector = node.connector();
+    let addr = node.node.quic_addr;
+    let mut good = connector
+        .driver(addr, &driver_token("drv-good"), available())
+        .await
+        .unwrap();
+
+    let id = VehicleId::new("drv-x").unwrap();
+    let forged = Claims::new(Role::Driver, id.clone(), now_s() + 60).mint(b"not-the-secret-at-all");
+    let expired = Claims::new(Role::Driver, id.clone(), now_s() - 1).mint(SECRET.as_bytes());
+    let rider = token(Role::Rider, "drv-x");
+    let reason = expect_refused(
+        connector.driver(addr, &forged, available()).await,
+        ErrorCode::Unauthorized,
+    )
+    .await;
+    assert!(reason.contains("signature"), "{reason}");
+    let reason = expect_refused(
+        connector.driver(addr, &expired, available()).await,
+        ErrorCode::Unauthorized,
+    )
+    .await;
+    assert!(reason.contains("expired"), "{reason}");
+    let reason = expect_refused(
+        connector.driver(addr, &rider, available()).await,
+        ErrorCode::Unauthorized,
+    )
+    .await;
+    assert!(reason.contains("role"), "{reason}");
+    let reason = expect_refused(
+        connector.driver(addr, "", available()).await,
+        ErrorCode::Unauthorized,
+    )
+    .await;
+    assert!(reason.contains("no token"), "{reason}");
+    expect_refused(
+        connector.driver(addr, "hf1.garbage", available()).await,
+        ErrorCode::Unauthorized,
+    )
+    .await;
+
+    let seq = good.send_fix(FixInput::at(40.0, -3.7)).await.unwrap();
+    eventually(WAIT, "the good driver still served", async || {
+        (good.acked_seq() == seq).then_some(())
+    })
+    .await;
+    assert_eq!(
+        node.metric("hexfleet_sessions_refused_total{code=\"unauthorized\"}")
+            .await,
+        5.0
+    );
+    node.stop().await;
+}
+
+/// A raw control stream, for sending what the SDK never would.
+async fn raw_session(
+    node: &TestNode,
+) -> (
+    quinn::Connection,
+    FramedWrite<quinn::SendStream, FrameCodec<ServerMsg, ClientMsg>>,
+    FramedRead<quinn::RecvStream, FrameCodec<ServerMsg, ClientMsg>>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    let cert = std::fs::read(node.node.dev_cert.as_ref().unwrap()).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert))
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let conn = endpoint
+        .connect(node.node.quic_addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (
+        conn,
+        FramedWrite::new(send, FrameCodec::default()),
+        FramedRead::new(recv, FrameCodec::default()),
+    )
+}
+
+/// Why the node ended a raw session: from its Error frame, or from the
+/// CONNECTION_CLOSE when the frame did not make it first.
+async fn refusal(
+    conn: &quinn::Connection,
+    rx: &mut FramedRead<quinn::RecvStream, FrameCodec<ServerMsg, ClientMsg>>,
+) -> (ErrorCode, String) {
+    if let Some(Ok(ServerMsg::Error(e))) = rx.next().await {
+        return (e.code, e.reason);
+    }
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the node closes the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            ErrorCode::from_close_code(c.error_code.into_inner()).expect("a hexfleet close code"),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("unexpected close: {other}"),
+    }
+}
+
+async fn close_code(conn: &quinn::Connection) -> Option<ErrorCode> {
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the node closes the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            ErrorCode::from_close_code(c.error_code.into_inner())
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_only_that_connection() {
+    let node = TestNode::start(None).await;
+    let mut good = node
+        .connector()
+        .driver(node.node.quic_addr, &driver_token("drv-good"), available())
+        .await
+        .unwrap();
+
+    // Garbage where Hello should be.
+    let (conn, mut tx, _rx) = raw_session(&node).await;
+    tx.get_mut()
+        .write_all(&[0, 0, 0, 3, 1, 0xc1, 0xc1])
+        .await
+        .unwrap();
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::ProtocolViolation));
+
+    // Garbage after a good Hello.
+    let (conn, mut tx, mut rx) = raw_session(&node).await;
+    tx.send(ClientMsg::Hello(Hello {
+        version: 1,
+        role: Role::Driver,
+        token: driver_token("drv-raw"),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(rx.next().await, Some(Ok(ServerMsg::Welcome(_)))));
+    tx.get_mut()
+        .write_all(&[0, 0, 0, 2, 7, 0x90])
+        .await
+        .unwrap();
+    let (code, reason) = refusal(&conn, &mut rx).await;
+    assert_eq!(code, ErrorCode::ProtocolViolation);
+    assert!(reason.contains("version"), "{reason}");
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::ProtocolViolation));
+
+    // A frame header announcing more than the limit.
+    let (conn, mut tx, _rx) = raw_session(&node).await;
+    tx.get_mut()
+        .write_all(&u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::ProtocolViolation));
+
+    // An unknown protocol version.
+    let (conn, mut tx, mut rx) = raw_session(&node).await;
+    tx.send(ClientMsg::Hello(Hello {
+        version: 99,
+        role: Role::Driver,
+        token: driver_token("drv-v"),
+    }))
+    .await
+    .unwrap();
+    let (code, reason) = refusal(&conn, &mut rx).await;
+    assert_eq!(code, ErrorCode::UnsupportedVersion);
+    assert!(reason.contains("99"), "{reason}");
+
+    let seq = good.send_fix(FixInput::at(35.68, 139.76)).await.unwrap();
+    eventually(WAIT, "the good driver unaffected", async || {
+        (good.acked_seq() == seq).then_some(())
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn fixes_fall_back_to_the_control_stream() {
+    let node = TestNode::start(None).await;
+    let mut driver = node
+        .connector()
+        .driver(
+            node.node.quic_addr,
+            &driver_token("drv-stream"),
+            available(),
+        )
+        .await
+        .unwrap();
+    driver.use_stream_for_fixes();
+    let seq = driver.send_fix(FixInput::at(-33.87, 151.21)).await.unwrap();
+    eventually(WAIT, "a stream fix acknowledged", async || {
+        (driver.acked_seq() == seq).then_some(())
+    })
+    .await;
+    assert_eq!(vehicle_seq(&node, "drv-stream").await, Some(seq));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_driver_resumes_above_its_last_sequence_and_supersedes_the_old_connection() {
+    let node = TestNode::start(None).await;
+    let connector = node.connector();
+    let addr = node.node.quic_addr;
+    let mut first = connector
+        .driver(addr, &driver_token("drv-r"), available())
+        .await
+        .unwrap();
+    let mut last = 0;
+    for _ in 0..5 {
+        last = first.send_fix(FixInput::at(52.0, 13.0)).await.unwrap();
+    }
+    eventually(WAIT, "first session acknowledged", async || {
+        (first.acked_seq() == last).then_some(())
+    })
+    .await;
+
+    let mut second = connector
+        .driver(addr, &driver_token("drv-r"), available())
+        .await
+        .unwrap();
+    assert_eq!(second.first_seq(), last + 1);
+    match first.closed().await {
+        ClientError::Refused { code, .. } => assert_eq!(code, ErrorCode::Superseded),
+        other => panic!("expected superseded, got {other}"),
+    }
+    let seq = second.send_fix(FixInput::at(52.0001, 13.0)).await.unwrap();
+    eventually(WAIT, "second session acknowledged", async || {
+        (second.acked_seq() == seq).then_some(())
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn status_reports_change_the_vehicle_and_goodbye_removes_it() {
+    let node = TestNode::start(None).await;
+    let mut driver = node
+        .connector()
+        .driver(
+            node.node.quic_addr,
+            &driver_token("drv-s"),
+            DriverReport {
+                class: VehicleClass::Xl,
+                status: VehicleStatus::Available,
+            },
+        )
+        .await
+        .unwrap();
+    driver.send_fix(FixInput::at(51.5, -0.12)).await.unwrap();
+    eventually(WAIT, "the vehicle visible as xl", async || {
+        let (s, v) = node.get_json("/v1/vehicles/drv-s").await;
+        (s == 200 && v["class"] == "xl").then_some(())
+    })
+    .await;
+    driver
+        .report(DriverReport {
+            class: VehicleClass::Xl,
+            status: VehicleStatus::OnTrip,
+        })
+        .await
+        .unwrap();
+    eventually(WAIT, "the status change stored", async || {
+        let (_, v) = node.get_json("/v1/vehicles/drv-s").await;
+        (v["status"] == "on_trip").then_some(())
+    })
+    .await;
+    driver.goodbye().await.unwrap();
+    eventually(WAIT, "the vehicle gone after goodbye", async || {
+        let (s, _) = node.get_json("/v1/vehicles/drv-s").await;
+        (s == 404 && node.node.table.is_empty()).then_some(())
+    })
+    .await;
+    node.stop().await;
+}

@@ -1,0 +1,516 @@
+//! The Redis store against a real `redis-server`: what drivers send ends up
+//! in the per-shard keys, nearby search is right, stale vehicles go, the
+//! memory store answers the same, and an outage loses nothing.
+
+use std::{collections::HashMap, time::Duration};
+
+use hexfleet_client::FixInput;
+use hexfleet_model::{
+    geodesy::haversine_m, CellModel, Position, ShardId, VehicleClass, VehicleId, VehicleState,
+    VehicleStatus,
+};
+use hexfleet_node::store::{
+    keys, memory::MemoryStore, redis::RedisStore, Batch, NearbyQuery, Removal, ShardBatch, Store,
+    Upsert,
+};
+use hexfleet_tests::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const WAIT: Duration = Duration::from_secs(20);
+const BERLIN: (f64, f64) = (52.52, 13.405);
+
+fn state(id: &str, lat: f64, lon: f64, seq: u64) -> VehicleState {
+    VehicleState {
+        id: VehicleId::new(id).unwrap(),
+        lat,
+        lon,
+        heading_deg: 0.0,
+        speed_mps: 5.0,
+        accuracy_m: 3.0,
+        fix_time_ms: now_ms(),
+        seq,
+        class: VehicleClass::Economy,
+        status: VehicleStatus::Available,
+        seen_ms: now_ms(),
+    }
+}
+
+fn shard_of(s: &VehicleState) -> ShardId {
+    CellModel::default().locate(s.position()).1
+}
+
+/// A batch that places each vehicle in its shard (first appearance).
+fn placing(states: &[VehicleState]) -> Batch {
+    let mut by_shard: HashMap<ShardId, Vec<Upsert>> = HashMap::new();
+    for s in states {
+        by_shard.entry(shard_of(s)).or_default().push(Upsert {
+            state: s.clone(),
+            relocated: true,
+        });
+    }
+    Batch {
+        shards: by_shard
+            .into_iter()
+            .map(|(shard, upserts)| ShardBatch {
+                shard,
+                upserts,
+                removals: vec![],
+            })
+            .collect(),
+    }
+}
+
+fn random_city(rng: &mut StdRng, n: usize, spread_deg: f64) -> Vec<VehicleState> {
+    (0..n)
+        .map(|i| {
+            let lat = BERLIN.0 + rng.random_range(-spread_deg..spread_deg);
+            let lon = BERLIN.1 + rng.random_range(-spread_deg..spread_deg) * 1.6;
+            state(&format!("v{i}"), lat, lon, 1)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_hundred_drivers_over_quic_end_up_in_redis_at_their_positions() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(Some(&redis)).await;
+    let connector = node.connector();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut drivers = Vec::new();
+    for i in 0..200 {
+        let id = format!("drv-{i}");
+        let client = connector
+            .driver(node.node.quic_addr, &driver_token(&id), available())
+            .await
+            .unwrap();
+        drivers.push((id, client));
+    }
+    let mut expected = HashMap::new();
+    for (id, client) in &mut drivers {
+        let lat = BERLIN.0 + rng.random_range(-0.5..0.5);
+        let lon = BERLIN.1 + rng.random_range(-0.8..0.8);
+        let seq = client.send_fix(FixInput::at(lat, lon)).await.unwrap();
+        expected.insert(id.clone(), (lat, lon, seq));
+    }
+    for (id, client) in &drivers {
+        let seq = expected[id].2;
+        eventually(WAIT, "every fix acknowledged", async || {
+            (client.acked_seq() == seq).then_some(())
+        })
+        .await;
+    }
+
+    let mut conn = redis.conn();
+    eventually(WAIT, "all 200 vehicles in the geo keys", async || {
+        let total: usize = expected
+            .values()
+            .map(|&(lat, lon, _)| shard_of(&state("x", lat, lon, 0)))
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .map(|shard| {
+                redis::cmd("ZCARD")
+                    .arg(keys::geo(shard))
+                    .query::<usize>(&mut conn)
+                    .unwrap()
+            })
+            .sum();
+        (total == 200).then_some(())
+    })
+    .await;
+    for (id, &(lat, lon, seq)) in &expected {
+        let shard = shard_of(&state("x", lat, lon, 0));
+        let pos: Vec<Option<(f64, f64)>> = redis::cmd("GEOPOS")
+            .arg(keys::geo(shard))
+            .arg(id)
+            .query(&mut conn)
+            .unwrap();
+        let (glon, glat) = pos[0].expect("GEOPOS finds the vehicle");
+        assert!(
+            haversine_m(lat, lon, glat, glon) < 1.0,
+            "{id}: sent ({lat}, {lon}), stored ({glat}, {glon})"
+        );
+        let seen: Option<f64> = redis::cmd("ZSCORE")
+            .arg(keys::seen(shard))
+            .arg(id)
+            .query(&mut conn)
+            .unwrap();
+        assert!(seen.is_some(), "{id} has a last-seen time");
+        let raw: Vec<u8> = redis::cmd("HGET")
+            .arg(keys::state(shard))
+            .arg(id)
+            .query(&mut conn)
+            .unwrap();
+        let stored: VehicleState = rmp_serde::from_slice(&raw).unwrap();
+        assert_eq!(stored.seq, seq);
+    }
+    node.stop().await;
+}
+
+async fn check_nearby_against_brute_force(
+    node: &TestNode,
+    vehicles: &[VehicleState],
+    rng: &mut StdRng,
+) {
+    // Redis stores positions as 52-bit geohashes (~0.6 m): vehicles within
+    // this margin of the radius may fall either way.
+    const MARGIN_M: f64 = 2.0;
+    for _ in 0..40 {
+        let (lat, lon) = (
+            BERLIN.0 + rng.random_range(-0.2..0.2),
+            BERLIN.1 + rng.random_range(-0.3..0.3),
+        );
+        let radius = rng.random_range(200.0..15_000.0);
+        let (status, body) = node
+            .get_json(&format!(
+                "/v1/vehicles?lat={lat}&lon={lon}&radius_m={radius}&limit=1000"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let got: Vec<(String, f64)> = body["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["distance_m"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert!(got.windows(2).all(|w| w[0].1 <= w[1].1), "nearest first");
+        let got_ids: std::collections::HashSet<&str> =
+            got.iter().map(|(id, _)| id.as_str()).collect();
+        for v in vehicles {
+            let d = haversine_m(lat, lon, v.lat, v.lon);
+            if (d - radius).abs() < MARGIN_M {
+                continue;
+            }
+            assert_eq!(
+                got_ids.contains(v.id.as_str()),
+                d < radius,
+                "{} at {d:.1} m, radius {radius:.1} m",
+                v.id
+            );
+        }
+        for (id, d) in &got {
+            let v = vehicles.iter().find(|v| v.id.as_str() == id).unwrap();
+            assert!((haversine_m(lat, lon, v.lat, v.lon) - d).abs() < MARGIN_M);
+        }
+        // A limit keeps the nearest.
+        let (_, limited) = node
+            .get_json(&format!(
+                "/v1/vehicles?lat={lat}&lon={lon}&radius_m={radius}&limit=5"
+            ))
+            .await;
+        let limited: Vec<&str> = limited["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(limited.len(), got.len().min(5));
+        for (i, id) in limited.iter().enumerate() {
+            assert!((got[i].1 - got.iter().find(|g| g.0 == *id).unwrap().1).abs() < MARGIN_M);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_nearby_api_matches_brute_force_haversine_on_redis() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(Some(&redis)).await;
+    let mut rng = StdRng::seed_from_u64(2);
+    let vehicles = random_city(&mut rng, 3_000, 0.25);
+    node.node.store.apply(&placing(&vehicles)).await.unwrap();
+    check_nearby_against_brute_force(&node, &vehicles, &mut rng).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_nearby_api_matches_brute_force_haversine_in_memory() {
+    let node = TestNode::start(None).await;
+    let mut rng = StdRng::seed_from_u64(3);
+    let vehicles = random_city(&mut rng, 3_000, 0.25);
+    node.node.store.apply(&placing(&vehicles)).await.unwrap();
+    check_nearby_against_brute_force(&node, &vehicles, &mut rng).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn stale_vehicles_are_evicted_from_the_table_and_from_redis() {
+    let redis = RedisServer::start();
+    let node = TestNode::start_with(Some(&redis), |c| {
+        c.store.stale_after = Duration::from_secs(1);
+        c.store.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    let connector = node.connector();
+    let mut quiet = connector
+        .driver(node.node.quic_addr, &driver_token("drv-quiet"), available())
+        .await
+        .unwrap();
+    let mut chatty = connector
+        .driver(
+            node.node.quic_addr,
+            &driver_token("drv-chatty"),
+            available(),
+        )
+        .await
+        .unwrap();
+    quiet.send_fix(FixInput::at(52.5, 13.4)).await.unwrap();
+    chatty.send_fix(FixInput::at(52.6, 13.3)).await.unwrap();
+    let shard = shard_of(&state("x", 52.5, 13.4, 0));
+    let mut conn = redis.conn();
+    eventually(WAIT, "both vehicles stored", async || {
+        let (a, _) = node.get_json("/v1/vehicles/drv-quiet").await;
+        let (b, _) = node.get_json("/v1/vehicles/drv-chatty").await;
+        (a == 200 && b == 200).then_some(())
+    })
+    .await;
+    // The quiet driver says nothing more; the chatty one keeps going.
+    let stop = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut lat = 52.6;
+    while tokio::time::Instant::now() < stop {
+        lat += 1e-5;
+        chatty.send_fix(FixInput::at(lat, 13.3)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually(WAIT, "the quiet vehicle evicted everywhere", async || {
+        let (status, _) = node.get_json("/v1/vehicles/drv-quiet").await;
+        let pos: Vec<Option<(f64, f64)>> = redis::cmd("GEOPOS")
+            .arg(keys::geo(shard))
+            .arg("drv-quiet")
+            .query(&mut conn)
+            .unwrap();
+        let in_state: bool = redis::cmd("HEXISTS")
+            .arg(keys::state(shard))
+            .arg("drv-quiet")
+            .query(&mut conn)
+            .unwrap();
+        let seen: Option<f64> = redis::cmd("ZSCORE")
+            .arg(keys::seen(shard))
+            .arg("drv-quiet")
+            .query(&mut conn)
+            .unwrap();
+        (status == 404 && pos[0].is_none() && !in_state && seen.is_none()).then_some(())
+    })
+    .await;
+    let (status, _) = node.get_json("/v1/vehicles/drv-chatty").await;
+    assert_eq!(
+        status, 200,
+        "a vehicle that keeps reporting is never evicted"
+    );
+    assert!(node.metric("hexfleet_vehicles_evicted_total").await >= 1.0);
+    node.stop().await;
+}
+
+fn shard_batch(shards: &mut HashMap<ShardId, ShardBatch>, shard: ShardId) -> &mut ShardBatch {
+    shards.entry(shard).or_insert_with(|| ShardBatch {
+        shard,
+        upserts: vec![],
+        removals: vec![],
+    })
+}
+
+/// Random moves (within and across shards), status changes and removals,
+/// as the writer would batch them.
+fn random_workload(
+    rng: &mut StdRng,
+    rounds: usize,
+) -> (Vec<Batch>, HashMap<VehicleId, VehicleState>) {
+    let mut live: HashMap<VehicleId, VehicleState> = HashMap::new();
+    let mut batches = Vec::new();
+    for round in 0..rounds {
+        let mut shards: HashMap<ShardId, ShardBatch> = HashMap::new();
+        let mut touched = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let id = VehicleId::new(&format!("v{}", rng.random_range(0..500))).unwrap();
+            if !touched.insert(id.clone()) {
+                continue;
+            }
+            let previous = live.get(&id).cloned();
+            if let Some(old) = previous.as_ref().filter(|_| rng.random_bool(0.1)) {
+                let shard = shard_of(&old);
+                shard_batch(&mut shards, shard).removals.push(Removal {
+                    id: id.clone(),
+                    forget: true,
+                });
+                live.remove(&id);
+                continue;
+            }
+            // Spread over ~1° so that moves cross shard boundaries.
+            let mut s = state(
+                id.as_str(),
+                BERLIN.0 + rng.random_range(-0.5..0.5),
+                BERLIN.1 + rng.random_range(-0.8..0.8),
+                round as u64,
+            );
+            s.status = VehicleStatus::ALL[rng.random_range(0..3)];
+            let shard = shard_of(&s);
+            let relocated = match &previous {
+                Some(old) if shard_of(old) != shard => {
+                    let old_shard = shard_of(old);
+                    shard_batch(&mut shards, old_shard).removals.push(Removal {
+                        id: id.clone(),
+                        forget: false,
+                    });
+                    true
+                }
+                Some(_) => false,
+                None => true,
+            };
+            shard_batch(&mut shards, shard).upserts.push(Upsert {
+                state: s.clone(),
+                relocated,
+            });
+            live.insert(id, s);
+        }
+        batches.push(Batch {
+            shards: shards.into_values().collect(),
+        });
+    }
+    (batches, live)
+}
+
+#[tokio::test]
+async fn the_memory_and_redis_stores_agree_on_the_same_workload() {
+    let redis = RedisServer::start();
+    let on_redis = RedisStore::connect(&redis.url()).await.unwrap();
+    let in_memory = MemoryStore::new();
+    let mut rng = StdRng::seed_from_u64(4);
+    let (batches, live) = random_workload(&mut rng, 30);
+    for batch in &batches {
+        on_redis.apply(batch).await.unwrap();
+        in_memory.apply(batch).await.unwrap();
+    }
+    for i in 0..500 {
+        let id = VehicleId::new(&format!("v{i}")).unwrap();
+        let (r, m) = (
+            on_redis.vehicle(&id).await.unwrap(),
+            in_memory.vehicle(&id).await.unwrap(),
+        );
+        assert_eq!(r, m, "{id}");
+        assert_eq!(m.as_ref(), live.get(&id), "{id}");
+    }
+    let mut from_redis = on_redis.load_all().await.unwrap();
+    let mut from_memory = in_memory.load_all().await.unwrap();
+    from_redis.sort_by(|a, b| a.id.cmp(&b.id));
+    from_memory.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(from_redis, from_memory);
+    assert_eq!(from_memory.len(), live.len());
+
+    let cells = CellModel::default();
+    for _ in 0..50 {
+        let center = Position::new(
+            BERLIN.0 + rng.random_range(-0.4..0.4),
+            BERLIN.1 + rng.random_range(-0.6..0.6),
+        )
+        .unwrap();
+        let radius_m = rng.random_range(500.0..20_000.0);
+        let query = NearbyQuery {
+            center,
+            radius_m,
+            limit: 10_000,
+            shards: cells.shards_within(center, radius_m),
+        };
+        let ids = |found: Vec<hexfleet_node::store::Nearby>| -> Vec<String> {
+            found
+                .into_iter()
+                .filter(|n| (n.distance_m - radius_m).abs() > 2.0)
+                .map(|n| n.state.id.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        let (r, m) = (
+            on_redis.nearby(&query).await.unwrap(),
+            in_memory.nearby(&query).await.unwrap(),
+        );
+        assert_eq!(ids(r), ids(m));
+    }
+}
+
+#[tokio::test]
+async fn a_node_restarted_on_redis_takes_over_the_vehicles_it_finds() {
+    let redis = RedisServer::start();
+    let first = TestNode::start(Some(&redis)).await;
+    let mut driver = first
+        .connector()
+        .driver(first.node.quic_addr, &driver_token("drv-p"), available())
+        .await
+        .unwrap();
+    let seq = driver.send_fix(FixInput::at(48.137, 11.575)).await.unwrap();
+    eventually(WAIT, "the vehicle stored", async || {
+        (first.get_json("/v1/vehicles/drv-p").await.0 == 200).then_some(())
+    })
+    .await;
+    drop(driver);
+    first.stop().await;
+
+    let second = TestNode::start(Some(&redis)).await;
+    assert_eq!(
+        second.node.table.len(),
+        1,
+        "the new node knows the stored vehicle"
+    );
+    let (status, v) = second.get_json("/v1/vehicles/drv-p").await;
+    assert_eq!((status, v["seq"].as_u64()), (200, Some(seq)));
+    // The driver resumes above its stored sequence on the new node.
+    let client = second
+        .connector()
+        .driver(second.node.quic_addr, &driver_token("drv-p"), available())
+        .await
+        .unwrap();
+    assert_eq!(client.first_seq(), seq + 1);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_outage_loses_no_vehicle_and_harms_no_driver() {
+    let mut redis = RedisServer::start();
+    let node = TestNode::start(Some(&redis)).await;
+    let mut driver = node
+        .connector()
+        .driver(node.node.quic_addr, &driver_token("drv-o"), available())
+        .await
+        .unwrap();
+    driver.send_fix(FixInput::at(41.39, 2.17)).await.unwrap();
+    eventually(WAIT, "stored before the outage", async || {
+        (node.get_json("/v1/vehicles/drv-o").await.0 == 200).then_some(())
+    })
+    .await;
+
+    redis.kill();
+    let (status, body) = node.get_json("/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["store"]["ok"], false);
+    // Ingest goes on while Redis is down.
+    let mut last = 0;
+    for i in 0..20 {
+        last = driver
+            .send_fix(FixInput::at(41.39 + i as f64 * 1e-4, 2.17))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(WAIT, "fixes acknowledged during the outage", async || {
+        (driver.acked_seq() == last).then_some(())
+    })
+    .await;
+    eventually(WAIT, "flush failures counted", async || {
+        (node.metric("hexfleet_store_flush_errors_total").await > 0.0).then_some(())
+    })
+    .await;
+
+    // Redis comes back empty; the writer retries the latest state into it.
+    redis.restart();
+    let (status, body) = eventually(WAIT, "the latest fix in Redis after recovery", async || {
+        let (status, body) = node.get_json("/v1/vehicles/drv-o").await;
+        (status == 200 && body["seq"].as_u64() == Some(last)).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert!((body["lat"].as_f64().unwrap() - (41.39 + 19e-4)).abs() < 1e-9);
+    assert_eq!(node.get_json("/healthz").await.0, 200);
+    node.stop().await;
+}
