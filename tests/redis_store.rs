@@ -330,7 +330,7 @@ fn random_workload(
             }
             let previous = live.get(&id).cloned();
             if let Some(old) = previous.as_ref().filter(|_| rng.random_bool(0.1)) {
-                let shard = shard_of(&old);
+                let shard = shard_of(old);
                 shard_batch(&mut shards, shard).removals.push(Removal {
                     id: id.clone(),
                     forget: true,

@@ -129,8 +129,10 @@ pub struct TestNode {
 
 /// A config for a test node on free loopback ports, with the given store.
 pub fn test_config(redis: Option<&RedisServer>, dev_dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.node_id = "test-node".into();
+    let mut config = Config {
+        node_id: "test-node".into(),
+        ..Config::default()
+    };
     config.quic.listen = ([127, 0, 0, 1], 0).into();
     config.http.listen = ([127, 0, 0, 1], 0).into();
     config.tls.dev_dir = dev_dir.to_path_buf();

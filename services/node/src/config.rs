@@ -266,7 +266,7 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid("tls.cert and tls.key go together"));
         }
-        if !(self.ingest.max_speed_mps > 0.0) {
+        if self.ingest.max_speed_mps.is_nan() || self.ingest.max_speed_mps <= 0.0 {
             return Err(ConfigError::Invalid(
                 "ingest.max_speed_mps must be positive",
             ));

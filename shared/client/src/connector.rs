@@ -58,15 +58,32 @@ impl ClientError {
     }
 }
 
+/// A session the node welcomed.
+pub(crate) struct Established {
+    pub conn: quinn::Connection,
+    pub tx: ControlWrite,
+    pub rx: ControlRead,
+    pub welcome: Welcome,
+}
+
 /// What the node answered to `Hello`.
 pub(crate) enum Greeting {
-    Welcome {
-        conn: quinn::Connection,
-        tx: ControlWrite,
-        rx: ControlRead,
-        welcome: Welcome,
-    },
+    Welcome(Box<Established>),
     Redirect(SocketAddr),
+}
+
+/// Socket buffer requested for a client socket. Many connections share one
+/// socket, and a burst of handshakes overflows the default (~200 KiB) buffer;
+/// a dropped handshake packet costs a one-second retransmission timeout.
+const CLIENT_UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let sock = socket2::SockRef::from(&socket);
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = sock.set_recv_buffer_size(CLIENT_UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(CLIENT_UDP_BUFFER);
+    Ok(socket)
 }
 
 #[derive(Clone)]
@@ -113,8 +130,14 @@ impl Connector {
         transport.max_concurrent_uni_streams(0u32.into());
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
-        let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Bind)?;
+        let socket = client_socket(([127, 0, 0, 1], 0).into()).map_err(ClientError::Bind)?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(ClientError::Bind)?;
         endpoint.set_default_client_config(config);
         Ok(Self {
             endpoint,
@@ -132,7 +155,7 @@ impl Connector {
     /// Binds the connector's socket to another local address (e.g. `[::1]:0`
     /// for IPv6 nodes).
     pub fn rebind(&self, addr: SocketAddr) -> Result<(), ClientError> {
-        let socket = std::net::UdpSocket::bind(addr).map_err(ClientError::Bind)?;
+        let socket = client_socket(addr).map_err(ClientError::Bind)?;
         self.endpoint.rebind(socket).map_err(ClientError::Bind)
     }
 
@@ -171,12 +194,12 @@ impl Connector {
         }))
         .await?;
         match rx.next().await {
-            Some(Ok(ServerMsg::Welcome(welcome))) => Ok(Greeting::Welcome {
+            Some(Ok(ServerMsg::Welcome(welcome))) => Ok(Greeting::Welcome(Box::new(Established {
                 conn,
                 tx,
                 rx,
                 welcome,
-            }),
+            }))),
             Some(Ok(ServerMsg::Redirect(r))) => {
                 conn.close(REDIRECT_CLOSE_CODE.into(), b"redirected");
                 r.addr.parse().map(Greeting::Redirect).map_err(|_| {

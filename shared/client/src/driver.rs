@@ -16,7 +16,7 @@ use hexfleet_protocol::{
 };
 use parking_lot::Mutex;
 
-use crate::connector::{ClientError, Connector, ControlRead, ControlWrite, Greeting};
+use crate::connector::{ClientError, Connector, ControlRead, ControlWrite, Established, Greeting};
 
 /// A fix as the app knows it; the SDK adds the sequence and, unless given,
 /// the time.
@@ -89,15 +89,15 @@ impl Connector {
         token: &str,
         report: DriverReport,
     ) -> Result<DriverClient, ClientError> {
-        let Greeting::Welcome {
+        let Greeting::Welcome(established) = self.hello(addr, Role::Driver, token).await? else {
+            return Err(ClientError::TooManyRedirects);
+        };
+        let Established {
             conn,
             tx,
             rx,
             welcome,
-        } = self.hello(addr, Role::Driver, token).await?
-        else {
-            return Err(ClientError::TooManyRedirects);
-        };
+        } = *established;
         let shared = Arc::new(Shared::default());
         shared
             .acked_seq

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs hexfleet's whole test suite. Tests start their own redis-server on free
+# ports, so it must be installed; on Debian this script installs it when
+# missing (as root), or says exactly what to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_package() { # command package
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing $2 (Debian package) for the tests"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  else
+    echo "The tests need '$1'. Install it first, e.g.: sudo apt-get install $2" >&2
+    exit 1
+  fi
+}
+
+need_package redis-server redis-server
+
+cargo test --workspace --locked "$@"
