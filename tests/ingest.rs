@@ -223,7 +223,6 @@ async fn bad_tokens_are_refused_and_harm_no_one_else() {
     node.stop().await;
 }
 
-/// A raw control stream, for sending what the SDK never would.
 async fn raw_session(
     node: &TestNode,
 ) -> (
@@ -231,32 +230,7 @@ async fn raw_session(
     FramedWrite<quinn::SendStream, FrameCodec<ServerMsg, ClientMsg>>,
     FramedRead<quinn::RecvStream, FrameCodec<ServerMsg, ClientMsg>>,
 ) {
-    let mut roots = rustls::RootCertStore::empty();
-    let cert = std::fs::read(node.node.dev_cert.as_ref().unwrap()).unwrap();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(cert))
-        .unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
-    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    let conn = endpoint
-        .connect(node.node.quic_addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    (
-        conn,
-        FramedWrite::new(send, FrameCodec::default()),
-        FramedRead::new(recv, FrameCodec::default()),
-    )
+    raw_connection(node, 1 << 20).await
 }
 
 /// Why the node ended a raw session: from its Error frame, or from the

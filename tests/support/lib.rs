@@ -145,6 +145,21 @@ pub fn test_config(redis: Option<&RedisServer>, dev_dir: &std::path::Path) -> Co
 }
 
 impl TestNode {
+    /// A node whose development certificate lives in `dir`, so a node
+    /// started later with the same `dir` is trusted by the same clients.
+    pub async fn start_in(
+        dir: &std::path::Path,
+        redis: Option<&RedisServer>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let dir = dir.to_path_buf();
+        Self::start_with(redis, move |c| {
+            c.tls.dev_dir = dir;
+            tweak(c);
+        })
+        .await
+    }
+
     pub async fn start(redis: Option<&RedisServer>) -> Self {
         Self::start_with(redis, |_| {}).await
     }
@@ -212,6 +227,65 @@ impl TestNode {
     pub async fn stop(self) {
         self.node.shutdown(Duration::from_secs(5)).await;
     }
+}
+
+/// A raw QUIC connection to the node with a control stream open, for sending
+/// what the SDK never would. `window` caps what the client buffers per stream
+/// (a small window makes a client that does not read block the node quickly).
+pub async fn raw_connection(
+    node: &TestNode,
+    window: u32,
+) -> (
+    quinn::Connection,
+    tokio_util::codec::FramedWrite<
+        quinn::SendStream,
+        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
+    >,
+    tokio_util::codec::FramedRead<
+        quinn::RecvStream,
+        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
+    >,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            std::fs::read(&node.cert).expect("the dev certificate"),
+        ))
+        .expect("a valid certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).expect("QUIC TLS");
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(window.into());
+    transport.receive_window(window.into());
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    config.transport_config(std::sync::Arc::new(transport));
+    let mut endpoint =
+        quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("a client socket");
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(node.node.quic_addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (send, recv) = conn.open_bi().await.expect("a control stream");
+    (
+        conn,
+        tokio_util::codec::FramedWrite::new(send, hexfleet_protocol::FrameCodec::default()),
+        tokio_util::codec::FramedRead::new(recv, hexfleet_protocol::FrameCodec::default()),
+    )
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free port")
 }
 
 pub fn token(role: Role, id: &str) -> String {

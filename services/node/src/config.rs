@@ -18,7 +18,28 @@ pub struct Config {
     pub auth: AuthConfig,
     pub cells: CellsConfig,
     pub ingest: IngestConfig,
+    pub riders: RidersConfig,
     pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RidersConfig {
+    /// The largest radius a subscription may watch, in metres.
+    pub max_radius_m: f64,
+    /// A subscriber whose updates stay blocked this long is disconnected
+    /// (`slow_consumer`).
+    #[serde(with = "humantime_serde")]
+    pub slow_consumer_after: Duration,
+}
+
+impl Default for RidersConfig {
+    fn default() -> Self {
+        Self {
+            max_radius_m: 5_000.0,
+            slow_consumer_after: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +124,10 @@ pub struct IngestConfig {
     /// How often a driver's fixes are acknowledged, at most.
     #[serde(with = "humantime_serde")]
     pub ack_interval: Duration,
+    /// A driver that loses its connection stays visible this long, waiting
+    /// for it to reconnect; then it goes offline.
+    #[serde(with = "humantime_serde")]
+    pub offline_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -144,6 +169,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             cells: CellsConfig::default(),
             ingest: IngestConfig::default(),
+            riders: RidersConfig::default(),
             store: StoreConfig::default(),
         }
     }
@@ -207,6 +233,7 @@ impl Default for IngestConfig {
             max_future: Duration::from_secs(5),
             max_age: Duration::from_secs(30),
             ack_interval: Duration::from_millis(100),
+            offline_grace: Duration::from_secs(10),
         }
     }
 }

@@ -119,8 +119,10 @@ pub async fn accept_loop(
             incoming.refuse();
             continue;
         }
-        sessions.spawn(session::serve(incoming, ctx.clone(), shutdown.clone()));
+        sessions.spawn(session::serve(incoming, ctx.clone()));
     }
     let code = hexfleet_protocol::ErrorCode::ShuttingDown;
     endpoint.close(code.close_code().into(), code.as_str().as_bytes());
+    // Let closed connections drain, so the port is free when we return.
+    endpoint.wait_idle().await;
 }

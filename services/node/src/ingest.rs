@@ -1,13 +1,16 @@
 //! What happens to a valid fix: it is located (index cell and shard), becomes
-//! the vehicle's state in the [`VehicleTable`], and is staged for the store.
-//! This is the one place that turns driver input into vehicle state.
+//! the vehicle's state in the [`VehicleTable`], is staged for the store, and
+//! is handed to the fan-out. This is the one place that changes vehicle
+//! state: fixes, reports, sign-offs and evictions all go through it, so the
+//! table, the store and the subscribers never disagree about what happened.
 
 use std::sync::Arc;
 
 use hexfleet_model::{CellModel, VehicleId, VehicleState};
-use hexfleet_protocol::DriverReport;
+use hexfleet_protocol::{DriverReport, RemoveReason};
 
 use crate::{
+    fanout::FanOut,
     metrics::Metrics,
     store::writer::StoreWriter,
     table::{Entry, VehicleTable},
@@ -18,6 +21,7 @@ pub struct Ingest {
     pub cells: CellModel,
     pub table: Arc<VehicleTable>,
     pub writer: Arc<StoreWriter>,
+    pub fanout: Arc<FanOut>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -44,6 +48,7 @@ impl Ingest {
             cell,
             shard,
         });
+        self.fanout.vehicle_changed(state.clone(), cell);
         let relocated = match previous {
             Some(p) if p.shard != shard => {
                 self.writer.stage_removal(p.shard, id.clone(), false);
@@ -66,15 +71,32 @@ impl Ingest {
             state.seen_ms = now_ms;
         });
         if let Some(entry) = updated {
+            self.fanout.vehicle_changed(entry.state.clone(), entry.cell);
             self.writer.stage_upsert(entry.shard, entry.state, false);
         }
     }
 
-    /// A driver signed off: the vehicle is gone at once.
-    pub fn sign_off(&self, id: &VehicleId) {
+    /// The vehicle is gone (signed off, or offline for too long).
+    pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) {
         if let Some(entry) = self.table.remove(id) {
             self.writer.stage_removal(entry.shard, id.clone(), true);
+            self.fanout.vehicle_removed(id.clone(), reason);
         }
+    }
+
+    /// Evicts every vehicle last heard from before `cutoff_ms`; returns how
+    /// many.
+    pub fn evict_stale(&self, cutoff_ms: i64) -> usize {
+        let evicted = self.table.evict_stale(cutoff_ms);
+        for entry in &evicted {
+            self.writer
+                .stage_removal(entry.shard, entry.state.id.clone(), true);
+            self.fanout
+                .vehicle_removed(entry.state.id.clone(), RemoveReason::Stale);
+        }
+        self.metrics.vehicles_evicted.inc_by(evicted.len() as u64);
+        self.metrics.vehicles.set(self.table.len() as i64);
+        evicted.len()
     }
 
     /// Loads vehicles a store already holds (a node taking over its shards),
@@ -87,6 +109,7 @@ impl Ingest {
                 continue;
             };
             let (cell, shard) = self.cells.locate(position);
+            self.fanout.vehicle_changed(state.clone(), cell);
             self.table.upsert(Entry { state, cell, shard });
             restored += 1;
         }

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! endpoint ─▶ session ─▶ validate ─▶ ingest ─▶ table
-//!  (QUIC)    (handshake,  (reject +   (cell,     └─▶ store::writer ─▶ store (memory | Redis)
-//!             auth, acks)  reason)     shard)        (staged, coalesced, batched)
+//!  (QUIC)    (handshake,  (reject +   (cell,     ├─▶ store::writer ─▶ store (memory | Redis)
+//!             auth, acks)  reason)     shard)    │   (staged, coalesced, batched)
+//!                                                └─▶ fanout ─▶ mailbox ─▶ rider session ─▶ QUIC stream
+//!                                                    (cell index)  (latest wins)
 //! ```
 //!
 //! On the side: the [`sweeper`] evicts stale vehicles, [`http`] answers
@@ -17,10 +19,13 @@
 pub mod clock;
 pub mod config;
 pub mod endpoint;
+pub mod fanout;
 pub mod http;
 pub mod ingest;
+pub mod mailbox;
 pub mod metrics;
 pub mod session;
+pub mod staging;
 pub mod store;
 pub mod sweeper;
 pub mod table;
@@ -33,6 +38,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{Config, ConfigError, StoreKind},
+    fanout::FanOut,
     ingest::Ingest,
     metrics::Metrics,
     store::{memory::MemoryStore, redis::RedisStore, writer::StoreWriter, Store, StoreError},
@@ -102,10 +108,12 @@ impl Node {
         let store = open_store(&config.store).await?;
         let table = Arc::new(VehicleTable::new());
         let writer = Arc::new(StoreWriter::new(metrics.clone()));
+        let fanout = Arc::new(FanOut::new(metrics.clone()));
         let ingest = Arc::new(Ingest {
             cells,
             table: table.clone(),
             writer: writer.clone(),
+            fanout: fanout.clone(),
             metrics: metrics.clone(),
         });
         let restored = ingest.restore(store.load_all().await?);
@@ -135,13 +143,12 @@ impl Node {
         let tasks = TaskTracker::new();
         let sessions = TaskTracker::new();
         let ctx = Arc::new(session::Context::new(
-            config.node_id.clone(),
+            &config,
             ingest.clone(),
-            config.auth.token_secret.as_bytes().to_vec(),
-            validate::Limits::new(&config.ingest, config.store.stale_after),
-            config.ingest.ack_interval,
-            config.quic.handshake_timeout,
+            fanout.clone(),
+            shutdown.clone(),
         ));
+        tasks.spawn(fanout.run(shutdown.clone()));
         for endpoint in endpoints {
             tasks.spawn(endpoint::accept_loop(
                 endpoint,
@@ -190,9 +197,7 @@ impl Node {
             });
         }
         let sweeper = Arc::new(Sweeper {
-            table: table.clone(),
-            writer,
-            metrics: metrics.clone(),
+            ingest: ingest.clone(),
             stale_after: config.store.stale_after,
             interval: config.store.sweep_interval,
         });

@@ -34,6 +34,19 @@ pub struct Metrics {
     pub store_flush_batch_size: Histogram,
     pub store_flush_errors: Counter,
     pub store_pending: Gauge<u64, AtomicU64>,
+    pub subscribers: Gauge,
+    pub subscribed_cells: Gauge,
+    pub mailbox_coalesced: Counter,
+    delta_items: [Counter; 3],
+    pub delta_frames: Counter,
+}
+
+/// The kinds of delta item, as counted.
+#[derive(Debug, Clone, Copy)]
+pub enum DeltaKind {
+    Added = 0,
+    Moved = 1,
+    Removed = 2,
 }
 
 impl Default for Metrics {
@@ -109,8 +122,45 @@ impl Metrics {
             "Vehicle changes waiting for the next flush",
             store_pending.clone(),
         );
+        let subscribers = Gauge::default();
+        registry.register(
+            "subscribers",
+            "Riders and dashboards subscribed",
+            subscribers.clone(),
+        );
+        let subscribed_cells = Gauge::default();
+        registry.register(
+            "subscribed_cells",
+            "Cells watched, summed over subscribers",
+            subscribed_cells.clone(),
+        );
+        let mailbox_coalesced = Counter::default();
+        registry.register(
+            "mailbox_coalesced",
+            "Changes folded into one already waiting in a subscriber's mailbox",
+            mailbox_coalesced.clone(),
+        );
+        let delta_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "delta_items",
+            "Delta items sent to subscribers, by kind",
+            delta_family.clone(),
+        );
+        let delta_items =
+            ["added", "moved", "removed"].map(|k| delta_family.get_or_create_owned(&[("kind", k)]));
+        let delta_frames = Counter::default();
+        registry.register(
+            "delta_frames",
+            "Update frames sent to subscribers",
+            delta_frames.clone(),
+        );
         Self {
             registry,
+            subscribers,
+            subscribed_cells,
+            mailbox_coalesced,
+            delta_items,
+            delta_frames,
             connections,
             connections_accepted,
             refused,
@@ -127,6 +177,10 @@ impl Metrics {
 
     pub fn rejected(&self, reason: RejectReason) -> &Counter {
         &self.rejected[reason as usize]
+    }
+
+    pub fn delta_items(&self, kind: DeltaKind) -> &Counter {
+        &self.delta_items[kind as usize]
     }
 
     pub fn refused(&self, code: ErrorCode) -> Counter {

@@ -127,7 +127,8 @@ impl Connector {
         let mut transport = quinn::TransportConfig::default();
         // Keep idle drivers' connections alive well within the node's idle timeout.
         transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        transport.max_concurrent_uni_streams(0u32.into());
+        // Riders receive their updates on one stream the node opens.
+        transport.max_concurrent_uni_streams(1u32.into());
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
         let socket = client_socket(([127, 0, 0, 1], 0).into()).map_err(ClientError::Bind)?;

@@ -1,5 +1,6 @@
 //! The hexfleet client SDK: what a driver app embeds to stream its position
-//! to a node over QUIC. The simulator and the tests use exactly this code.
+//! to a node over QUIC, and what a rider app embeds to show the vehicles
+//! around it moving live. The simulator and the tests use exactly this code.
 //!
 //! ```no_run
 //! # async fn example(token: String) -> Result<(), hexfleet_client::ClientError> {
@@ -16,6 +17,8 @@
 
 mod connector;
 mod driver;
+mod rider;
 
 pub use connector::{ClientError, Connector};
 pub use driver::{DriverClient, DriverStats, FixInput};
+pub use rider::{Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};

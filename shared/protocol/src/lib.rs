@@ -8,12 +8,14 @@
 pub mod codec;
 pub mod dev;
 pub mod messages;
+pub mod rider;
 pub mod token;
 
 pub use codec::{
     decode_datagram, encode_datagram, FrameCodec, FrameError, MAX_FRAME_LEN, WIRE_VERSION,
 };
 pub use messages::*;
+pub use rider::{Added, Filter, Moved, RemoveReason, Removed, RiderUpdate, Subscribe};
 pub use token::{Claims, TokenError};
 
 /// The ALPN protocol id of hexfleet over QUIC.

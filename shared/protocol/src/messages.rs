@@ -71,6 +71,8 @@ pub enum ClientMsg {
     Driver(DriverReport),
     /// The stream fallback for fixes, when datagrams are unavailable.
     Fix(Fix),
+    /// A rider's subscription (new or replacing the previous one).
+    Subscribe(crate::Subscribe),
     /// A clean sign-off: the node removes the vehicle at once.
     Goodbye,
 }
@@ -260,4 +262,14 @@ pub enum ServerMsg {
     Redirect(Redirect),
     Error(ErrorFrame),
     Ack(Ack),
+    /// A subscription was refused; the connection and any previous
+    /// subscription stay as they were.
+    SubscribeError(SubscribeError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeError {
+    pub id: u32,
+    pub code: ErrorCode,
+    pub reason: String,
 }

@@ -10,18 +10,16 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
-use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Batch, Removal, ShardBatch, Store, Upsert};
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, staging::LatestWins};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Change {
@@ -34,13 +32,10 @@ enum Change {
     },
 }
 
-type Stage = HashMap<ShardId, HashMap<VehicleId, Change>>;
-
-const STRIPES: usize = 16;
+type Stage = HashMap<(ShardId, VehicleId), Change>;
 
 pub struct StoreWriter {
-    stripes: Box<[Mutex<Stage>]>,
-    hasher: RandomState,
+    staged: LatestWins<(ShardId, VehicleId), Change>,
     metrics: Arc<Metrics>,
     recovered: Notify,
 }
@@ -63,47 +58,27 @@ fn merge(older: Option<Change>, newer: Change) -> Change {
     }
 }
 
-fn stage_into(stage: &mut Stage, shard: ShardId, id: VehicleId, change: Change) {
-    let changes = stage.entry(shard).or_default();
-    let older = changes.remove(&id);
-    changes.insert(id, merge(older, change));
-}
-
 impl StoreWriter {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            stripes: (0..STRIPES).map(|_| Mutex::new(Stage::new())).collect(),
-            hasher: RandomState::new(),
+            staged: LatestWins::new(merge),
             metrics,
             recovered: Notify::new(),
         }
-    }
-
-    fn stripe(&self, shard: ShardId) -> &Mutex<Stage> {
-        &self.stripes[self.hasher.hash_one(shard) as usize % STRIPES]
     }
 
     /// Stages the latest state of a vehicle in its shard. `relocated` says
     /// the vehicle is new to this shard.
     pub fn stage_upsert(&self, shard: ShardId, state: VehicleState, relocated: bool) {
         let id = state.id.clone();
-        stage_into(
-            &mut self.stripe(shard).lock(),
-            shard,
-            id,
-            Change::Upsert { state, relocated },
-        );
+        self.staged
+            .stage((shard, id), Change::Upsert { state, relocated });
     }
 
     /// Stages a vehicle's removal from a shard; `forget` when it is gone for
     /// good rather than moved to another shard.
     pub fn stage_removal(&self, shard: ShardId, id: VehicleId, forget: bool) {
-        stage_into(
-            &mut self.stripe(shard).lock(),
-            shard,
-            id,
-            Change::Remove { forget },
-        );
+        self.staged.stage((shard, id), Change::Remove { forget });
     }
 
     /// Notified when a flush succeeds after failures. The store may have lost
@@ -115,14 +90,7 @@ impl StoreWriter {
 
     /// Moves everything staged into `stage`, newer over older.
     fn take_into(&self, stage: &mut Stage) {
-        for stripe in self.stripes.iter() {
-            let taken = std::mem::take(&mut *stripe.lock());
-            for (shard, changes) in taken {
-                for (id, change) in changes {
-                    stage_into(stage, shard, id, change);
-                }
-            }
-        }
+        self.staged.take_into(stage);
     }
 
     /// Flushes every `interval` until `shutdown`, then flushes what is left
@@ -189,30 +157,27 @@ impl StoreWriter {
 }
 
 fn to_batch(stage: &Stage) -> Batch {
-    let shards = stage
-        .iter()
-        .map(|(&shard, changes)| {
-            let mut sb = ShardBatch {
-                shard,
-                upserts: Vec::new(),
-                removals: Vec::new(),
-            };
-            for (id, change) in changes {
-                match change {
-                    Change::Upsert { state, relocated } => sb.upserts.push(Upsert {
-                        state: state.clone(),
-                        relocated: *relocated,
-                    }),
-                    Change::Remove { forget } => sb.removals.push(Removal {
-                        id: id.clone(),
-                        forget: *forget,
-                    }),
-                }
-            }
-            sb
-        })
-        .collect();
-    Batch { shards }
+    let mut shards: HashMap<ShardId, ShardBatch> = HashMap::new();
+    for ((shard, id), change) in stage {
+        let sb = shards.entry(*shard).or_insert_with(|| ShardBatch {
+            shard: *shard,
+            upserts: Vec::new(),
+            removals: Vec::new(),
+        });
+        match change {
+            Change::Upsert { state, relocated } => sb.upserts.push(Upsert {
+                state: state.clone(),
+                relocated: *relocated,
+            }),
+            Change::Remove { forget } => sb.removals.push(Removal {
+                id: id.clone(),
+                forget: *forget,
+            }),
+        }
+    }
+    Batch {
+        shards: shards.into_values().collect(),
+    }
 }
 
 #[cfg(test)]

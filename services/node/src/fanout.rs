@@ -1,0 +1,323 @@
+//! The fan-out: who must hear about a vehicle change, and what.
+//!
+//! One task owns the index — vehicles by index cell, subscribers by watched
+//! cell — and applies vehicle changes and subscription changes one at a time,
+//! so a subscriber's snapshot and the deltas after it are always consistent.
+//! Ingest stages vehicle changes latest-wins and never waits; the cost of a
+//! change is proportional to the subscribers watching its old and new cells,
+//! not to all subscribers.
+//!
+//! For each subscriber watching the vehicle's old or new cell, the change is
+//! an `added`, `moved` or `removed` (with its reason) in that subscriber's
+//! [`Mailbox`], or nothing at all.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use h3o::CellIndex;
+use hexfleet_model::{IndexCell, VehicleId, VehicleState};
+use hexfleet_protocol::{Filter, RemoveReason};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    mailbox::{Change, Mailbox},
+    metrics::Metrics,
+    staging::{newest, LatestWins},
+};
+
+pub type SubscriberId = u64;
+
+#[derive(Debug, Clone)]
+enum VehicleEvent {
+    Upsert {
+        state: VehicleState,
+        cell: IndexCell,
+    },
+    Removed(RemoveReason),
+}
+
+enum Command {
+    Subscribe {
+        id: SubscriberId,
+        cells: Vec<CellIndex>,
+        filter: Filter,
+        version: u32,
+        mailbox: Arc<Mailbox>,
+    },
+    Unsubscribe(SubscriberId),
+}
+
+/// The handle ingest and sessions talk to; the index lives in [`FanOut::run`].
+pub struct FanOut {
+    events: LatestWins<VehicleId, VehicleEvent>,
+    wake: Notify,
+    commands: mpsc::UnboundedSender<Command>,
+    inbox: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl FanOut {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        let (commands, inbox) = mpsc::unbounded_channel();
+        Self {
+            events: LatestWins::new(newest),
+            wake: Notify::new(),
+            commands,
+            inbox: parking_lot::Mutex::new(Some(inbox)),
+            metrics,
+        }
+    }
+
+    /// A vehicle has a new state (position, class or status).
+    pub fn vehicle_changed(&self, state: VehicleState, cell: IndexCell) {
+        self.events
+            .stage(state.id.clone(), VehicleEvent::Upsert { state, cell });
+        self.wake.notify_one();
+    }
+
+    /// A vehicle is gone.
+    pub fn vehicle_removed(&self, id: VehicleId, reason: RemoveReason) {
+        self.events.stage(id, VehicleEvent::Removed(reason));
+        self.wake.notify_one();
+    }
+
+    /// Sets (or replaces) a subscriber's watched cells and filter. A new
+    /// subscriber gets a snapshot; an existing one gets only the difference.
+    pub fn subscribe(
+        &self,
+        id: SubscriberId,
+        cells: Vec<CellIndex>,
+        filter: Filter,
+        version: u32,
+        mailbox: Arc<Mailbox>,
+    ) {
+        // The task only stops at shutdown, when sessions are ending too.
+        let _ = self.commands.send(Command::Subscribe {
+            id,
+            cells,
+            filter,
+            version,
+            mailbox,
+        });
+    }
+
+    pub fn unsubscribe(&self, id: SubscriberId) {
+        let _ = self.commands.send(Command::Unsubscribe(id));
+    }
+
+    /// Runs the fan-out until shutdown. Call once.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut inbox) = self.inbox.lock().take() else {
+            tracing::error!("the fan-out was started twice");
+            return;
+        };
+        let mut index = Index::default();
+        let mut events = HashMap::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                Some(command) = inbox.recv() => index.command(command, &self.metrics),
+                _ = self.wake.notified() => {
+                    self.events.take_into(&mut events);
+                    for (id, event) in events.drain() {
+                        index.vehicle(id, event, &self.metrics);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Subscriber {
+    cells: HashSet<CellIndex>,
+    filter: Filter,
+    mailbox: Arc<Mailbox>,
+}
+
+impl Subscriber {
+    fn sees(&self, cell: CellIndex, state: &VehicleState) -> bool {
+        self.cells.contains(&cell) && self.filter.matches(state.class, state.status)
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    vehicles: HashMap<VehicleId, (CellIndex, VehicleState)>,
+    in_cell: HashMap<CellIndex, HashSet<VehicleId>>,
+    watchers: HashMap<CellIndex, Vec<SubscriberId>>,
+    subscribers: HashMap<SubscriberId, Subscriber>,
+}
+
+impl Index {
+    fn deliver(&self, sub: &Subscriber, id: &VehicleId, change: Change, metrics: &Metrics) {
+        if sub.mailbox.push(id.clone(), change) {
+            metrics.mailbox_coalesced.inc();
+        }
+    }
+
+    fn vehicle(&mut self, id: VehicleId, event: VehicleEvent, metrics: &Metrics) {
+        match event {
+            VehicleEvent::Upsert { state, cell } => self.upsert(id, state, cell.0, metrics),
+            VehicleEvent::Removed(reason) => self.remove(&id, reason, metrics),
+        }
+    }
+
+    fn upsert(&mut self, id: VehicleId, state: VehicleState, cell: CellIndex, metrics: &Metrics) {
+        let old = self.vehicles.insert(id.clone(), (cell, state.clone()));
+        let old_cell = old.as_ref().map(|(c, _)| *c);
+        if old_cell != Some(cell) {
+            if let Some(c) = old_cell {
+                self.unindex(c, &id);
+            }
+            self.in_cell.entry(cell).or_default().insert(id.clone());
+        }
+        // Watchers of the new cell: added, moved, or filtered out.
+        for sub_id in self.watchers.get(&cell).into_iter().flatten() {
+            let Some(sub) = self.subscribers.get(sub_id) else {
+                continue;
+            };
+            let was = old.as_ref().is_some_and(|(c, s)| sub.sees(*c, s));
+            let now = sub.filter.matches(state.class, state.status);
+            let change = match (was, now) {
+                (false, true) => Change::Upsert(state.clone()),
+                (true, true) => match &old {
+                    Some((_, s)) if s.class == state.class && s.status == state.status => {
+                        Change::Moved(state.clone())
+                    }
+                    _ => Change::Upsert(state.clone()),
+                },
+                (true, false) => Change::Removed(RemoveReason::Filtered),
+                (false, false) => continue,
+            };
+            self.deliver(sub, &id, change, metrics);
+        }
+        // Watchers of only the old cell: it left their view.
+        if let Some((old_cell, old_state)) = old.filter(|(c, _)| *c != cell) {
+            for sub_id in self.watchers.get(&old_cell).into_iter().flatten() {
+                let Some(sub) = self.subscribers.get(sub_id) else {
+                    continue;
+                };
+                if !sub.cells.contains(&cell) && sub.sees(old_cell, &old_state) {
+                    self.deliver(sub, &id, Change::Removed(RemoveReason::LeftView), metrics);
+                }
+            }
+        }
+    }
+
+    fn unindex(&mut self, cell: CellIndex, id: &VehicleId) {
+        if let Some(ids) = self.in_cell.get_mut(&cell) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.in_cell.remove(&cell);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &VehicleId, reason: RemoveReason, metrics: &Metrics) {
+        let Some((cell, state)) = self.vehicles.remove(id) else {
+            return;
+        };
+        self.unindex(cell, id);
+        for sub_id in self.watchers.get(&cell).into_iter().flatten() {
+            let Some(sub) = self.subscribers.get(sub_id) else {
+                continue;
+            };
+            if sub.sees(cell, &state) {
+                self.deliver(sub, id, Change::Removed(reason), metrics);
+            }
+        }
+    }
+
+    /// The vehicles a subscriber with these cells and filter sees.
+    fn view<'a>(
+        &'a self,
+        cells: &'a HashSet<CellIndex>,
+        filter: &'a Filter,
+    ) -> impl Iterator<Item = &'a VehicleState> + 'a {
+        cells
+            .iter()
+            .filter_map(|c| self.in_cell.get(c))
+            .flatten()
+            .filter_map(|id| self.vehicles.get(id))
+            .map(|(_, s)| s)
+            .filter(|s| filter.matches(s.class, s.status))
+    }
+
+    fn command(&mut self, command: Command, metrics: &Metrics) {
+        match command {
+            Command::Subscribe {
+                id,
+                cells,
+                filter,
+                version,
+                mailbox,
+            } => {
+                let new = Subscriber {
+                    cells: cells.into_iter().collect(),
+                    filter,
+                    mailbox,
+                };
+                let previous = self.detach(id, metrics);
+                match previous {
+                    None => new.mailbox.reset(
+                        version,
+                        self.view(&new.cells, &new.filter).cloned().collect(),
+                    ),
+                    Some(old) => {
+                        let before: HashSet<&VehicleId> =
+                            self.view(&old.cells, &old.filter).map(|s| &s.id).collect();
+                        let after: HashMap<&VehicleId, &VehicleState> = self
+                            .view(&new.cells, &new.filter)
+                            .map(|s| (&s.id, s))
+                            .collect();
+                        for gone in before.iter().filter(|id| !after.contains_key(*id)) {
+                            let still_watched = self
+                                .vehicles
+                                .get(*gone)
+                                .is_some_and(|(c, _)| new.cells.contains(c));
+                            let reason = if still_watched {
+                                RemoveReason::Filtered
+                            } else {
+                                RemoveReason::LeftView
+                            };
+                            self.deliver(&new, gone, Change::Removed(reason), metrics);
+                        }
+                        for (id, state) in after.iter().filter(|(id, _)| !before.contains(*id)) {
+                            self.deliver(&new, id, Change::Upsert((*state).clone()), metrics);
+                        }
+                        new.mailbox.set_version(version);
+                    }
+                }
+                for cell in &new.cells {
+                    self.watchers.entry(*cell).or_default().push(id);
+                }
+                metrics.subscribed_cells.inc_by(new.cells.len() as i64);
+                self.subscribers.insert(id, new);
+                metrics.subscribers.set(self.subscribers.len() as i64);
+            }
+            Command::Unsubscribe(id) => {
+                self.detach(id, metrics);
+                metrics.subscribers.set(self.subscribers.len() as i64);
+            }
+        }
+    }
+
+    /// Removes a subscriber from the index and returns it.
+    fn detach(&mut self, id: SubscriberId, metrics: &Metrics) -> Option<Subscriber> {
+        let sub = self.subscribers.remove(&id)?;
+        for cell in &sub.cells {
+            if let Some(ids) = self.watchers.get_mut(cell) {
+                ids.retain(|s| *s != id);
+                if ids.is_empty() {
+                    self.watchers.remove(cell);
+                }
+            }
+        }
+        metrics.subscribed_cells.dec_by(sub.cells.len() as i64);
+        Some(sub)
+    }
+}

@@ -1,0 +1,251 @@
+//! One QUIC connection, from handshake to close.
+//!
+//! The client opens one bidirectional control stream and says `Hello` with
+//! its role and token; the session then becomes a [`driver`] session (fixes
+//! in, acknowledgements out) or a [`rider`] session (subscriptions in,
+//! deltas out on a stream the node opens).
+//!
+//! Whatever a client sends, the worst outcome is that *its* connection is
+//! closed with an error code and reason: never a panic, never another
+//! client's state.
+
+mod driver;
+mod rider;
+
+use std::{
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_model::VehicleId;
+use hexfleet_protocol::{
+    Claims, ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Role, ServerMsg,
+    PROTOCOL_VERSION,
+};
+use tokio_util::{
+    codec::{FramedRead, FramedWrite},
+    sync::CancellationToken,
+};
+
+use crate::{clock, config::Config, fanout::FanOut, ingest::Ingest, validate::Limits};
+
+type ControlRead = FramedRead<quinn::RecvStream, FrameCodec<ClientMsg, ServerMsg>>;
+type ControlWrite = FramedWrite<quinn::SendStream, FrameCodec<ClientMsg, ServerMsg>>;
+
+/// What every session of a node shares.
+pub struct Context {
+    pub node_id: String,
+    pub ingest: Arc<Ingest>,
+    pub fanout: Arc<FanOut>,
+    token_secret: Vec<u8>,
+    limits: Limits,
+    ack_interval: Duration,
+    handshake_timeout: Duration,
+    /// How long a driver that lost its connection stays visible, waiting
+    /// for it to come back.
+    offline_grace: Duration,
+    max_subscribe_radius_m: f64,
+    slow_consumer_after: Duration,
+    /// The live session of each driver. A driver that connects again closes
+    /// its older connection, so one vehicle never has two writers.
+    drivers: DashMap<VehicleId, (u64, CancellationToken)>,
+    next_subscriber: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl Context {
+    pub fn new(
+        config: &Config,
+        ingest: Arc<Ingest>,
+        fanout: Arc<FanOut>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            node_id: config.node_id.clone(),
+            ingest,
+            fanout,
+            token_secret: config.auth.token_secret.as_bytes().to_vec(),
+            limits: Limits::new(&config.ingest, config.store.stale_after),
+            ack_interval: config.ingest.ack_interval,
+            handshake_timeout: config.quic.handshake_timeout,
+            offline_grace: config.ingest.offline_grace,
+            max_subscribe_radius_m: config.riders.max_radius_m,
+            slow_consumer_after: config.riders.slow_consumer_after,
+            drivers: DashMap::new(),
+            next_subscriber: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+}
+
+/// Why a session ends early, and what the client is told.
+#[derive(Debug)]
+struct Refusal {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    fn protocol(e: FrameError) -> Self {
+        Self::new(ErrorCode::ProtocolViolation, e.to_string())
+    }
+}
+
+/// Decrements the open-connections gauge however the session ends.
+struct OpenConnection<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves one incoming connection to its end.
+pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
+    let metrics = ctx.ingest.metrics.clone();
+    let conn = match tokio::time::timeout(ctx.handshake_timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("QUIC handshake timed out");
+            return;
+        }
+    };
+    metrics.connections.inc();
+    metrics.connections_accepted.inc();
+    let _open = OpenConnection(&metrics.connections);
+
+    let (mut tx, mut rx) = match tokio::time::timeout(ctx.handshake_timeout, conn.accept_bi()).await
+    {
+        Ok(Ok((send, recv))) => (
+            FramedWrite::new(send, FrameCodec::default()),
+            FramedRead::new(recv, FrameCodec::default()),
+        ),
+        Ok(Err(_)) => return,
+        Err(_) => {
+            close(
+                &conn,
+                None,
+                Refusal::new(ErrorCode::ProtocolViolation, "no control stream"),
+                &ctx,
+            )
+            .await;
+            return;
+        }
+    };
+    let (role, subject) =
+        match tokio::time::timeout(ctx.handshake_timeout, handshake(&mut rx, &ctx)).await {
+            Ok(Ok(who)) => who,
+            Ok(Err(refusal)) => {
+                close(&conn, Some(&mut tx), refusal, &ctx).await;
+                return;
+            }
+            Err(_) => {
+                close(
+                    &conn,
+                    Some(&mut tx),
+                    Refusal::new(ErrorCode::ProtocolViolation, "no Hello in time"),
+                    &ctx,
+                )
+                .await;
+                return;
+            }
+        };
+    let outcome = match role {
+        Role::Driver => driver::serve(&conn, &mut tx, &mut rx, &ctx, subject).await,
+        Role::Rider => rider::serve(&conn, &mut tx, &mut rx, &ctx).await,
+        Role::Dashboard => Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "dashboards connect over WebSocket, not QUIC",
+        )),
+    };
+    if let Err(refusal) = outcome {
+        close(&conn, Some(&mut tx), refusal, &ctx).await;
+    }
+}
+
+/// Reads and checks `Hello`; returns who the client is.
+async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, VehicleId), Refusal> {
+    let hello = match rx.next().await {
+        Some(Ok(ClientMsg::Hello(hello))) => hello,
+        Some(Ok(_)) => {
+            return Err(Refusal::new(
+                ErrorCode::ProtocolViolation,
+                "the first message must be Hello",
+            ))
+        }
+        Some(Err(e)) => return Err(Refusal::protocol(e)),
+        None => {
+            return Err(Refusal::new(
+                ErrorCode::ProtocolViolation,
+                "control stream closed before Hello",
+            ))
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        ));
+    }
+    let claims = Claims::verify_for(&hello.token, hello.role, &ctx.token_secret, clock::now_s())
+        .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))?;
+    Ok((claims.role, claims.subject))
+}
+
+const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);
+
+/// Tells the client why, counts it, and closes the connection.
+async fn close(
+    conn: &quinn::Connection,
+    tx: Option<&mut ControlWrite>,
+    refusal: Refusal,
+    ctx: &Context,
+) {
+    ctx.ingest.metrics.refused(refusal.code).inc();
+    tracing::debug!(code = refusal.code.as_str(), reason = %refusal.reason, "closing session");
+    if let Some(tx) = tx {
+        let frame = ServerMsg::Error(ErrorFrame {
+            code: refusal.code,
+            reason: refusal.reason.clone(),
+        });
+        // Give the frame a moment to arrive before the close discards it;
+        // the peer reading it, or going away, ends the wait early.
+        let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
+            if tx.send(frame).await.is_ok() {
+                let _ = tx.get_mut().finish();
+                let _ = tx.get_mut().stopped().await;
+            }
+        })
+        .await;
+    }
+    // The reason travels in the CONNECTION_CLOSE too, in case the frame does not.
+    let mut reason = refusal.reason.into_bytes();
+    reason.truncate(512);
+    conn.close(refusal.code.close_code().into(), &reason);
+}
+
+/// Sends one message on the control stream.
+async fn send(tx: &mut ControlWrite, msg: ServerMsg) -> Result<(), Refusal> {
+    tx.send(msg).await.map_err(|e| {
+        Refusal::new(
+            ErrorCode::Internal,
+            format!("writing to the control stream: {e}"),
+        )
+    })
+}

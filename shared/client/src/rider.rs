@@ -1,0 +1,451 @@
+//! The rider client: subscribes to the vehicles around a point and keeps a
+//! local view — what a rider app renders — by applying the node's snapshot
+//! and deltas.
+//!
+//! The connection is kept by a background task. When it drops, the task
+//! reconnects, subscribes again with the latest subscription, and the new
+//! snapshot replaces the view: no vehicle from before the drop survives
+//! unless the node still shows it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_model::{VehicleId, VehicleState};
+use hexfleet_protocol::{
+    ClientMsg, ErrorCode, Filter, FrameCodec, Moved, RemoveReason, RiderUpdate, Role, ServerMsg,
+    Subscribe, SubscribeError, GOODBYE_CLOSE_CODE,
+};
+use parking_lot::Mutex;
+use tokio::{
+    io::{AsyncRead, ReadBuf},
+    sync::{mpsc, watch},
+};
+use tokio_util::codec::FramedRead;
+
+use crate::connector::{ClientError, Connector, ControlRead, ControlWrite, Established, Greeting};
+
+/// Where a rider looks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub lat: f64,
+    pub lon: f64,
+    pub radius_m: f64,
+    pub filter: Filter,
+}
+
+impl Subscription {
+    /// Available vehicles of any class within `radius_m`.
+    pub fn around(lat: f64, lon: f64, radius_m: f64) -> Self {
+        Self {
+            lat,
+            lon,
+            radius_m,
+            filter: Filter::default(),
+        }
+    }
+}
+
+/// One delta as the view applied it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Added(VehicleId),
+    Moved(VehicleId),
+    Removed(VehicleId, RemoveReason),
+}
+
+/// Called with each vehicle the view adds or moves, after applying it.
+pub type Observer = Arc<dyn Fn(&VehicleState) + Send + Sync>;
+
+#[derive(Clone, Default)]
+pub struct RiderOptions {
+    /// Reconnect and resubscribe when the connection drops.
+    pub reconnect: bool,
+    pub observer: Option<Observer>,
+}
+
+/// What the rider received so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RiderStats {
+    pub frames: u64,
+    /// Bytes of update frames, framing included.
+    pub bytes: u64,
+    pub added: u64,
+    pub moved: u64,
+    pub removed: u64,
+    pub snapshots: u64,
+    pub reconnects: u64,
+}
+
+const MAX_EVENTS: usize = 100_000;
+
+#[derive(Default)]
+struct ViewState {
+    vehicles: HashMap<VehicleId, VehicleState>,
+    aliases: HashMap<u32, VehicleId>,
+}
+
+struct Shared {
+    view: Mutex<ViewState>,
+    version: watch::Sender<u32>,
+    stats: Mutex<RiderStats>,
+    bytes: Arc<AtomicU64>,
+    events: Mutex<VecDeque<Event>>,
+    refused: Mutex<Vec<SubscribeError>>,
+    closed: Mutex<Option<(ErrorCode, String)>>,
+    observer: Option<Observer>,
+}
+
+enum Command {
+    Subscribe(Subscribe),
+    Close,
+}
+
+pub struct RiderClient {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    next_id: AtomicU32,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type PushRead = FramedRead<Counting<quinn::RecvStream>, FrameCodec<RiderUpdate, ()>>;
+
+/// Counts the bytes read from a stream.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.count.fetch_add(read as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+/// A live connection: control stream both ways, pushes in.
+struct Link {
+    conn: quinn::Connection,
+    tx: ControlWrite,
+    rx: ControlRead,
+    push: PushRead,
+}
+
+async fn link(
+    connector: &Connector,
+    addr: SocketAddr,
+    token: &str,
+    bytes: &Arc<AtomicU64>,
+) -> Result<Link, ClientError> {
+    let Greeting::Welcome(established) = connector.hello(addr, Role::Rider, token).await? else {
+        return Err(ClientError::TooManyRedirects);
+    };
+    let Established { conn, tx, rx, .. } = *established;
+    let push = conn.accept_uni().await?;
+    let push = FramedRead::new(
+        Counting {
+            inner: push,
+            count: bytes.clone(),
+        },
+        FrameCodec::default(),
+    );
+    Ok(Link { conn, tx, rx, push })
+}
+
+impl Connector {
+    /// Connects a rider. Nothing is shown until [`RiderClient::subscribe`].
+    pub async fn rider(
+        &self,
+        addr: SocketAddr,
+        token: &str,
+        options: RiderOptions,
+    ) -> Result<RiderClient, ClientError> {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let first = link(self, addr, token, &bytes).await?;
+        let (version, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            view: Mutex::new(ViewState::default()),
+            version,
+            stats: Mutex::new(RiderStats::default()),
+            bytes,
+            events: Mutex::new(VecDeque::new()),
+            refused: Mutex::new(Vec::new()),
+            closed: Mutex::new(None),
+            observer: options.observer.clone(),
+        });
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let task = tokio::spawn(keep(
+            self.clone(),
+            addr,
+            token.to_string(),
+            options.reconnect,
+            first,
+            shared.clone(),
+            inbox,
+        ));
+        Ok(RiderClient {
+            shared,
+            commands,
+            next_id: AtomicU32::new(1),
+            task,
+        })
+    }
+}
+
+/// Keeps the rider connected: serves one link until it drops, then (with
+/// `reconnect`) makes another and subscribes again.
+async fn keep(
+    connector: Connector,
+    addr: SocketAddr,
+    token: String,
+    reconnect: bool,
+    mut link_now: Link,
+    shared: Arc<Shared>,
+    mut inbox: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut latest: Option<Subscribe> = None;
+    loop {
+        if let Some(sub) = &latest {
+            if link_now
+                .tx
+                .send(ClientMsg::Subscribe(sub.clone()))
+                .await
+                .is_err()
+            {
+                // Fall through: serving the broken link ends at once.
+            }
+        }
+        match serve(&mut link_now, &shared, &mut inbox, &mut latest).await {
+            Ended::ByUs => return,
+            Ended::Dropped if reconnect => {}
+            Ended::Dropped => return,
+        }
+        let mut backoff = Duration::from_millis(50);
+        link_now = loop {
+            tokio::time::sleep(backoff).await;
+            match link(&connector, addr, &token, &shared.bytes).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "rider reconnect failed");
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        shared.stats.lock().reconnects += 1;
+    }
+}
+
+enum Ended {
+    ByUs,
+    Dropped,
+}
+
+async fn serve(
+    link: &mut Link,
+    shared: &Shared,
+    inbox: &mut mpsc::UnboundedReceiver<Command>,
+    latest: &mut Option<Subscribe>,
+) -> Ended {
+    loop {
+        tokio::select! {
+            command = inbox.recv() => match command {
+                Some(Command::Subscribe(sub)) => {
+                    *latest = Some(sub.clone());
+                    if link.tx.send(ClientMsg::Subscribe(sub)).await.is_err() {
+                        return Ended::Dropped;
+                    }
+                }
+                Some(Command::Close) | None => {
+                    let _ = link.tx.send(ClientMsg::Goodbye).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), link.conn.closed()).await;
+                    link.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
+                    return Ended::ByUs;
+                }
+            },
+            update = link.push.next() => match update {
+                Some(Ok(update)) => {
+                    if apply(shared, update).is_err() {
+                        link.conn.close(ErrorCode::ProtocolViolation.close_code().into(), b"undecodable moved records");
+                        return Ended::Dropped;
+                    }
+                }
+                _ => return Ended::Dropped,
+            },
+            control = link.rx.next() => match control {
+                Some(Ok(ServerMsg::SubscribeError(e))) => shared.refused.lock().push(e),
+                Some(Ok(ServerMsg::Error(e))) => *shared.closed.lock() = Some((e.code, e.reason)),
+                Some(Ok(_)) => {}
+                _ => {
+                    if let Some(ClientError::Refused { code, reason }) = link.conn.close_reason().map(|c| ClientError::from_close(&c)) {
+                        *shared.closed.lock() = Some((code, reason));
+                    }
+                    return Ended::Dropped;
+                }
+            },
+        }
+    }
+}
+
+struct Undecodable;
+
+fn apply(shared: &Shared, update: RiderUpdate) -> Result<(), Undecodable> {
+    let moved = Moved::unpack(&update.moved).ok_or(Undecodable)?;
+    let mut events = Vec::with_capacity(update.added.len() + update.removed.len() + moved.len());
+    {
+        let mut view = shared.view.lock();
+        let ViewState { vehicles, aliases } = &mut *view;
+        if update.snapshot {
+            vehicles.clear();
+            aliases.clear();
+        }
+        for r in &update.removed {
+            if let Some(id) = aliases.remove(&r.alias) {
+                vehicles.remove(&id);
+                events.push(Event::Removed(id, r.reason));
+            }
+        }
+        for a in update.added {
+            let id = a.state.id.clone();
+            if let Some(observer) = &shared.observer {
+                observer(&a.state);
+            }
+            aliases.insert(a.alias, id.clone());
+            vehicles.insert(id.clone(), a.state);
+            events.push(Event::Added(id));
+        }
+        for m in &moved {
+            let Some(id) = aliases.get(&m.alias) else {
+                continue;
+            };
+            let Some(v) = vehicles.get_mut(id) else {
+                continue;
+            };
+            v.lat = m.lat();
+            v.lon = m.lon();
+            v.heading_deg = m.heading_deg();
+            v.speed_mps = m.speed_mps();
+            if let Some(observer) = &shared.observer {
+                observer(v);
+            }
+            events.push(Event::Moved(id.clone()));
+        }
+    }
+    {
+        let mut stats = shared.stats.lock();
+        stats.frames += 1;
+        stats.bytes = shared.bytes.load(Ordering::Relaxed);
+        stats.snapshots += u64::from(update.snapshot);
+        for e in &events {
+            match e {
+                Event::Added(_) => stats.added += 1,
+                Event::Moved(_) => stats.moved += 1,
+                Event::Removed(..) => stats.removed += 1,
+            }
+        }
+    }
+    {
+        let mut log = shared.events.lock();
+        log.extend(events);
+        while log.len() > MAX_EVENTS {
+            log.pop_front();
+        }
+    }
+    shared.version.send_replace(update.subscription);
+    Ok(())
+}
+
+impl RiderClient {
+    /// Watches the vehicles around a point; replaces any previous
+    /// subscription (the node then sends only the difference). Returns the
+    /// subscription's id.
+    pub fn subscribe(&self, sub: Subscription) -> u32 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Subscribe(Subscribe {
+            id,
+            lat: sub.lat,
+            lon: sub.lon,
+            radius_m: sub.radius_m,
+            filter: sub.filter,
+        }));
+        id
+    }
+
+    /// Waits until the view reflects subscription `id` (or a later one).
+    pub async fn wait_for(&self, id: u32, within: Duration) -> Result<(), ClientError> {
+        let mut version = self.shared.version.subscribe();
+        let reached = tokio::time::timeout(within, version.wait_for(|v| *v >= id)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ClientError::Protocol("the rider task ended".into())),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// The vehicles in view now.
+    pub fn view(&self) -> HashMap<VehicleId, VehicleState> {
+        self.shared.view.lock().vehicles.clone()
+    }
+
+    /// The subscription the view reflects.
+    pub fn subscription(&self) -> u32 {
+        *self.shared.version.borrow()
+    }
+
+    pub fn stats(&self) -> RiderStats {
+        let mut stats = self.shared.stats.lock().clone();
+        stats.bytes = self.shared.bytes.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// The deltas applied since the last call, oldest first.
+    pub fn take_events(&self) -> Vec<Event> {
+        self.shared.events.lock().drain(..).collect()
+    }
+
+    /// Subscriptions the node refused, with its reasons.
+    pub fn refused(&self) -> Vec<SubscribeError> {
+        self.shared.refused.lock().clone()
+    }
+
+    /// Why the node closed the connection, if it did.
+    pub fn closed_by_node(&self) -> Option<(ErrorCode, String)> {
+        self.shared.closed.lock().clone()
+    }
+
+    /// Whether the background task has stopped (closed, or dropped without
+    /// reconnecting).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Signs off and stops.
+    pub async fn close(self) {
+        let _ = self.commands.send(Command::Close);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.task.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for RiderClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
