@@ -21,4 +21,4 @@ mod rider;
 
 pub use connector::{ClientError, Connector};
 pub use driver::{DriverClient, DriverStats, FixInput};
-pub use rider::{Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};
+pub use rider::{Applied, Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};

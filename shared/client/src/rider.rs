@@ -63,8 +63,17 @@ pub enum Event {
     Removed(VehicleId, RemoveReason),
 }
 
+/// How a vehicle came to be applied to the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Entered the view (or changed more than its position).
+    Added,
+    /// A new position of a vehicle already in view.
+    Moved,
+}
+
 /// Called with each vehicle the view adds or moves, after applying it.
-pub type Observer = Arc<dyn Fn(&VehicleState) + Send + Sync>;
+pub type Observer = Arc<dyn Fn(&VehicleState, Applied) + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub struct RiderOptions {
@@ -323,7 +332,7 @@ fn apply(shared: &Shared, update: RiderUpdate) -> Result<(), Undecodable> {
         for a in update.added {
             let id = a.state.id.clone();
             if let Some(observer) = &shared.observer {
-                observer(&a.state);
+                observer(&a.state, Applied::Added);
             }
             aliases.insert(a.alias, id.clone());
             vehicles.insert(id.clone(), a.state);
@@ -341,7 +350,7 @@ fn apply(shared: &Shared, update: RiderUpdate) -> Result<(), Undecodable> {
             v.heading_deg = m.heading_deg();
             v.speed_mps = m.speed_mps();
             if let Some(observer) = &shared.observer {
-                observer(v);
+                observer(v, Applied::Moved);
             }
             events.push(Event::Moved(id.clone()));
         }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hexfleet_client::{Connector, DriverStats, FixInput};
+use hexfleet_client::{Connector, DriverStats, FixInput, RiderStats};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_protocol::{Claims, DriverReport, RejectReason, Role};
 use parking_lot::Mutex;
@@ -18,7 +18,11 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::movement::{BBox, Mover};
+use crate::{
+    latency::LatencyBook,
+    movement::{BBox, Mover},
+    riders::{self, RiderPlan},
+};
 
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -36,12 +40,16 @@ pub struct FleetOptions {
     /// than just disconnect (they stay until they go stale).
     pub goodbye: bool,
     pub seed: u64,
+    /// Simulated riders, and the radius they watch.
+    pub riders: usize,
+    pub rider_radius_m: f64,
 }
 
 /// Live counters, read while the fleet runs and for the summary.
 #[derive(Default)]
 pub struct FleetStats {
     pub connected: AtomicU64,
+    pub riders_connected: AtomicU64,
     pub connect_errors: AtomicU64,
     pub sent: AtomicU64,
     pub send_errors: AtomicU64,
@@ -50,16 +58,18 @@ pub struct FleetStats {
     last_error: Mutex<Option<String>>,
 }
 
-/// What the node said about the fleet's fixes, gathered at the end.
+/// What the node said about the fleet's fixes, and what riders received,
+/// gathered at the end.
 #[derive(Debug, Default, Clone)]
 pub struct Outcome {
     pub accepted: u64,
     pub rejected: u64,
     pub rejected_by_reason: Vec<(RejectReason, u64)>,
+    pub riders: RiderStats,
 }
 
 impl FleetStats {
-    fn error(&self, e: impl std::fmt::Display) {
+    pub fn error(&self, e: impl std::fmt::Display) {
         *self.last_error.lock() = Some(e.to_string());
     }
 
@@ -97,9 +107,11 @@ pub async fn run(
     options: FleetOptions,
     connect: impl Fn() -> Result<Connector, hexfleet_client::ClientError>,
     stats: Arc<FleetStats>,
+    book: Arc<LatencyBook>,
     stop: CancellationToken,
 ) -> anyhow::Result<Outcome> {
-    let connectors = (0..options.drivers.div_ceil(DRIVERS_PER_CONNECTOR).max(1))
+    let clients = options.drivers + options.riders;
+    let connectors = (0..clients.div_ceil(DRIVERS_PER_CONNECTOR).max(1))
         .map(|_| connect())
         .collect::<Result<Vec<_>, _>>()?;
     let gate = Arc::new(Semaphore::new(options.connect_concurrency.max(1)));
@@ -107,9 +119,37 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..options.drivers {
         let connector = connectors[n / DRIVERS_PER_CONNECTOR].clone();
-        let (stats, stop, gate, options) =
-            (stats.clone(), stop.clone(), gate.clone(), options.clone());
-        tasks.spawn(async move { drive(n, connector, options, period, stats, gate, stop).await });
+        let (stats, stop, gate, options, book) = (
+            stats.clone(),
+            stop.clone(),
+            gate.clone(),
+            options.clone(),
+            book.clone(),
+        );
+        tasks.spawn(
+            async move { drive(n, connector, options, period, stats, book, gate, stop).await },
+        );
+    }
+    let plan = Arc::new(RiderPlan {
+        node: options.node,
+        riders: options.riders,
+        radius_m: options.rider_radius_m,
+        walking_share: 0.2,
+        bbox: options.bbox,
+        token_secret: options.token_secret.clone(),
+        seed: options.seed,
+    });
+    let mut rider_tasks = tokio::task::JoinSet::new();
+    for n in 0..plan.riders {
+        let connector = connectors[(options.drivers + n) / DRIVERS_PER_CONNECTOR].clone();
+        let (plan, book, stats, gate, stop) = (
+            plan.clone(),
+            book.clone(),
+            stats.clone(),
+            gate.clone(),
+            stop.clone(),
+        );
+        rider_tasks.spawn(riders::ride(n, plan, connector, book, stats, gate, stop));
     }
     let mut outcome = Outcome::default();
     let mut by_reason = std::collections::HashMap::<RejectReason, u64>::new();
@@ -128,6 +168,18 @@ pub async fn run(
             }
         }
     }
+    while let Some(done) = rider_tasks.join_next().await {
+        if let Ok(Some(r)) = done {
+            let total = &mut outcome.riders;
+            total.frames += r.frames;
+            total.bytes += r.bytes;
+            total.added += r.added;
+            total.moved += r.moved;
+            total.removed += r.removed;
+            total.snapshots += r.snapshots;
+            total.reconnects += r.reconnects;
+        }
+    }
     outcome.rejected_by_reason = by_reason.into_iter().collect();
     outcome.rejected_by_reason.sort_by_key(|(r, _)| r.as_str());
     Ok(outcome)
@@ -142,14 +194,17 @@ async fn drive(
     options: FleetOptions,
     period: Duration,
     stats: Arc<FleetStats>,
+    book: Arc<LatencyBook>,
     gate: Arc<Semaphore>,
     stop: CancellationToken,
 ) -> Option<(DriverStats, u64)> {
     let mut rng =
         StdRng::seed_from_u64(options.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let id = format!("{}-{n}", options.id_prefix);
-    let token = match driver_token(&options.token_secret, &id) {
-        Ok(t) => t,
+    let (vehicle, token) = match driver_token(&options.token_secret, &id)
+        .and_then(|t| Ok((VehicleId::new(&id)?, t)))
+    {
+        Ok(pair) => pair,
         Err(e) => {
             stats.error(format!("{id}: {e}"));
             stats.connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +263,7 @@ async fn drive(
             accuracy_m: 5.0,
             fix_time_ms: None,
         };
+        book.sent(&vehicle, fix.lat, fix.lon);
         match client.send_fix(fix).await {
             Ok(_) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);

@@ -4,7 +4,9 @@
 //! - `demo`: an embedded node plus a simulated fleet, to see it work.
 
 mod fleet;
+mod latency;
 mod movement;
+mod riders;
 
 use std::{
     net::SocketAddr,
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     fleet::{FleetOptions, FleetStats, Outcome},
+    latency::LatencyBook,
     movement::BBox,
 };
 
@@ -56,6 +59,9 @@ struct FleetArgs {
     /// Connections in handshake at once while ramping up.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Radius each simulated rider watches, metres.
+    #[arg(long, default_value_t = 1_000.0)]
+    rider_radius: f64,
     /// Sign the drivers off at the end, so the node removes their vehicles at
     /// once; without it they disconnect and their vehicles go stale.
     #[arg(long)]
@@ -73,6 +79,10 @@ struct LoadArgs {
     /// Simulated drivers (one QUIC connection each).
     #[arg(long, default_value_t = 100)]
     drivers: usize,
+    /// Simulated riders (one QUIC connection each), spread over the city;
+    /// a fifth of them walk and re-subscribe.
+    #[arg(long, default_value_t = 0)]
+    riders: usize,
     /// QUIC address of the node.
     #[arg(long, default_value = "127.0.0.1:4433")]
     node: SocketAddr,
@@ -95,6 +105,9 @@ struct DemoArgs {
     /// Simulated drivers (one QUIC connection each).
     #[arg(long, default_value_t = 1_000)]
     drivers: usize,
+    /// Simulated riders watching the fleet.
+    #[arg(long, default_value_t = 50)]
+    riders: usize,
     /// HTTP address of the embedded node.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
@@ -112,7 +125,12 @@ struct DemoArgs {
 }
 
 impl FleetArgs {
-    fn options(&self, node: SocketAddr, drivers: usize) -> anyhow::Result<FleetOptions> {
+    fn options(
+        &self,
+        node: SocketAddr,
+        drivers: usize,
+        riders: usize,
+    ) -> anyhow::Result<FleetOptions> {
         anyhow::ensure!(
             self.rate > 0.0 && self.rate <= 100.0,
             "--rate must be in (0, 100] fixes per second"
@@ -128,6 +146,8 @@ impl FleetArgs {
             connect_concurrency: self.connect_concurrency,
             goodbye: self.goodbye,
             seed: self.seed,
+            riders,
+            rider_radius_m: self.rider_radius,
         })
     }
 }
@@ -151,7 +171,13 @@ fn stop_after(duration: Option<Duration>) -> CancellationToken {
     stop
 }
 
-fn print_summary(options: &FleetOptions, stats: &FleetStats, outcome: &Outcome, elapsed: Duration) {
+fn print_summary(
+    options: &FleetOptions,
+    stats: &FleetStats,
+    book: &LatencyBook,
+    outcome: &Outcome,
+    elapsed: Duration,
+) {
     let secs = elapsed.as_secs_f64().max(1e-9);
     let sent = stats.sent.load(Ordering::Relaxed);
     let connected = stats.connected.load(Ordering::Relaxed);
@@ -181,13 +207,42 @@ fn print_summary(options: &FleetOptions, stats: &FleetStats, outcome: &Outcome, 
         stats.connect_errors.load(Ordering::Relaxed),
         stats.send_errors.load(Ordering::Relaxed)
     );
+    if options.riders > 0 {
+        let r = &outcome.riders;
+        let items = r.added + r.moved + r.removed;
+        println!(
+            "riders         {} connected of {} ({} reconnects)",
+            stats.riders_connected.load(Ordering::Relaxed),
+            options.riders,
+            r.reconnects
+        );
+        let l = book.percentiles();
+        println!(
+            "latency        p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} samples: fix created -> rider applied)",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.samples
+        );
+        println!(
+            "deltas         {items} items ({:.0}/s): {} added, {} moved, {} removed, in {} frames",
+            items as f64 / secs,
+            r.added,
+            r.moved,
+            r.removed,
+            r.frames
+        );
+        println!(
+            "wire           {:.1} bytes per delta item ({} bytes of updates; a moved item is a {}-byte record)",
+            r.bytes as f64 / items.max(1) as f64,
+            r.bytes,
+            hexfleet_protocol::Moved::LEN
+        );
+    }
     if let Some(e) = stats.last_error() {
         println!("last error     {e}");
     }
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
-    let options = args.fleet.options(args.node, args.drivers)?;
+    let options = args.fleet.options(args.node, args.drivers, args.riders)?;
     let ca = args
         .ca
         .clone()
@@ -196,17 +251,19 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     // Fail early and clearly if the certificate is missing.
     Connector::new(&ca, &server_name).with_context(|| format!("trusting {}", ca.display()))?;
     println!(
-        "hexfleet-sim load: {} drivers at {} Hz for {:?} against {}",
-        options.drivers, options.rate_hz, args.duration, options.node
+        "hexfleet-sim load: {} drivers at {} Hz and {} riders for {:?} against {}",
+        options.drivers, options.rate_hz, options.riders, args.duration, options.node
     );
     let stats = Arc::new(FleetStats::default());
+    let book = Arc::new(LatencyBook::default());
     let stop = stop_after(Some(args.duration));
     let started = Instant::now();
-    let progress = spawn_progress(stats.clone(), stop.clone());
+    let progress = spawn_progress(options.clone(), stats.clone(), book.clone(), stop.clone());
     let outcome = fleet::run(
         options.clone(),
         || Connector::new(&ca, &server_name),
         stats.clone(),
+        book.clone(),
         stop,
     )
     .await?;
@@ -214,31 +271,51 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     print_summary(
         &options,
         &stats,
+        &book,
         &outcome,
         started.elapsed().min(args.duration),
     );
     Ok(())
 }
 
-/// Prints a line every two seconds while the fleet runs.
-fn spawn_progress(stats: Arc<FleetStats>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+/// Prints a line every two seconds while the fleet runs. Latency is
+/// measured from the moment every client is connected, so the ramp-up's
+/// handshake storm does not count.
+fn spawn_progress(
+    options: FleetOptions,
+    stats: Arc<FleetStats>,
+    book: Arc<LatencyBook>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started = Instant::now();
         let mut ticker = tokio::time::interval(Duration::from_secs(2));
         ticker.tick().await;
-        let mut last_sent = 0;
+        let (mut last_sent, mut last_samples, mut measuring) = (0, 0, false);
         while !stop.is_cancelled() {
             ticker.tick().await;
             let sent = stats.sent.load(Ordering::Relaxed);
+            let drivers = stats.connected.load(Ordering::Relaxed);
+            let riders = stats.riders_connected.load(Ordering::Relaxed);
+            if !measuring
+                && drivers as usize >= options.drivers
+                && riders as usize >= options.riders
+            {
+                book.reset();
+                (measuring, last_samples) = (true, 0);
+            }
+            let l = book.percentiles();
             println!(
-                "[{:>4}s] connected {:>6}  fixes/s {:>8.0}  errors {}",
+                "[{:>4}s] drivers {:>6}  riders {:>5}  fixes/s {:>8.0}  applied/s {:>8.0}  p99 {:>7.2} ms  errors {}",
                 started.elapsed().as_secs(),
-                stats.connected.load(Ordering::Relaxed),
+                drivers,
+                riders,
                 (sent - last_sent) as f64 / 2.0,
-                stats.connect_errors.load(Ordering::Relaxed)
-                    + stats.send_errors.load(Ordering::Relaxed),
+                l.samples.saturating_sub(last_samples) as f64 / 2.0,
+                l.p99,
+                stats.connect_errors.load(Ordering::Relaxed) + stats.send_errors.load(Ordering::Relaxed),
             );
-            last_sent = sent;
+            (last_sent, last_samples) = (sent, l.samples);
         }
     })
 }
@@ -262,7 +339,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .dev_cert
         .clone()
         .context("the demo node uses a development certificate")?;
-    let options = args.fleet.options(node.quic_addr, args.drivers)?;
+    let options = args
+        .fleet
+        .options(node.quic_addr, args.drivers, args.riders)?;
     let (lat, lon) = options.bbox.center();
     println!(
         "hexfleet demo: an embedded node with {} simulated drivers",
@@ -279,9 +358,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("Ctrl-C to stop.");
 
     let stats = Arc::new(FleetStats::default());
+    let book = Arc::new(LatencyBook::default());
     let stop = stop_after(args.duration);
     let status = {
-        let (metrics, table, stop) = (node.metrics.clone(), node.table.clone(), stop.clone());
+        let (metrics, table, stop, book) = (
+            node.metrics.clone(),
+            node.table.clone(),
+            stop.clone(),
+            book.clone(),
+        );
         tokio::spawn(async move {
             let started = Instant::now();
             let mut ticker = tokio::time::interval(Duration::from_secs(2));
@@ -291,11 +376,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 ticker.tick().await;
                 let accepted = metrics.fixes_accepted.get();
                 println!(
-                    "[{:>4}s] vehicles {:>6}  fixes/s {:>7.0}  accepted {:>9}",
+                    "[{:>4}s] vehicles {:>6}  fixes/s {:>7.0}  riders {:>4}  rider latency p99 {:>6.2} ms",
                     started.elapsed().as_secs(),
                     table.len(),
                     (accepted - last) as f64 / 2.0,
-                    accepted
+                    metrics.subscribers.get(),
+                    book.percentiles().p99,
                 );
                 last = accepted;
             }
@@ -306,11 +392,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         options.clone(),
         || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
         stats.clone(),
+        book.clone(),
         stop,
     )
     .await?;
     status.abort();
-    print_summary(&options, &stats, &outcome, started.elapsed());
+    print_summary(&options, &stats, &book, &outcome, started.elapsed());
     node.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
