@@ -98,6 +98,16 @@ pub fn driver_token(secret: &str, id: &str) -> Result<String, hexfleet_model::In
     Ok(Claims::new(Role::Driver, VehicleId::new(id)?, expires).mint(secret.as_bytes()))
 }
 
+/// What every simulated client shares: counters, the latency book, the
+/// handshake gate and the stop signal.
+#[derive(Clone)]
+pub struct Crew {
+    pub stats: Arc<FleetStats>,
+    pub book: Arc<LatencyBook>,
+    pub gate: Arc<Semaphore>,
+    pub stop: CancellationToken,
+}
+
 /// Drivers per client endpoint (UDP socket); spreading them over several
 /// sockets spreads them over the node's endpoints too.
 const DRIVERS_PER_CONNECTOR: usize = 250;
@@ -114,21 +124,18 @@ pub async fn run(
     let connectors = (0..clients.div_ceil(DRIVERS_PER_CONNECTOR).max(1))
         .map(|_| connect())
         .collect::<Result<Vec<_>, _>>()?;
-    let gate = Arc::new(Semaphore::new(options.connect_concurrency.max(1)));
+    let crew = Crew {
+        stats,
+        book,
+        gate: Arc::new(Semaphore::new(options.connect_concurrency.max(1))),
+        stop,
+    };
     let period = Duration::from_secs_f64(1.0 / options.rate_hz);
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..options.drivers {
         let connector = connectors[n / DRIVERS_PER_CONNECTOR].clone();
-        let (stats, stop, gate, options, book) = (
-            stats.clone(),
-            stop.clone(),
-            gate.clone(),
-            options.clone(),
-            book.clone(),
-        );
-        tasks.spawn(
-            async move { drive(n, connector, options, period, stats, book, gate, stop).await },
-        );
+        let (options, crew) = (options.clone(), crew.clone());
+        tasks.spawn(async move { drive(n, connector, options, period, crew).await });
     }
     let plan = Arc::new(RiderPlan {
         node: options.node,
@@ -142,14 +149,7 @@ pub async fn run(
     let mut rider_tasks = tokio::task::JoinSet::new();
     for n in 0..plan.riders {
         let connector = connectors[(options.drivers + n) / DRIVERS_PER_CONNECTOR].clone();
-        let (plan, book, stats, gate, stop) = (
-            plan.clone(),
-            book.clone(),
-            stats.clone(),
-            gate.clone(),
-            stop.clone(),
-        );
-        rider_tasks.spawn(riders::ride(n, plan, connector, book, stats, gate, stop));
+        rider_tasks.spawn(riders::ride(n, plan.clone(), connector, crew.clone()));
     }
     let mut outcome = Outcome::default();
     let mut by_reason = std::collections::HashMap::<RejectReason, u64>::new();
@@ -193,11 +193,14 @@ async fn drive(
     connector: Connector,
     options: FleetOptions,
     period: Duration,
-    stats: Arc<FleetStats>,
-    book: Arc<LatencyBook>,
-    gate: Arc<Semaphore>,
-    stop: CancellationToken,
+    crew: Crew,
 ) -> Option<(DriverStats, u64)> {
+    let Crew {
+        stats,
+        book,
+        gate,
+        stop,
+    } = crew;
     let mut rng =
         StdRng::seed_from_u64(options.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let id = format!("{}-{n}", options.id_prefix);

@@ -11,10 +11,8 @@ use hexfleet_client::{Applied, Connector, RiderOptions, RiderStats, Subscription
 use hexfleet_model::VehicleId;
 use hexfleet_protocol::{Claims, Role};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
-use crate::{fleet::FleetStats, latency::LatencyBook, movement::BBox};
+use crate::{fleet::Crew, movement::BBox};
 
 #[derive(Debug, Clone)]
 pub struct RiderPlan {
@@ -46,11 +44,14 @@ pub async fn ride(
     n: usize,
     plan: Arc<RiderPlan>,
     connector: Connector,
-    book: Arc<LatencyBook>,
-    stats: Arc<FleetStats>,
-    gate: Arc<Semaphore>,
-    stop: CancellationToken,
+    crew: Crew,
 ) -> Option<RiderStats> {
+    let Crew {
+        stats,
+        book,
+        gate,
+        stop,
+    } = crew;
     let mut rng =
         StdRng::seed_from_u64(plan.seed ^ 0x5eed ^ (n as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
     let id = format!("rider-{n}");
