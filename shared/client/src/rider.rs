@@ -116,6 +116,8 @@ struct Shared {
 
 enum Command {
     Subscribe(Subscribe),
+    /// Drop the connection without a goodbye (as a phone losing signal).
+    Drop,
     Close,
 }
 
@@ -280,6 +282,10 @@ async fn serve(
                         return Ended::Dropped;
                     }
                 }
+                Some(Command::Drop) => {
+                    link.conn.close(GOODBYE_CLOSE_CODE.into(), b"");
+                    return Ended::Dropped;
+                }
                 Some(Command::Close) | None => {
                     let _ = link.tx.send(ClientMsg::Goodbye).await;
                     let _ = tokio::time::timeout(Duration::from_secs(1), link.conn.closed()).await;
@@ -441,6 +447,12 @@ impl RiderClient {
     /// reconnecting).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+
+    /// Drops the connection as a phone losing signal would; with
+    /// `reconnect`, the client connects again and resubscribes.
+    pub fn drop_connection(&self) {
+        let _ = self.commands.send(Command::Drop);
     }
 
     /// Signs off and stops.

@@ -1,12 +1,16 @@
-//! `hexfleet-sim`: drives real QUIC driver clients against a node.
+//! `hexfleet-sim`: drives real QUIC drivers and riders against a node.
 //!
-//! - `load`: a fleet against a running node, with a summary at the end.
+//! - `load`: a fleet described by flags against a running node.
+//! - `run SCENARIO.toml`: a scenario file against a running node.
 //! - `demo`: an embedded node plus a simulated fleet, to see it work.
 
 mod fleet;
 mod latency;
 mod movement;
+mod report;
 mod riders;
+mod scenario;
+mod streets;
 
 use std::{
     net::SocketAddr,
@@ -25,9 +29,11 @@ use hexfleet_node::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    fleet::{FleetOptions, FleetStats, Outcome},
+    fleet::{FleetStats, Target},
     latency::LatencyBook,
     movement::BBox,
+    report::Summary,
+    scenario::Scenario,
 };
 
 #[derive(Parser)]
@@ -39,56 +45,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Drive a fleet against a running node and report what it accepted.
+    /// Drive a fleet described by flags against a running node.
     Load(LoadArgs),
+    /// Play a scenario file (see simulators/scenarios/) against a running node.
+    Run(RunArgs),
     /// Run an embedded node with a simulated fleet.
     Demo(DemoArgs),
 }
 
+/// How to reach and authenticate with the node.
 #[derive(Args, Clone)]
-struct FleetArgs {
-    /// Fixes per driver per second.
-    #[arg(long, default_value_t = 1.0)]
-    rate: f64,
-    /// City bounding box: min_lat,min_lon,max_lat,max_lon (default: Berlin).
-    #[arg(long)]
-    bbox: Option<BBox>,
-    /// Driver ids are <prefix>-<n>.
-    #[arg(long, default_value = "sim")]
-    id_prefix: String,
-    /// Connections in handshake at once while ramping up.
-    #[arg(long, default_value_t = 64)]
-    connect_concurrency: usize,
-    /// Radius each simulated rider watches, metres.
-    #[arg(long, default_value_t = 1_000.0)]
-    rider_radius: f64,
-    /// Sign the drivers off at the end, so the node removes their vehicles at
-    /// once; without it they disconnect and their vehicles go stale.
-    #[arg(long)]
-    goodbye: bool,
-    /// Seed of the fleet's randomness.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Secret that signs the drivers' tokens; must match the node's.
-    #[arg(long, env = "HEXFLEET_TOKEN_SECRET", hide_env_values = true, default_value = hexfleet_protocol::dev::DEV_TOKEN_SECRET, hide_default_value = true)]
-    token_secret: String,
-}
-
-#[derive(Args)]
-struct LoadArgs {
-    /// Simulated drivers (one QUIC connection each).
-    #[arg(long, default_value_t = 100)]
-    drivers: usize,
-    /// Simulated riders (one QUIC connection each), spread over the city;
-    /// a fifth of them walk and re-subscribe.
-    #[arg(long, default_value_t = 0)]
-    riders: usize,
+struct ClientArgs {
     /// QUIC address of the node.
     #[arg(long, default_value = "127.0.0.1:4433")]
     node: SocketAddr,
-    /// How long to drive, e.g. 20s, 5m.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    duration: Duration,
     /// Certificate (PEM or DER) to trust; default: the node's development
     /// certificate on this machine.
     #[arg(long, env = "HEXFLEET_CA")]
@@ -96,13 +66,69 @@ struct LoadArgs {
     /// The name the node's certificate is issued for.
     #[arg(long, default_value = hexfleet_protocol::dev::DEV_SERVER_NAME)]
     server_name: String,
+    /// Secret that signs the clients' tokens; must match the node's.
+    #[arg(long, env = "HEXFLEET_TOKEN_SECRET", hide_env_values = true, default_value = hexfleet_protocol::dev::DEV_TOKEN_SECRET, hide_default_value = true)]
+    token_secret: String,
+    /// Connections in handshake at once while ramping up.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Client ids are <prefix>-<n> (drivers) and <prefix>-rider-<n>-<k>.
+    #[arg(long, default_value = "sim")]
+    id_prefix: String,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LoadArgs {
     #[command(flatten)]
-    fleet: FleetArgs,
+    client: ClientArgs,
+    /// Simulated drivers (one QUIC connection each).
+    #[arg(long, default_value_t = 100)]
+    drivers: usize,
+    /// Fixes per driver per second.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Simulated riders (one QUIC connection each); a fifth of them walk and
+    /// re-subscribe.
+    #[arg(long, default_value_t = 0)]
+    riders: usize,
+    /// Radius each rider watches, metres.
+    #[arg(long, default_value_t = 1_000.0)]
+    rider_radius: f64,
+    /// City bounding box: min_lat,min_lon,max_lat,max_lon (default: Berlin).
+    #[arg(long)]
+    bbox: Option<BBox>,
+    /// Share of deliberately bad fixes (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    bad_fix_share: f64,
+    /// How long to run, e.g. 20s, 5m.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Sign the drivers off at the end, so the node removes their vehicles
+    /// at once; without it they disconnect and go stale.
+    #[arg(long)]
+    goodbye: bool,
+    /// Seed of the fleet's randomness.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The scenario file.
+    scenario: PathBuf,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Override the scenario's duration.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
 }
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Simulated drivers (one QUIC connection each).
+    /// Simulated drivers.
     #[arg(long, default_value_t = 1_000)]
     drivers: usize,
     /// Simulated riders watching the fleet.
@@ -120,35 +146,32 @@ struct DemoArgs {
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    #[command(flatten)]
-    fleet: FleetArgs,
+    #[arg(long, env = "HEXFLEET_TOKEN_SECRET", hide_env_values = true, default_value = hexfleet_protocol::dev::DEV_TOKEN_SECRET, hide_default_value = true)]
+    token_secret: String,
 }
 
-impl FleetArgs {
-    fn options(
-        &self,
-        node: SocketAddr,
-        drivers: usize,
-        riders: usize,
-    ) -> anyhow::Result<FleetOptions> {
-        anyhow::ensure!(
-            self.rate > 0.0 && self.rate <= 100.0,
-            "--rate must be in (0, 100] fixes per second"
-        );
-        anyhow::ensure!(drivers > 0, "--drivers must be at least 1");
-        Ok(FleetOptions {
-            node,
-            drivers,
-            rate_hz: self.rate,
-            bbox: self.bbox.unwrap_or(BBox::BERLIN),
-            id_prefix: self.id_prefix.clone(),
-            token_secret: self.token_secret.clone(),
-            connect_concurrency: self.connect_concurrency,
-            goodbye: self.goodbye,
+impl LoadArgs {
+    fn scenario(&self) -> anyhow::Result<Scenario> {
+        let mut s = Scenario {
+            name: format!(
+                "load: {} drivers at {} Hz, {} riders",
+                self.drivers, self.rate, self.riders
+            ),
+            duration: self.duration,
             seed: self.seed,
-            riders,
-            rider_radius_m: self.rider_radius,
-        })
+            ..Scenario::default()
+        };
+        if let Some(b) = self.bbox {
+            s.city.bbox = [b.min_lat, b.min_lon, b.max_lat, b.max_lon];
+        }
+        s.drivers.count = self.drivers;
+        s.drivers.rate_hz = self.rate;
+        s.drivers.bad_fix_share = self.bad_fix_share;
+        s.drivers.goodbye = self.goodbye;
+        s.riders.count = self.riders;
+        s.riders.radius_m = self.rider_radius;
+        s.check()?;
+        Ok(s)
     }
 }
 
@@ -171,153 +194,113 @@ fn stop_after(duration: Option<Duration>) -> CancellationToken {
     stop
 }
 
-fn print_summary(
-    options: &FleetOptions,
-    stats: &FleetStats,
-    book: &LatencyBook,
-    outcome: &Outcome,
-    elapsed: Duration,
-) {
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    let sent = stats.sent.load(Ordering::Relaxed);
-    let connected = stats.connected.load(Ordering::Relaxed);
-    let lost = sent.saturating_sub(outcome.accepted + outcome.rejected);
-    println!();
-    println!(
-        "drivers        {connected} connected of {}",
-        options.drivers
+/// Shows a progress bar with a live line while the fleet runs. Latency is
+/// measured from the moment every client is connected, so the ramp-up's
+/// handshake storm does not count.
+fn spawn_progress(
+    scenario: &Scenario,
+    stats: Arc<FleetStats>,
+    book: Arc<LatencyBook>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (drivers, riders) = (scenario.drivers.count as u64, scenario.riders.count as u64);
+    let bar = indicatif::ProgressBar::new(scenario.duration.as_secs().max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:24}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    if let Some((p50, p99, max)) = stats.connect_percentiles() {
-        println!("handshake      p50 {p50:.1} ms  p99 {p99:.1} ms  max {max:.1} ms");
-    }
-    println!("fixes sent     {sent} ({:.0}/s)", sent as f64 / secs);
-    println!(
-        "accepted       {} ({:.0}/s, {:.2}% of sent)",
-        outcome.accepted,
-        outcome.accepted as f64 / secs,
-        100.0 * outcome.accepted as f64 / sent.max(1) as f64
-    );
-    println!("rejected       {}", outcome.rejected);
-    for (reason, n) in &outcome.rejected_by_reason {
-        println!("  {:<20} {n}", reason.as_str());
-    }
-    println!("unacknowledged {lost}");
-    println!(
-        "errors         {} connect, {} send",
-        stats.connect_errors.load(Ordering::Relaxed),
-        stats.send_errors.load(Ordering::Relaxed)
-    );
-    if options.riders > 0 {
-        let r = &outcome.riders;
-        let items = r.added + r.moved + r.removed;
-        println!(
-            "riders         {} connected of {} ({} reconnects)",
-            stats.riders_connected.load(Ordering::Relaxed),
-            options.riders,
-            r.reconnects
-        );
-        let l = book.percentiles();
-        println!(
-            "latency        p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} samples: fix created -> rider applied)",
-            l.p50, l.p90, l.p99, l.p999, l.max, l.samples
-        );
-        println!(
-            "deltas         {items} items ({:.0}/s): {} added, {} moved, {} removed, in {} frames",
-            items as f64 / secs,
-            r.added,
-            r.moved,
-            r.removed,
-            r.frames
-        );
-        println!(
-            "wire           {:.1} bytes per delta item ({} bytes of updates; a moved item is a {}-byte record)",
-            r.bytes as f64 / items.max(1) as f64,
-            r.bytes,
-            hexfleet_protocol::Moved::LEN
-        );
-    }
-    if let Some(e) = stats.last_error() {
-        println!("last error     {e}");
-    }
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        let (mut last_sent, mut last_samples, mut measuring) = (0, 0, false);
+        while !stop.is_cancelled() {
+            ticker.tick().await;
+            let sent = stats.sent.load(Ordering::Relaxed);
+            let d = stats.connected.load(Ordering::Relaxed);
+            let r = stats.riders_connected.load(Ordering::Relaxed);
+            if !measuring && d >= drivers && r >= riders {
+                book.reset();
+                (measuring, last_samples) = (true, 0);
+            }
+            let l = book.percentiles();
+            bar.inc(1);
+            bar.set_message(format!(
+                "drivers {d}  riders {r}  fixes/s {}  applied/s {}  p99 {:.2} ms  errors {}",
+                sent - last_sent,
+                l.samples.saturating_sub(last_samples),
+                l.p99,
+                stats.connect_errors.load(Ordering::Relaxed)
+                    + stats.send_errors.load(Ordering::Relaxed),
+            ));
+            (last_sent, last_samples) = (sent, l.samples);
+        }
+        bar.finish_and_clear();
+    })
 }
 
-async fn load(args: LoadArgs) -> anyhow::Result<()> {
-    let options = args.fleet.options(args.node, args.drivers, args.riders)?;
-    let ca = args
-        .ca
-        .clone()
-        .unwrap_or_else(hexfleet_protocol::dev::default_dev_cert);
-    let server_name = args.server_name.clone();
+/// Plays a scenario against a node and prints (and maybe writes) the summary.
+async fn play(
+    scenario: Scenario,
+    client: &ClientArgs,
+    ca: PathBuf,
+    server_name: String,
+) -> anyhow::Result<Summary> {
     // Fail early and clearly if the certificate is missing.
     Connector::new(&ca, &server_name).with_context(|| format!("trusting {}", ca.display()))?;
+    let target = Target {
+        node: client.node,
+        token_secret: client.token_secret.clone(),
+        connect_concurrency: client.connect_concurrency,
+    };
     println!(
-        "hexfleet-sim load: {} drivers at {} Hz and {} riders for {:?} against {}",
-        options.drivers, options.rate_hz, options.riders, args.duration, options.node
+        "hexfleet-sim: {} — {} drivers, {} riders for {:?} against {}",
+        scenario.name,
+        scenario.drivers.count,
+        scenario.riders.count,
+        scenario.duration,
+        target.node
     );
     let stats = Arc::new(FleetStats::default());
     let book = Arc::new(LatencyBook::default());
-    let stop = stop_after(Some(args.duration));
+    let stop = stop_after(Some(scenario.duration));
     let started = Instant::now();
-    let progress = spawn_progress(options.clone(), stats.clone(), book.clone(), stop.clone());
+    let progress = spawn_progress(&scenario, stats.clone(), book.clone(), stop.clone());
     let outcome = fleet::run(
-        options.clone(),
+        &scenario,
+        &target,
+        &client.id_prefix,
         || Connector::new(&ca, &server_name),
         stats.clone(),
         book.clone(),
         stop,
     )
     .await?;
-    progress.abort();
-    print_summary(
-        &options,
+    let elapsed = started.elapsed().min(scenario.duration);
+    let _ = progress.await;
+    let summary = Summary::new(
+        &scenario,
+        &target.node.to_string(),
         &stats,
         &book,
         &outcome,
-        started.elapsed().min(args.duration),
+        elapsed,
     );
-    Ok(())
+    summary.print();
+    if let Some(path) = &client.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(summary)
 }
 
-/// Prints a line every two seconds while the fleet runs. Latency is
-/// measured from the moment every client is connected, so the ramp-up's
-/// handshake storm does not count.
-fn spawn_progress(
-    options: FleetOptions,
-    stats: Arc<FleetStats>,
-    book: Arc<LatencyBook>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut ticker = tokio::time::interval(Duration::from_secs(2));
-        ticker.tick().await;
-        let (mut last_sent, mut last_samples, mut measuring) = (0, 0, false);
-        while !stop.is_cancelled() {
-            ticker.tick().await;
-            let sent = stats.sent.load(Ordering::Relaxed);
-            let drivers = stats.connected.load(Ordering::Relaxed);
-            let riders = stats.riders_connected.load(Ordering::Relaxed);
-            if !measuring
-                && drivers as usize >= options.drivers
-                && riders as usize >= options.riders
-            {
-                book.reset();
-                (measuring, last_samples) = (true, 0);
-            }
-            let l = book.percentiles();
-            println!(
-                "[{:>4}s] drivers {:>6}  riders {:>5}  fixes/s {:>8.0}  applied/s {:>8.0}  p99 {:>7.2} ms  errors {}",
-                started.elapsed().as_secs(),
-                drivers,
-                riders,
-                (sent - last_sent) as f64 / 2.0,
-                l.samples.saturating_sub(last_samples) as f64 / 2.0,
-                l.p99,
-                stats.connect_errors.load(Ordering::Relaxed) + stats.send_errors.load(Ordering::Relaxed),
-            );
-            (last_sent, last_samples) = (sent, l.samples);
-        }
-    })
+fn trust(client: &ClientArgs) -> (PathBuf, String) {
+    (
+        client
+            .ca
+            .clone()
+            .unwrap_or_else(hexfleet_protocol::dev::default_dev_cert),
+        client.server_name.clone(),
+    )
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -327,7 +310,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     config.quic.listen = args.quic_listen;
     config.http.listen = args.http_listen;
-    config.auth.token_secret = args.fleet.token_secret.clone();
+    config.auth.token_secret = args.token_secret.clone();
     if let Some(url) = &args.redis_url {
         config.store.kind = StoreKind::Redis;
         config.store.redis_url = url.clone();
@@ -339,13 +322,21 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .dev_cert
         .clone()
         .context("the demo node uses a development certificate")?;
-    let options = args
-        .fleet
-        .options(node.quic_addr, args.drivers, args.riders)?;
-    let (lat, lon) = options.bbox.center();
+    let mut scenario = Scenario {
+        name: "demo".into(),
+        duration: args
+            .duration
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600)),
+        ..Scenario::default()
+    };
+    scenario.drivers.count = args.drivers;
+    scenario.riders.count = args.riders;
+    scenario.riders.lifetime = Some(Duration::from_secs(60));
+    scenario.check()?;
+    let (lat, lon) = scenario.bbox().center();
     println!(
-        "hexfleet demo: an embedded node with {} simulated drivers",
-        options.drivers
+        "hexfleet demo: an embedded node with {} simulated drivers and {} riders",
+        args.drivers, args.riders
     );
     println!("  store   {}", node.store.kind());
     println!("  QUIC    {} (ALPN hexfleet/1)", node.quic_addr);
@@ -356,50 +347,39 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("          curl http://{}/metrics", node.http_addr);
     println!("Ctrl-C to stop.");
-
-    let stats = Arc::new(FleetStats::default());
-    let book = Arc::new(LatencyBook::default());
-    let stop = stop_after(args.duration);
+    let client = ClientArgs {
+        node: node.quic_addr,
+        ca: Some(cert.clone()),
+        server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),
+        token_secret: args.token_secret.clone(),
+        connect_concurrency: 64,
+        id_prefix: "demo".into(),
+        json: None,
+    };
     let status = {
-        let (metrics, table, stop, book) = (
-            node.metrics.clone(),
-            node.table.clone(),
-            stop.clone(),
-            book.clone(),
-        );
+        let (metrics, table) = (node.metrics.clone(), node.table.clone());
         tokio::spawn(async move {
-            let started = Instant::now();
-            let mut ticker = tokio::time::interval(Duration::from_secs(2));
+            let mut ticker = tokio::time::interval(Duration::from_secs(5));
             ticker.tick().await;
             let mut last = 0;
-            while !stop.is_cancelled() {
+            loop {
                 ticker.tick().await;
                 let accepted = metrics.fixes_accepted.get();
                 println!(
-                    "[{:>4}s] vehicles {:>6}  fixes/s {:>7.0}  riders {:>4}  rider latency p99 {:>6.2} ms",
-                    started.elapsed().as_secs(),
+                    "node: vehicles {}  fixes/s {:.0}  subscribers {}  delta items {}",
                     table.len(),
-                    (accepted - last) as f64 / 2.0,
+                    (accepted - last) as f64 / 5.0,
                     metrics.subscribers.get(),
-                    book.percentiles().p99,
+                    metrics.delta_frames.get(),
                 );
                 last = accepted;
             }
         })
     };
-    let started = Instant::now();
-    let outcome = fleet::run(
-        options.clone(),
-        || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
-        stats.clone(),
-        book.clone(),
-        stop,
-    )
-    .await?;
+    let played = play(scenario, &client, cert, client.server_name.clone()).await;
     status.abort();
-    print_summary(&options, &stats, &book, &outcome, started.elapsed());
     node.shutdown(Duration::from_secs(5)).await;
-    Ok(())
+    played.map(|_| ())
 }
 
 #[tokio::main]
@@ -408,9 +388,23 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Load(args) => load(args).await,
+        Command::Load(args) => {
+            let (ca, name) = trust(&args.client);
+            play(args.scenario()?, &args.client, ca, name)
+                .await
+                .map(|_| ())
+        }
+        Command::Run(args) => {
+            let mut scenario = Scenario::from_file(&args.scenario)?;
+            if let Some(d) = args.duration {
+                scenario.duration = d;
+            }
+            let (ca, name) = trust(&args.client);
+            play(scenario, &args.client, ca, name).await.map(|_| ())
+        }
         Command::Demo(args) => demo(args).await,
     }
 }
