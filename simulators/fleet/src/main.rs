@@ -4,6 +4,7 @@
 //! - `run SCENARIO.toml`: a scenario file against a running node.
 //! - `demo`: an embedded node plus a simulated fleet, to see it work.
 
+mod bench;
 mod fleet;
 mod latency;
 mod movement;
@@ -51,6 +52,72 @@ enum Command {
     Run(RunArgs),
     /// Run an embedded node with a simulated fleet.
     Demo(DemoArgs),
+    /// The standard benchmark: starts Redis (unless --redis-url) and a node,
+    /// measures ingest, latency, fan-out, memory and the nearby API.
+    Bench(BenchArgs),
+    /// Run a node for `bench` in a process of its own (internal).
+    #[command(hide = true)]
+    ServeNode(ServeNodeArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Use this Redis instead of starting one.
+    #[arg(long, env = "HEXFLEET_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Seconds and tiny sizes: proves every phase runs; measures nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the markdown table (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeNodeArgs {
+    #[arg(long)]
+    redis_url: String,
+    #[arg(long)]
+    dev_dir: PathBuf,
+    #[arg(long, env = "HEXFLEET_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: String,
+}
+
+/// Runs a node until stdin closes (the parent went away) and says
+/// `READY <quic> <http> <cert>` once it listens.
+async fn serve_node(args: ServeNodeArgs) -> anyhow::Result<()> {
+    let mut config = Config {
+        node_id: "bench".into(),
+        ..Config::default()
+    };
+    config.quic.listen = ([127, 0, 0, 1], 0).into();
+    config.quic.endpoints = 2;
+    config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.tls.dev_dir = args.dev_dir;
+    config.auth.token_secret = args.token_secret;
+    config.store.kind = StoreKind::Redis;
+    config.store.redis_url = args.redis_url;
+    let node = Node::start(config).await?;
+    let cert = node.dev_cert.clone().context("a development certificate")?;
+    println!(
+        "READY {} {} {}",
+        node.quic_addr,
+        node.http_addr,
+        cert.display()
+    );
+    // The parent holds our stdin; when it ends, so do we.
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    })
+    .await?;
+    node.shutdown(Duration::from_secs(2)).await;
+    Ok(())
 }
 
 /// How to reach and authenticate with the node.
@@ -406,5 +473,21 @@ async fn main() -> anyhow::Result<()> {
             play(scenario, &args.client, ca, name).await.map(|_| ())
         }
         Command::Demo(args) => demo(args).await,
+        Command::Bench(args) => {
+            let command = std::iter::once("hexfleet-sim".to_string())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
+            bench::run(bench::Options {
+                redis_url: args.redis_url,
+                smoke: args.smoke,
+                json: args.json,
+                markdown: args.markdown,
+                command,
+            })
+            .await
+            .map(|_| ())
+        }
+        Command::ServeNode(args) => serve_node(args).await,
     }
 }

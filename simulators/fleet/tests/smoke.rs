@@ -1,0 +1,104 @@
+//! Smoke runs of the simulator's commands, so they cannot rot. They check
+//! that every phase runs and reports, not how fast: timing belongs to the
+//! benchmark itself.
+
+use std::process::Command;
+
+fn sim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hexfleet-sim"))
+}
+
+#[test]
+fn the_benchmark_runs_every_phase_and_writes_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let markdown = dir.path().join("BENCHMARKS.md");
+    let out = sim()
+        .args(["bench", "--smoke", "--json"])
+        .arg(&json)
+        .arg("--markdown")
+        .arg(&markdown)
+        .env("HEXFLEET_DEV_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(
+        report["ingest"][0]["accepted_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(report["ingest_ceiling_per_s"].as_f64().unwrap() > 0.0);
+    let latency = &report["latency"][0];
+    assert!(latency["p50_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(latency["nearby_requests"].as_u64().unwrap() > 0);
+    assert!(report["fanout"]["node_items_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["fanout"]["bytes_per_moved_record"], 14);
+    assert_eq!(report["idle"]["connections"], 50);
+    assert!(report["idle"]["rss_after_kib"].as_u64().unwrap() > 0);
+    let table = std::fs::read_to_string(&markdown).unwrap();
+    for row in [
+        "ingest ceiling",
+        "end-to-end latency",
+        "nearby API",
+        "fan-out",
+        "memory per idle driver connection",
+    ] {
+        assert!(table.contains(row), "{row} missing from:\n{table}");
+    }
+}
+
+#[test]
+fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sim()
+        .args([
+            "demo",
+            "--duration",
+            "4s",
+            "--drivers",
+            "20",
+            "--riders",
+            "5",
+        ])
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .env("HEXFLEET_DEV_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "HTTP    http://127.0.0.1:",
+        "| drivers | 20 connected of 20 |",
+        "| accepted |",
+        "| delta items |",
+    ] {
+        assert!(stdout.contains(line), "{line} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn a_scenario_file_that_does_not_parse_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[drivers]\ncount = \"many\"\n").unwrap();
+    let out = sim().arg("run").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("count"),
+        "{stderr}"
+    );
+}
