@@ -144,8 +144,10 @@ impl Subscriber {
     }
 }
 
+/// The fan-out's index. [`FanOut::run`] drives it; it is public so that
+/// benchmarks can drive it directly, one change at a time.
 #[derive(Default)]
-struct Index {
+pub struct Index {
     vehicles: HashMap<VehicleId, (CellIndex, VehicleState)>,
     in_cell: HashMap<CellIndex, HashSet<VehicleId>>,
     watchers: HashMap<CellIndex, Vec<SubscriberId>>,
@@ -153,6 +155,33 @@ struct Index {
 }
 
 impl Index {
+    /// Adds (or replaces) a subscriber, as [`FanOut::subscribe`] does.
+    pub fn subscribe(
+        &mut self,
+        id: SubscriberId,
+        cells: Vec<CellIndex>,
+        filter: Filter,
+        version: u32,
+        mailbox: Arc<Mailbox>,
+        metrics: &Metrics,
+    ) {
+        self.command(
+            Command::Subscribe {
+                id,
+                cells,
+                filter,
+                version,
+                mailbox,
+            },
+            metrics,
+        );
+    }
+
+    /// Applies a vehicle's new state, as [`FanOut::vehicle_changed`] does.
+    pub fn vehicle_changed(&mut self, state: VehicleState, cell: IndexCell, metrics: &Metrics) {
+        self.upsert(state.id.clone(), state, cell.0, metrics);
+    }
+
     fn deliver(&self, sub: &Subscriber, id: &VehicleId, change: Change, metrics: &Metrics) {
         if sub.mailbox.push(id.clone(), change) {
             metrics.mailbox_coalesced.inc();

@@ -186,8 +186,9 @@ impl Connector {
     ) -> Result<Greeting, ClientError> {
         let conn = self.endpoint.connect(addr, &self.server_name)?.await?;
         let (send, recv) = conn.open_bi().await?;
-        let mut tx: ControlWrite = FramedWrite::new(send, FrameCodec::default());
-        let mut rx: ControlRead = FramedRead::new(recv, FrameCodec::default());
+        // Control frames are small: buffers start small and grow on demand.
+        let mut tx: ControlWrite = FramedWrite::with_capacity(send, FrameCodec::default(), 0);
+        let mut rx: ControlRead = FramedRead::with_capacity(recv, FrameCodec::default(), 256);
         tx.send(ClientMsg::Hello(Hello {
             version: PROTOCOL_VERSION,
             role,

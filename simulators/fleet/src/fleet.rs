@@ -83,6 +83,13 @@ impl FleetStats {
         *self.last_error.lock() = Some(e.to_string());
     }
 
+    /// Clients that have connected or given up.
+    pub fn settled(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
+            + self.riders_connected.load(Ordering::Relaxed)
+            + self.connect_errors.load(Ordering::Relaxed)
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().clone()
     }

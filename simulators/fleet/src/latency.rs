@@ -1,20 +1,24 @@
 //! End-to-end latency: from a driver creating a fix to a rider applying it.
 //!
 //! Drivers and riders share this process and its clock. Each driver notes
-//! where it last reported and when; a rider that applies a vehicle at exactly
-//! that position (as the wire carries it, 1e-7°) records how long it took.
-//! A rider that gets a later fix first (updates coalesce) simply finds no
-//! match for the earlier one: only delivered fixes are measured.
+//! where it reported and when, for its last few fixes; a rider that applies a
+//! vehicle at exactly one of those positions (as the wire carries it, 1e-7°)
+//! records how long that fix took. A fix that was coalesced away is never
+//! applied and not measured; a late one still is, however late.
 
-use std::time::Instant;
+use std::{collections::VecDeque, time::Instant};
 
 use dashmap::DashMap;
 use hdrhistogram::Histogram;
 use hexfleet_model::{VehicleId, VehicleState};
 use parking_lot::Mutex;
 
+/// Fixes remembered per vehicle: enough to match a rider that lags a few
+/// fixes behind.
+const REMEMBERED: usize = 16;
+
 pub struct LatencyBook {
-    sent: DashMap<VehicleId, (i32, i32, Instant)>,
+    sent: DashMap<VehicleId, VecDeque<(i32, i32, Instant)>>,
     histogram: Mutex<Histogram<u64>>,
 }
 
@@ -48,21 +52,26 @@ impl Default for LatencyBook {
 impl LatencyBook {
     /// A driver is about to send a fix at this position.
     pub fn sent(&self, id: &VehicleId, lat: f64, lon: f64) {
-        self.sent
-            .insert(id.clone(), (e7(lat), e7(lon), Instant::now()));
+        let mut recent = self.sent.entry(id.clone()).or_default();
+        if recent.len() == REMEMBERED {
+            recent.pop_front();
+        }
+        recent.push_back((e7(lat), e7(lon), Instant::now()));
     }
 
     /// A rider applied a move of this vehicle.
     pub fn applied(&self, state: &VehicleState) {
-        let Some(entry) = self.sent.get(&state.id) else {
-            return;
+        let (lat, lon) = (e7(state.lat), e7(state.lon));
+        let at = {
+            let Some(recent) = self.sent.get(&state.id) else {
+                return;
+            };
+            let found = recent.iter().rev().find(|(a, b, _)| (*a, *b) == (lat, lon));
+            let Some(&(_, _, at)) = found else { return };
+            at
         };
-        let (lat, lon, at) = *entry;
-        drop(entry);
-        if lat == e7(state.lat) && lon == e7(state.lon) {
-            let micros = at.elapsed().as_micros().clamp(1, 60_000_000) as u64;
-            let _ = self.histogram.lock().record(micros);
-        }
+        let micros = at.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+        let _ = self.histogram.lock().record(micros);
     }
 
     pub fn percentiles(&self) -> Percentiles {

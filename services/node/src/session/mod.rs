@@ -31,6 +31,11 @@ use tokio_util::{
 
 use crate::{clock, config::Config, fanout::FanOut, ingest::Ingest, validate::Limits};
 
+/// Control frames are small and most connections idle: their buffers start
+/// small and grow only when a frame needs it (tokio-util's default is 8 KiB
+/// each, half of what an idle connection may cost in all).
+const CONTROL_READ_BUFFER: usize = 256;
+
 type ControlRead = FramedRead<quinn::RecvStream, FrameCodec<ClientMsg, ServerMsg>>;
 type ControlWrite = FramedWrite<quinn::SendStream, FrameCodec<ClientMsg, ServerMsg>>;
 
@@ -130,8 +135,8 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
     let (mut tx, mut rx) = match tokio::time::timeout(ctx.handshake_timeout, conn.accept_bi()).await
     {
         Ok(Ok((send, recv))) => (
-            FramedWrite::new(send, FrameCodec::default()),
-            FramedRead::new(recv, FrameCodec::default()),
+            FramedWrite::with_capacity(send, FrameCodec::default(), 0),
+            FramedRead::with_capacity(recv, FrameCodec::default(), CONTROL_READ_BUFFER),
         ),
         Ok(Err(_)) => return,
         Err(_) => {

@@ -51,7 +51,7 @@ pub(super) async fn serve(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mailbox = Arc::new(Mailbox::new());
     let mut writer = PushWriter {
-        push: FramedWrite::new(push, FrameCodec::default()),
+        push: FramedWrite::with_capacity(push, FrameCodec::default(), 0),
         aliases: HashMap::new(),
         free: Vec::new(),
         next: 0,
