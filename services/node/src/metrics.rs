@@ -39,6 +39,7 @@ pub struct Metrics {
     pub mailbox_coalesced: Counter,
     delta_items: [Counter; 3],
     pub delta_frames: Counter,
+    pub delta_delay_seconds: Histogram,
 }
 
 /// The kinds of delta item, as counted.
@@ -154,8 +155,15 @@ impl Metrics {
             "Update frames sent to subscribers",
             delta_frames.clone(),
         );
+        let delta_delay_seconds = Histogram::new(exponential_buckets(0.000_5, 2.0, 14));
+        registry.register(
+            "delta_delay_seconds",
+            "From a fix reaching the node to its delta written to a subscriber's stream",
+            delta_delay_seconds.clone(),
+        );
         Self {
             registry,
+            delta_delay_seconds,
             subscribers,
             subscribed_cells,
             mailbox_coalesced,

@@ -104,6 +104,9 @@ pub struct LatencyStep {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub delta_items_per_s: f64,
+    /// Inside the node (fix in → delta written), bucket bounds.
+    pub node_delay_p50_ms: f64,
+    pub node_delay_p99_ms: f64,
     pub nearby_p50_ms: f64,
     pub nearby_p99_ms: f64,
     pub nearby_requests: u64,
@@ -268,14 +271,57 @@ fn redis_geoadd_rate(port: u16, requests: usize) -> Option<f64> {
         .next_back()
 }
 
-/// Node-side counters read from /metrics.
-async fn counters(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<(f64, f64)> {
-    let text = http
+/// The cumulative buckets of the node's delta delay histogram: (upper
+/// bound in seconds, count).
+fn delay_buckets(text: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("hexfleet_delta_delay_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound under which quantile `q` of the observations made
+/// between two snapshots fall, in milliseconds.
+fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let window: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            (
+                le,
+                n - before
+                    .iter()
+                    .find(|(b, _)| *b == le)
+                    .map_or(0.0, |(_, m)| *m),
+            )
+        })
+        .collect();
+    let total = window.last().map_or(0.0, |(_, n)| *n);
+    window
+        .iter()
+        .find(|(_, n)| total > 0.0 && *n >= q * total)
+        .map_or(0.0, |(le, _)| le * 1e3)
+}
+
+async fn metrics_text(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<String> {
+    Ok(http
         .get(format!("http://{addr}/metrics"))
         .send()
         .await?
         .text()
-        .await?;
+        .await?)
+}
+
+/// Node-side counters read from /metrics.
+async fn counters(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<(f64, f64)> {
+    let text = metrics_text(http, addr).await?;
     let value = |prefix: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(prefix))
@@ -302,6 +348,8 @@ struct Step {
     node_items_per_s: f64,
     /// Moved items riders applied per second, over the same window.
     applied_moves_per_s: f64,
+    /// Node-side delay, fix in → delta out, p50 and p99 bucket bounds (ms).
+    node_delay_ms: (f64, f64),
     nearby: Option<Histogram<u64>>,
 }
 
@@ -375,6 +423,7 @@ impl Bench {
         book.reset();
         let started = Instant::now();
         let (accepted0, items0) = counters(&self.http, self.node.http).await?;
+        let delays0 = delay_buckets(&metrics_text(&self.http, self.node.http).await?);
         let sent0 = stats.sent.load(std::sync::atomic::Ordering::Relaxed);
         let nearby =
             (nearby_per_s > 0.0).then(|| self.nearby_load(scenario.bbox(), nearby_per_s, step));
@@ -386,6 +435,7 @@ impl Bench {
             }
         };
         let (accepted1, items1) = counters(&self.http, self.node.http).await?;
+        let delays1 = delay_buckets(&metrics_text(&self.http, self.node.http).await?);
         let applied = book.percentiles().samples;
         let secs = started.elapsed().as_secs_f64();
         let sent = stats.sent.load(std::sync::atomic::Ordering::Relaxed) - sent0;
@@ -405,6 +455,10 @@ impl Bench {
             accepted_per_s: (accepted1 - accepted0) / secs,
             node_items_per_s: (items1 - items0) / secs,
             applied_moves_per_s: applied as f64 / secs,
+            node_delay_ms: (
+                bucket_quantile_ms(&delays0, &delays1, 0.5),
+                bucket_quantile_ms(&delays0, &delays1, 0.99),
+            ),
             nearby,
         })
     }
@@ -597,6 +651,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             p99_ms: step.summary.latency_ms.p99,
             p999_ms: step.summary.latency_ms.p999,
             delta_items_per_s: step.node_items_per_s,
+            node_delay_p50_ms: step.node_delay_ms.0,
+            node_delay_p99_ms: step.node_delay_ms.1,
             nearby_p50_ms: ms(nearby, 0.5),
             nearby_p99_ms: ms(nearby, 0.99),
             nearby_requests: nearby.map_or(0, |h| h.len()),
@@ -682,6 +738,10 @@ impl Report {
                 "| end-to-end latency at {:.0} fixes/s, {} riders | p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {:.0} delta items/s | p99 ≤ 10 ms at 20k/s, 2,000 riders |",
                 s.fixes_per_s, s.riders, s.p50_ms, s.p99_ms, s.p999_ms, s.delta_items_per_s
             ));
+            line(format!(
+                "| … of which inside the node (fix in → delta written) | p50 ≤ {} ms, p99 ≤ {} ms | |",
+                s.node_delay_p50_ms, s.node_delay_p99_ms
+            ));
         }
         for s in &self.latency {
             line(format!(
@@ -704,5 +764,31 @@ impl Report {
             i.kib_per_connection, i.connections, i.rss_before_kib, i.rss_after_kib
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_buckets_filled_between_two_snapshots() {
+        let text = |counts: [u32; 4]| {
+            format!(
+                "hexfleet_delta_delay_seconds_bucket{{le=\"0.001\"}} {}\nhexfleet_delta_delay_seconds_bucket{{le=\"0.002\"}} {}\nhexfleet_delta_delay_seconds_bucket{{le=\"0.004\"}} {}\nhexfleet_delta_delay_seconds_bucket{{le=\"+Inf\"}} {}\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        let before = delay_buckets(&text([100, 100, 100, 100]));
+        let after = delay_buckets(&text([150, 190, 199, 200]));
+        assert_eq!(before.len(), 4);
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.5), 1.0);
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.9), 2.0);
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.99), 4.0);
+        assert_eq!(
+            bucket_quantile_ms(&after, &after, 0.5),
+            0.0,
+            "nothing observed"
+        );
     }
 }

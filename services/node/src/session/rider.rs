@@ -178,6 +178,7 @@ impl PushWriter<'_> {
                     self.metrics.delta_items(DeltaKind::Removed).inc();
                 }
                 Change::Moved(state) if self.aliases.contains_key(&id) => {
+                    self.delay(&state);
                     let alias = self.alias(&id);
                     Moved::new(
                         alias,
@@ -191,6 +192,7 @@ impl PushWriter<'_> {
                     self.metrics.delta_items(DeltaKind::Moved).inc();
                 }
                 Change::Moved(state) | Change::Upsert(state) => {
+                    self.delay(&state);
                     let alias = self.alias(&id);
                     frame.added.push(Added { alias, state });
                     cost += ADDED_COST;
@@ -209,6 +211,14 @@ impl PushWriter<'_> {
             self.send(frame).await?;
         }
         Ok(())
+    }
+
+    /// How long this state waited between reaching the node and leaving it.
+    fn delay(&self, state: &hexfleet_model::VehicleState) {
+        let waited_ms = crate::clock::now_ms().saturating_sub(state.seen_ms).max(0);
+        self.metrics
+            .delta_delay_seconds
+            .observe(waited_ms as f64 / 1e3);
     }
 
     async fn send(&mut self, frame: RiderUpdate) -> Result<(), hexfleet_protocol::FrameError> {
