@@ -95,6 +95,19 @@ pub struct RiderStats {
     pub reconnects: u64,
 }
 
+impl std::ops::AddAssign<&RiderStats> for RiderStats {
+    /// Sums what several riders received.
+    fn add_assign(&mut self, other: &RiderStats) {
+        self.frames += other.frames;
+        self.bytes += other.bytes;
+        self.added += other.added;
+        self.moved += other.moved;
+        self.removed += other.removed;
+        self.snapshots += other.snapshots;
+        self.reconnects += other.reconnects;
+    }
+}
+
 const MAX_EVENTS: usize = 100_000;
 
 #[derive(Default)]

@@ -237,14 +237,7 @@ pub async fn run(
     }
     while let Some(done) = riding.join_next().await {
         if let Ok(Some(r)) = done {
-            let total = &mut outcome.riders;
-            total.frames += r.frames;
-            total.bytes += r.bytes;
-            total.added += r.added;
-            total.moved += r.moved;
-            total.removed += r.removed;
-            total.snapshots += r.snapshots;
-            total.reconnects += r.reconnects;
+            outcome.riders += &r;
         }
     }
     outcome.rejected_by_reason = by_reason.into_iter().collect();

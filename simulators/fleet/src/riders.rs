@@ -149,14 +149,7 @@ pub async fn ride(
                 _ = crew.stop.cancelled() => break,
             }
         }
-        let received = client.stats();
-        total.frames += received.frames;
-        total.bytes += received.bytes;
-        total.added += received.added;
-        total.moved += received.moved;
-        total.removed += received.removed;
-        total.snapshots += received.snapshots;
-        total.reconnects += received.reconnects;
+        total += &client.stats();
         client.close().await;
     }
     Some(total)
