@@ -23,7 +23,7 @@ pub struct LatencyBook {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Percentiles {
     pub samples: u64,
     pub p50: f64,

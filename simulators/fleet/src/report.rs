@@ -20,7 +20,7 @@ pub struct Summary {
     pub handshake_ms: Option<Spread>,
     pub fixes: Fixes,
     pub deltas: Deltas,
-    pub latency_ms: Latency,
+    pub latency_ms: Percentiles,
     pub errors: Errors,
 }
 
@@ -66,16 +66,6 @@ pub struct Deltas {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Latency {
-    pub samples: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
-#[derive(Debug, Serialize)]
 pub struct Errors {
     pub connect: u64,
     pub send: u64,
@@ -96,14 +86,6 @@ impl Summary {
         let sent = stats.sent.load(Ordering::Relaxed);
         let r = &outcome.riders;
         let items = r.added + r.moved + r.removed;
-        let Percentiles {
-            samples,
-            p50,
-            p90,
-            p99,
-            p999,
-            max,
-        } = book.percentiles();
         Self {
             scenario: scenario.name.clone(),
             node: node.to_string(),
@@ -147,14 +129,7 @@ impl Summary {
                 snapshots: r.snapshots,
                 rider_reconnects: r.reconnects,
             },
-            latency_ms: Latency {
-                samples,
-                p50,
-                p90,
-                p99,
-                p999,
-                max,
-            },
+            latency_ms: book.percentiles(),
             errors: Errors {
                 connect: stats.connect_errors.load(Ordering::Relaxed),
                 send: stats.send_errors.load(Ordering::Relaxed),
