@@ -165,16 +165,48 @@ impl Index {
         mailbox: Arc<Mailbox>,
         metrics: &Metrics,
     ) {
-        self.command(
-            Command::Subscribe {
-                id,
-                cells,
-                filter,
+        let new = Subscriber {
+            cells: cells.into_iter().collect(),
+            filter,
+            mailbox,
+        };
+        let previous = self.detach(id, metrics);
+        match previous {
+            None => new.mailbox.reset(
                 version,
-                mailbox,
-            },
-            metrics,
-        );
+                self.view(&new.cells, &new.filter).cloned().collect(),
+            ),
+            Some(old) => {
+                let before: HashSet<&VehicleId> =
+                    self.view(&old.cells, &old.filter).map(|s| &s.id).collect();
+                let after: HashMap<&VehicleId, &VehicleState> = self
+                    .view(&new.cells, &new.filter)
+                    .map(|s| (&s.id, s))
+                    .collect();
+                for gone in before.iter().filter(|id| !after.contains_key(*id)) {
+                    let still_watched = self
+                        .vehicles
+                        .get(*gone)
+                        .is_some_and(|(c, _)| new.cells.contains(c));
+                    let reason = if still_watched {
+                        RemoveReason::Filtered
+                    } else {
+                        RemoveReason::LeftView
+                    };
+                    self.deliver(&new, gone, Change::Removed(reason), metrics);
+                }
+                for (id, state) in after.iter().filter(|(id, _)| !before.contains(*id)) {
+                    self.deliver(&new, id, Change::Upsert((*state).clone()), metrics);
+                }
+                new.mailbox.set_version(version);
+            }
+        }
+        for cell in &new.cells {
+            self.watchers.entry(*cell).or_default().push(id);
+        }
+        metrics.subscribed_cells.inc_by(new.cells.len() as i64);
+        self.subscribers.insert(id, new);
+        metrics.subscribers.set(self.subscribers.len() as i64);
     }
 
     /// Applies a vehicle's new state, as [`FanOut::vehicle_changed`] does.
@@ -284,50 +316,7 @@ impl Index {
                 filter,
                 version,
                 mailbox,
-            } => {
-                let new = Subscriber {
-                    cells: cells.into_iter().collect(),
-                    filter,
-                    mailbox,
-                };
-                let previous = self.detach(id, metrics);
-                match previous {
-                    None => new.mailbox.reset(
-                        version,
-                        self.view(&new.cells, &new.filter).cloned().collect(),
-                    ),
-                    Some(old) => {
-                        let before: HashSet<&VehicleId> =
-                            self.view(&old.cells, &old.filter).map(|s| &s.id).collect();
-                        let after: HashMap<&VehicleId, &VehicleState> = self
-                            .view(&new.cells, &new.filter)
-                            .map(|s| (&s.id, s))
-                            .collect();
-                        for gone in before.iter().filter(|id| !after.contains_key(*id)) {
-                            let still_watched = self
-                                .vehicles
-                                .get(*gone)
-                                .is_some_and(|(c, _)| new.cells.contains(c));
-                            let reason = if still_watched {
-                                RemoveReason::Filtered
-                            } else {
-                                RemoveReason::LeftView
-                            };
-                            self.deliver(&new, gone, Change::Removed(reason), metrics);
-                        }
-                        for (id, state) in after.iter().filter(|(id, _)| !before.contains(*id)) {
-                            self.deliver(&new, id, Change::Upsert((*state).clone()), metrics);
-                        }
-                        new.mailbox.set_version(version);
-                    }
-                }
-                for cell in &new.cells {
-                    self.watchers.entry(*cell).or_default().push(id);
-                }
-                metrics.subscribed_cells.inc_by(new.cells.len() as i64);
-                self.subscribers.insert(id, new);
-                metrics.subscribers.set(self.subscribers.len() as i64);
-            }
+            } => self.subscribe(id, cells, filter, version, mailbox, metrics),
             Command::Unsubscribe(id) => {
                 self.detach(id, metrics);
                 metrics.subscribers.set(self.subscribers.len() as i64);
