@@ -4,13 +4,17 @@
 //! - [`cells`]: the H3 cell model — where a position is indexed, which shard
 //!   owns it, and which cells a radius covers.
 //! - [`vehicle`]: the state of one vehicle as the system stores and shows it.
+//! - [`viewport`]: the cells a map viewport covers, and when it shows counts
+//!   instead of vehicles.
 //! - [`geodesy`]: distances on the sphere, the one place that defines them.
 
 pub mod cells;
 pub mod geodesy;
 pub mod ids;
 pub mod vehicle;
+pub mod viewport;
 
 pub use cells::{CellModel, CellModelError};
 pub use ids::{IndexCell, InvalidVehicleId, ShardId, VehicleId};
 pub use vehicle::{Position, PositionError, VehicleClass, VehicleState, VehicleStatus};
+pub use viewport::{BBox, BBoxError, ViewportCover};
