@@ -3,9 +3,12 @@
 //! - [`messages`]: every message a client and a node exchange.
 //! - [`codec`]: how messages become bytes — versioned MessagePack bodies,
 //!   length-delimited on streams, bare in datagrams, with a hard size limit.
+//! - [`rider`]: what riders subscribe to and are pushed.
+//! - [`dashboard`]: what dashboards exchange over WebSocket.
 //! - [`token`]: signed, expiring tokens that bind a role to a subject.
 
 pub mod codec;
+pub mod dashboard;
 pub mod dev;
 pub mod messages;
 pub mod rider;

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 /// Which vehicles a rider wants to see. An empty list means "any".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filter {
+    #[serde(default)]
     pub classes: Vec<VehicleClass>,
+    #[serde(default)]
     pub statuses: Vec<VehicleStatus>,
 }
 
