@@ -19,6 +19,7 @@ pub struct Config {
     pub cells: CellsConfig,
     pub ingest: IngestConfig,
     pub riders: RidersConfig,
+    pub dashboard: DashboardConfig,
     pub store: StoreConfig,
 }
 
@@ -38,6 +39,36 @@ impl Default for RidersConfig {
         Self {
             max_radius_m: 5_000.0,
             slow_consumer_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Dispatch dashboards (`GET /v1/ws` and the page at `/`). They follow the
+/// riders' slow-consumer rule (`riders.slow_consumer_after`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// A viewport covering more index cells than this shows per-cell counts
+    /// instead of vehicles.
+    pub max_vehicle_cells: usize,
+    /// Counts are shown at the finest resolution whose cells covering the
+    /// viewport are at most this many.
+    pub max_density_cells: usize,
+    /// How often counts are refreshed (only changed cells are sent).
+    #[serde(with = "humantime_serde")]
+    pub density_interval: Duration,
+    /// A raster tile URL template for the map background, e.g.
+    /// `https://tile.example.com/{z}/{x}/{y}.png`. Empty: a plain background.
+    pub tile_url: String,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            max_vehicle_cells: 2_000,
+            max_density_cells: 800,
+            density_interval: Duration::from_millis(500),
+            tile_url: String::new(),
         }
     }
 }
@@ -170,6 +201,7 @@ impl Default for Config {
             cells: CellsConfig::default(),
             ingest: IngestConfig::default(),
             riders: RidersConfig::default(),
+            dashboard: DashboardConfig::default(),
             store: StoreConfig::default(),
         }
     }
@@ -301,6 +333,14 @@ impl Config {
         if self.store.flush_interval.is_zero() || self.store.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid("store intervals must be positive"));
         }
+        if self.dashboard.max_vehicle_cells == 0
+            || self.dashboard.max_density_cells == 0
+            || self.dashboard.density_interval.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "dashboard cell limits and density_interval must be positive",
+            ));
+        }
         Ok(CellModel::new(self.cells.index_res, self.cells.shard_res)?)
     }
 
@@ -328,6 +368,14 @@ mod tests {
             format!("{:?}", builtin.ingest)
         );
         assert_eq!(format!("{:?}", file.store), format!("{:?}", builtin.store));
+        assert_eq!(
+            format!("{:?}", file.riders),
+            format!("{:?}", builtin.riders)
+        );
+        assert_eq!(
+            format!("{:?}", file.dashboard),
+            format!("{:?}", builtin.dashboard)
+        );
         assert_eq!(file.node_id, builtin.node_id);
         file.validate().unwrap();
     }

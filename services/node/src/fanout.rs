@@ -10,15 +10,22 @@
 //! For each subscriber watching the vehicle's old or new cell, the change is
 //! an `added`, `moved` or `removed` (with its reason) in that subscriber's
 //! [`Mailbox`], or nothing at all.
+//!
+//! The same task keeps [`Density`]: live counts per cell at every resolution
+//! coarser than the index's, which dashboards showing a wide area read.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
-use h3o::CellIndex;
-use hexfleet_model::{IndexCell, VehicleId, VehicleState};
-use hexfleet_protocol::{Filter, RemoveReason};
+use h3o::{CellIndex, Resolution};
+use hexfleet_model::{IndexCell, VehicleClass, VehicleId, VehicleState, VehicleStatus};
+use hexfleet_protocol::{dashboard::StatusCounts, Filter, RemoveReason};
+use parking_lot::RwLock;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +63,8 @@ pub struct FanOut {
     wake: Notify,
     commands: mpsc::UnboundedSender<Command>,
     inbox: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    density: Arc<Density>,
+    next_subscriber: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -67,8 +76,20 @@ impl FanOut {
             wake: Notify::new(),
             commands,
             inbox: parking_lot::Mutex::new(Some(inbox)),
+            density: Arc::new(Density::default()),
+            next_subscriber: AtomicU64::new(1),
             metrics,
         }
+    }
+
+    /// A subscriber id no other subscriber of this node has.
+    pub fn new_subscriber_id(&self) -> SubscriberId {
+        self.next_subscriber.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Live counts per coarse cell, kept by the fan-out task.
+    pub fn density(&self) -> &Arc<Density> {
+        &self.density
     }
 
     /// A vehicle has a new state (position, class or status).
@@ -114,7 +135,7 @@ impl FanOut {
             tracing::error!("the fan-out was started twice");
             return;
         };
-        let mut index = Index::default();
+        let mut index = Index::new(self.density.clone());
         let mut events = HashMap::new();
         loop {
             tokio::select! {
@@ -152,9 +173,17 @@ pub struct Index {
     in_cell: HashMap<CellIndex, HashSet<VehicleId>>,
     watchers: HashMap<CellIndex, Vec<SubscriberId>>,
     subscribers: HashMap<SubscriberId, Subscriber>,
+    density: Arc<Density>,
 }
 
 impl Index {
+    pub fn new(density: Arc<Density>) -> Self {
+        Self {
+            density,
+            ..Self::default()
+        }
+    }
+
     /// Adds (or replaces) a subscriber, as [`FanOut::subscribe`] does.
     pub fn subscribe(
         &mut self,
@@ -229,6 +258,10 @@ impl Index {
 
     fn upsert(&mut self, id: VehicleId, state: VehicleState, cell: CellIndex, metrics: &Metrics) {
         let old = self.vehicles.insert(id.clone(), (cell, state.clone()));
+        self.density.shift(
+            old.as_ref().map(|(c, s)| Tallied::of(*c, s)),
+            Some(Tallied::of(cell, &state)),
+        );
         let old_cell = old.as_ref().map(|(c, _)| *c);
         if old_cell != Some(cell) {
             if let Some(c) = old_cell {
@@ -282,6 +315,7 @@ impl Index {
         let Some((cell, state)) = self.vehicles.remove(id) else {
             return;
         };
+        self.density.shift(Some(Tallied::of(cell, &state)), None);
         self.unindex(cell, id);
         for sub_id in self.watchers.get(&cell).into_iter().flatten() {
             let Some(sub) = self.subscribers.get(sub_id) else {
@@ -337,5 +371,95 @@ impl Index {
         }
         metrics.subscribed_cells.dec_by(sub.cells.len() as i64);
         Some(sub)
+    }
+}
+
+/// Vehicles per class and status.
+type Tally = [[u32; VehicleStatus::ALL.len()]; VehicleClass::ALL.len()];
+
+/// Where one vehicle is counted: its index cell, class and status.
+#[derive(Clone, Copy, PartialEq)]
+struct Tallied {
+    cell: CellIndex,
+    class: usize,
+    status: usize,
+}
+
+impl Tallied {
+    fn of(cell: CellIndex, state: &VehicleState) -> Self {
+        Self {
+            cell,
+            class: state.class as usize,
+            status: state.status as usize,
+        }
+    }
+}
+
+/// Live vehicle counts per cell, by class and status, at every resolution
+/// coarser than the index resolution (a vehicle counts in each parent of its
+/// index cell). Only the fan-out task writes; dashboards read a few hundred
+/// cells at a time, and skip reading when [`Density::generation`] has not
+/// moved.
+#[derive(Default)]
+pub struct Density {
+    tallies: RwLock<HashMap<CellIndex, Tally>>,
+    generation: AtomicU64,
+}
+
+impl Density {
+    /// Changes each time any count does.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Counts by status of the vehicles in each cell that match `filter`.
+    pub fn counts(&self, cells: &[CellIndex], filter: &Filter) -> Vec<StatusCounts> {
+        let tallies = self.tallies.read();
+        cells
+            .iter()
+            .map(|cell| {
+                let mut counts = StatusCounts::default();
+                if let Some(tally) = tallies.get(cell) {
+                    for class in VehicleClass::ALL {
+                        for status in VehicleStatus::ALL {
+                            if filter.matches(class, status) {
+                                counts.add(status, tally[class as usize][status as usize]);
+                            }
+                        }
+                    }
+                }
+                counts
+            })
+            .collect()
+    }
+
+    /// Moves one vehicle's count from where it was to where it is.
+    fn shift(&self, from: Option<Tallied>, to: Option<Tallied>) {
+        if from == to {
+            return;
+        }
+        let mut tallies = self.tallies.write();
+        // From the finest parent up: once both have the same parent (and
+        // class and status), every coarser parent is the same too.
+        let finest = from.or(to).map_or(0, |t| u8::from(t.cell.resolution()));
+        for res in (0..finest).rev().filter_map(|r| Resolution::try_from(r).ok()) {
+            let parent = |t: Tallied| t.cell.parent(res).map(|p| (p, t.class, t.status));
+            let (old, new) = (from.and_then(parent), to.and_then(parent));
+            if old == new {
+                break;
+            }
+            if let Some((cell, class, status)) = old {
+                if let Some(tally) = tallies.get_mut(&cell) {
+                    tally[class][status] = tally[class][status].saturating_sub(1);
+                    if tally.iter().flatten().all(|n| *n == 0) {
+                        tallies.remove(&cell);
+                    }
+                }
+            }
+            if let Some((cell, class, status)) = new {
+                tallies.entry(cell).or_default()[class][status] += 1;
+            }
+        }
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }

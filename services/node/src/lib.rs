@@ -10,6 +10,9 @@
 //!                                                    (cell index)  (latest wins)
 //! ```
 //!
+//! Dispatch [`dashboard`]s are fan-out subscribers too, over WebSocket, and
+//! read live per-cell counts when they watch a wide area.
+//!
 //! On the side: the [`sweeper`] evicts stale vehicles, [`http`] answers
 //! queries from the store, [`metrics`] counts everything.
 //!
@@ -18,6 +21,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod endpoint;
 pub mod fanout;
 pub mod http;
@@ -148,7 +152,7 @@ impl Node {
             fanout.clone(),
             shutdown.clone(),
         ));
-        tasks.spawn(fanout.run(shutdown.clone()));
+        tasks.spawn(fanout.clone().run(shutdown.clone()));
         for endpoint in endpoints {
             tasks.spawn(endpoint::accept_loop(
                 endpoint,
@@ -202,6 +206,17 @@ impl Node {
             interval: config.store.sweep_interval,
         });
         tasks.spawn(sweeper.clone().run(shutdown.clone()));
+        let dashboards = Arc::new(dashboard::Dashboards {
+            node_id: config.node_id.clone(),
+            cells,
+            fanout: fanout.clone(),
+            table: table.clone(),
+            config: config.dashboard.clone(),
+            slow_consumer_after: config.riders.slow_consumer_after,
+            token_secret: config.auth.token_secret.as_bytes().to_vec(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
         let api = http::Api {
             node_id: config.node_id.as_str().into(),
             store: store.clone(),
@@ -212,7 +227,10 @@ impl Node {
         {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
-                let served = axum::serve(http_listener, http::router(api))
+                let served = axum::serve(
+                    http_listener,
+                    dashboard::router(dashboards).merge(http::router(api)),
+                )
                     .with_graceful_shutdown(async move { shutdown.cancelled().await })
                     .await;
                 if let Err(e) = served {

@@ -40,6 +40,9 @@ pub struct Metrics {
     delta_items: [Counter; 3],
     pub delta_frames: Counter,
     pub delta_delay_seconds: Histogram,
+    pub dashboards: Gauge,
+    dashboard_errors: Family<Labels, Counter>,
+    pub density_cells_sent: Counter,
 }
 
 /// The kinds of delta item, as counted.
@@ -161,8 +164,29 @@ impl Metrics {
             "From a fix reaching the node to its delta written to a subscriber's stream",
             delta_delay_seconds.clone(),
         );
+        let dashboards = Gauge::default();
+        registry.register(
+            "dashboards",
+            "Dashboard WebSocket connections open",
+            dashboards.clone(),
+        );
+        let dashboard_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "dashboard_errors",
+            "Dashboard requests answered with an error, or sockets closed, by reason",
+            dashboard_errors.clone(),
+        );
+        let density_cells_sent = Counter::default();
+        registry.register(
+            "density_cells_sent",
+            "Per-cell counts sent to dashboards in density mode",
+            density_cells_sent.clone(),
+        );
         Self {
             registry,
+            dashboards,
+            dashboard_errors,
+            density_cells_sent,
             delta_delay_seconds,
             subscribers,
             subscribed_cells,
@@ -189,6 +213,13 @@ impl Metrics {
 
     pub fn delta_items(&self, kind: DeltaKind) -> &Counter {
         &self.delta_items[kind as usize]
+    }
+
+    /// Dashboard requests refused and sockets closed, by reason: `bad_request`,
+    /// `unauthorized`, `slow_consumer`.
+    pub fn dashboard_error(&self, reason: &'static str) -> Counter {
+        self.dashboard_errors
+            .get_or_create_owned(&[("reason", reason)])
     }
 
     pub fn refused(&self, code: ErrorCode) -> Counter {

@@ -13,7 +13,7 @@ mod driver;
 mod rider;
 
 use std::{
-    sync::{atomic::AtomicU64, Arc},
+    sync::Arc,
     time::Duration,
 };
 
@@ -56,7 +56,6 @@ pub struct Context {
     /// The live session of each driver. A driver that connects again closes
     /// its older connection, so one vehicle never has two writers.
     drivers: DashMap<VehicleId, (u64, CancellationToken)>,
-    next_subscriber: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -79,7 +78,6 @@ impl Context {
             max_subscribe_radius_m: config.riders.max_radius_m,
             slow_consumer_after: config.riders.slow_consumer_after,
             drivers: DashMap::new(),
-            next_subscriber: AtomicU64::new(1),
             shutdown,
         }
     }

@@ -46,9 +46,7 @@ pub(super) async fn serve(
         .open_uni()
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("opening the push stream: {e}")))?;
-    let id = ctx
-        .next_subscriber
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = ctx.fanout.new_subscriber_id();
     let mailbox = Arc::new(Mailbox::new());
     let mut writer = PushWriter {
         push: FramedWrite::with_capacity(push, FrameCodec::default(), 0),

@@ -1,0 +1,112 @@
+//! Dispatch dashboards: the page at `/` and its live feed at `GET /v1/ws`.
+//!
+//! A dashboard authenticates with a dashboard-role token (`?token=` — a
+//! browser cannot set headers on a WebSocket — or `Authorization: Bearer`).
+//! A socket without a valid one is accepted and closed at once with
+//! [`close::UNAUTHORIZED`] and the reason, which a browser can show; a
+//! refused upgrade would only say "failed".
+
+mod page;
+mod session;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{
+        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
+        Query, State,
+    },
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use hexfleet_model::CellModel;
+use hexfleet_protocol::{
+    dashboard::{close, Format},
+    Claims, Role,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clock, config::DashboardConfig, fanout::FanOut, metrics::Metrics, table::VehicleTable,
+};
+
+/// The largest request a dashboard may send. Requests are small (a
+/// viewport, a filter); anything larger is a broken or hostile client.
+const MAX_REQUEST_LEN: usize = 16 * 1024;
+
+/// What every dashboard connection of a node shares.
+pub struct Dashboards {
+    pub node_id: String,
+    pub cells: CellModel,
+    pub fanout: Arc<FanOut>,
+    pub table: Arc<VehicleTable>,
+    pub config: DashboardConfig,
+    pub slow_consumer_after: Duration,
+    pub token_secret: Vec<u8>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+pub fn router(dashboards: Arc<Dashboards>) -> Router {
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .merge(page::router())
+        .with_state(dashboards)
+}
+
+async fn upgrade(
+    State(dashboards): State<Arc<Dashboards>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let format = match params.get("format").map(String::as_str) {
+        None | Some("json") => Format::Json,
+        Some("msgpack") => Format::MsgPack,
+        Some(other) => {
+            let error = format!("format must be json or msgpack, not {other:?}");
+            return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
+        }
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = params.get("token").map(String::as_str).or(bearer);
+    let authorized = match token {
+        None => Err("a dashboard token is required (?token=...)".to_string()),
+        Some(token) => {
+            let now = u64::try_from(clock::now_ms() / 1000).unwrap_or(0);
+            Claims::verify_for(token, Role::Dashboard, &dashboards.token_secret, now)
+                .map_err(|e| format!("dashboard token refused: {e}"))
+        }
+    };
+    ws.max_message_size(MAX_REQUEST_LEN)
+        .max_frame_size(MAX_REQUEST_LEN)
+        .on_upgrade(move |socket| async move {
+            match authorized {
+                Ok(_) => session::serve(socket, format, dashboards).await,
+                Err(reason) => {
+                    dashboards.metrics.dashboard_error("unauthorized").inc();
+                    close_with(socket, close::UNAUTHORIZED, reason).await;
+                }
+            }
+        })
+}
+
+/// Closes a socket with a code and reason, without waiting long for a peer
+/// that does not read.
+async fn close_with(mut socket: WebSocket, code: u16, reason: String) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        socket.send(Message::Close(Some(frame))),
+    )
+    .await;
+}

@@ -1,0 +1,409 @@
+//! One dashboard connection: requests in, the view of its viewport out.
+//!
+//! In vehicle mode the dashboard is a fan-out subscriber like a rider, with
+//! a latest-wins [`Mailbox`] drained whenever the socket is free to write.
+//! In density mode it reads [`Density`](crate::fanout::Density) counts on a
+//! timer and sends the cells whose counts changed. Either way a write that
+//! stays blocked for `slow_consumer_after` closes the socket with
+//! [`close::SLOW_CONSUMER`].
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{stream::SplitSink, SinkExt, StreamExt};
+use h3o::CellIndex;
+use hexfleet_model::{VehicleId, ViewportCover};
+use hexfleet_protocol::{
+    dashboard::{
+        close, CellCount, CellOutline, DashboardError, DashboardEvent, DashboardMoved,
+        DashboardRemoved, DashboardRequest, DensityUpdate, Format, Found, Hello, StatusCounts,
+        VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
+    },
+    ErrorCode, Filter,
+};
+
+use super::Dashboards;
+use crate::{
+    clock,
+    fanout::SubscriberId,
+    mailbox::{Change, Drained, Mailbox},
+    metrics::DeltaKind,
+};
+
+/// Items per vehicle update message, so one message stays a few hundred KB
+/// at most and the browser applies it in one frame.
+const MAX_ITEMS_PER_MESSAGE: usize = 1_000;
+/// Outlines a connection remembers having sent; past this it forgets (and
+/// sends again) rather than grow without bound while a user pans forever.
+const MAX_OUTLINES_REMEMBERED: usize = 50_000;
+
+enum Mode {
+    /// No viewport yet.
+    Idle,
+    Vehicles {
+        cells: Vec<CellIndex>,
+        mailbox: Arc<Mailbox>,
+    },
+    Density {
+        cells: Vec<CellIndex>,
+        /// What the dashboard was last told, per cell.
+        sent: HashMap<CellIndex, StatusCounts>,
+        /// The density generation `sent` reflects (`None`: must re-read).
+        generation: Option<u64>,
+    },
+}
+
+/// Why a connection ends.
+enum End {
+    /// The peer is gone, or said goodbye: nobody to tell.
+    Gone,
+    Close(u16, String),
+}
+
+struct Session {
+    dashboards: Arc<Dashboards>,
+    format: Format,
+    sink: SplitSink<WebSocket, Message>,
+    id: SubscriberId,
+    /// The latest viewport or filter request, echoed in what reflects it.
+    subscription: u32,
+    filter: Filter,
+    mode: Mode,
+    /// Vehicles the dashboard has been sent and not told are gone.
+    shown: HashSet<VehicleId>,
+    outlined: HashSet<CellIndex>,
+}
+
+pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Dashboards>) {
+    dashboards.metrics.dashboards.inc();
+    let (sink, mut stream) = socket.split();
+    let mut session = Session {
+        id: dashboards.fanout.new_subscriber_id(),
+        dashboards: dashboards.clone(),
+        format,
+        sink,
+        subscription: 0,
+        filter: Filter::any(),
+        mode: Mode::Idle,
+        shown: HashSet::new(),
+        outlined: HashSet::new(),
+    };
+    let mut density_timer = tokio::time::interval(dashboards.config.density_interval);
+    density_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hello = DashboardEvent::Hello(Hello {
+        node: dashboards.node_id.clone(),
+        server_time_ms: clock::now_ms(),
+        tile_url: Some(dashboards.config.tile_url.clone()).filter(|u| !u.is_empty()),
+        max_vehicle_cells: dashboards.config.max_vehicle_cells,
+        max_density_cells: dashboards.config.max_density_cells,
+    });
+    let mut outcome = session.send(&hello).await;
+    while outcome.is_ok() {
+        let mailbox = match &session.mode {
+            Mode::Vehicles { mailbox, .. } => Some(mailbox.clone()),
+            _ => None,
+        };
+        let in_density = matches!(session.mode, Mode::Density { .. });
+        outcome = tokio::select! {
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => session.request(Format::Json, text.as_bytes()).await,
+                Some(Ok(Message::Binary(bytes))) => session.request(Format::MsgPack, &bytes).await,
+                // Pings are answered by the socket itself.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => Err(End::Gone),
+            },
+            _ = ready(mailbox.as_deref()) => match mailbox.and_then(|m| m.take()) {
+                Some(drained) => session.vehicles(drained).await,
+                None => Ok(()),
+            },
+            _ = density_timer.tick(), if in_density => session.density(false).await,
+            _ = dashboards.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "the node is shutting down".into())),
+        };
+    }
+    if matches!(session.mode, Mode::Vehicles { .. }) {
+        dashboards.fanout.unsubscribe(session.id);
+    }
+    dashboards.metrics.dashboards.dec();
+    if let Err(End::Close(code, reason)) = outcome {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            session.sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+async fn ready(mailbox: Option<&Mailbox>) {
+    match mailbox {
+        Some(m) => m.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn send(&mut self, event: &DashboardEvent) -> Result<(), End> {
+        let bytes = match self.format.encode(event) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a dashboard event");
+                return Err(End::Close(1011, "internal error".into()));
+            }
+        };
+        let message = match self.format {
+            // JSON from serde_json is always UTF-8.
+            Format::Json => Message::Text(String::from_utf8_lossy(&bytes).into_owned().into()),
+            Format::MsgPack => Message::Binary(bytes.into()),
+        };
+        let after = self.dashboards.slow_consumer_after;
+        match tokio::time::timeout(after, self.sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => {
+                self.dashboards
+                    .metrics
+                    .dashboard_error("slow_consumer")
+                    .inc();
+                Err(End::Close(
+                    close::SLOW_CONSUMER,
+                    format!("updates blocked for more than {after:?}"),
+                ))
+            }
+        }
+    }
+
+    /// Answers a bad request with an error event; the connection stays.
+    async fn refuse(&mut self, reason: String) -> Result<(), End> {
+        self.dashboards.metrics.dashboard_error("bad_request").inc();
+        let error = DashboardEvent::Error(DashboardError {
+            code: ErrorCode::BadRequest,
+            reason,
+        });
+        self.send(&error).await
+    }
+
+    async fn request(&mut self, format: Format, bytes: &[u8]) -> Result<(), End> {
+        match format.decode(bytes) {
+            Ok(DashboardRequest::Viewport(viewport)) => self.viewport(viewport).await,
+            Ok(DashboardRequest::Filter { id, filter }) => self.filter(id, filter).await,
+            Ok(DashboardRequest::Find { id }) => self.find(id).await,
+            Err(e) => self.refuse(e.to_string()).await,
+        }
+    }
+
+    async fn viewport(&mut self, viewport: Viewport) -> Result<(), End> {
+        if !(viewport.zoom.is_finite() && (0.0..=MAX_ZOOM).contains(&viewport.zoom)) {
+            return self
+                .refuse(format!("zoom must be in [0, {MAX_ZOOM}], not {}", viewport.zoom))
+                .await;
+        }
+        self.subscription = viewport.id;
+        if let Some(filter) = viewport.filter {
+            self.filter = filter;
+        }
+        let config = &self.dashboards.config;
+        let cover = self.dashboards.cells.viewport(
+            &viewport.bbox,
+            config.max_vehicle_cells,
+            config.max_density_cells,
+        );
+        match cover {
+            ViewportCover::Vehicles(cells) => {
+                let resolution = self.dashboards.cells.index_res();
+                self.view(ViewMode::Vehicles, resolution, &cells).await?;
+                // From another mode: a fresh mailbox, so nothing meant for
+                // an older subscription reaches this one, and a snapshot.
+                let mailbox = match &self.mode {
+                    Mode::Vehicles { mailbox, .. } => mailbox.clone(),
+                    _ => Arc::new(Mailbox::new()),
+                };
+                self.dashboards.fanout.subscribe(
+                    self.id,
+                    cells.clone(),
+                    self.filter.clone(),
+                    self.subscription,
+                    mailbox.clone(),
+                );
+                self.mode = Mode::Vehicles { cells, mailbox };
+                Ok(())
+            }
+            ViewportCover::Density { resolution, cells } => {
+                if matches!(self.mode, Mode::Vehicles { .. }) {
+                    self.dashboards.fanout.unsubscribe(self.id);
+                }
+                self.shown.clear();
+                self.view(ViewMode::Density, resolution, &cells).await?;
+                self.mode = Mode::Density {
+                    cells,
+                    sent: HashMap::new(),
+                    generation: None,
+                };
+                self.density(true).await
+            }
+        }
+    }
+
+    async fn filter(&mut self, id: u32, filter: Filter) -> Result<(), End> {
+        self.subscription = id;
+        self.filter = filter;
+        match &mut self.mode {
+            Mode::Idle => Ok(()),
+            Mode::Vehicles { cells, mailbox } => {
+                self.dashboards.fanout.subscribe(
+                    self.id,
+                    cells.clone(),
+                    self.filter.clone(),
+                    id,
+                    mailbox.clone(),
+                );
+                Ok(())
+            }
+            Mode::Density { generation, .. } => {
+                *generation = None;
+                self.density(false).await
+            }
+        }
+    }
+
+    async fn find(&mut self, id: String) -> Result<(), End> {
+        let vehicle = match VehicleId::new(&id) {
+            Ok(vehicle_id) => self.dashboards.table.get(&vehicle_id).map(|e| e.state),
+            Err(e) => return self.refuse(format!("find: {e}")).await,
+        };
+        self.send(&DashboardEvent::Found(Found { id, vehicle }))
+            .await
+    }
+
+    /// Tells the dashboard how its viewport is shown, with the outlines of
+    /// cells it has not been sent before.
+    async fn view(
+        &mut self,
+        mode: ViewMode,
+        resolution: h3o::Resolution,
+        cells: &[CellIndex],
+    ) -> Result<(), End> {
+        if self.outlined.len() + cells.len() > MAX_OUTLINES_REMEMBERED {
+            self.outlined.clear();
+        }
+        let outlines = cells
+            .iter()
+            .filter(|c| self.outlined.insert(**c))
+            .map(|c| CellOutline {
+                cell: c.to_string(),
+                boundary: c.boundary().iter().map(|v| [v.lat(), v.lng()]).collect(),
+            })
+            .collect();
+        let view = View {
+            subscription: self.subscription,
+            mode,
+            resolution: u8::from(resolution),
+            cells: cells.iter().map(ToString::to_string).collect(),
+            outlines,
+        };
+        self.send(&DashboardEvent::View(view)).await
+    }
+
+    /// Sends what a mailbox held, in messages of bounded size.
+    async fn vehicles(&mut self, drained: Drained) -> Result<(), End> {
+        if drained.reset {
+            self.shown.clear();
+        }
+        let fresh = |snapshot| VehicleUpdate {
+            subscription: drained.version,
+            snapshot,
+            ..VehicleUpdate::default()
+        };
+        let metrics = self.dashboards.metrics.clone();
+        let mut update = fresh(drained.reset);
+        let (mut items, mut sent) = (0, false);
+        for (id, change) in drained.changes {
+            match change {
+                Change::Removed(reason) => {
+                    // A vehicle the dashboard never saw needs no removal.
+                    if !self.shown.remove(&id) {
+                        continue;
+                    }
+                    update.removed.push(DashboardRemoved {
+                        id: id.to_string(),
+                        reason,
+                    });
+                    metrics.delta_items(DeltaKind::Removed).inc();
+                }
+                Change::Moved(state) if self.shown.contains(&id) => {
+                    update.moved.push(DashboardMoved::from(&state));
+                    metrics.delta_items(DeltaKind::Moved).inc();
+                }
+                Change::Moved(state) | Change::Upsert(state) => {
+                    self.shown.insert(id);
+                    update.added.push(state);
+                    metrics.delta_items(DeltaKind::Added).inc();
+                }
+            }
+            items += 1;
+            if items >= MAX_ITEMS_PER_MESSAGE {
+                let full = std::mem::replace(&mut update, fresh(false));
+                self.send(&DashboardEvent::Update(full)).await?;
+                metrics.delta_frames.inc();
+                (items, sent) = (0, true);
+            }
+        }
+        // A snapshot or a new subscription with no changes still tells the
+        // dashboard where its view stands.
+        if items > 0 || !sent {
+            self.send(&DashboardEvent::Update(update)).await?;
+            metrics.delta_frames.inc();
+        }
+        Ok(())
+    }
+
+    /// Sends the counts of cells that changed since last sent (all of them
+    /// for a snapshot), if any did.
+    async fn density(&mut self, snapshot: bool) -> Result<(), End> {
+        let Mode::Density {
+            cells,
+            sent,
+            generation,
+        } = &mut self.mode
+        else {
+            return Ok(());
+        };
+        let density = self.dashboards.fanout.density();
+        let now = density.generation();
+        if !snapshot && *generation == Some(now) {
+            return Ok(());
+        }
+        *generation = Some(now);
+        let counts = density.counts(cells, &self.filter);
+        let changed: Vec<CellCount> = cells
+            .iter()
+            .zip(counts)
+            .filter(|(cell, counts)| {
+                let before = sent.insert(**cell, *counts).unwrap_or_default();
+                snapshot || before != *counts
+            })
+            .map(|(cell, counts)| CellCount {
+                cell: cell.to_string(),
+                counts,
+            })
+            .collect();
+        if changed.is_empty() && !snapshot {
+            return Ok(());
+        }
+        self.dashboards
+            .metrics
+            .density_cells_sent
+            .inc_by(changed.len() as u64);
+        let update = DensityUpdate {
+            subscription: self.subscription,
+            snapshot,
+            cells: changed,
+        };
+        self.send(&DashboardEvent::Density(update)).await
+    }
+}
