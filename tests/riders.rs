@@ -38,10 +38,7 @@ async fn rider(node: &TestNode, name: &str) -> RiderClient {
 }
 
 async fn driver(node: &TestNode, name: &str, report: DriverReport) -> DriverClient {
-    node.connector()
-        .driver(node.node.quic_addr, &driver_token(name), report)
-        .await
-        .unwrap()
+    node.driver(name, report).await
 }
 
 async fn subscribe(r: &RiderClient, sub: Subscription) {

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hexfleet_client::Connector;
+pub mod dashboard;
+
+use hexfleet_client::{Connector, DriverClient};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_node::{
     config::{Config, StoreKind},
@@ -184,6 +186,14 @@ impl TestNode {
     pub fn connector(&self) -> Connector {
         Connector::new(&self.cert, hexfleet_protocol::dev::DEV_SERVER_NAME)
             .expect("the dev certificate loads")
+    }
+
+    /// A connected driver with the given id and report.
+    pub async fn driver(&self, id: &str, report: DriverReport) -> DriverClient {
+        self.connector()
+            .driver(self.node.quic_addr, &driver_token(id), report)
+            .await
+            .expect("the driver connects")
     }
 
     pub fn url(&self, path: &str) -> String {

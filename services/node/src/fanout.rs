@@ -442,7 +442,10 @@ impl Density {
         // From the finest parent up: once both have the same parent (and
         // class and status), every coarser parent is the same too.
         let finest = from.or(to).map_or(0, |t| u8::from(t.cell.resolution()));
-        for res in (0..finest).rev().filter_map(|r| Resolution::try_from(r).ok()) {
+        for res in (0..finest)
+            .rev()
+            .filter_map(|r| Resolution::try_from(r).ok())
+        {
             let parent = |t: Tallied| t.cell.parent(res).map(|p| (p, t.class, t.status));
             let (old, new) = (from.and_then(parent), to.and_then(parent));
             if old == new {

@@ -231,8 +231,8 @@ impl Node {
                     http_listener,
                     dashboard::router(dashboards).merge(http::router(api)),
                 )
-                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                    .await;
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "HTTP server failed");
                 }

@@ -5,7 +5,7 @@
 //! (DashMap), so concurrent driver sessions do not contend on one lock.
 
 use dashmap::DashMap;
-use hexfleet_model::{IndexCell, ShardId, VehicleId, VehicleState};
+use hexfleet_model::{BBox, IndexCell, ShardId, VehicleId, VehicleState};
 
 /// One vehicle as the node holds it: its latest state and where it is indexed.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +75,18 @@ impl VehicleTable {
     /// it is taken, each one is consistent).
     pub fn entries(&self) -> Vec<Entry> {
         self.vehicles.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// The box around every live vehicle (`None` when there are none, or
+    /// all stand on one point).
+    pub fn bounds(&self) -> Option<BBox> {
+        let (mut south, mut west, mut north, mut east) = (90.0, 180.0, -90.0, -180.0);
+        for e in self.vehicles.iter() {
+            let (lat, lon) = (e.state.lat, e.state.lon);
+            (south, north) = (f64::min(south, lat), f64::max(north, lat));
+            (west, east) = (f64::min(west, lon), f64::max(east, lon));
+        }
+        BBox::new(south, west, north, east).ok()
     }
 
     pub fn len(&self) -> usize {

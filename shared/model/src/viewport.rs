@@ -150,7 +150,8 @@ impl CellModel {
         max_vehicle_cells: usize,
         max_density_cells: usize,
     ) -> ViewportCover {
-        if bbox.east - bbox.west > MAX_TILED_LON_SPAN || bbox.north - bbox.south > MAX_TILED_LAT_SPAN
+        if bbox.east - bbox.west > MAX_TILED_LON_SPAN
+            || bbox.north - bbox.south > MAX_TILED_LAT_SPAN
         {
             // Boxes this wide are most of the globe: planar tiling misreads
             // cells that wrap around it, and every base cell is in view anyway.
@@ -174,7 +175,9 @@ impl CellModel {
         }
         ViewportCover::Density {
             resolution: Resolution::Zero,
-            cells: self.cover(bbox, Resolution::Zero, usize::MAX).unwrap_or_default(),
+            cells: self
+                .cover(bbox, Resolution::Zero, usize::MAX)
+                .unwrap_or_default(),
         }
     }
 }
@@ -195,7 +198,10 @@ mod tests {
         assert_eq!(BBox::new(1.0, 0.0, 0.0, 1.0), Err(BBoxError::Inverted));
         assert_eq!(BBox::new(0.0, 1.0, 1.0, 0.0), Err(BBoxError::Inverted));
         assert_eq!(BBox::new(0.0, 0.0, 91.0, 1.0), Err(BBoxError::Latitude));
-        assert_eq!(BBox::new(0.0, f64::NAN, 1.0, 1.0), Err(BBoxError::Longitude));
+        assert_eq!(
+            BBox::new(0.0, f64::NAN, 1.0, 1.0),
+            Err(BBoxError::Longitude)
+        );
         let json = r#"{"south":2,"west":0,"north":1,"east":1}"#;
         assert!(serde_json::from_str::<BBox>(json).is_err());
     }
@@ -212,7 +218,10 @@ mod tests {
             let lat = rng.random_range(bbox.south()..=bbox.north());
             let lon = rng.random_range(bbox.west()..=bbox.east());
             let (cell, _) = model.locate(Position::new(lat, lon).unwrap());
-            assert!(cells.binary_search(&cell.0).is_ok(), "{lat},{lon} uncovered");
+            assert!(
+                cells.binary_search(&cell.0).is_ok(),
+                "{lat},{lon} uncovered"
+            );
         }
     }
 
@@ -244,8 +253,13 @@ mod tests {
             let width = 10f64.powf(rng.random_range(-3.0..2.6));
             let south = rng.random_range(-90.0..90.0 - height.min(179.0));
             let west = rng.random_range(-180.0..180.0 - width.min(359.0));
-            let bbox = BBox::new(south, west, south + height.min(179.0), west + width.min(359.0))
-                .unwrap();
+            let bbox = BBox::new(
+                south,
+                west,
+                south + height.min(179.0),
+                west + width.min(359.0),
+            )
+            .unwrap();
             match model.viewport(&bbox, 1_500, 600) {
                 ViewportCover::Vehicles(cells) => assert!(cells.len() <= 1_500),
                 ViewportCover::Density { cells, .. } => assert!(cells.len() <= 600),

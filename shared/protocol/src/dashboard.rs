@@ -109,6 +109,8 @@ pub struct Hello {
     pub server_time_ms: i64,
     /// A raster tile URL template (`{z}/{x}/{y}`) for the map background.
     pub tile_url: Option<String>,
+    /// Where the node's vehicles are, for a first view.
+    pub fleet_bounds: Option<BBox>,
     pub max_vehicle_cells: usize,
     pub max_density_cells: usize,
 }
@@ -256,7 +258,8 @@ mod tests {
 
     #[test]
     fn bad_requests_say_what_is_wrong() {
-        let inverted = r#"{"type":"viewport","id":1,"bbox":{"south":2,"west":0,"north":1,"east":1},"zoom":3}"#;
+        let inverted =
+            r#"{"type":"viewport","id":1,"bbox":{"south":2,"west":0,"north":1,"east":1},"zoom":3}"#;
         let e = Format::Json.decode(inverted.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("inverted"), "{e}");
         let e = Format::Json.decode(br#"{"type":"teleport"}"#).unwrap_err();

@@ -27,6 +27,7 @@ use hexfleet_node::{
     config::{Config, StoreKind},
     Node,
 };
+use hexfleet_protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -408,6 +409,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("  store   {}", node.store.kind());
     println!("  QUIC    {} (ALPN hexfleet/1)", node.quic_addr);
     println!("  HTTP    http://{}", node.http_addr);
+    let dispatch = fleet::token(&args.token_secret, Role::Dashboard, "demo-dispatch")?;
+    println!(
+        "  dashboard  http://{}/?token={dispatch}   (open in a browser)",
+        node.http_addr
+    );
     println!(
         "  try     curl 'http://{}/v1/vehicles?lat={lat:.4}&lon={lon:.4}&radius_m=2000&limit=5'",
         node.http_addr

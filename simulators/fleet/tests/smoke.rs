@@ -81,6 +81,8 @@ fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
     );
     for line in [
         "HTTP    http://127.0.0.1:",
+        "dashboard  http://127.0.0.1:",
+        "/?token=hf1.dashboard.demo-dispatch.",
         "| drivers | 20 connected of 20 |",
         "| accepted |",
         "| delta items |",

@@ -18,7 +18,10 @@ pub(super) fn router() -> Router<Arc<Dashboards>> {
             "/app.js",
             get(|| file("text/javascript; charset=utf-8", APP_JS)),
         )
-        .route("/style.css", get(|| file("text/css; charset=utf-8", STYLE_CSS)))
+        .route(
+            "/style.css",
+            get(|| file("text/css; charset=utf-8", STYLE_CSS)),
+        )
 }
 
 async fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {

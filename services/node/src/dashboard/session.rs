@@ -97,6 +97,7 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
         node: dashboards.node_id.clone(),
         server_time_ms: clock::now_ms(),
         tile_url: Some(dashboards.config.tile_url.clone()).filter(|u| !u.is_empty()),
+        fleet_bounds: dashboards.table.bounds(),
         max_vehicle_cells: dashboards.config.max_vehicle_cells,
         max_density_cells: dashboards.config.max_density_cells,
     });
@@ -200,7 +201,10 @@ impl Session {
     async fn viewport(&mut self, viewport: Viewport) -> Result<(), End> {
         if !(viewport.zoom.is_finite() && (0.0..=MAX_ZOOM).contains(&viewport.zoom)) {
             return self
-                .refuse(format!("zoom must be in [0, {MAX_ZOOM}], not {}", viewport.zoom))
+                .refuse(format!(
+                    "zoom must be in [0, {MAX_ZOOM}], not {}",
+                    viewport.zoom
+                ))
                 .await;
         }
         self.subscription = viewport.id;

@@ -12,10 +12,7 @@
 mod driver;
 mod rider;
 
-use std::{
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use dashmap::DashMap;
 use futures_util::{SinkExt, StreamExt};
