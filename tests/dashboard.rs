@@ -404,6 +404,46 @@ async fn a_socket_without_a_dashboard_token_is_closed_with_unauthorized() {
 }
 
 #[tokio::test]
+async fn a_dashboard_that_stops_reading_is_cut_off_and_others_are_unaffected() {
+    let node = TestNode::start_with(None, |c| {
+        c.riders.slow_consumer_after = Duration::from_millis(300);
+    })
+    .await;
+    let _d = parked(&node, "veh-1", 52.52, 13.40, available()).await;
+    let query = format!("token={}", token(Role::Dashboard, "stalled"));
+    let mut stalled = DashboardSocket::connect_small_buffer(&node, &query)
+        .await
+        .unwrap();
+    // Wide viewports (about 1,500 cells listed in each view) asked for over
+    // and over, never read: the node's writes block.
+    let cut_off = async || {
+        node.metric("hexfleet_dashboard_errors_total{reason=\"slow_consumer\"}")
+            .await
+            >= 1.0
+    };
+    for i in 0..400 {
+        let shift = f64::from(i % 2) * 0.01;
+        let request = viewport(i, 52.45 + shift, 13.30, 52.55 + shift, 13.50);
+        if stalled.try_send(request).await.is_err() || (i % 20 == 0 && cut_off().await) {
+            break;
+        }
+    }
+    eventually(WAIT, "the stalled dashboard cut off", async || {
+        cut_off().await.then_some(())
+    })
+    .await;
+    eventually(WAIT, "its socket released", async || {
+        (node.metric("hexfleet_dashboards").await == 0.0).then_some(())
+    })
+    .await;
+
+    let mut other = dashboard(&node).await;
+    other.send(viewport(1, 52.51, 13.39, 52.53, 13.41)).await;
+    assert_eq!(update_for(&mut other, 1).await.added.len(), 1);
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn the_page_and_its_assets_are_served_by_the_node() {
     let node = TestNode::start(None).await;
     for (path, kind, marker) in [

@@ -112,15 +112,45 @@ impl DashboardSocket {
     ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let url = format!("ws://{}/v1/ws?{query}", node.node.http_addr);
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Self {
+        Ok(Self::over(ws))
+    }
+
+    /// Like [`DashboardSocket::connect`], with a receive buffer of a few KB:
+    /// a dashboard that stops reading blocks the node's writes quickly.
+    pub async fn connect_small_buffer(
+        node: &TestNode,
+        query: &str,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let stream = socket.connect(node.node.http_addr).await?;
+        let url = format!("ws://{}/v1/ws?{query}", node.node.http_addr);
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        Ok(Self::over(ws))
+    }
+
+    fn over(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Self {
             ws,
             events: Vec::new(),
             view: DashboardView::default(),
-        })
+        }
     }
 
     pub async fn send(&mut self, request: serde_json::Value) {
         self.send_text(&request.to_string()).await;
+    }
+
+    /// Sends a request; `Err` once the node has dropped the socket.
+    pub async fn try_send(
+        &mut self,
+        request: serde_json::Value,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let send = self.ws.send(Message::text(request.to_string()));
+        match tokio::time::timeout(WAIT, send).await {
+            Ok(sent) => sent,
+            Err(_) => Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed),
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {

@@ -449,11 +449,13 @@ function drawCells() {
 function drawVehicles() {
   let drawn = 0;
   let digest = 0;
-  const size = Math.max(5, Math.min(10, (map.zoom - 10) * 1.5));
+  const totals = { available: 0, on_trip: 0, off_duty: 0 };
+  const size = Math.max(6, Math.min(11, (map.zoom - 9) * 1.6));
   for (const v of view.vehicles.values()) {
     const p = toScreen(v.lat, v.lon);
     if (p.x < -size || p.y < -size || p.x > map.width + size || p.y > map.height + size) continue;
     drawn += 1;
+    totals[v.status] += 1;
     digest = (digest + Math.round(v.lat * 1e5) * 31 + Math.round(v.lon * 1e5)) % 1000000007;
     ctx.save();
     ctx.translate(p.x, p.y);
@@ -482,6 +484,7 @@ function drawVehicles() {
   el.textContent = String(drawn);
   el.dataset.count = String(drawn);
   el.dataset.digest = String(digest);
+  return totals;
 }
 
 function drawScale() {
@@ -494,12 +497,11 @@ function drawScale() {
   $("scale").style.width = `${nice / metresPerPixel}px`;
 }
 
-function updateTotals() {
-  const totals = { available: 0, on_trip: 0, off_duty: 0 };
+/** Totals by status: of the vehicles drawn, or of the counted cells. */
+function updateTotals(drawnTotals) {
+  const totals = drawnTotals || { available: 0, on_trip: 0, off_duty: 0 };
   if (view.mode === "density") {
     for (const c of view.counts.values()) for (const s of STATUSES) totals[s] += c[s];
-  } else {
-    for (const v of view.vehicles.values()) totals[v.status] += 1;
   }
   for (const s of STATUSES) {
     document.querySelector(`#totals tr[data-status="${s}"] .n`).textContent = totals[s].toLocaleString();
@@ -516,13 +518,14 @@ function render() {
     ctx.fillRect(0, 0, map.width, map.height);
     drawTiles();
     drawCells();
-    if (view.mode === "vehicles") drawVehicles();
+    let drawnTotals = null;
+    if (view.mode === "vehicles") drawnTotals = drawVehicles();
     else {
       $("rendered-count").textContent = "0";
       $("rendered-count").dataset.count = "0";
     }
     drawScale();
-    updateTotals();
+    updateTotals(drawnTotals);
   }
   requestAnimationFrame(render);
 }
