@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs hexfleet's whole test suite. Tests start their own redis-server on free
-# ports, so it must be installed; on Debian this script installs it when
-# missing (as root), or says exactly what to install.
+# ports, and the dashboard test drives a headless Chromium through
+# chromedriver, so those must be installed; on Debian this script installs them
+# when missing (as root), or says exactly what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,7 @@ need_package() { # command package
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing $2 (Debian package) for the tests"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
   else
     echo "The tests need '$1'. Install it first, e.g.: sudo apt-get install $2" >&2
     exit 1
@@ -18,5 +19,7 @@ need_package() { # command package
 }
 
 need_package redis-server redis-server
+need_package chromium chromium
+need_package chromedriver chromium-driver
 
 cargo test --workspace --locked "$@"

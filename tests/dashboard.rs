@@ -69,8 +69,8 @@ async fn update_for(
 async fn a_viewport_gets_its_vehicles_then_sees_them_move() {
     let node = TestNode::start(None).await;
     let economy = report(VehicleClass::Economy, VehicleStatus::Available);
-    let mut a = parked(&node, "veh-a", 52.5200, 13.4000, economy.clone()).await;
-    let _b = parked(&node, "veh-b", 52.5210, 13.4020, economy.clone()).await;
+    let mut a = parked(&node, "veh-a", 52.5200, 13.4000, economy).await;
+    let _b = parked(&node, "veh-b", 52.5210, 13.4020, economy).await;
     let _far = parked(&node, "veh-far", 52.6000, 13.6000, economy).await;
 
     let mut socket = dashboard(&node).await;
@@ -116,8 +116,8 @@ async fn a_viewport_gets_its_vehicles_then_sees_them_move() {
 async fn panning_sends_only_the_difference() {
     let node = TestNode::start(None).await;
     let r = report(VehicleClass::Comfort, VehicleStatus::Available);
-    let _west = parked(&node, "veh-west", 52.52, 13.380, r.clone()).await;
-    let _middle = parked(&node, "veh-middle", 52.52, 13.400, r.clone()).await;
+    let _west = parked(&node, "veh-west", 52.52, 13.380, r).await;
+    let _middle = parked(&node, "veh-middle", 52.52, 13.400, r).await;
     let _east = parked(&node, "veh-east", 52.52, 13.420, r).await;
 
     let mut socket = dashboard(&node).await;
