@@ -1,13 +1,16 @@
 //! The per-fix hot path, stage by stage: validation and location, the
-//! fan-out of one fix to the subscribers of its cell, and mailbox coalescing.
+//! fan-out of one fix to the subscribers of its cell, and mailbox coalescing;
+//! and what a dashboard costs: its viewport's cover and its density counts.
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use hexfleet_model::{CellModel, Position, VehicleClass, VehicleId, VehicleState, VehicleStatus};
+use hexfleet_model::{
+    BBox, CellModel, Position, VehicleClass, VehicleId, VehicleState, VehicleStatus, ViewportCover,
+};
 use hexfleet_node::{
-    config::IngestConfig,
-    fanout::Index,
+    config::{DashboardConfig, IngestConfig},
+    fanout::{Density, Index},
     mailbox::{Change, Mailbox},
     metrics::Metrics,
     validate::{Limits, Validator},
@@ -125,5 +128,92 @@ fn mailbox(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, validate_and_locate, fan_out, mailbox);
+fn dashboard(c: &mut Criterion) {
+    let cells = CellModel::default();
+    let limits = DashboardConfig::default();
+    let mut g = c.benchmark_group("dashboard");
+    let viewports = [
+        (
+            "viewport: 1,500 index cells",
+            BBox::new(52.45, 13.30, 52.55, 13.50),
+        ),
+        (
+            "viewport: whole city, counts",
+            BBox::new(52.30, 13.00, 52.70, 13.80),
+        ),
+    ];
+    for (name, bbox) in viewports {
+        let bbox = bbox.expect("a valid box");
+        let cover = cells.viewport(&bbox, limits.max_vehicle_cells, limits.max_density_cells);
+        let n = match &cover {
+            ViewportCover::Vehicles(c) | ViewportCover::Density { cells: c, .. } => c.len(),
+        };
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                cells.viewport(
+                    black_box(&bbox),
+                    limits.max_vehicle_cells,
+                    limits.max_density_cells,
+                )
+            })
+        });
+    }
+
+    // 10,000 vehicles over the city; counts for a whole-city view.
+    let metrics = Metrics::new();
+    let density = Arc::new(Density::default());
+    let mut index = Index::new(density.clone());
+    let ids: Vec<VehicleId> = (0..10_000)
+        .map(|i| VehicleId::new(&format!("v{i}")).expect("a valid id"))
+        .collect();
+    let spot = |i: usize, step: usize| {
+        let lat = 52.35 + ((i * 7_919 + step * 13) % 3_000) as f64 * 1e-4;
+        let lon = 13.05 + ((i * 104_729 + step * 29) % 7_000) as f64 * 1e-4;
+        (lat, lon)
+    };
+    for (i, id) in ids.iter().enumerate() {
+        let (lat, lon) = spot(i, 0);
+        let (cell, _) = cells.locate(Position::new(lat, lon).expect("a valid position"));
+        index.vehicle_changed(
+            VehicleState {
+                lon,
+                ..state(id, lat)
+            },
+            cell,
+            &metrics,
+        );
+    }
+    let city = BBox::new(52.30, 13.00, 52.70, 13.80).expect("a valid box");
+    let ViewportCover::Density { cells: coarse, .. } =
+        cells.viewport(&city, limits.max_vehicle_cells, limits.max_density_cells)
+    else {
+        panic!("a whole city is shown as counts");
+    };
+    g.throughput(Throughput::Elements(coarse.len() as u64));
+    g.bench_function("density counts of a whole-city view", |b| {
+        b.iter(|| density.counts(black_box(&coarse), &Filter::any()))
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("a fix that changes index cell (counts kept)", |b| {
+        let mut step = 0usize;
+        b.iter(|| {
+            step += 1;
+            let i = step % ids.len();
+            let (lat, lon) = spot(i, step);
+            let (cell, _) = cells.locate(Position::new(lat, lon).expect("a valid position"));
+            index.vehicle_changed(
+                VehicleState {
+                    lon,
+                    ..state(&ids[i], lat)
+                },
+                cell,
+                &metrics,
+            );
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, validate_and_locate, fan_out, mailbox, dashboard);
 criterion_main!(benches);

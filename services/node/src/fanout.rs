@@ -466,3 +466,88 @@ impl Density {
         self.generation.fetch_add(1, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hexfleet_model::{CellModel, Position};
+
+    use super::*;
+
+    fn state(i: usize, lat: f64, lon: f64, status: VehicleStatus) -> VehicleState {
+        VehicleState {
+            id: VehicleId::new(&format!("v{i}")).unwrap(),
+            lat,
+            lon,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 1.0,
+            fix_time_ms: 0,
+            seq: 1,
+            class: VehicleClass::ALL[i % VehicleClass::ALL.len()],
+            status,
+            seen_ms: 0,
+        }
+    }
+
+    #[test]
+    fn density_counts_match_a_recount_after_moves_status_changes_and_removals() {
+        let cells = CellModel::default();
+        let metrics = Metrics::new();
+        let density = Arc::new(Density::default());
+        let mut index = Index::new(density.clone());
+        let mut truth: HashMap<usize, (CellIndex, VehicleState)> = HashMap::new();
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % n
+        };
+        for step in 0..3_000 {
+            let i = next(200) as usize;
+            if next(10) == 0 {
+                index.remove(
+                    &state(i, 0.0, 0.0, VehicleStatus::Available).id,
+                    RemoveReason::Stale,
+                    &metrics,
+                );
+                truth.remove(&i);
+                continue;
+            }
+            let lat = 52.40 + next(2_000) as f64 * 1e-4;
+            let lon = 13.30 + next(2_000) as f64 * 1e-4;
+            let status = VehicleStatus::ALL[(step % 7) % 3];
+            let (cell, _) = cells.locate(Position::new(lat, lon).unwrap());
+            let s = state(i, lat, lon, status);
+            index.vehicle_changed(s.clone(), cell, &metrics);
+            truth.insert(i, (cell.0, s));
+        }
+        let filter = Filter {
+            classes: vec![VehicleClass::Xl, VehicleClass::Van],
+            statuses: Vec::new(),
+        };
+        for res in [Resolution::Four, Resolution::Six, Resolution::Eight] {
+            let mut expected: HashMap<CellIndex, StatusCounts> = HashMap::new();
+            for (cell, s) in truth.values() {
+                if filter.matches(s.class, s.status) {
+                    expected
+                        .entry(cell.parent(res).unwrap())
+                        .or_default()
+                        .add(s.status, 1);
+                }
+            }
+            let coarse: Vec<CellIndex> = expected.keys().copied().collect();
+            let counted = density.counts(&coarse, &filter);
+            for (cell, counts) in coarse.iter().zip(counted) {
+                assert_eq!(counts, expected[cell], "{cell} at {res}");
+            }
+        }
+        // Nothing left over once everyone is gone.
+        for i in truth.keys() {
+            index.remove(
+                &state(*i, 0.0, 0.0, VehicleStatus::Available).id,
+                RemoveReason::Offline,
+                &metrics,
+            );
+        }
+        assert!(density.tallies.read().is_empty());
+    }
+}
