@@ -446,6 +446,7 @@ impl Bench {
             &self.node.quic.to_string(),
             &stats,
             &book,
+            None,
             &outcome,
             started.elapsed(),
         );

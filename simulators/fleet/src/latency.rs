@@ -6,7 +6,10 @@
 //! records how long that fix took. A fix that was coalesced away is never
 //! applied and not measured; a late one still is, however late.
 
-use std::{collections::VecDeque, time::Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use dashmap::DashMap;
 use hdrhistogram::Histogram;
@@ -33,6 +36,32 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+/// A histogram of latencies in microseconds, 1 µs to 60 s, 3 significant
+/// digits.
+pub fn histogram() -> Histogram<u64> {
+    // These bounds are valid.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+pub fn record(h: &mut Histogram<u64>, waited: Duration) {
+    let _ = h.record(waited.as_micros().clamp(1, 60_000_000) as u64);
+}
+
+impl Percentiles {
+    /// Percentiles in milliseconds of a histogram in microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        Self {
+            samples: h.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1e3,
+        }
+    }
+}
+
 fn e7(degrees: f64) -> i32 {
     (degrees * 1e7).round() as i32
 }
@@ -41,10 +70,7 @@ impl Default for LatencyBook {
     fn default() -> Self {
         Self {
             sent: DashMap::new(),
-            // 1 µs to 60 s, 3 significant digits; these bounds are valid.
-            histogram: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
-            ),
+            histogram: Mutex::new(histogram()),
         }
     }
 }
@@ -59,32 +85,24 @@ impl LatencyBook {
         recent.push_back((e7(lat), e7(lon), Instant::now()));
     }
 
+    /// How long ago a driver sent this position of this vehicle, if it is
+    /// one of its recent fixes.
+    pub fn since_sent(&self, id: &VehicleId, lat: f64, lon: f64) -> Option<Duration> {
+        let (lat, lon) = (e7(lat), e7(lon));
+        let recent = self.sent.get(id)?;
+        let found = recent.iter().rev().find(|(a, b, _)| (*a, *b) == (lat, lon));
+        found.map(|(_, _, at)| at.elapsed())
+    }
+
     /// A rider applied a move of this vehicle.
     pub fn applied(&self, state: &VehicleState) {
-        let (lat, lon) = (e7(state.lat), e7(state.lon));
-        let at = {
-            let Some(recent) = self.sent.get(&state.id) else {
-                return;
-            };
-            let found = recent.iter().rev().find(|(a, b, _)| (*a, *b) == (lat, lon));
-            let Some(&(_, _, at)) = found else { return };
-            at
-        };
-        let micros = at.elapsed().as_micros().clamp(1, 60_000_000) as u64;
-        let _ = self.histogram.lock().record(micros);
+        if let Some(waited) = self.since_sent(&state.id, state.lat, state.lon) {
+            record(&mut self.histogram.lock(), waited);
+        }
     }
 
     pub fn percentiles(&self) -> Percentiles {
-        let h = self.histogram.lock();
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-        Percentiles {
-            samples: h.len(),
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: h.max() as f64 / 1e3,
-        }
+        Percentiles::of(&self.histogram.lock())
     }
 
     /// Starts a new measurement window (e.g. after the ramp-up).

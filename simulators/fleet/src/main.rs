@@ -5,6 +5,7 @@
 //! - `demo`: an embedded node plus a simulated fleet, to see it work.
 
 mod bench;
+mod dashboards;
 mod fleet;
 mod latency;
 mod movement;
@@ -27,10 +28,11 @@ use hexfleet_node::{
     config::{Config, StoreKind},
     Node,
 };
-use hexfleet_protocol::Role;
+use hexfleet_protocol::{dashboard::Format, Role};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    dashboards::DashboardStats,
     fleet::{FleetStats, Target},
     latency::LatencyBook,
     movement::BBox,
@@ -127,6 +129,9 @@ struct ClientArgs {
     /// QUIC address of the node.
     #[arg(long, default_value = "127.0.0.1:4433")]
     node: SocketAddr,
+    /// HTTP address of the node, for dashboards.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
     /// Certificate (PEM or DER) to trust; default: the node's development
     /// certificate on this machine.
     #[arg(long, env = "HEXFLEET_CA")]
@@ -165,6 +170,13 @@ struct LoadArgs {
     /// Radius each rider watches, metres.
     #[arg(long, default_value_t = 1_000.0)]
     rider_radius: f64,
+    /// Simulated dispatch dashboards (WebSocket to --http): half watch the
+    /// whole city, half a district.
+    #[arg(long, default_value_t = 0)]
+    dashboards: usize,
+    /// Dashboards read MessagePack frames instead of JSON.
+    #[arg(long)]
+    dashboard_msgpack: bool,
     /// City bounding box: min_lat,min_lon,max_lat,max_lon (default: Berlin).
     #[arg(long)]
     bbox: Option<BBox>,
@@ -238,6 +250,8 @@ impl LoadArgs {
         s.drivers.goodbye = self.goodbye;
         s.riders.count = self.riders;
         s.riders.radius_m = self.rider_radius;
+        s.dashboards.count = self.dashboards;
+        s.dashboards.msgpack = self.dashboard_msgpack;
         s.check()?;
         Ok(s)
     }
@@ -269,6 +283,7 @@ fn spawn_progress(
     scenario: &Scenario,
     stats: Arc<FleetStats>,
     book: Arc<LatencyBook>,
+    dashboards: Arc<DashboardStats>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let (drivers, riders) = (scenario.drivers.count as u64, scenario.riders.count as u64);
@@ -288,6 +303,7 @@ fn spawn_progress(
             let r = stats.riders_connected.load(Ordering::Relaxed);
             if !measuring && d >= drivers && r >= riders {
                 book.reset();
+                dashboards.reset();
                 (measuring, last_samples) = (true, 0);
             }
             let l = book.percentiles();
@@ -332,7 +348,34 @@ async fn play(
     let book = Arc::new(LatencyBook::default());
     let stop = stop_after(Some(scenario.duration));
     let started = Instant::now();
-    let progress = spawn_progress(&scenario, stats.clone(), book.clone(), stop.clone());
+    let dashboard_stats = Arc::new(DashboardStats::default());
+    let progress = spawn_progress(
+        &scenario,
+        stats.clone(),
+        book.clone(),
+        dashboard_stats.clone(),
+        stop.clone(),
+    );
+    let dashboards = (scenario.dashboards.count > 0).then(|| {
+        let target = Arc::new(dashboards::Target {
+            http: client.http,
+            token_secret: client.token_secret.clone(),
+            format: if scenario.dashboards.msgpack {
+                Format::MsgPack
+            } else {
+                Format::Json
+            },
+        });
+        tokio::spawn(dashboards::watch(
+            scenario.dashboards.count,
+            target,
+            scenario.bbox(),
+            scenario.seed,
+            dashboard_stats.clone(),
+            book.clone(),
+            stop.clone(),
+        ))
+    });
     let outcome = fleet::run(
         &scenario,
         &target,
@@ -345,11 +388,15 @@ async fn play(
     .await?;
     let elapsed = started.elapsed().min(scenario.duration);
     let _ = progress.await;
+    if let Some(dashboards) = dashboards {
+        let _ = dashboards.await;
+    }
     let summary = Summary::new(
         &scenario,
         &target.node.to_string(),
         &stats,
         &book,
+        (scenario.dashboards.count > 0).then_some(&*dashboard_stats),
         &outcome,
         elapsed,
     );
@@ -422,6 +469,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("Ctrl-C to stop.");
     let client = ClientArgs {
         node: node.quic_addr,
+        http: node.http_addr,
         ca: Some(cert.clone()),
         server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),
         token_secret: args.token_secret.clone(),

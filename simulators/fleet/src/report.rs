@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 use serde::Serialize;
 
 use crate::{
+    dashboards::{DashboardStats, ViewSummary},
     fleet::{FleetStats, Outcome},
     latency::{LatencyBook, Percentiles},
     scenario::Scenario,
@@ -21,7 +22,17 @@ pub struct Summary {
     pub fixes: Fixes,
     pub deltas: Deltas,
     pub latency_ms: Percentiles,
+    pub dashboards: Option<Dashboards>,
     pub errors: Errors,
+}
+
+/// Dashboards watching the whole city (counts) and a district (vehicles).
+#[derive(Debug, Serialize)]
+pub struct Dashboards {
+    pub city: ViewSummary,
+    pub district: ViewSummary,
+    pub errors: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +90,7 @@ impl Summary {
         node: &str,
         stats: &FleetStats,
         book: &LatencyBook,
+        dashboards: Option<&DashboardStats>,
         outcome: &Outcome,
         elapsed: Duration,
     ) -> Self {
@@ -130,6 +142,12 @@ impl Summary {
                 rider_reconnects: r.reconnects,
             },
             latency_ms: book.percentiles(),
+            dashboards: dashboards.map(|d| Dashboards {
+                city: ViewSummary::of(&d.city, secs),
+                district: ViewSummary::of(&d.district, secs),
+                errors: d.errors.load(Ordering::Relaxed),
+                last_error: d.last_error.lock().clone(),
+            }),
             errors: Errors {
                 connect: stats.connect_errors.load(Ordering::Relaxed),
                 send: stats.send_errors.load(Ordering::Relaxed),
@@ -203,6 +221,29 @@ impl Summary {
                 d.bytes_per_item,
                 hexfleet_protocol::Moved::LEN
             );
+        }
+        if let Some(dash) = &self.dashboards {
+            for (name, v) in [
+                ("city (counts)", &dash.city),
+                ("district (vehicles)", &dash.district),
+            ] {
+                println!(
+                    "| dashboards, {name} | {} connected; {:.0} messages/s, {:.0} items/s in all; {:.1} KB/s each, {:.1} bytes per item |",
+                    v.connected, v.messages_per_s, v.items_per_s, v.bytes_per_s / 1e3, v.bytes_per_item
+                );
+            }
+            let l = &dash.district.latency_ms;
+            println!(
+                "| latency, fix created → dashboard received | p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} samples) |",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.samples
+            );
+            if dash.errors > 0 {
+                println!(
+                    "| dashboard errors | {} (last: {}) |",
+                    dash.errors,
+                    dash.last_error.as_deref().unwrap_or("-")
+                );
+            }
         }
         println!(
             "| errors | {} connect, {} send; {} driver and {} rider reconnects |",

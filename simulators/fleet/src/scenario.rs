@@ -18,6 +18,7 @@ pub struct Scenario {
     pub city: CityPlan,
     pub drivers: DriverPlan,
     pub riders: RiderPlan,
+    pub dashboards: DashboardPlan,
     /// Every client drops its connection and reconnects at once, this long
     /// into the run.
     #[serde(with = "humantime_serde")]
@@ -50,6 +51,16 @@ pub struct DriverPlan {
     pub goodbye: bool,
 }
 
+/// Dispatch dashboards over WebSocket: half watch the whole city, half a
+/// district.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardPlan {
+    pub count: usize,
+    /// MessagePack frames instead of JSON.
+    pub msgpack: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RiderPlan {
@@ -74,6 +85,7 @@ impl Default for Scenario {
             city: CityPlan::default(),
             drivers: DriverPlan::default(),
             riders: RiderPlan::default(),
+            dashboards: DashboardPlan::default(),
             reconnect_storm_at: None,
         }
     }
