@@ -47,8 +47,11 @@ impl DashboardView {
                 self.mode = Some(v.mode);
                 self.resolution = v.resolution;
                 self.cells = v.cells.clone();
-                for o in &v.outlines {
-                    self.outlined.insert(o.cell.clone(), o.boundary.len());
+            }
+            DashboardEvent::Outlines(o) => {
+                for o in &o.outlines {
+                    let again = self.outlined.insert(o.cell.clone(), o.boundary.len());
+                    assert!(again.is_none(), "{} outlined twice", o.cell);
                 }
             }
             DashboardEvent::Update(u) => {

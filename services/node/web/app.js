@@ -253,6 +253,9 @@ function handle(m) {
       view.mode = m.mode;
       view.resolution = m.resolution;
       view.cells = m.cells;
+      dirty = true;
+      break;
+    case "outlines":
       for (const o of m.outlines) outlines.set(o.cell, o.boundary);
       dirty = true;
       break;

@@ -8,7 +8,11 @@
 //! index cells the node shows every vehicle: a snapshot, then `added`,
 //! `moved` and `removed` deltas, as riders get. When it covers more, the
 //! node shows [`DensityUpdate`]s instead: per-cell counts by status at a
-//! coarser resolution. Each [`View`] says which, and outlines the cells.
+//! coarser resolution. Each [`View`] says which; [`Outlines`] that follow
+//! it draw the cells the connection has not been sent before.
+//!
+//! Messages are kept to a few tens of KB: big snapshots and outline sets
+//! come in several messages, so neither side buffers a huge one.
 
 use hexfleet_model::{BBox, VehicleState, VehicleStatus};
 use serde::{Deserialize, Serialize};
@@ -96,6 +100,7 @@ pub const MAX_ZOOM: f64 = 24.0;
 pub enum DashboardEvent {
     Hello(Hello),
     View(View),
+    Outlines(Outlines),
     Update(VehicleUpdate),
     Density(DensityUpdate),
     Found(Found),
@@ -131,7 +136,11 @@ pub struct View {
     pub resolution: u8,
     /// The cells in view (H3 strings).
     pub cells: Vec<String>,
-    /// Outlines of the cells this connection has not been sent before.
+}
+
+/// Outlines of cells this connection has not been sent before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outlines {
     pub outlines: Vec<CellOutline>,
 }
 
@@ -183,8 +192,9 @@ impl From<&VehicleState> for DashboardMoved {
     }
 }
 
-/// Per-cell counts. A snapshot lists every cell in view; later updates list
-/// only cells whose counts changed (all zero: now empty).
+/// Per-cell counts. A snapshot lists every cell in view (in several
+/// messages, the first marked `snapshot`); later updates list only cells
+/// whose counts changed (all zero: now empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct DensityUpdate {
     pub subscription: u32,

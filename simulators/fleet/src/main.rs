@@ -386,11 +386,11 @@ async fn play(
         stop,
     )
     .await?;
-    let elapsed = started.elapsed().min(scenario.duration);
     let _ = progress.await;
     if let Some(dashboards) = dashboards {
         let _ = dashboards.await;
     }
+    let elapsed = started.elapsed().min(scenario.duration);
     let summary = Summary::new(
         &scenario,
         &target.node.to_string(),

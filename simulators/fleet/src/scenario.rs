@@ -176,8 +176,8 @@ impl Scenario {
         {
             return invalid("shares must be in [0, 1]");
         }
-        if self.drivers.count == 0 && self.riders.count == 0 {
-            return invalid("a scenario needs drivers or riders");
+        if self.drivers.count == 0 && self.riders.count == 0 && self.dashboards.count == 0 {
+            return invalid("a scenario needs drivers, riders or dashboards");
         }
         Ok(())
     }

@@ -36,6 +36,7 @@ use crate::{
 /// The largest request a dashboard may send. Requests are small (a
 /// viewport, a filter); anything larger is a broken or hostile client.
 const MAX_REQUEST_LEN: usize = 16 * 1024;
+const READ_BUFFER: usize = 4 * 1024;
 
 /// What every dashboard connection of a node shares.
 pub struct Dashboards {
@@ -86,6 +87,10 @@ async fn upgrade(
     };
     ws.max_message_size(MAX_REQUEST_LEN)
         .max_frame_size(MAX_REQUEST_LEN)
+        // tungstenite reads through a 128 KiB buffer by default, allocated
+        // per connection; requests are small.
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             match authorized {
                 Ok(_) => session::serve(socket, format, dashboards).await,

@@ -7,10 +7,7 @@
 //! stays blocked for `slow_consumer_after` closes the socket with
 //! [`close::SLOW_CONSUMER`].
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::HashSet, sync::Arc};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{stream::SplitSink, SinkExt, StreamExt};
@@ -19,8 +16,8 @@ use hexfleet_model::{VehicleId, ViewportCover};
 use hexfleet_protocol::{
     dashboard::{
         close, CellCount, CellOutline, DashboardError, DashboardEvent, DashboardMoved,
-        DashboardRemoved, DashboardRequest, DensityUpdate, Format, Found, Hello, StatusCounts,
-        VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
+        DashboardRemoved, DashboardRequest, DensityUpdate, Format, Found, Hello, Outlines,
+        StatusCounts, VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
     },
     ErrorCode, Filter,
 };
@@ -33,9 +30,12 @@ use crate::{
     metrics::DeltaKind,
 };
 
-/// Items per vehicle update message, so one message stays a few hundred KB
-/// at most and the browser applies it in one frame.
-const MAX_ITEMS_PER_MESSAGE: usize = 1_000;
+/// Items per message. The WebSocket keeps a buffer as large as the largest
+/// message it ever wrote, for as long as it lives: messages of tens of KB
+/// keep an open dashboard cheap.
+const MAX_ITEMS_PER_MESSAGE: usize = 100;
+const MAX_OUTLINES_PER_MESSAGE: usize = 64;
+const MAX_CELLS_PER_MESSAGE: usize = 250;
 /// Outlines a connection remembers having sent; past this it forgets (and
 /// sends again) rather than grow without bound while a user pans forever.
 const MAX_OUTLINES_REMEMBERED: usize = 50_000;
@@ -49,8 +49,8 @@ enum Mode {
     },
     Density {
         cells: Vec<CellIndex>,
-        /// What the dashboard was last told, per cell.
-        sent: HashMap<CellIndex, StatusCounts>,
+        /// What the dashboard was last told, per cell of `cells`.
+        sent: Vec<StatusCounts>,
         /// The density generation `sent` reflects (`None`: must re-read).
         generation: Option<u64>,
     },
@@ -244,8 +244,8 @@ impl Session {
                 self.shown.clear();
                 self.view(ViewMode::Density, resolution, &cells).await?;
                 self.mode = Mode::Density {
+                    sent: vec![StatusCounts::default(); cells.len()],
                     cells,
-                    sent: HashMap::new(),
                     generation: None,
                 };
                 self.density(true).await
@@ -295,22 +295,30 @@ impl Session {
         if self.outlined.len() + cells.len() > MAX_OUTLINES_REMEMBERED {
             self.outlined.clear();
         }
-        let outlines = cells
-            .iter()
-            .filter(|c| self.outlined.insert(**c))
-            .map(|c| CellOutline {
-                cell: c.to_string(),
-                boundary: c.boundary().iter().map(|v| [v.lat(), v.lng()]).collect(),
-            })
-            .collect();
         let view = View {
             subscription: self.subscription,
             mode,
             resolution: u8::from(resolution),
             cells: cells.iter().map(ToString::to_string).collect(),
-            outlines,
         };
-        self.send(&DashboardEvent::View(view)).await
+        self.send(&DashboardEvent::View(view)).await?;
+        let new: Vec<CellIndex> = cells
+            .iter()
+            .copied()
+            .filter(|c| self.outlined.insert(*c))
+            .collect();
+        for chunk in new.chunks(MAX_OUTLINES_PER_MESSAGE) {
+            let outlines = chunk
+                .iter()
+                .map(|c| CellOutline {
+                    cell: c.to_string(),
+                    boundary: c.boundary().iter().map(|v| [v.lat(), v.lng()]).collect(),
+                })
+                .collect();
+            self.send(&DashboardEvent::Outlines(Outlines { outlines }))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Sends what a mailbox held, in messages of bounded size.
@@ -384,18 +392,16 @@ impl Session {
         }
         *generation = Some(now);
         let counts = density.counts(cells, &self.filter);
-        let changed: Vec<CellCount> = cells
-            .iter()
-            .zip(counts)
-            .filter(|(cell, counts)| {
-                let before = sent.insert(**cell, *counts).unwrap_or_default();
-                snapshot || before != *counts
-            })
-            .map(|(cell, counts)| CellCount {
-                cell: cell.to_string(),
-                counts,
-            })
-            .collect();
+        let mut changed = Vec::new();
+        for ((cell, before), counts) in cells.iter().zip(sent.iter_mut()).zip(counts) {
+            if snapshot || *before != counts {
+                changed.push(CellCount {
+                    cell: cell.to_string(),
+                    counts,
+                });
+            }
+            *before = counts;
+        }
         if changed.is_empty() && !snapshot {
             return Ok(());
         }
@@ -403,11 +409,22 @@ impl Session {
             .metrics
             .density_cells_sent
             .inc_by(changed.len() as u64);
-        let update = DensityUpdate {
-            subscription: self.subscription,
-            snapshot,
-            cells: changed,
+        let subscription = self.subscription;
+        let mut first = snapshot;
+        // A snapshot with no cells still says "nothing here".
+        let chunks: Vec<&[CellCount]> = if changed.is_empty() {
+            vec![&[]]
+        } else {
+            changed.chunks(MAX_CELLS_PER_MESSAGE).collect()
         };
-        self.send(&DashboardEvent::Density(update)).await
+        for chunk in chunks {
+            let update = DensityUpdate {
+                subscription,
+                snapshot: std::mem::take(&mut first),
+                cells: chunk.to_vec(),
+            };
+            self.send(&DashboardEvent::Density(update)).await?;
+        }
+        Ok(())
     }
 }
