@@ -29,6 +29,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    dashboards::{self, DashboardStats, ViewSummary},
     fleet::{self, FleetStats, Target},
     latency::LatencyBook,
     report::Summary,
@@ -44,6 +45,8 @@ pub struct Sizes {
     pub latency_loads: Vec<(usize, f64, usize)>,
     pub fanout: (usize, f64, usize),
     pub idle_connections: usize,
+    /// (drivers, rate, dashboards): half watch the city, half a district.
+    pub dashboards: (usize, f64, usize),
     pub redis_benchmark_requests: usize,
 }
 
@@ -57,6 +60,7 @@ impl Sizes {
             latency_loads: vec![(2_000, 2.5, 500), (2_000, 10.0, 2_000), (2_000, 25.0, 500)],
             fanout: (500, 4.0, 300),
             idle_connections: 20_000,
+            dashboards: (2_000, 1.0, 2_000),
             redis_benchmark_requests: 2_000_000,
         }
     }
@@ -70,6 +74,7 @@ impl Sizes {
             latency_loads: vec![(20, 5.0, 10)],
             fanout: (20, 5.0, 10),
             idle_connections: 50,
+            dashboards: (20, 2.0, 10),
             redis_benchmark_requests: 20_000,
         }
     }
@@ -87,6 +92,20 @@ pub struct Report {
     pub latency: Vec<LatencyStep>,
     pub fanout: FanoutStep,
     pub idle: IdleStep,
+    pub dashboards: DashboardStep,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DashboardStep {
+    pub fixes_per_s: f64,
+    pub dashboards: u64,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub kib_per_dashboard: f64,
+    /// Watching the whole city: per-cell counts.
+    pub city: ViewSummary,
+    /// Watching a district of about 2 km: every vehicle.
+    pub district: ViewSummary,
 }
 
 #[derive(Debug, Serialize)]
@@ -496,6 +515,99 @@ impl Bench {
         Ok(histogram)
     }
 
+    /// Runs a fleet, then connects dashboards (half on the whole city, half
+    /// on districts): node memory per dashboard, what they receive, and how
+    /// long a fix takes to reach a district dashboard.
+    async fn dashboards(
+        &self,
+        (drivers, rate, count): (usize, f64, usize),
+        step: Duration,
+    ) -> anyhow::Result<DashboardStep> {
+        let scenario = self.scenario("dashboards", drivers, rate, 0, Duration::from_secs(600));
+        let target = Target {
+            node: self.node.quic,
+            token_secret: self.secret.clone(),
+            connect_concurrency: BENCH_HANDSHAKES,
+        };
+        let stats = Arc::new(FleetStats::default());
+        let book = Arc::new(LatencyBook::default());
+        let stop = CancellationToken::new();
+        let cert = self.node.cert.clone();
+        let fleet = {
+            let (scenario, stats, book, stop) =
+                (scenario.clone(), stats.clone(), book.clone(), stop.clone());
+            tokio::spawn(async move {
+                fleet::run(
+                    &scenario,
+                    &target,
+                    "dash",
+                    || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
+                    stats,
+                    book,
+                    stop,
+                )
+                .await
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (stats.settled() as usize) < drivers && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = rss_kib(self.node.pid)?;
+        let dashboard_stats = Arc::new(DashboardStats::default());
+        let watchers = tokio::spawn(dashboards::watch(
+            count,
+            Arc::new(dashboards::Target {
+                http: self.node.http,
+                token_secret: self.secret.clone(),
+                format: hexfleet_protocol::dashboard::Format::Json,
+            }),
+            scenario.bbox(),
+            self.seed,
+            dashboard_stats.clone(),
+            book.clone(),
+            stop.clone(),
+        ));
+        let connected = || {
+            dashboard_stats
+                .city
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed)
+                + dashboard_stats
+                    .district
+                    .connected
+                    .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (connected() as usize) < count && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(self.node.pid)?;
+        let (accepted0, _) = counters(&self.http, self.node.http).await?;
+        dashboard_stats.reset();
+        let started = Instant::now();
+        tokio::time::sleep(step).await;
+        let secs = started.elapsed().as_secs_f64();
+        let (accepted1, _) = counters(&self.http, self.node.http).await?;
+        let city = ViewSummary::of(&dashboard_stats.city, secs);
+        let district = ViewSummary::of(&dashboard_stats.district, secs);
+        stop.cancel();
+        let _ = fleet.await;
+        let _ = watchers.await;
+        let dashboards = connected();
+        Ok(DashboardStep {
+            fixes_per_s: (accepted1 - accepted0) / secs,
+            dashboards,
+            rss_before_kib: before,
+            rss_after_kib: after,
+            kib_per_dashboard: after.saturating_sub(before) as f64 / dashboards.max(1) as f64,
+            city,
+            district,
+        })
+    }
+
     /// Connects `n` drivers that report once and then idle, and reads the
     /// node's memory before and after.
     async fn idle(&self, n: usize) -> anyhow::Result<IdleStep> {
@@ -676,6 +788,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         bytes_per_moved_record: hexfleet_protocol::Moved::LEN,
     };
 
+    eprintln!("bench: {} dashboards", sizes.dashboards.2);
+    let dashboards = bench.dashboards(sizes.dashboards, sizes.step).await?;
+
     eprintln!("bench: {} idle driver connections", sizes.idle_connections);
     let idle = bench.idle(sizes.idle_connections).await?;
 
@@ -690,6 +805,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         latency,
         fanout,
         idle,
+        dashboards,
     };
     let markdown = report.markdown();
     println!("{markdown}");
@@ -764,6 +880,25 @@ impl Report {
             "| node memory per idle driver connection | {:.1} KiB ({} connections: RSS {} → {} KiB) | ≤ 16 KiB at 20,000 |",
             i.kib_per_connection, i.connections, i.rss_before_kib, i.rss_after_kib
         ));
+        let d = &self.dashboards;
+        line(format!(
+            "| node memory per dashboard (WebSocket, half city, half district) | {:.1} KiB ({} dashboards: RSS {} → {} KiB) | < 30 KB per connection (Centrifugo) |",
+            d.kib_per_dashboard, d.dashboards, d.rss_before_kib, d.rss_after_kib
+        ));
+        let l = &d.district.latency_ms;
+        line(format!(
+            "| latency, fix created → district dashboard received, {:.0} fixes/s | p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} samples) | p99 ≤ 10 ms |",
+            d.fixes_per_s, l.p50, l.p99, l.p999, l.samples
+        ));
+        for (name, v) in [
+            ("whole city (counts)", &d.city),
+            ("district (vehicles)", &d.district),
+        ] {
+            line(format!(
+                "| a dashboard on the {name} | {:.1} KB/s, {:.1} bytes per item; {:.0} items/s over {} dashboards | |",
+                v.bytes_per_s / 1e3, v.bytes_per_item, v.items_per_s, v.connected
+            ));
+        }
         out
     }
 }

@@ -39,6 +39,14 @@ fn the_benchmark_runs_every_phase_and_writes_its_report() {
     assert_eq!(report["fanout"]["bytes_per_moved_record"], 14);
     assert_eq!(report["idle"]["connections"], 50);
     assert!(report["idle"]["rss_after_kib"].as_u64().unwrap() > 0);
+    let dashboards = &report["dashboards"];
+    assert_eq!(dashboards["dashboards"], 10, "{report}");
+    assert!(
+        dashboards["city"]["items_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    // Twenty drivers over a city leave most districts empty.
+    assert_eq!(dashboards["district"]["connected"], 5, "{report}");
     let table = std::fs::read_to_string(&markdown).unwrap();
     for row in [
         "ingest ceiling",
@@ -46,6 +54,8 @@ fn the_benchmark_runs_every_phase_and_writes_its_report() {
         "nearby API",
         "fan-out",
         "memory per idle driver connection",
+        "memory per dashboard",
+        "district dashboard received",
     ] {
         assert!(table.contains(row), "{row} missing from:\n{table}");
     }

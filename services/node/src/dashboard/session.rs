@@ -33,9 +33,9 @@ use crate::{
 /// Items per message. The WebSocket keeps a buffer as large as the largest
 /// message it ever wrote, for as long as it lives: messages of tens of KB
 /// keep an open dashboard cheap.
-const MAX_ITEMS_PER_MESSAGE: usize = 100;
-const MAX_OUTLINES_PER_MESSAGE: usize = 64;
-const MAX_CELLS_PER_MESSAGE: usize = 250;
+const MAX_ITEMS_PER_MESSAGE: usize = 50;
+const MAX_OUTLINES_PER_MESSAGE: usize = 32;
+const MAX_CELLS_PER_MESSAGE: usize = 120;
 /// Outlines a connection remembers having sent; past this it forgets (and
 /// sends again) rather than grow without bound while a user pans forever.
 const MAX_OUTLINES_REMEMBERED: usize = 50_000;
