@@ -397,6 +397,45 @@ impl Bench {
         s
     }
 
+    /// Starts a fleet in the background; it runs until `stop`.
+    fn spawn_fleet(
+        &self,
+        scenario: &Scenario,
+        prefix: &str,
+        stats: &Arc<FleetStats>,
+        book: &Arc<LatencyBook>,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<anyhow::Result<fleet::Outcome>> {
+        let target = Target {
+            node: self.node.quic,
+            token_secret: self.secret.clone(),
+            connect_concurrency: BENCH_HANDSHAKES,
+        };
+        let cert = self.node.cert.clone();
+        let (scenario, prefix) = (scenario.clone(), prefix.to_string());
+        let (stats, book, stop) = (stats.clone(), book.clone(), stop.clone());
+        tokio::spawn(async move {
+            fleet::run(
+                &scenario,
+                &target,
+                &prefix,
+                || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
+                stats,
+                book,
+                stop,
+            )
+            .await
+        })
+    }
+
+    /// Waits until `n` clients have connected or given up (at most `within`).
+    async fn settle(stats: &FleetStats, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while (stats.settled() as usize) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs a fleet; measures node-side rates over `step` once everyone is
     /// connected; optionally loads the nearby API meanwhile.
     async fn step(
@@ -405,39 +444,14 @@ impl Bench {
         step: Duration,
         nearby_per_s: f64,
     ) -> anyhow::Result<Step> {
-        let target = Target {
-            node: self.node.quic,
-            token_secret: self.secret.clone(),
-            connect_concurrency: BENCH_HANDSHAKES,
-        };
         let stats = Arc::new(FleetStats::default());
         let book = Arc::new(LatencyBook::default());
         let stop = CancellationToken::new();
-        let cert = self.node.cert.clone();
         let prefix = format!("b{}", rand::rng().random::<u32>());
-        let fleet = {
-            let (scenario, stats, book, stop) =
-                (scenario.clone(), stats.clone(), book.clone(), stop.clone());
-            tokio::spawn(async move {
-                fleet::run(
-                    &scenario,
-                    &target,
-                    &prefix,
-                    || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
-                    stats,
-                    book,
-                    stop,
-                )
-                .await
-            })
-        };
+        let fleet = self.spawn_fleet(&scenario, &prefix, &stats, &book, &stop);
         // Wait for everyone to connect (bounded), then measure.
-        let everyone = (scenario.drivers.count + scenario.riders.count) as u64;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        // Every client has either connected or given up.
-        while stats.settled() < everyone && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let everyone = scenario.drivers.count + scenario.riders.count;
+        Self::settle(&stats, everyone, Duration::from_secs(120)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         book.reset();
         let started = Instant::now();
@@ -524,35 +538,11 @@ impl Bench {
         step: Duration,
     ) -> anyhow::Result<DashboardStep> {
         let scenario = self.scenario("dashboards", drivers, rate, 0, Duration::from_secs(600));
-        let target = Target {
-            node: self.node.quic,
-            token_secret: self.secret.clone(),
-            connect_concurrency: BENCH_HANDSHAKES,
-        };
         let stats = Arc::new(FleetStats::default());
         let book = Arc::new(LatencyBook::default());
         let stop = CancellationToken::new();
-        let cert = self.node.cert.clone();
-        let fleet = {
-            let (scenario, stats, book, stop) =
-                (scenario.clone(), stats.clone(), book.clone(), stop.clone());
-            tokio::spawn(async move {
-                fleet::run(
-                    &scenario,
-                    &target,
-                    "dash",
-                    || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
-                    stats,
-                    book,
-                    stop,
-                )
-                .await
-            })
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while (stats.settled() as usize) < drivers && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let fleet = self.spawn_fleet(&scenario, "dash", &stats, &book, &stop);
+        Self::settle(&stats, drivers, Duration::from_secs(120)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = rss_kib(self.node.pid)?;
         let dashboard_stats = Arc::new(DashboardStats::default());
@@ -614,33 +604,11 @@ impl Bench {
         let before = rss_kib(self.node.pid)?;
         let mut scenario = self.scenario("idle connections", n, 0.01, 0, Duration::from_secs(600));
         scenario.drivers.gps_noise_m = 0.0;
-        let target = Target {
-            node: self.node.quic,
-            token_secret: self.secret.clone(),
-            connect_concurrency: BENCH_HANDSHAKES,
-        };
         let stats = Arc::new(FleetStats::default());
         let stop = CancellationToken::new();
-        let cert = self.node.cert.clone();
-        let fleet = {
-            let (stats, stop) = (stats.clone(), stop.clone());
-            tokio::spawn(async move {
-                fleet::run(
-                    &scenario,
-                    &target,
-                    "idle",
-                    || Connector::new(&cert, hexfleet_protocol::dev::DEV_SERVER_NAME),
-                    stats,
-                    Arc::new(LatencyBook::default()),
-                    stop,
-                )
-                .await
-            })
-        };
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while (stats.settled() as usize) < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let book = Arc::new(LatencyBook::default());
+        let fleet = self.spawn_fleet(&scenario, "idle", &stats, &book, &stop);
+        Self::settle(&stats, n, Duration::from_secs(300)).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let connected = stats.connected.load(std::sync::atomic::Ordering::Relaxed);
         let after = rss_kib(self.node.pid)?;
