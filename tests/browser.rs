@@ -4,6 +4,7 @@
 //! vehicle by id. A screenshot is saved to `target/dashboard-browser.png`.
 
 use std::{
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -44,6 +45,9 @@ impl ChromeDriver {
             .arg("--log-level=WARNING")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group, with the browsers it starts: a failed
+            // test kills them all rather than leaving Chromium running.
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         Self { child, port }
@@ -86,7 +90,8 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
     }
 }

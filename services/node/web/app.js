@@ -510,12 +510,13 @@ function updateTotals(drawnTotals) {
     document.querySelector(`#totals tr[data-status="${s}"] .n`).textContent = totals[s].toLocaleString();
   }
   $("total").textContent = (totals.available + totals.on_trip + totals.off_duty).toLocaleString();
-  $("mode").textContent = view.mode === "density" ? `counts per cell (res ${view.resolution})` : view.mode === "vehicles" ? "vehicles" : "—";
+  $("mode").textContent = view.mode === "density" ? `counts per cell (res ${view.resolution}); zoom in for vehicles` : view.mode === "vehicles" ? "vehicles" : "—";
 }
 
 function render() {
   if (dirty) {
     dirty = false;
+    const started = performance.now();
     ctx.clearRect(0, 0, map.width, map.height);
     ctx.fillStyle = "#eef0ea";
     ctx.fillRect(0, 0, map.width, map.height);
@@ -529,6 +530,8 @@ function render() {
     }
     drawScale();
     updateTotals(drawnTotals);
+    // How long a frame takes to draw, for whoever measures the page.
+    $("rendered-count").dataset.drawMs = (performance.now() - started).toFixed(2);
   }
   requestAnimationFrame(render);
 }

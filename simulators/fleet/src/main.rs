@@ -457,10 +457,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("  QUIC    {} (ALPN hexfleet/1)", node.quic_addr);
     println!("  HTTP    http://{}", node.http_addr);
     let dispatch = fleet::token(&args.token_secret, Role::Dashboard, "demo-dispatch")?;
+    // Street level, where every car is drawn moving; zoomed out, the city
+    // shows as counts per cell.
     println!(
-        "  dashboard  http://{}/?token={dispatch}   (open in a browser)",
+        "  dashboard  http://{}/?token={dispatch}&lat={lat:.4}&lon={lon:.4}&zoom=14.5",
         node.http_addr
     );
+    println!("             open it in a browser; zoom out for counts over the whole city");
     println!(
         "  try     curl 'http://{}/v1/vehicles?lat={lat:.4}&lon={lon:.4}&radius_m=2000&limit=5'",
         node.http_addr

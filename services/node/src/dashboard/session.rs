@@ -211,12 +211,24 @@ impl Session {
         if let Some(filter) = viewport.filter {
             self.filter = filter;
         }
-        let config = &self.dashboards.config;
-        let cover = self.dashboards.cells.viewport(
-            &viewport.bbox,
-            config.max_vehicle_cells,
-            config.max_density_cells,
+        let (cells, bbox) = (self.dashboards.cells, viewport.bbox);
+        let (max_vehicle_cells, max_density_cells) = (
+            self.dashboards.config.max_vehicle_cells,
+            self.dashboards.config.max_density_cells,
         );
+        // Covering a wide box takes milliseconds: not on a runtime worker
+        // that QUIC sessions share.
+        let covered = tokio::task::spawn_blocking(move || {
+            cells.viewport(&bbox, max_vehicle_cells, max_density_cells)
+        })
+        .await;
+        let cover = match covered {
+            Ok(cover) => cover,
+            Err(e) => {
+                tracing::error!(error = %e, "covering a viewport");
+                return Err(End::Close(1011, "internal error".into()));
+            }
+        };
         match cover {
             ViewportCover::Vehicles(cells) => {
                 let resolution = self.dashboards.cells.index_res();
