@@ -432,6 +432,33 @@ async fn a_dashboard_that_stops_reading_is_cut_off_and_others_are_unaffected() {
 }
 
 #[tokio::test]
+async fn hello_says_where_the_fleet_is_and_which_tiles_to_draw() {
+    let node = TestNode::start_with(None, |c| {
+        c.dashboard.tile_url = "http://127.0.0.1:9/{z}/{x}/{y}.png".into();
+    })
+    .await;
+    let _a = parked(&node, "veh-a", 52.50, 13.30, available()).await;
+    let _b = parked(&node, "veh-b", 52.55, 13.45, available()).await;
+    let query = format!("token={}", token(Role::Dashboard, "dispatch-3"));
+    let mut socket = DashboardSocket::connect(&node, &query).await.unwrap();
+    let DashboardEvent::Hello(hello) = socket.next().await else {
+        panic!("hello first");
+    };
+    assert_eq!(hello.node, "test-node");
+    assert_eq!(
+        hello.tile_url.as_deref(),
+        Some("http://127.0.0.1:9/{z}/{x}/{y}.png")
+    );
+    let bounds = hello.fleet_bounds.expect("two vehicles have bounds");
+    assert_eq!(
+        (bounds.south(), bounds.west(), bounds.north(), bounds.east()),
+        (52.50, 13.30, 52.55, 13.45)
+    );
+    assert!((hello.server_time_ms - now_ms()).abs() < 60_000);
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn the_page_and_its_assets_are_served_by_the_node() {
     let node = TestNode::start(None).await;
     for (path, kind, marker) in [

@@ -27,6 +27,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4408;
     /// The node is shutting down (the standard "going away").
     pub const GOING_AWAY: u16 = 1001;
+    /// The node failed (the standard "internal error").
+    pub const INTERNAL: u16 = 1011;
 }
 
 /// The wire form of a dashboard connection.

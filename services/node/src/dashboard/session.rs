@@ -154,12 +154,15 @@ impl Session {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::error!(error = %e, "encoding a dashboard event");
-                return Err(End::Close(1011, "internal error".into()));
+                return Err(End::Close(close::INTERNAL, "internal error".into()));
             }
         };
         let message = match self.format {
-            // JSON from serde_json is always UTF-8.
-            Format::Json => Message::Text(String::from_utf8_lossy(&bytes).into_owned().into()),
+            Format::Json => match String::from_utf8(bytes) {
+                Ok(text) => Message::Text(text.into()),
+                // serde_json writes UTF-8; this is not reached.
+                Err(_) => return Err(End::Close(close::INTERNAL, "internal error".into())),
+            },
             Format::MsgPack => Message::Binary(bytes.into()),
         };
         let after = self.dashboards.slow_consumer_after;
@@ -226,7 +229,7 @@ impl Session {
             Ok(cover) => cover,
             Err(e) => {
                 tracing::error!(error = %e, "covering a viewport");
-                return Err(End::Close(1011, "internal error".into()));
+                return Err(End::Close(close::INTERNAL, "internal error".into()));
             }
         };
         match cover {
