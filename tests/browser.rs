@@ -1,7 +1,9 @@
 //! The dashboard page in a real headless Chromium, driven over WebDriver
 //! (Debian's `chromium` and `chromium-driver`; `scripts/test.sh` installs
 //! them): the live map draws the fleet, follows it as it moves, and finds a
-//! vehicle by id. A screenshot is saved to `target/dashboard-browser.png`.
+//! vehicle by id, shows counts when zoomed out, and reconnects to a node
+//! that comes back. Screenshots are saved to `target/dashboard-browser.png`
+//! and `target/dashboard-browser-density.png`.
 
 use std::{
     os::unix::process::CommandExt,
@@ -250,8 +252,57 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
     std::fs::create_dir_all(&target).unwrap();
     std::fs::write(target.join("dashboard-browser.png"), png).unwrap();
 
-    client.close().await.unwrap();
+    // Zoomed out to the region: counts per cell, shaded, same totals.
+    for _ in 0..4 {
+        client
+            .find(Locator::Id("zoom-out"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "counts per cell for the whole fleet", async || {
+        let synced = js(
+            &client,
+            "document.getElementById('rendered-count').dataset.synced",
+        )
+        .await;
+        let density = text(&client, "mode").await.starts_with("counts per cell");
+        let all = text(&client, "total").await == FLEET.to_string();
+        (synced == json!("true") && density && all).then_some(())
+    })
+    .await;
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(target.join("dashboard-browser-density.png"), png).unwrap();
+
+    // The node goes away: the page says so and keeps trying; a node on the
+    // same address takes over and the page is live again, with its view.
     stop.cancel();
     let _ = fleet.await;
+    let http = node.node.http_addr;
     node.stop().await;
+    eventually(WAIT, "the page notices", async || {
+        let state = js(
+            &client,
+            "document.getElementById('connection').dataset.state",
+        )
+        .await;
+        (state == json!("reconnecting")).then_some(())
+    })
+    .await;
+    let again = TestNode::start_with(None, |c| c.http.listen = http).await;
+    eventually(WAIT, "live again, with the new node's view", async || {
+        let state = js(
+            &client,
+            "document.getElementById('connection').dataset.state",
+        )
+        .await;
+        let (count, _) = rendered(&client).await;
+        (state == json!("live") && count == 0).then_some(())
+    })
+    .await;
+
+    client.close().await.unwrap();
+    again.stop().await;
 }

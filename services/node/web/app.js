@@ -34,6 +34,7 @@ const map = {
 
 const view = {
   subscription: 0, // the latest viewport or filter request sent
+  reflected: -1, // the latest request an update or density message reflected
   mode: null, // "vehicles" | "density"
   resolution: null,
   cells: [], // cell ids in view
@@ -49,6 +50,7 @@ let selected = null; // id of the vehicle shown in the side panel
 let selectedState = null; // its state from `find`, until it is in view
 let following = null; // id the map follows
 let dirty = true;
+let live = false; // connected: otherwise what is drawn may be out of date
 
 // ----------------------------------------------------------- projection --
 
@@ -165,6 +167,8 @@ function connect() {
   socket = new WebSocket(`${scheme}://${location.host}/v1/ws?token=${encodeURIComponent(t)}`);
   socket.onopen = () => {
     retryDelay = 500;
+    live = true;
+    dirty = true;
     setConnection("live", "live");
   };
   socket.onmessage = (event) => {
@@ -179,6 +183,8 @@ function connect() {
   };
   socket.onclose = (event) => {
     socket = null;
+    live = false;
+    dirty = true;
     if (event.code === 4401) {
       setConnection("closed", "unauthorized");
       notice(event.reason || "the token was refused");
@@ -246,10 +252,9 @@ function handle(m) {
       if (following) find(following);
       break;
     case "view":
-      if (m.mode !== view.mode) {
-        view.vehicles.clear();
-        view.counts.clear();
-      }
+      // Vehicle deltas from the old view follow; counts come as a snapshot.
+      if (m.mode !== view.mode) view.vehicles.clear();
+      view.counts.clear();
       view.mode = m.mode;
       view.resolution = m.resolution;
       view.cells = m.cells;
@@ -263,6 +268,7 @@ function handle(m) {
       applyUpdate(m);
       break;
     case "density":
+      view.reflected = m.subscription;
       if (m.snapshot) view.counts.clear();
       for (const c of m.cells) {
         if (c.available + c.on_trip + c.off_duty === 0) view.counts.delete(c.cell);
@@ -280,6 +286,7 @@ function handle(m) {
 }
 
 function applyUpdate(m) {
+  view.reflected = m.subscription;
   if (m.snapshot) view.vehicles.clear();
   for (const r of m.removed) view.vehicles.delete(r.id);
   for (const v of m.added) view.vehicles.set(v.id, v);
@@ -454,6 +461,8 @@ function drawVehicles() {
   let digest = 0;
   const totals = { available: 0, on_trip: 0, off_duty: 0 };
   const size = Math.max(6, Math.min(11, (map.zoom - 9) * 1.6));
+  // Faded while disconnected: positions may be stale.
+  ctx.globalAlpha = live ? 1 : 0.35;
   for (const v of view.vehicles.values()) {
     const p = toScreen(v.lat, v.lon);
     if (p.x < -size || p.y < -size || p.x > map.width + size || p.y > map.height + size) continue;
@@ -483,11 +492,17 @@ function drawVehicles() {
       ctx.stroke();
     }
   }
+  ctx.globalAlpha = 1;
   const el = $("rendered-count");
   el.textContent = String(drawn);
   el.dataset.count = String(drawn);
   el.dataset.digest = String(digest);
   return totals;
+}
+
+/** Whether what is drawn reflects the latest viewport and filter asked for. */
+function synced() {
+  return viewportTimer === null && view.reflected === view.subscription;
 }
 
 function drawScale() {
@@ -532,6 +547,7 @@ function render() {
     updateTotals(drawnTotals);
     // How long a frame takes to draw, for whoever measures the page.
     $("rendered-count").dataset.drawMs = (performance.now() - started).toFixed(2);
+    $("rendered-count").dataset.synced = String(synced());
   }
   requestAnimationFrame(render);
 }

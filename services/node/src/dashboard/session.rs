@@ -283,10 +283,8 @@ impl Session {
                 );
                 Ok(())
             }
-            Mode::Density { generation, .. } => {
-                *generation = None;
-                self.density(false).await
-            }
+            // Every count may change: a fresh snapshot.
+            Mode::Density { .. } => self.density(true).await,
         }
     }
 
