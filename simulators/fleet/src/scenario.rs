@@ -198,7 +198,7 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 4, "{seen} scenarios");
+        assert!(seen >= 5, "{seen} scenarios");
     }
 
     #[test]
