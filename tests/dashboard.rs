@@ -402,17 +402,17 @@ async fn a_dashboard_that_stops_reading_is_cut_off_and_others_are_unaffected() {
     let mut stalled = DashboardSocket::connect_small_buffer(&node, &query)
         .await
         .unwrap();
-    // Wide viewports (about 1,500 cells listed in each view) asked for over
-    // and over, never read: the node's writes block.
+    // Wide viewports, each somewhere new (about 1,500 cells, each outlined:
+    // ~350 KB to send per request), never read: the node's writes block.
     let cut_off = async || {
         node.metric("hexfleet_dashboard_errors_total{reason=\"slow_consumer\"}")
             .await
             >= 1.0
     };
-    for i in 0..400 {
-        let shift = f64::from(i % 2) * 0.01;
-        let request = viewport(i, 52.45 + shift, 13.30, 52.55 + shift, 13.50);
-        if stalled.try_send(request).await.is_err() || (i % 20 == 0 && cut_off().await) {
+    for i in 0..150 {
+        let west = -170.0 + f64::from(i) * 2.0;
+        let request = viewport(i, 52.45, west, 52.55, west + 0.2);
+        if stalled.try_send(request).await.is_err() || (i % 5 == 0 && cut_off().await) {
             break;
         }
     }
