@@ -162,6 +162,19 @@ async fn text(client: &Client, id: &str) -> String {
     .to_string()
 }
 
+/// Clicks the page's zoom-out button `times` times.
+async fn zoom_out(client: &Client, times: usize) {
+    for _ in 0..times {
+        client
+            .find(Locator::Id("zoom-out"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
     let node = TestNode::start(None).await;
@@ -230,15 +243,7 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
         )
         .await
         .unwrap();
-    for _ in 0..2 {
-        client
-            .find(Locator::Id("zoom-out"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-    }
+    zoom_out(&client, 2).await;
     eventually(WAIT, "the fleet drawn again", async || {
         let (count, _) = rendered(&client).await;
         (count == FLEET as u64).then_some(())
@@ -253,15 +258,7 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
     std::fs::write(target.join("dashboard-browser.png"), png).unwrap();
 
     // Zoomed out to the region: counts per cell, shaded, same totals.
-    for _ in 0..4 {
-        client
-            .find(Locator::Id("zoom-out"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-    }
+    zoom_out(&client, 4).await;
     eventually(WAIT, "counts per cell for the whole fleet", async || {
         let synced = js(
             &client,
