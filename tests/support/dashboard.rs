@@ -18,8 +18,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 pub struct DashboardSocket {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// Every event received, in order.
-    pub events: Vec<DashboardEvent>,
     pub view: DashboardView,
 }
 
@@ -135,7 +133,6 @@ impl DashboardSocket {
     fn over(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
         Self {
             ws,
-            events: Vec::new(),
             view: DashboardView::default(),
         }
     }
@@ -187,7 +184,6 @@ impl DashboardSocket {
                 _ => continue,
             };
             self.view.apply(&event);
-            self.events.push(event.clone());
             return event;
         }
     }

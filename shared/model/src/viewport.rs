@@ -85,10 +85,6 @@ impl BBox {
     pub fn east(&self) -> f64 {
         self.east
     }
-
-    pub fn contains(&self, lat: f64, lon: f64) -> bool {
-        (self.south..=self.north).contains(&lat) && (self.west..=self.east).contains(&lon)
-    }
 }
 
 /// The latitude limit of a web (Mercator) map, beyond which nothing is tiled.
