@@ -66,6 +66,7 @@ async fn bad_queries_get_a_400_with_a_json_reason() {
             "lat must be a finite number",
         ),
         ("/v1/vehicles?lat=91&lon=1&radius_m=10", "latitude"),
+        ("/v1/vehicles?lat=89&lon=1&radius_m=10", "geo index"),
         ("/v1/vehicles?lat=1&lon=-200&radius_m=10", "longitude"),
         ("/v1/vehicles?lat=1&lon=1&radius_m=0", "radius_m"),
         ("/v1/vehicles?lat=1&lon=1&radius_m=1e9", "radius_m"),

@@ -42,12 +42,14 @@ async fn accepted_fixes_become_the_vehicles_state_and_are_acknowledged() {
         .await
         .unwrap();
     assert!(driver.uses_datagrams());
-    let mut last = 0;
+    // 11 m apart, 200 ms apart: a plausible drive, sent in a burst.
+    let (mut last, t0) = (0, now_ms());
     for i in 0..20 {
-        last = driver
-            .send_fix(FixInput::at(52.52 + i as f64 * 1e-4, 13.405))
-            .await
-            .unwrap();
+        let fix = FixInput {
+            fix_time_ms: Some(t0 + i * 200),
+            ..FixInput::at(52.52 + i as f64 * 1e-4, 13.405)
+        };
+        last = driver.send_fix(fix).await.unwrap();
     }
     eventually(WAIT, "the last fix acknowledged", async || {
         (driver.acked_seq() == last).then_some(())
@@ -105,6 +107,7 @@ async fn every_rejection_reason_is_reported_to_the_driver_and_counted() {
             RejectReason::TimeBackwards,
         ),
         (fix(18, now, 48.85, 2.35), RejectReason::TooFast),
+        (fix(19, now, 89.0, 13.405), RejectReason::OutsideIndex),
     ];
     for (f, _) in &bad {
         driver.send_raw(*f).await.unwrap();

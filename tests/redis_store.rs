@@ -2,19 +2,24 @@
 //! in the per-shard keys, nearby search is right, stale vehicles go, the
 //! memory store answers the same, and an outage loses nothing.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use hexfleet_client::FixInput;
 use hexfleet_model::{
     geodesy::haversine_m, CellModel, Position, ShardId, VehicleClass, VehicleId, VehicleState,
     VehicleStatus,
 };
-use hexfleet_node::store::{
-    keys, memory::MemoryStore, redis::RedisStore, Batch, NearbyQuery, Removal, ShardBatch, Store,
-    Upsert,
+use hexfleet_node::{
+    metrics::Metrics,
+    store::{
+        keys, memory::MemoryStore, redis::RedisStore, writer::StoreWriter, Batch, NearbyQuery,
+        Removal, ShardBatch, Store, Upsert,
+    },
 };
+use hexfleet_protocol::RejectReason;
 use hexfleet_tests::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 const BERLIN: (f64, f64) = (52.52, 13.405);
@@ -485,12 +490,13 @@ async fn a_redis_outage_loses_no_vehicle_and_harms_no_driver() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["store"]["ok"], false);
     // Ingest goes on while Redis is down.
-    let mut last = 0;
+    let (mut last, t0) = (0, now_ms());
     for i in 0..20 {
-        last = driver
-            .send_fix(FixInput::at(41.39 + i as f64 * 1e-4, 2.17))
-            .await
-            .unwrap();
+        let fix = FixInput {
+            fix_time_ms: Some(t0 + i * 200),
+            ..FixInput::at(41.39 + i as f64 * 1e-4, 2.17)
+        };
+        last = driver.send_fix(fix).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eventually(WAIT, "fixes acknowledged during the outage", async || {
@@ -512,5 +518,231 @@ async fn a_redis_outage_loses_no_vehicle_and_harms_no_driver() {
     assert_eq!(status, 200);
     assert!((body["lat"].as_f64().unwrap() - (41.39 + 19e-4)).abs() < 1e-9);
     assert_eq!(node.get_json("/healthz").await.0, 200);
+    node.stop().await;
+}
+
+/// Whether Redis holds any trace of `id` in `shard`: geo, last-seen, state.
+fn traces_in(redis: &RedisServer, shard: ShardId, id: &str) -> [bool; 3] {
+    let mut conn = redis.conn();
+    let mut score = |key: String| -> bool {
+        redis::cmd("ZSCORE")
+            .arg(key)
+            .arg(id)
+            .query::<Option<f64>>(&mut conn)
+            .unwrap()
+            .is_some()
+    };
+    let (geo, seen) = (score(keys::geo(shard)), score(keys::seen(shard)));
+    let state: bool = redis::cmd("HEXISTS")
+        .arg(keys::state(shard))
+        .arg(id)
+        .query(&mut redis.conn())
+        .unwrap();
+    [geo, seen, state]
+}
+
+fn locator(redis: &RedisServer, id: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(keys::locator(&VehicleId::new(id).unwrap()))
+        .query(&mut redis.conn())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_unwritable_vehicle_costs_only_itself_beside_a_thousand_healthy_ones() {
+    let redis = RedisServer::start();
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let writer = Arc::new(StoreWriter::new(metrics.clone()));
+    let healthy = random_city(&mut StdRng::seed_from_u64(9), 1_000, 0.4);
+    let shards: std::collections::HashSet<ShardId> = healthy.iter().map(shard_of).collect();
+    assert!(shards.len() > 5, "healthy vehicles in several shards");
+    // Staged before the writer runs, so all of it is one flush: a latitude
+    // Redis cannot index, in the same shard as healthy vehicles.
+    let bad_shard = shard_of(&healthy[0]);
+    writer.stage_upsert(bad_shard, state("unwritable", 89.0, 13.4, 1), true);
+    for s in &healthy {
+        writer.stage_upsert(shard_of(s), s.clone(), true);
+    }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(writer.clone().run(
+        store.clone(),
+        Duration::from_millis(5),
+        stop.clone(),
+    ));
+    eventually(WAIT, "the refusal counted", async || {
+        (metrics.store_refused.get() == 1).then_some(())
+    })
+    .await;
+    for s in &healthy {
+        let stored = store.vehicle(&s.id).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(s), "{} must land", s.id);
+    }
+    assert_eq!(traces_in(&redis, bad_shard, "unwritable"), [false; 3]);
+    assert_eq!(locator(&redis, "unwritable"), None);
+    assert_eq!(metrics.store_flush_errors.get(), 0, "nothing to retry");
+
+    // The writer goes on, and the refused vehicle's next valid state is
+    // written whole, locator included, though it is no longer an arrival.
+    let later = state("later", BERLIN.0, BERLIN.1, 1);
+    writer.stage_upsert(shard_of(&later), later.clone(), true);
+    let valid = state("unwritable", 52.5, 13.4, 2);
+    writer.stage_upsert(bad_shard, valid.clone(), false);
+    eventually(WAIT, "later writes land", async || {
+        let later_ok = store.vehicle(&later.id).await.unwrap().is_some();
+        let valid_ok = store.vehicle(&valid.id).await.unwrap() == Some(valid.clone());
+        (later_ok && valid_ok).then_some(())
+    })
+    .await;
+    assert_eq!(metrics.store_refused.get(), 1);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fix_beyond_the_geo_index_is_rejected_and_every_later_vehicle_is_written() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(Some(&redis)).await;
+    let mut polar = node.driver("drv-polar", available()).await;
+    polar
+        .send_raw(hexfleet_protocol::Fix {
+            seq: 1,
+            fix_time_ms: now_ms(),
+            lat: 89.0,
+            lon: 13.4,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 5.0,
+        })
+        .await
+        .unwrap();
+    eventually(WAIT, "the polar fix rejected", async || {
+        let rejections = polar.stats().rejections;
+        rejections
+            .contains(&(1, RejectReason::OutsideIndex))
+            .then_some(())
+    })
+    .await;
+    let mut later = Vec::new();
+    for i in 0..20 {
+        let mut d = node.driver(&format!("drv-after-{i}"), available()).await;
+        d.send_fix(FixInput::at(BERLIN.0 + i as f64 * 1e-3, BERLIN.1))
+            .await
+            .unwrap();
+        later.push(d);
+    }
+    for i in 0..20 {
+        eventually(WAIT, "a later vehicle in Redis", async || {
+            let path = format!("/v1/vehicles/drv-after-{i}");
+            (node.get_json(&path).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        node.metric("hexfleet_fixes_rejected_total{reason=\"outside_index\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(node.metric("hexfleet_store_flush_errors_total").await, 0.0);
+    node.stop().await;
+}
+
+/// Two points 50 m apart on either side of a shard boundary, east of `from`.
+fn across_a_shard_boundary(from: (f64, f64)) -> ((f64, f64), (f64, f64)) {
+    let cells = CellModel::default();
+    let shard = |p: (f64, f64)| cells.locate(Position::new(p.0, p.1).unwrap()).1;
+    let step = 50.0 / 111_320.0 / from.0.to_radians().cos();
+    let mut here = from;
+    loop {
+        let next = (here.0, here.1 + step);
+        if shard(next) != shard(here) {
+            return (here, next);
+        }
+        here = next;
+    }
+}
+
+#[tokio::test]
+async fn removals_staged_while_redis_refuses_writes_land_when_it_accepts_them_again() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(Some(&redis)).await;
+    let (before, after) = across_a_shard_boundary(BERLIN);
+    let shard = |p: (f64, f64)| {
+        CellModel::default()
+            .locate(Position::new(p.0, p.1).unwrap())
+            .1
+    };
+    let leaving = node.driver("drv-leaving", available()).await;
+    let mut crossing = node.driver("drv-crossing", available()).await;
+    let mut staying = node.driver("drv-staying", available()).await;
+    let mut leaving = leaving;
+    leaving
+        .send_fix(FixInput::at(BERLIN.0, BERLIN.1))
+        .await
+        .unwrap();
+    crossing
+        .send_fix(FixInput::at(before.0, before.1))
+        .await
+        .unwrap();
+    staying
+        .send_fix(FixInput::at(BERLIN.0 + 0.01, BERLIN.1))
+        .await
+        .unwrap();
+    for id in ["drv-leaving", "drv-crossing", "drv-staying"] {
+        eventually(WAIT, "stored before Redis refuses writes", async || {
+            (node.get_json(&format!("/v1/vehicles/{id}")).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    // Redis keeps its data but refuses every write (NOREPLICAS).
+    let mut admin = redis.conn();
+    let refuse = |n: u32| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(n)
+            .clone()
+    };
+    refuse(1).query::<()>(&mut admin).unwrap();
+    leaving.goodbye().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    crossing
+        .send_fix(FixInput::at(after.0, after.1))
+        .await
+        .unwrap();
+    eventually(WAIT, "the node sees the crossing", async || {
+        let entry = node
+            .node
+            .table
+            .get(&VehicleId::new("drv-crossing").unwrap());
+        entry.filter(|e| e.shard == shard(after)).map(|_| ())
+    })
+    .await;
+    let errors = node.metric("hexfleet_store_flush_errors_total").await;
+    eventually(WAIT, "several flushes refused", async || {
+        (node.metric("hexfleet_store_flush_errors_total").await >= errors + 2.0).then_some(())
+    })
+    .await;
+    // Nothing of it reached Redis yet.
+    assert_eq!(traces_in(&redis, shard(BERLIN), "drv-leaving"), [true; 3]);
+    assert_eq!(traces_in(&redis, shard(before), "drv-crossing"), [true; 3]);
+
+    refuse(0).query::<()>(&mut admin).unwrap();
+    eventually(WAIT, "the removals and the move in Redis", async || {
+        let gone = traces_in(&redis, shard(BERLIN), "drv-leaving") == [false; 3]
+            && locator(&redis, "drv-leaving").is_none();
+        let moved = traces_in(&redis, shard(before), "drv-crossing") == [false; 3]
+            && traces_in(&redis, shard(after), "drv-crossing") == [true; 3]
+            && locator(&redis, "drv-crossing") == Some(shard(after).to_string());
+        (gone && moved).then_some(())
+    })
+    .await;
+    assert_eq!(
+        traces_in(&redis, shard(BERLIN), "drv-staying"),
+        [true; 3],
+        "an untouched vehicle stays"
+    );
+    drop(staying);
     node.stop().await;
 }

@@ -11,7 +11,7 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use hexfleet_model::{CellModel, Position, VehicleId, VehicleState};
+use hexfleet_model::{CellModel, Position, VehicleId, VehicleState, MAX_INDEXED_LAT};
 use serde::Serialize;
 use serde_json::json;
 
@@ -158,6 +158,11 @@ async fn nearby(
     let radius_m = number(&params, "radius_m", None)?;
     let limit = number(&params, "limit", Some(DEFAULT_LIMIT))?;
     let center = Position::new(lat, lon).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !center.is_indexable() {
+        return Err(ApiError::bad_request(format!(
+            "lat must be within ±{MAX_INDEXED_LAT}°, the range the geo index holds"
+        )));
+    }
     let max_radius = api.limits.max_nearby_radius_m;
     if !(radius_m > 0.0 && radius_m <= max_radius) {
         return Err(ApiError::bad_request(format!(

@@ -104,7 +104,10 @@ impl Ingest {
     pub fn restore(&self, states: Vec<VehicleState>) -> usize {
         let mut restored = 0;
         for state in states {
-            let Ok(position) = hexfleet_model::Position::new(state.lat, state.lon) else {
+            let position = hexfleet_model::Position::new(state.lat, state.lon)
+                .ok()
+                .filter(|p| p.is_indexable());
+            let Some(position) = position else {
                 tracing::warn!(id = %state.id, "stored vehicle has an invalid position; skipped");
                 continue;
             };

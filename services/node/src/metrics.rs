@@ -33,6 +33,7 @@ pub struct Metrics {
     pub store_flush_seconds: Histogram,
     pub store_flush_batch_size: Histogram,
     pub store_flush_errors: Counter,
+    pub store_refused: Counter,
     pub store_pending: Gauge<u64, AtomicU64>,
     pub subscribers: Gauge,
     pub subscribed_cells: Gauge,
@@ -120,6 +121,12 @@ impl Metrics {
             "Flushes the store refused; their changes are retried",
             store_flush_errors.clone(),
         );
+        let store_refused = Counter::default();
+        registry.register(
+            "store_refused",
+            "Vehicle changes the store refused for their content; dropped, the rest of their flush written",
+            store_refused.clone(),
+        );
         let store_pending = Gauge::default();
         registry.register(
             "store_pending",
@@ -203,6 +210,7 @@ impl Metrics {
             store_flush_seconds,
             store_flush_batch_size,
             store_flush_errors,
+            store_refused,
             store_pending,
         }
     }

@@ -4,6 +4,15 @@
 //! reference for the next one.
 //!
 //! Each driver session owns its [`Validator`], so validation takes no lock.
+//!
+//! Speed is checked against two references. The last accepted fix bounds one
+//! step: `jitter_m + max_speed_mps × Δt`. An *anchor* — an accepted fix at
+//! least [`ANCHOR_SPAN_MS`] older than the newest — bounds a run of steps the
+//! same way, so the jitter allowance is granted once per anchor, never once
+//! per fix: a chain of fixes carrying one time (or a millisecond apart) cannot
+//! walk a vehicle further than one allowance, however many there are. Over
+//! any stretch of time a vehicle can appear to move at most
+//! `max_speed_mps` plus one `jitter_m` per anchor span.
 
 use hexfleet_model::Position;
 use hexfleet_protocol::{Fix, RejectReason};
@@ -53,7 +62,17 @@ pub struct LastFix {
 pub struct Validator {
     limits: Limits,
     last: Option<LastFix>,
+    /// The reference a run of quick fixes is measured from (see the module
+    /// docs); it moves to the newest accepted fix once that is at least
+    /// [`ANCHOR_SPAN_MS`] younger.
+    anchor: Option<LastFix>,
 }
+
+/// How long the anchor holds before it moves up to the newest accepted fix.
+/// Longer spans grant the jitter allowance less often (an apparent speed of at
+/// most `max_speed_mps + jitter_m / 5 s`, 80 m/s with the defaults); shorter
+/// ones forgive slow GPS drift sooner.
+pub const ANCHOR_SPAN_MS: i64 = 5_000;
 
 /// The fastest any road vehicle reports of itself, m/s; beyond it the speed
 /// field is nonsense rather than fast.
@@ -65,7 +84,11 @@ impl Validator {
     /// `last` seeds the validator with what the node already accepted for
     /// this driver (a reconnect), so sequences cannot go back across sessions.
     pub fn new(limits: Limits, last: Option<LastFix>) -> Self {
-        Self { limits, last }
+        Self {
+            limits,
+            last,
+            anchor: last,
+        }
     }
 
     pub fn last(&self) -> Option<LastFix> {
@@ -78,6 +101,9 @@ impl Validator {
     pub fn check(&mut self, fix: &Fix, now_ms: i64) -> Result<ValidFix, RejectReason> {
         let position =
             Position::new(fix.lat, fix.lon).map_err(|_| RejectReason::InvalidCoordinate)?;
+        if !position.is_indexable() {
+            return Err(RejectReason::OutsideIndex);
+        }
         if fix.lat == 0.0 && fix.lon == 0.0 {
             return Err(RejectReason::NullIsland);
         }
@@ -95,31 +121,49 @@ impl Validator {
         if fix.fix_time_ms < now_ms.saturating_sub(self.limits.max_age_ms) {
             return Err(RejectReason::TooOld);
         }
+        let mut fresh_start = true;
         if let Some(last) = self.last {
             if fix.seq <= last.seq {
                 return Err(RejectReason::StaleSeq);
             }
-            let dt_ms = fix.fix_time_ms - last.fix_time_ms;
-            if dt_ms < 0 {
+            if fix.fix_time_ms < last.fix_time_ms {
                 return Err(RejectReason::TimeBackwards);
             }
-            if dt_ms < self.limits.stale_after_ms {
-                let allowed =
-                    self.limits.jitter_m + self.limits.max_speed_mps * dt_ms as f64 / 1000.0;
-                if position.distance_m(last.position) > allowed {
+            // After stale_after without a fix, the vehicle may be anywhere.
+            fresh_start = fix.fix_time_ms - last.fix_time_ms >= self.limits.stale_after_ms;
+            if !fresh_start {
+                let anchor = self.anchor.unwrap_or(last);
+                if !self.reachable(last, fix.fix_time_ms, position)
+                    || !self.reachable(anchor, fix.fix_time_ms, position)
+                {
                     return Err(RejectReason::TooFast);
                 }
             }
         }
-        self.last = Some(LastFix {
+        let accepted = LastFix {
             seq: fix.seq,
             fix_time_ms: fix.fix_time_ms,
             position,
-        });
+        };
+        let anchor_expired = self
+            .anchor
+            .is_none_or(|a| fix.fix_time_ms - a.fix_time_ms >= ANCHOR_SPAN_MS);
+        if fresh_start || anchor_expired {
+            self.anchor = Some(accepted);
+        }
+        self.last = Some(accepted);
         Ok(ValidFix {
             fix: *fix,
             position,
         })
+    }
+
+    /// Whether a vehicle at `from` can be at `to` by `time_ms`: at most one
+    /// jitter allowance plus the distance at the speed limit.
+    fn reachable(&self, from: LastFix, time_ms: i64, to: Position) -> bool {
+        let dt_s = (time_ms - from.fix_time_ms) as f64 / 1000.0;
+        let allowed = self.limits.jitter_m + self.limits.max_speed_mps * dt_s;
+        to.distance_m(from.position) <= allowed
     }
 }
 
@@ -174,6 +218,8 @@ mod tests {
                 RejectReason::InvalidCoordinate,
             ),
             (fix(11, NOW, 91.0, 13.4), RejectReason::InvalidCoordinate),
+            (fix(11, NOW, 89.0, 13.4), RejectReason::OutsideIndex),
+            (fix(11, NOW, -85.06, 13.4), RejectReason::OutsideIndex),
             (
                 fix(11, NOW, 52.5, f64::INFINITY),
                 RejectReason::InvalidCoordinate,
@@ -245,5 +291,88 @@ mod tests {
     fn jitter_is_tolerated_between_fixes_taken_at_the_same_time() {
         let mut v = seeded();
         assert!(v.check(&fix(11, NOW - 1_000, 52.5002, 13.4), NOW).is_ok());
+    }
+
+    /// A point `metres` north of 52.5° N, 13.4° E.
+    fn north(metres: f64) -> f64 {
+        52.5 + metres / 111_226.0
+    }
+
+    #[test]
+    fn a_chain_of_fixes_at_one_time_cannot_walk_a_vehicle_further_than_one_allowance() {
+        let mut v = Validator::new(limits(), None);
+        let t = NOW - 1_000;
+        v.check(&fix(1, t, north(0.0), 13.4), NOW).unwrap();
+        let mut accepted = 0;
+        for i in 1..=200u64 {
+            if v.check(&fix(1 + i, t, north(49.0 * i as f64), 13.4), NOW)
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 1, "only the first 49 m step is within one jitter");
+        let reached = v
+            .last()
+            .unwrap()
+            .position
+            .distance_m(Position::new(north(0.0), 13.4).unwrap());
+        assert!(
+            reached <= limits().jitter_m,
+            "moved {reached} m in zero time"
+        );
+    }
+
+    #[test]
+    fn a_chain_of_fixes_a_millisecond_apart_cannot_either() {
+        let mut v = Validator::new(limits(), None);
+        let t = NOW - 1_000;
+        v.check(&fix(1, t, north(0.0), 13.4), NOW).unwrap();
+        for i in 1..=200u64 {
+            let _ = v.check(&fix(1 + i, t + i as i64, north(49.0 * i as f64), 13.4), NOW);
+        }
+        let reached = v
+            .last()
+            .unwrap()
+            .position
+            .distance_m(Position::new(north(0.0), 13.4).unwrap());
+        // 200 ms at 70 m/s is 14 m; with one jitter allowance, 64 m at most.
+        assert!(
+            reached <= limits().jitter_m + 14.0,
+            "moved {reached} m in 200 ms"
+        );
+    }
+
+    #[test]
+    fn gps_jitter_while_standing_and_two_fixes_in_one_millisecond_are_accepted() {
+        let mut v = Validator::new(limits(), None);
+        let start = NOW - 600_000 / 20;
+        // A parked car for 25 s: its fixes wander up to 20 m around the spot.
+        for i in 0..25i64 {
+            let wobble = [0.0, 18.0, -20.0, 7.0, -12.0][i as usize % 5];
+            let f = fix(i as u64 + 1, start + i * 1_000, north(wobble), 13.4);
+            assert!(v.check(&f, start + i * 1_000 + 50).is_ok(), "fix {i}");
+        }
+        // Two fixes in one millisecond, a few metres apart.
+        let t = start + 25_000;
+        assert!(v.check(&fix(26, t, north(3.0), 13.4), t).is_ok());
+        assert!(v.check(&fix(27, t, north(5.0), 13.4), t).is_ok());
+    }
+
+    #[test]
+    fn an_honest_drive_at_highway_speed_is_accepted_for_minutes() {
+        let mut v = Validator::new(limits(), None);
+        let start = NOW - 20_000;
+        // 35 m/s with fixes every second and ±15 m of noise.
+        for i in 0..20i64 {
+            let noise = [0.0, 15.0, -15.0, 5.0][i as usize % 4];
+            let f = fix(
+                i as u64 + 1,
+                start + i * 1_000,
+                north(35.0 * i as f64 + noise),
+                13.4,
+            );
+            assert!(v.check(&f, NOW).is_ok(), "fix {i}");
+        }
     }
 }

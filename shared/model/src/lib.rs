@@ -16,5 +16,7 @@ pub mod viewport;
 
 pub use cells::{CellModel, CellModelError};
 pub use ids::{IndexCell, InvalidVehicleId, ShardId, VehicleId};
-pub use vehicle::{Position, PositionError, VehicleClass, VehicleState, VehicleStatus};
+pub use vehicle::{
+    Position, PositionError, VehicleClass, VehicleState, VehicleStatus, MAX_INDEXED_LAT,
+};
 pub use viewport::{BBox, BBoxError, ViewportCover};

@@ -7,6 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::VehicleId;
 
+/// The highest latitude, north or south, that hexfleet indexes. Redis's geo
+/// index (like every Web Mercator map) holds latitudes only within
+/// ±85.05112878°: beyond it `GEOADD` refuses the member. Fixes beyond it are
+/// rejected at validation (`outside_index`), so nothing the node accepts is
+/// something its store cannot hold, whichever store it runs on.
+pub const MAX_INDEXED_LAT: f64 = 85.051_128_78;
+
 /// A WGS84 position in degrees. Constructed only through [`Position::new`], so
 /// a `Position` is always finite and in range.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -36,6 +43,12 @@ impl Position {
 
     pub fn lat(self) -> f64 {
         self.lat
+    }
+
+    /// Whether the store's geo index can hold this position
+    /// (|lat| ≤ [`MAX_INDEXED_LAT`]).
+    pub fn is_indexable(self) -> bool {
+        self.lat.abs() <= MAX_INDEXED_LAT
     }
 
     pub fn lon(self) -> f64 {

@@ -208,10 +208,14 @@ pub enum RejectReason {
     TimeBackwards,
     /// Reaching it from the last accepted fix needs a speed no vehicle has.
     TooFast,
+    /// Beyond the latitudes the geo index holds (±85.05112878°, see
+    /// `hexfleet_model::MAX_INDEXED_LAT`). Last, so the wire values of the
+    /// others do not change.
+    OutsideIndex,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         Self::Malformed,
         Self::InvalidCoordinate,
         Self::NullIsland,
@@ -221,12 +225,14 @@ impl RejectReason {
         Self::StaleSeq,
         Self::TimeBackwards,
         Self::TooFast,
+        Self::OutsideIndex,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
             Self::InvalidCoordinate => "invalid_coordinate",
+            Self::OutsideIndex => "outside_index",
             Self::NullIsland => "null_island",
             Self::InvalidField => "invalid_field",
             Self::FromFuture => "from_future",

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use parking_lot::RwLock;
 
-use super::{nearest_first, Batch, Nearby, NearbyQuery, Store, StoreError};
+use super::{nearest_first, Batch, Nearby, NearbyQuery, Refused, Store, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -32,7 +32,7 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    async fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    async fn apply(&self, batch: &Batch) -> Result<Vec<Refused>, StoreError> {
         let mut inner = self.inner.write();
         let Inner { shards, locator } = &mut *inner;
         for sb in &batch.shards {
@@ -53,7 +53,8 @@ impl Store for MemoryStore {
                 shards.remove(&sb.shard);
             }
         }
-        Ok(())
+        // Memory holds any valid state.
+        Ok(Vec::new())
     }
 
     async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError> {

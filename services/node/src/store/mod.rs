@@ -63,6 +63,19 @@ impl Batch {
     }
 }
 
+/// A vehicle's change that the store refused for its content (a value it
+/// cannot hold), not for being unreachable. It costs that one change: the
+/// rest of the flush is written, and it is not retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub shard: ShardId,
+    pub id: VehicleId,
+    /// Whether the refused change was the vehicle's arrival in the shard
+    /// (its locator was not written either).
+    pub relocated: bool,
+    pub reason: String,
+}
+
 /// A nearby search: vehicles within `radius_m` of `center` in the given
 /// shards (the caller computes which shards the circle can touch).
 #[derive(Debug, Clone)]
@@ -97,9 +110,11 @@ pub trait Store: Send + Sync + 'static {
     /// `memory`, `redis` or `redis-cluster`.
     fn kind(&self) -> &'static str;
 
-    /// Writes one flush. On error nothing is assumed written; the writer
-    /// retries the changes (merged under newer ones).
-    async fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Writes one flush and returns the changes it refused for their
+    /// content, each costing only its own vehicle. On error (the store is
+    /// unreachable, or busy) nothing is assumed written; the writer retries
+    /// the changes (merged under newer ones).
+    async fn apply(&self, batch: &Batch) -> Result<Vec<Refused>, StoreError>;
 
     /// The latest state of a vehicle, wherever it is.
     async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError>;

@@ -5,15 +5,25 @@
 //! matching `ZREM`/`HDEL`s — and the shards' pipelines are sent concurrently
 //! on one multiplexed connection. All keys of a pipeline share the shard's
 //! hash tag, so on a cluster each pipeline goes to one slot.
+//!
+//! A command Redis refuses for its content costs only the vehicles it
+//! carried that Redis refuses: the shard is then rewritten one vehicle at a
+//! time to find them (see [`RedisStore::write_shard`]). Errors that say Redis
+//! cannot write at all are returned, and the writer retries.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
-use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline};
+use redis::{
+    aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline,
+    ServerError, Value,
+};
 
-use super::{keys, nearest_first, Batch, Nearby, NearbyQuery, ShardBatch, Store, StoreError};
+use super::{
+    keys, nearest_first, Batch, Nearby, NearbyQuery, Refused, ShardBatch, Store, StoreError,
+};
 
 #[derive(Clone)]
 enum Conn {
@@ -62,19 +72,17 @@ impl RedisStore {
         Self { conn }
     }
 
+    /// One shard's flush: the removals, then one variadic `GEOADD`, `ZADD`
+    /// and `HSET` carrying every upsert. Errors come back per command, so a
+    /// refusal can be told from a failure to reach Redis.
     fn shard_pipeline(sb: &ShardBatch) -> Result<Pipeline, StoreError> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         if !sb.removals.is_empty() {
             let ids: Vec<&str> = sb.removals.iter().map(|r| r.id.as_str()).collect();
-            pipe.cmd("ZREM").arg(keys::geo(sb.shard)).arg(&ids).ignore();
-            pipe.cmd("ZREM")
-                .arg(keys::seen(sb.shard))
-                .arg(&ids)
-                .ignore();
-            pipe.cmd("HDEL")
-                .arg(keys::state(sb.shard))
-                .arg(&ids)
-                .ignore();
+            pipe.cmd("ZREM").arg(keys::geo(sb.shard)).arg(&ids);
+            pipe.cmd("ZREM").arg(keys::seen(sb.shard)).arg(&ids);
+            pipe.cmd("HDEL").arg(keys::state(sb.shard)).arg(&ids);
         }
         if !sb.upserts.is_empty() {
             let mut geoadd = redis::cmd("GEOADD");
@@ -89,17 +97,95 @@ impl RedisStore {
                 zadd.arg(s.seen_ms).arg(s.id.as_str());
                 hset.arg(s.id.as_str()).arg(rmp_serde::to_vec(s)?);
             }
-            pipe.add_command(geoadd).ignore();
-            pipe.add_command(zadd).ignore();
-            pipe.add_command(hset).ignore();
+            pipe.add_command(geoadd);
+            pipe.add_command(zadd);
+            pipe.add_command(hset);
         }
         Ok(pipe)
+    }
+
+    /// Writes one shard's changes. When Redis refuses a command for its
+    /// content (a position it cannot index, a key of the wrong type), the
+    /// shard is written again one vehicle at a time to find who it refuses.
+    async fn write_shard(&self, sb: &ShardBatch) -> Result<Vec<Refused>, StoreError> {
+        let replies: Vec<Value> = self.conn.query(&Self::shard_pipeline(sb)?).await?;
+        match worst(&replies) {
+            None => Ok(Vec::new()),
+            Some(Verdict::Retry(e)) => Err(StoreError::Redis(e.into())),
+            Some(Verdict::Refused(_)) => self.write_shard_one_by_one(sb).await,
+        }
+    }
+
+    /// Each vehicle's commands on their own, in one pipeline; the vehicles
+    /// Redis refuses are reported, and whatever of theirs did land is
+    /// removed, so no vehicle is left half-written.
+    async fn write_shard_one_by_one(&self, sb: &ShardBatch) -> Result<Vec<Refused>, StoreError> {
+        const PER_VEHICLE: usize = 3;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for r in &sb.removals {
+            let id = r.id.as_str();
+            pipe.cmd("ZREM").arg(keys::geo(sb.shard)).arg(id);
+            pipe.cmd("ZREM").arg(keys::seen(sb.shard)).arg(id);
+            pipe.cmd("HDEL").arg(keys::state(sb.shard)).arg(id);
+        }
+        for u in &sb.upserts {
+            let s = &u.state;
+            let id = s.id.as_str();
+            pipe.cmd("GEOADD")
+                .arg(keys::geo(sb.shard))
+                .arg(s.lon)
+                .arg(s.lat)
+                .arg(id);
+            pipe.cmd("ZADD")
+                .arg(keys::seen(sb.shard))
+                .arg(s.seen_ms)
+                .arg(id);
+            pipe.cmd("HSET")
+                .arg(keys::state(sb.shard))
+                .arg(id)
+                .arg(rmp_serde::to_vec(s)?);
+        }
+        let replies: Vec<Value> = self.conn.query(&pipe).await?;
+        let changes = sb
+            .removals
+            .iter()
+            .map(|r| (&r.id, false))
+            .chain(sb.upserts.iter().map(|u| (&u.state.id, u.relocated)));
+        let mut refused = Vec::new();
+        for ((id, relocated), replies) in changes.zip(replies.chunks(PER_VEHICLE)) {
+            match worst(replies) {
+                None => {}
+                Some(Verdict::Retry(e)) => return Err(StoreError::Redis(e.into())),
+                Some(Verdict::Refused(e)) => refused.push(Refused {
+                    shard: sb.shard,
+                    id: id.clone(),
+                    relocated,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        if !refused.is_empty() {
+            let ids: Vec<&str> = refused.iter().map(|r| r.id.as_str()).collect();
+            let mut undo = redis::pipe();
+            undo.cmd("ZREM").arg(keys::geo(sb.shard)).arg(&ids).ignore();
+            undo.cmd("ZREM")
+                .arg(keys::seen(sb.shard))
+                .arg(&ids)
+                .ignore();
+            undo.cmd("HDEL")
+                .arg(keys::state(sb.shard))
+                .arg(&ids)
+                .ignore();
+            self.conn.query::<()>(&undo).await?;
+        }
+        Ok(refused)
     }
 
     /// Locators live in their own slots: on a cluster each is its own
     /// command; on one server they share a pipeline. They change only when a
     /// vehicle appears, crosses a shard or is forgotten.
-    async fn write_locators(&self, batch: &Batch) -> Result<(), StoreError> {
+    async fn write_locators(&self, batch: &Batch, refused: &[Refused]) -> Result<(), StoreError> {
         let mut cmds = Vec::new();
         for sb in &batch.shards {
             for r in sb.removals.iter().filter(|r| r.forget) {
@@ -108,8 +194,15 @@ impl RedisStore {
                 cmds.push(cmd);
             }
         }
+        let was_refused = |shard: ShardId, id: &VehicleId| {
+            refused.iter().any(|r| r.shard == shard && &r.id == id)
+        };
         for sb in &batch.shards {
-            for u in sb.upserts.iter().filter(|u| u.relocated) {
+            for u in sb
+                .upserts
+                .iter()
+                .filter(|u| u.relocated && !was_refused(sb.shard, &u.state.id))
+            {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(keys::locator(&u.state.id))
                     .arg(sb.shard.to_string());
@@ -168,6 +261,31 @@ impl RedisStore {
     }
 }
 
+/// What a command's error reply means for the change that sent it.
+enum Verdict {
+    /// Redis will not take this value (`ERR`, `WRONGTYPE`): drop the change.
+    Refused(ServerError),
+    /// Redis cannot take anything right now (`LOADING`, `OOM`, `READONLY`,
+    /// `NOREPLICAS`, `MASTERDOWN`, `TRYAGAIN`, …): retry it later.
+    Retry(ServerError),
+}
+
+/// The most serious error among some replies: anything to retry outweighs
+/// a refusal.
+fn worst(replies: &[Value]) -> Option<Verdict> {
+    let mut verdict = None;
+    for reply in replies {
+        if let Value::ServerError(e) = reply {
+            if matches!(e.code(), "ERR" | "WRONGTYPE") {
+                verdict.get_or_insert(Verdict::Refused(e.clone()));
+            } else {
+                return Some(Verdict::Retry(e.clone()));
+            }
+        }
+    }
+    verdict
+}
+
 fn decode(id: &str, bytes: &[u8]) -> Result<VehicleState, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         id: id.to_string(),
@@ -184,15 +302,16 @@ impl Store for RedisStore {
         }
     }
 
-    async fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        let pipes = batch
-            .shards
-            .iter()
-            .map(Self::shard_pipeline)
-            .collect::<Result<Vec<_>, _>>()?;
-        try_join_all(pipes.iter().map(|p| self.conn.query::<()>(p))).await?;
-        self.write_locators(batch).await?;
-        self.register_shards(batch).await
+    async fn apply(&self, batch: &Batch) -> Result<Vec<Refused>, StoreError> {
+        let refused: Vec<Refused> =
+            try_join_all(batch.shards.iter().map(|sb| self.write_shard(sb)))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+        self.write_locators(batch, &refused).await?;
+        self.register_shards(batch).await?;
+        Ok(refused)
     }
 
     async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError> {

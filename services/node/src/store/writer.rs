@@ -7,9 +7,14 @@
 //! A failed flush keeps its changes and merges them under newer ones, so a
 //! store outage loses nothing and memory stays bounded by the number of
 //! vehicles.
+//!
+//! A change the store refuses for its content is different: retrying it
+//! would fail forever and hold up everything behind it. It is dropped,
+//! counted (`store_refused`) and logged with the vehicle's id; the rest of
+//! the flush stands.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +23,7 @@ use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, Removal, ShardBatch, Store, Upsert};
+use super::{Batch, Refused, Removal, ShardBatch, Store, Upsert};
 use crate::{metrics::Metrics, staging::LatestWins};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,20 +109,21 @@ impl StoreWriter {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = Stage::new();
+        let mut owed = OwedLocators::default();
         let mut failures = 0u32;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.cancelled() => {
                     self.take_into(&mut pending);
-                    if let Err(e) = self.flush(store.as_ref(), &mut pending).await {
+                    if let Err(e) = self.flush(store.as_ref(), &mut pending, &mut owed).await {
                         tracing::warn!(error = %e, lost = pending.len(), "final flush failed");
                     }
                     return;
                 }
             }
             self.take_into(&mut pending);
-            match self.flush(store.as_ref(), &mut pending).await {
+            match self.flush(store.as_ref(), &mut pending, &mut owed).await {
                 Ok(()) if failures > 0 => {
                     failures = 0;
                     tracing::info!("store writes succeed again");
@@ -137,14 +143,20 @@ impl StoreWriter {
         }
     }
 
-    async fn flush(&self, store: &dyn Store, pending: &mut Stage) -> Result<(), super::StoreError> {
+    async fn flush(
+        &self,
+        store: &dyn Store,
+        pending: &mut Stage,
+        owed: &mut OwedLocators,
+    ) -> Result<(), super::StoreError> {
+        owed.settle(pending);
         let batch = to_batch(pending);
         self.metrics.store_pending.set(batch.len() as u64);
         if batch.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
-        store.apply(&batch).await?;
+        let refused = store.apply(&batch).await?;
         self.metrics
             .store_flush_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -152,7 +164,57 @@ impl StoreWriter {
             .store_flush_batch_size
             .observe(batch.len() as f64);
         pending.clear();
+        for r in refused {
+            self.refused(r, owed);
+        }
         Ok(())
+    }
+
+    fn refused(&self, refused: Refused, owed: &mut OwedLocators) {
+        self.metrics.store_refused.inc();
+        tracing::warn!(
+            vehicle = %refused.id,
+            shard = %refused.shard,
+            reason = %refused.reason,
+            "the store refused a vehicle's change; dropped it and wrote the rest"
+        );
+        if refused.relocated {
+            owed.insert(refused.shard, refused.id);
+        }
+    }
+}
+
+/// Vehicles whose arrival in a shard the store refused: their locator was
+/// never written, so their next upsert there must write it. Bounded, since
+/// only what validation let through and the store refused lands here.
+#[derive(Default)]
+struct OwedLocators(HashSet<(ShardId, VehicleId)>);
+
+impl OwedLocators {
+    const MAX: usize = 65_536;
+
+    fn insert(&mut self, shard: ShardId, id: VehicleId) {
+        if self.0.len() >= Self::MAX {
+            tracing::warn!("forgetting {} owed locators", self.0.len());
+            self.0.clear();
+        }
+        self.0.insert((shard, id));
+    }
+
+    /// Marks pending upserts that owe a locator as relocations; a pending
+    /// removal settles the debt too.
+    fn settle(&mut self, pending: &mut Stage) {
+        if self.0.is_empty() {
+            return;
+        }
+        self.0.retain(|key| match pending.get_mut(key) {
+            Some(Change::Upsert { relocated, .. }) => {
+                *relocated = true;
+                false
+            }
+            Some(Change::Remove { .. }) => false,
+            None => true,
+        });
     }
 }
 
