@@ -474,3 +474,38 @@ async fn the_page_and_its_assets_are_served_by_the_node() {
     }
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_dashboard_with_five_thousand_vehicles_in_view_pans_away_and_its_view_ends_empty() {
+    let redis = RedisServer::start();
+    let vienna = (48.2082, 16.3738);
+    preload(&redis, &parked_fleet("v", vienna, 5_000, 0.006)).await;
+    let node = TestNode::start(Some(&redis)).await;
+    let mut socket = dashboard(&node).await;
+    let (s, w, n, e) = (
+        vienna.0 - 0.01,
+        vienna.1 - 0.01,
+        vienna.0 + 0.01,
+        vienna.1 + 0.01,
+    );
+    socket.send(viewport(1, s, w, n, e)).await;
+    socket
+        .until_view("all 5,000 shown", |v| {
+            v.subscription == 1 && v.vehicles.len() == 5_000
+        })
+        .await;
+    socket.send(viewport(2, s + 0.27, w, n + 0.27, e)).await;
+    socket
+        .until_view("the view exactly empty", |v| {
+            v.subscription == 2 && v.vehicles.is_empty()
+        })
+        .await;
+    // Still connected: a find is answered.
+    socket.send(json!({ "type": "find", "id": "v7" })).await;
+    socket
+        .until("the find answered", |e| {
+            matches!(e, DashboardEvent::Found(_))
+        })
+        .await;
+    node.stop().await;
+}

@@ -773,3 +773,37 @@ async fn every_riders_view_ends_equal_to_the_brute_force_answer_on_redis() {
     let redis = RedisServer::start();
     model_based(Some(&redis), 22).await;
 }
+
+#[tokio::test]
+async fn a_rider_with_five_thousand_vehicles_in_view_moves_away_and_its_view_ends_empty() {
+    let redis = RedisServer::start();
+    let vienna = (48.2082, 16.3738);
+    preload(&redis, &parked_fleet("v", vienna, 5_000, 0.006)).await;
+    let node = TestNode::start(Some(&redis)).await;
+    let r = rider(&node, "far-traveller").await;
+    subscribe(&r, Subscription::around(vienna.0, vienna.1, 2_000.0)).await;
+    view_where(&r, "all 5,000 in view", |v| v.len() == 5_000).await;
+    r.take_events();
+
+    // 30 km north: every one of them leaves the view at once.
+    subscribe(&r, Subscription::around(vienna.0 + 0.27, vienna.1, 2_000.0)).await;
+    view_where(&r, "the view exactly empty", |v| v.is_empty()).await;
+    let removed = r
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Removed(_, RemoveReason::LeftView)))
+        .count();
+    assert_eq!(removed, 5_000);
+    assert!(r.closed_by_node().is_none(), "{:?}", r.closed_by_node());
+    assert!(!r.is_finished(), "the session stays up");
+    assert_eq!(
+        node.metric("hexfleet_sessions_refused_total{code=\"internal\"}")
+            .await,
+        0.0
+    );
+
+    // Back again: a snapshot of all of them, then the session still works.
+    subscribe(&r, Subscription::around(vienna.0, vienna.1, 2_000.0)).await;
+    view_where(&r, "all 5,000 back", |v| v.len() == 5_000).await;
+    node.stop().await;
+}

@@ -111,7 +111,15 @@ impl DashboardSocket {
         node: &TestNode,
         query: &str,
     ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("ws://{}/v1/ws?{query}", node.node.http_addr);
+        Self::connect_to(node.node.http_addr, query).await
+    }
+
+    /// Opens `/v1/ws` on a node's HTTP address.
+    pub async fn connect_to(
+        http_addr: std::net::SocketAddr,
+        query: &str,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let url = format!("ws://{http_addr}/v1/ws?{query}");
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
         Ok(Self::over(ws))
     }
@@ -217,6 +225,24 @@ impl DashboardSocket {
             );
             self.next().await;
         }
+    }
+
+    /// Reads what has already arrived, without waiting; returns the close
+    /// code if the node has closed the socket. A client that floods requests
+    /// must notice the close before writing on: a write to a closed TCP
+    /// socket draws a reset, which discards the close frame unread.
+    pub fn closed_already(&mut self) -> Option<u16> {
+        use futures_util::FutureExt;
+        while let Some(message) = self.ws.next().now_or_never() {
+            match message {
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(frame.map_or(u16::from(CloseCode::Status), |f| u16::from(f.code)))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Some(u16::from(CloseCode::Status)),
+            }
+        }
+        None
     }
 
     /// Waits for the node to close the socket; returns its code and reason.

@@ -183,6 +183,11 @@ impl TestNode {
         }
     }
 
+    /// The development certificate clients of this node trust.
+    pub fn cert(&self) -> PathBuf {
+        self.cert.clone()
+    }
+
     pub fn connector(&self) -> Connector {
         Connector::new(&self.cert, hexfleet_protocol::dev::DEV_SERVER_NAME)
             .expect("the dev certificate loads")
@@ -256,10 +261,29 @@ pub async fn raw_connection(
         hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
     >,
 ) {
+    raw_connection_to(node.node.quic_addr, &node.cert, window).await
+}
+
+/// [`raw_connection`] to a node by its QUIC address and certificate.
+pub async fn raw_connection_to(
+    quic_addr: std::net::SocketAddr,
+    cert: &std::path::Path,
+    window: u32,
+) -> (
+    quinn::Connection,
+    tokio_util::codec::FramedWrite<
+        quinn::SendStream,
+        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
+    >,
+    tokio_util::codec::FramedRead<
+        quinn::RecvStream,
+        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
+    >,
+) {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(
-            std::fs::read(&node.cert).expect("the dev certificate"),
+            std::fs::read(cert).expect("the dev certificate"),
         ))
         .expect("a valid certificate");
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -279,7 +303,7 @@ pub async fn raw_connection(
         quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("a client socket");
     endpoint.set_default_client_config(config);
     let conn = endpoint
-        .connect(node.node.quic_addr, "localhost")
+        .connect(quic_addr, "localhost")
         .expect("connect")
         .await
         .expect("handshake");
@@ -343,4 +367,64 @@ pub async fn eventually<T>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `n` parked vehicles scattered within `spread_deg` of `center`, heard
+/// from just now.
+pub fn parked_fleet(
+    prefix: &str,
+    center: (f64, f64),
+    n: usize,
+    spread_deg: f64,
+) -> Vec<hexfleet_model::VehicleState> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+    (0..n)
+        .map(|i| hexfleet_model::VehicleState {
+            id: VehicleId::new(&format!("{prefix}{i}")).expect("a valid id"),
+            lat: center.0 + rng.random_range(-spread_deg..spread_deg),
+            lon: center.1 + rng.random_range(-spread_deg..spread_deg),
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 5.0,
+            fix_time_ms: now_ms(),
+            seq: 1,
+            class: VehicleClass::Economy,
+            status: VehicleStatus::Available,
+            seen_ms: now_ms(),
+        })
+        .collect()
+}
+
+/// Writes vehicles to Redis as the node that owned them would have, so a
+/// node started on it takes them over: many vehicles without as many
+/// driver connections.
+pub async fn preload(redis: &RedisServer, states: &[hexfleet_model::VehicleState]) {
+    use hexfleet_node::store::{redis::RedisStore, Batch, ShardBatch, Store, Upsert};
+    let cells = hexfleet_model::CellModel::default();
+    let mut shards: std::collections::HashMap<_, Vec<Upsert>> = Default::default();
+    for s in states {
+        shards
+            .entry(cells.locate(s.position()).1)
+            .or_default()
+            .push(Upsert {
+                state: s.clone(),
+                relocated: true,
+            });
+    }
+    let batch = Batch {
+        shards: shards
+            .into_iter()
+            .map(|(shard, upserts)| ShardBatch {
+                shard,
+                upserts,
+                removals: Vec::new(),
+            })
+            .collect(),
+    };
+    let store = RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to the test redis");
+    let refused = store.apply(&batch).await.expect("preload the test redis");
+    assert!(refused.is_empty(), "{refused:?}");
 }

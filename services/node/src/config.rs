@@ -5,6 +5,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use hexfleet_model::{CellModel, CellModelError};
+
+use crate::budget::RequestLimits;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -32,6 +34,10 @@ pub struct RidersConfig {
     /// (`slow_consumer`).
     #[serde(with = "humantime_serde")]
     pub slow_consumer_after: Duration,
+    /// How fast one rider connection may `Subscribe`: each one is a cover
+    /// and a view difference for the node. A rider app re-subscribes when
+    /// its rider moves, about once a second at most.
+    pub requests: RequestLimits,
 }
 
 impl Default for RidersConfig {
@@ -39,6 +45,11 @@ impl Default for RidersConfig {
         Self {
             max_radius_m: 5_000.0,
             slow_consumer_after: Duration::from_secs(5),
+            requests: RequestLimits {
+                per_second: 5.0,
+                burst: 20,
+                close_after: 100,
+            },
         }
     }
 }
@@ -60,6 +71,10 @@ pub struct DashboardConfig {
     /// A raster tile URL template for the map background, e.g.
     /// `https://tile.example.com/{z}/{x}/{y}.png`. Empty: a plain background.
     pub tile_url: String,
+    /// How fast one dashboard may send `viewport`, `filter` and `find`: a
+    /// viewport costs a cover of up to thousands of cells. The page sends one
+    /// per pan or zoom gesture, debounced.
+    pub requests: RequestLimits,
 }
 
 impl Default for DashboardConfig {
@@ -69,6 +84,11 @@ impl Default for DashboardConfig {
             max_density_cells: 800,
             density_interval: Duration::from_millis(500),
             tile_url: String::new(),
+            requests: RequestLimits {
+                per_second: 10.0,
+                burst: 40,
+                close_after: 200,
+            },
         }
     }
 }

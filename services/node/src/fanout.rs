@@ -17,7 +17,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
 };
@@ -26,7 +26,7 @@ use h3o::{CellIndex, Resolution};
 use hexfleet_model::{IndexCell, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{dashboard::StatusCounts, Filter, RemoveReason};
 use parking_lot::RwLock;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -46,23 +46,28 @@ enum VehicleEvent {
     Removed(RemoveReason),
 }
 
+/// A subscriber's wish, waiting for the fan-out task.
 enum Command {
     Subscribe {
-        id: SubscriberId,
         cells: Vec<CellIndex>,
         filter: Filter,
         version: u32,
         mailbox: Arc<Mailbox>,
     },
-    Unsubscribe(SubscriberId),
+    Unsubscribe,
 }
 
 /// The handle ingest and sessions talk to; the index lives in [`FanOut::run`].
+///
+/// Vehicle changes and subscription changes are both staged latest-wins
+/// (per vehicle, per subscriber), so what waits for the task is bounded by
+/// the vehicles and subscribers there are, however fast anyone sends: a
+/// newer subscription replaces one still waiting.
 pub struct FanOut {
     events: LatestWins<VehicleId, VehicleEvent>,
+    commands: LatestWins<SubscriberId, Command>,
     wake: Notify,
-    commands: mpsc::UnboundedSender<Command>,
-    inbox: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    running: AtomicBool,
     density: Arc<Density>,
     next_subscriber: AtomicU64,
     metrics: Arc<Metrics>,
@@ -70,16 +75,22 @@ pub struct FanOut {
 
 impl FanOut {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        let (commands, inbox) = mpsc::unbounded_channel();
         Self {
             events: LatestWins::new(newest),
+            commands: LatestWins::new(newest),
             wake: Notify::new(),
-            commands,
-            inbox: parking_lot::Mutex::new(Some(inbox)),
+            running: AtomicBool::new(false),
             density: Arc::new(Density::default()),
             next_subscriber: AtomicU64::new(1),
             metrics,
         }
+    }
+
+    fn command(&self, id: SubscriberId, command: Command) {
+        if self.commands.stage(id, command) {
+            self.metrics.subscriptions_replaced.inc();
+        }
+        self.wake.notify_one();
     }
 
     /// A subscriber id no other subscriber of this node has.
@@ -115,39 +126,45 @@ impl FanOut {
         version: u32,
         mailbox: Arc<Mailbox>,
     ) {
-        // The task only stops at shutdown, when sessions are ending too.
-        let _ = self.commands.send(Command::Subscribe {
+        self.command(
             id,
-            cells,
-            filter,
-            version,
-            mailbox,
-        });
+            Command::Subscribe {
+                cells,
+                filter,
+                version,
+                mailbox,
+            },
+        );
     }
 
     pub fn unsubscribe(&self, id: SubscriberId) {
-        let _ = self.commands.send(Command::Unsubscribe(id));
+        self.command(id, Command::Unsubscribe);
     }
 
     /// Runs the fan-out until shutdown. Call once.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(mut inbox) = self.inbox.lock().take() else {
+        if self.running.swap(true, Ordering::AcqRel) {
             tracing::error!("the fan-out was started twice");
             return;
-        };
+        }
         let mut index = Index::new(self.density.clone());
-        let mut events = HashMap::new();
+        let (mut commands, mut events) = (HashMap::new(), HashMap::new());
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                Some(command) = inbox.recv() => index.command(command, &self.metrics),
-                _ = self.wake.notified() => {
-                    self.events.take_into(&mut events);
-                    for (id, event) in events.drain() {
-                        index.vehicle(id, event, &self.metrics);
-                    }
-                }
+                _ = self.wake.notified() => {}
+            }
+            // Both are bounded: one pending change per subscriber, one per
+            // vehicle. Subscriptions first, so a snapshot includes the
+            // changes staged with it.
+            self.commands.take_into(&mut commands);
+            for (id, command) in commands.drain() {
+                index.command(id, command, &self.metrics);
+            }
+            self.events.take_into(&mut events);
+            for (id, event) in events.drain() {
+                index.vehicle(id, event, &self.metrics);
             }
         }
     }
@@ -199,7 +216,11 @@ impl Index {
             filter,
             mailbox,
         };
-        let previous = self.detach(id, metrics);
+        // A subscriber that comes back with another mailbox (a dashboard
+        // switching modes) starts a fresh view: a snapshot, not a difference.
+        let previous = self
+            .detach(id, metrics)
+            .filter(|old| Arc::ptr_eq(&old.mailbox, &new.mailbox));
         match previous {
             None => new.mailbox.reset(
                 version,
@@ -342,16 +363,15 @@ impl Index {
             .filter(|s| filter.matches(s.class, s.status))
     }
 
-    fn command(&mut self, command: Command, metrics: &Metrics) {
+    fn command(&mut self, id: SubscriberId, command: Command, metrics: &Metrics) {
         match command {
             Command::Subscribe {
-                id,
                 cells,
                 filter,
                 version,
                 mailbox,
             } => self.subscribe(id, cells, filter, version, mailbox, metrics),
-            Command::Unsubscribe(id) => {
+            Command::Unsubscribe => {
                 self.detach(id, metrics);
                 metrics.subscribers.set(self.subscribers.len() as i64);
             }
@@ -487,6 +507,27 @@ mod tests {
             status,
             seen_ms: 0,
         }
+    }
+
+    #[test]
+    fn a_flood_of_subscription_changes_from_one_subscriber_leaves_one_waiting() {
+        let metrics = Arc::new(Metrics::new());
+        let fanout = FanOut::new(metrics.clone());
+        let mailbox = Arc::new(Mailbox::new());
+        for version in 0..20_000 {
+            fanout.subscribe(7, Vec::new(), Filter::any(), version, mailbox.clone());
+        }
+        let mut waiting = HashMap::new();
+        fanout.commands.take_into(&mut waiting);
+        assert_eq!(waiting.len(), 1);
+        assert!(matches!(
+            waiting[&7],
+            Command::Subscribe {
+                version: 19_999,
+                ..
+            }
+        ));
+        assert_eq!(metrics.subscriptions_replaced.get(), 19_999);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! [`Node::start`] runs all of it inside the caller's tokio runtime, so tests
 //! and the simulator embed a node the same way the binary runs one.
 
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod dashboard;

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use hexfleet_protocol::{ErrorCode, RejectReason};
+use hexfleet_protocol::{ErrorCode, RejectReason, Role};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -26,6 +26,10 @@ pub struct Metrics {
     pub connections: Gauge,
     pub connections_accepted: Counter,
     refused: Family<Labels, Counter>,
+    pub sessions_lost: Counter,
+    pub sessions_goodbye: Counter,
+    rate_limited: Family<Labels, Counter>,
+    pub subscriptions_replaced: Counter,
     pub fixes_accepted: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
     pub vehicles: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -76,6 +80,30 @@ impl Metrics {
             "sessions_refused",
             "Sessions closed with an error, by error code",
             refused.clone(),
+        );
+        let sessions_lost = Counter::default();
+        registry.register(
+            "sessions_lost",
+            "Sessions whose connection went away without a Goodbye: closed or reset by the peer, or idle past the timeout",
+            sessions_lost.clone(),
+        );
+        let sessions_goodbye = Counter::default();
+        registry.register(
+            "sessions_goodbye",
+            "Sessions the client ended with a Goodbye",
+            sessions_goodbye.clone(),
+        );
+        let rate_limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests_rate_limited",
+            "Requests refused because their connection was over its request budget, by role",
+            rate_limited.clone(),
+        );
+        let subscriptions_replaced = Counter::default();
+        registry.register(
+            "subscriptions_replaced",
+            "Subscription changes replaced by a newer one from the same connection before the fan-out applied them",
+            subscriptions_replaced.clone(),
         );
         let fixes_accepted = Counter::default();
         registry.register(
@@ -203,6 +231,10 @@ impl Metrics {
             connections,
             connections_accepted,
             refused,
+            sessions_lost,
+            sessions_goodbye,
+            rate_limited,
+            subscriptions_replaced,
             fixes_accepted,
             rejected,
             vehicles,
@@ -228,6 +260,12 @@ impl Metrics {
     pub fn dashboard_error(&self, reason: &'static str) -> Counter {
         self.dashboard_errors
             .get_or_create_owned(&[("reason", reason)])
+    }
+
+    /// Requests refused for being over budget, by role.
+    pub fn rate_limited(&self, role: Role) -> Counter {
+        self.rate_limited
+            .get_or_create_owned(&[("role", role.as_str())])
     }
 
     pub fn refused(&self, code: ErrorCode) -> Counter {

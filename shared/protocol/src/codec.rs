@@ -100,6 +100,25 @@ fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     }
 }
 
+/// How many bytes `item` takes as MessagePack inside a frame body, counted
+/// without allocating. Senders that pack many items into one frame cut it by
+/// this, so a frame never outgrows [`MAX_FRAME_LEN`].
+pub fn encoded_len<T: Serialize>(item: &T) -> Result<usize, FrameError> {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    rmp_serde::encode::write(&mut count, item)?;
+    Ok(count.0)
+}
+
 /// Encodes a message as a datagram body.
 pub fn encode_datagram<T: Serialize>(item: &T) -> Result<Bytes, FrameError> {
     encode_body(item)

@@ -25,10 +25,24 @@ pub mod close {
     pub const UNAUTHORIZED: u16 = 4401;
     /// The dashboard did not read fast enough.
     pub const SLOW_CONSUMER: u16 = 4408;
+    /// The dashboard kept sending requests over its budget.
+    pub const RATE_LIMITED: u16 = 4429;
     /// The node is shutting down (the standard "going away").
     pub const GOING_AWAY: u16 = 1001;
     /// The node failed (the standard "internal error").
     pub const INTERNAL: u16 = 1011;
+
+    /// The name a close code is counted and logged under.
+    pub fn name(code: u16) -> &'static str {
+        match code {
+            UNAUTHORIZED => "unauthorized",
+            SLOW_CONSUMER => "slow_consumer",
+            RATE_LIMITED => "rate_limited",
+            GOING_AWAY => "shutting_down",
+            INTERNAL => "internal",
+            _ => "other",
+        }
+    }
 }
 
 /// The wire form of a dashboard connection.

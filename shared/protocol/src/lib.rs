@@ -15,7 +15,8 @@ pub mod rider;
 pub mod token;
 
 pub use codec::{
-    decode_datagram, encode_datagram, FrameCodec, FrameError, MAX_FRAME_LEN, WIRE_VERSION,
+    decode_datagram, encode_datagram, encoded_len, FrameCodec, FrameError, MAX_FRAME_LEN,
+    WIRE_VERSION,
 };
 pub use messages::*;
 pub use rider::{Added, Filter, Moved, RemoveReason, Removed, RiderUpdate, Subscribe};

@@ -125,6 +125,9 @@ pub enum ErrorCode {
     /// The same driver connected again; this older connection is closed.
     Superseded,
     Internal,
+    /// Requests came faster than the connection's budget: refused (in a
+    /// `SubscribeError`), and, when it goes on, the connection is closed.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -140,6 +143,7 @@ impl ErrorCode {
             Self::ShuttingDown => 7,
             Self::Internal => 8,
             Self::Superseded => 9,
+            Self::RateLimited => 10,
         }
     }
 
@@ -154,6 +158,7 @@ impl ErrorCode {
             Self::ShuttingDown,
             Self::Internal,
             Self::Superseded,
+            Self::RateLimited,
         ]
         .into_iter()
         .find(|c| u64::from(c.close_code()) == code)
@@ -170,6 +175,7 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
             Self::Superseded => "superseded",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -113,6 +113,14 @@ pub struct RiderUpdate {
     pub moved: Vec<u8>,
 }
 
+impl RiderUpdate {
+    /// The most an update's body takes besides its items: the version byte,
+    /// the array header, the subscription, the snapshot flag, two array
+    /// headers and a bin header (23 bytes at most, rounded up). Items fill
+    /// the rest of [`MAX_FRAME_LEN`](crate::MAX_FRAME_LEN).
+    pub const ENVELOPE_MAX: usize = 32;
+}
+
 /// A vehicle that moved: position, heading and speed only.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Moved {
@@ -225,5 +233,35 @@ mod tests {
         }
         let bytes = crate::encode_datagram(&update).unwrap();
         assert!(bytes.len() + 4 <= 100 * 16, "{} bytes", bytes.len() + 4);
+    }
+
+    #[test]
+    fn an_update_filled_to_its_item_budget_fits_in_a_frame() {
+        let budget = crate::MAX_FRAME_LEN - RiderUpdate::ENVELOPE_MAX;
+        let mut update = RiderUpdate {
+            subscription: u32::MAX,
+            snapshot: true,
+            ..RiderUpdate::default()
+        };
+        let (mut used, mut alias) = (0, u32::MAX);
+        let removed = |alias| Removed {
+            alias,
+            reason: RemoveReason::LeftView,
+        };
+        while used + crate::encoded_len(&removed(alias)).unwrap() <= budget / 2 {
+            used += crate::encoded_len(&removed(alias)).unwrap();
+            update.removed.push(removed(alias));
+            alias -= 1;
+        }
+        while used + Moved::LEN <= budget {
+            Moved::new(alias, 52.5, 13.4, 90.0, 10.0).pack(&mut update.moved);
+            used += Moved::LEN;
+        }
+        let body = crate::encode_datagram(&update).unwrap();
+        assert!(body.len() <= crate::MAX_FRAME_LEN, "{} bytes", body.len());
+        assert!(
+            body.len() + 64 > crate::MAX_FRAME_LEN,
+            "the budget is not wasted"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! stays blocked for `slow_consumer_after` closes the socket with
 //! [`close::SLOW_CONSUMER`].
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{stream::SplitSink, SinkExt, StreamExt};
@@ -19,11 +19,12 @@ use hexfleet_protocol::{
         DashboardRemoved, DashboardRequest, DensityUpdate, Format, Found, Hello, Outlines,
         StatusCounts, VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
     },
-    ErrorCode, Filter,
+    ErrorCode, Filter, Role,
 };
 
 use super::Dashboards;
 use crate::{
+    budget::{RequestBudget, Verdict, ABUSE_WINDOW},
     clock,
     fanout::SubscriberId,
     mailbox::{Change, Drained, Mailbox},
@@ -36,6 +37,9 @@ use crate::{
 const MAX_ITEMS_PER_MESSAGE: usize = 50;
 const MAX_OUTLINES_PER_MESSAGE: usize = 32;
 const MAX_CELLS_PER_MESSAGE: usize = 120;
+/// How long a closing node waits for the client's side of the closing
+/// handshake.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Outlines a connection remembers having sent; past this it forgets (and
 /// sends again) rather than grow without bound while a user pans forever.
 const MAX_OUTLINES_REMEMBERED: usize = 50_000;
@@ -75,6 +79,7 @@ struct Session {
     /// Vehicles the dashboard has been sent and not told are gone.
     shown: HashSet<VehicleId>,
     outlined: HashSet<CellIndex>,
+    budget: RequestBudget,
 }
 
 pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Dashboards>) {
@@ -90,6 +95,7 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
         mode: Mode::Idle,
         shown: HashSet::new(),
         outlined: HashSet::new(),
+        budget: RequestBudget::new(&dashboards.config.requests, Instant::now()),
     };
     let mut density_timer = tokio::time::interval(dashboards.config.density_interval);
     density_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -129,14 +135,31 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
     }
     dashboards.metrics.dashboards.dec();
     if let Err(End::Close(code, reason)) = outcome {
+        // Every close the node makes is logged and counted by its reason.
+        let name = close::name(code);
+        dashboards.metrics.dashboard_error(name).inc();
+        if code == close::INTERNAL {
+            tracing::warn!(code, name, %reason, "closing dashboard");
+        } else {
+            tracing::info!(code, name, %reason, "closing dashboard");
+        }
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            session.sink.send(Message::Close(Some(frame))),
-        )
+        // The closing handshake: send ours, then read (and drop) what the
+        // client still sends until its own close. Closing the TCP connection
+        // with unread data would reset it, and the reset would destroy our
+        // close frame before the client reads it.
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            if session.sink.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+        })
         .await;
     }
 }
@@ -169,42 +192,57 @@ impl Session {
         match tokio::time::timeout(after, self.sink.send(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
-            Err(_) => {
-                self.dashboards
-                    .metrics
-                    .dashboard_error("slow_consumer")
-                    .inc();
-                Err(End::Close(
-                    close::SLOW_CONSUMER,
-                    format!("updates blocked for more than {after:?}"),
-                ))
-            }
+            Err(_) => Err(End::Close(
+                close::SLOW_CONSUMER,
+                format!("updates blocked for more than {after:?}"),
+            )),
         }
     }
 
-    /// Answers a bad request with an error event; the connection stays.
-    async fn refuse(&mut self, reason: String) -> Result<(), End> {
-        self.dashboards.metrics.dashboard_error("bad_request").inc();
-        let error = DashboardEvent::Error(DashboardError {
-            code: ErrorCode::BadRequest,
-            reason,
-        });
+    /// Answers a request with an error event; the connection stays.
+    async fn refuse(&mut self, code: ErrorCode, reason: String) -> Result<(), End> {
+        if code == ErrorCode::BadRequest {
+            self.dashboards.metrics.dashboard_error("bad_request").inc();
+        }
+        let error = DashboardEvent::Error(DashboardError { code, reason });
         self.send(&error).await
     }
 
+    /// Answers a bad request with an error event; the connection stays.
+    async fn bad_request(&mut self, reason: String) -> Result<(), End> {
+        self.refuse(ErrorCode::BadRequest, reason).await
+    }
+
     async fn request(&mut self, format: Format, bytes: &[u8]) -> Result<(), End> {
+        let limits = &self.dashboards.config.requests;
+        match self.budget.spend(Instant::now()) {
+            Verdict::Allow => {}
+            Verdict::Refuse => {
+                self.dashboards.metrics.rate_limited(Role::Dashboard).inc();
+                let reason = format!("more than {} requests a second", limits.per_second);
+                return self.refuse(ErrorCode::RateLimited, reason).await;
+            }
+            Verdict::Close => {
+                self.dashboards.metrics.rate_limited(Role::Dashboard).inc();
+                let reason = format!(
+                    "requests refused {} times in {ABUSE_WINDOW:?}",
+                    limits.close_after
+                );
+                return Err(End::Close(close::RATE_LIMITED, reason));
+            }
+        }
         match format.decode(bytes) {
             Ok(DashboardRequest::Viewport(viewport)) => self.viewport(viewport).await,
             Ok(DashboardRequest::Filter { id, filter }) => self.filter(id, filter).await,
             Ok(DashboardRequest::Find { id }) => self.find(id).await,
-            Err(e) => self.refuse(e.to_string()).await,
+            Err(e) => self.bad_request(e.to_string()).await,
         }
     }
 
     async fn viewport(&mut self, viewport: Viewport) -> Result<(), End> {
         if !(viewport.zoom.is_finite() && (0.0..=MAX_ZOOM).contains(&viewport.zoom)) {
             return self
-                .refuse(format!(
+                .bad_request(format!(
                     "zoom must be in [0, {MAX_ZOOM}], not {}",
                     viewport.zoom
                 ))
@@ -291,7 +329,7 @@ impl Session {
     async fn find(&mut self, id: String) -> Result<(), End> {
         let vehicle = match VehicleId::new(&id) {
             Ok(vehicle_id) => self.dashboards.table.get(&vehicle_id).map(|e| e.state),
-            Err(e) => return self.refuse(format!("find: {e}")).await,
+            Err(e) => return self.bad_request(format!("find: {e}")).await,
         };
         self.send(&DashboardEvent::Found(Found { id, vehicle }))
             .await

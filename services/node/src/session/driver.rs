@@ -10,7 +10,6 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_protocol::{
     decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits,
@@ -19,17 +18,11 @@ use hexfleet_protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{send, Context, ControlRead, ControlWrite, Refusal};
+use super::{next_message, send, Context, ControlRead, ControlWrite, End, Refusal};
 use crate::{
     clock,
     validate::{LastFix, Validator},
 };
-
-/// How a driver session ended without an error.
-enum End {
-    Goodbye,
-    Lost,
-}
 
 pub(super) async fn serve(
     conn: &quinn::Connection,
@@ -37,7 +30,7 @@ pub(super) async fn serve(
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
     id: VehicleId,
-) -> Result<(), Refusal> {
+) -> Result<End, Refusal> {
     let mut session = DriverSession::start(conn, ctx, id);
     let outcome = session.run(tx, rx).await;
     let id = session.id;
@@ -59,7 +52,7 @@ pub(super) async fn serve(
             }
         });
     }
-    outcome.map(|_| ())
+    outcome
 }
 
 struct DriverSession<'a> {
@@ -145,24 +138,23 @@ impl<'a> DriverSession<'a> {
                     // The connection is gone (closed by the peer, timed out).
                     Err(_) => return Ok(End::Lost),
                 },
-                frame = rx.next() => match frame {
-                    Some(Ok(ClientMsg::Fix(fix))) => self.on_fix(&fix),
-                    Some(Ok(ClientMsg::Driver(report))) => {
+                msg = next_message(rx) => match msg? {
+                    Some(ClientMsg::Fix(fix)) => self.on_fix(&fix),
+                    Some(ClientMsg::Driver(report)) => {
                         self.report = report;
                         self.ctx.ingest.report(&self.id, report, clock::now_ms());
                     }
-                    Some(Ok(ClientMsg::Goodbye)) => {
+                    Some(ClientMsg::Goodbye) => {
                         self.ctx.ingest.sign_off(&self.id, RemoveReason::Offline);
                         self.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
                         return Ok(End::Goodbye);
                     }
-                    Some(Ok(ClientMsg::Hello(_))) => {
+                    Some(ClientMsg::Hello(_)) => {
                         return Err(Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice"));
                     }
-                    Some(Ok(ClientMsg::Subscribe(_))) => {
+                    Some(ClientMsg::Subscribe(_)) => {
                         return Err(Refusal::new(ErrorCode::ProtocolViolation, "drivers do not subscribe"));
                     }
-                    Some(Err(e)) => return Err(Refusal::protocol(e)),
                     None => return Ok(End::Lost),
                 },
                 _ = ack_tick.tick() => self.send_ack(tx).await?,

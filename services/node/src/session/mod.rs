@@ -26,7 +26,9 @@ use tokio_util::{
     sync::CancellationToken,
 };
 
-use crate::{clock, config::Config, fanout::FanOut, ingest::Ingest, validate::Limits};
+use crate::{
+    budget::RequestLimits, clock, config::Config, fanout::FanOut, ingest::Ingest, validate::Limits,
+};
 
 /// Control frames are small and most connections idle: their buffers start
 /// small and grow only when a frame needs it (tokio-util's default is 8 KiB
@@ -50,6 +52,7 @@ pub struct Context {
     offline_grace: Duration,
     max_subscribe_radius_m: f64,
     slow_consumer_after: Duration,
+    rider_requests: RequestLimits,
     /// The live session of each driver. A driver that connects again closes
     /// its older connection, so one vehicle never has two writers.
     drivers: DashMap<VehicleId, (u64, CancellationToken)>,
@@ -74,10 +77,28 @@ impl Context {
             offline_grace: config.ingest.offline_grace,
             max_subscribe_radius_m: config.riders.max_radius_m,
             slow_consumer_after: config.riders.slow_consumer_after,
+            rider_requests: config.riders.requests.clone(),
             drivers: DashMap::new(),
             shutdown,
         }
     }
+}
+
+/// How a session ended without the node closing it.
+#[derive(Debug)]
+enum End {
+    /// The client said `Goodbye`.
+    Goodbye,
+    /// The connection went away: closed or reset by the peer, or silent past
+    /// the idle timeout (a phone in a tunnel, an app killed). Not the
+    /// client's fault, and not a protocol violation.
+    Lost,
+}
+
+/// Whether a read error means the connection is gone rather than that the
+/// client sent something wrong.
+fn lost(e: &FrameError) -> bool {
+    matches!(e, FrameError::Io(_))
 }
 
 /// Why a session ends early, and what the client is told.
@@ -97,6 +118,17 @@ impl Refusal {
 
     fn protocol(e: FrameError) -> Self {
         Self::new(ErrorCode::ProtocolViolation, e.to_string())
+    }
+}
+
+/// Reads the next control message: `Ok(None)` when the connection is gone,
+/// an error refusal when the client sent something that does not decode.
+async fn next_message(rx: &mut ControlRead) -> Result<Option<ClientMsg>, Refusal> {
+    match rx.next().await {
+        Some(Ok(msg)) => Ok(Some(msg)),
+        Some(Err(e)) if lost(&e) => Ok(None),
+        Some(Err(e)) => Err(Refusal::protocol(e)),
+        None => Ok(None),
     }
 }
 
@@ -133,36 +165,33 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
             FramedWrite::with_capacity(send, FrameCodec::default(), 0),
             FramedRead::with_capacity(recv, FrameCodec::default(), CONTROL_READ_BUFFER),
         ),
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => {
+            ended(Ok(End::Lost), &conn, None, &ctx).await;
+            return;
+        }
         Err(_) => {
-            close(
-                &conn,
-                None,
-                Refusal::new(ErrorCode::ProtocolViolation, "no control stream"),
-                &ctx,
-            )
-            .await;
+            let refusal = Refusal::new(ErrorCode::ProtocolViolation, "no control stream");
+            ended(Err(refusal), &conn, None, &ctx).await;
             return;
         }
     };
-    let (role, subject) =
-        match tokio::time::timeout(ctx.handshake_timeout, handshake(&mut rx, &ctx)).await {
-            Ok(Ok(who)) => who,
-            Ok(Err(refusal)) => {
-                close(&conn, Some(&mut tx), refusal, &ctx).await;
-                return;
-            }
-            Err(_) => {
-                close(
-                    &conn,
-                    Some(&mut tx),
-                    Refusal::new(ErrorCode::ProtocolViolation, "no Hello in time"),
-                    &ctx,
-                )
-                .await;
-                return;
-            }
-        };
+    let who = match tokio::time::timeout(ctx.handshake_timeout, handshake(&mut rx, &ctx)).await {
+        Ok(Ok(Some(who))) => who,
+        Ok(Ok(None)) => {
+            ended(Ok(End::Lost), &conn, Some(&mut tx), &ctx).await;
+            return;
+        }
+        Ok(Err(refusal)) => {
+            ended(Err(refusal), &conn, Some(&mut tx), &ctx).await;
+            return;
+        }
+        Err(_) => {
+            let refusal = Refusal::new(ErrorCode::ProtocolViolation, "no Hello in time");
+            ended(Err(refusal), &conn, Some(&mut tx), &ctx).await;
+            return;
+        }
+    };
+    let (role, subject) = who;
     let outcome = match role {
         Role::Driver => driver::serve(&conn, &mut tx, &mut rx, &ctx, subject).await,
         Role::Rider => rider::serve(&conn, &mut tx, &mut rx, &ctx).await,
@@ -171,28 +200,50 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
             "dashboards connect over WebSocket, not QUIC",
         )),
     };
-    if let Err(refusal) = outcome {
-        close(&conn, Some(&mut tx), refusal, &ctx).await;
-    }
+    ended(outcome, &conn, Some(&mut tx), &ctx).await;
 }
 
-/// Reads and checks `Hello`; returns who the client is.
-async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, VehicleId), Refusal> {
-    let hello = match rx.next().await {
-        Some(Ok(ClientMsg::Hello(hello))) => hello,
-        Some(Ok(_)) => {
+/// Accounts for how a session ended — every session ends in exactly one of
+/// `sessions_goodbye`, `sessions_lost` or `sessions_refused{code}` — and,
+/// when the node ends it, tells the client why.
+async fn ended(
+    outcome: Result<End, Refusal>,
+    conn: &quinn::Connection,
+    tx: Option<&mut ControlWrite>,
+    ctx: &Context,
+) {
+    let metrics = &ctx.ingest.metrics;
+    match outcome {
+        Ok(End::Goodbye) => {
+            metrics.sessions_goodbye.inc();
+        }
+        Ok(End::Lost) => {
+            metrics.sessions_lost.inc();
+            let why = conn.close_reason().map(|e| e.to_string());
+            tracing::debug!(
+                reason = why.as_deref().unwrap_or("stream closed"),
+                "connection lost"
+            );
+        }
+        Err(refusal) => close(conn, tx, refusal, ctx).await,
+    };
+}
+
+/// Reads and checks `Hello`; returns who the client is, or `None` when the
+/// connection went away first.
+async fn handshake(
+    rx: &mut ControlRead,
+    ctx: &Context,
+) -> Result<Option<(Role, VehicleId)>, Refusal> {
+    let hello = match next_message(rx).await? {
+        Some(ClientMsg::Hello(hello)) => hello,
+        Some(_) => {
             return Err(Refusal::new(
                 ErrorCode::ProtocolViolation,
                 "the first message must be Hello",
             ))
         }
-        Some(Err(e)) => return Err(Refusal::protocol(e)),
-        None => {
-            return Err(Refusal::new(
-                ErrorCode::ProtocolViolation,
-                "control stream closed before Hello",
-            ))
-        }
+        None => return Ok(None),
     };
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal::new(
@@ -205,7 +256,7 @@ async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, Vehicle
     }
     let claims = Claims::verify_for(&hello.token, hello.role, &ctx.token_secret, clock::now_s())
         .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))?;
-    Ok((claims.role, claims.subject))
+    Ok(Some((claims.role, claims.subject)))
 }
 
 const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);
@@ -218,7 +269,12 @@ async fn close(
     ctx: &Context,
 ) {
     ctx.ingest.metrics.refused(refusal.code).inc();
-    tracing::debug!(code = refusal.code.as_str(), reason = %refusal.reason, "closing session");
+    let (code, reason) = (refusal.code.as_str(), &refusal.reason);
+    if refusal.code == ErrorCode::Internal {
+        tracing::warn!(code, %reason, "closing session");
+    } else {
+        tracing::info!(code, %reason, "closing session");
+    }
     if let Some(tx) = tx {
         let frame = ServerMsg::Error(ErrorFrame {
             code: refusal.code,

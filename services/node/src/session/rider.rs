@@ -5,20 +5,25 @@
 //! to write, so a slow rider gets fewer, fuller updates rather than a growing
 //! queue. A write that stays blocked for `slow_consumer_after` ends the
 //! session with `slow_consumer`.
+//!
+//! Subscriptions are held to the connection's [`RequestBudget`], and a
+//! subscription change waiting for the fan-out is replaced by a newer one,
+//! so a flood of them costs the node a bounded amount.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use hexfleet_model::{Position, VehicleId};
 use hexfleet_protocol::{
-    Added, ClientMsg, ErrorCode, FrameCodec, Limits as WireLimits, Moved, Removed, RiderUpdate,
-    ServerMsg, Subscribe, SubscribeError, Welcome, GOODBYE_CLOSE_CODE, MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    encoded_len, Added, ClientMsg, ErrorCode, FrameCodec, FrameError, Limits as WireLimits, Moved,
+    Removed, RiderUpdate, Role, ServerMsg, Subscribe, SubscribeError, Welcome, GOODBYE_CLOSE_CODE,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use tokio_util::codec::FramedWrite;
 
-use super::{send, Context, ControlRead, ControlWrite, Refusal};
+use super::{lost, next_message, send, Context, ControlRead, ControlWrite, End, Refusal};
 use crate::{
+    budget::{RequestBudget, Verdict, ABUSE_WINDOW},
     mailbox::{Change, Drained, Mailbox},
     metrics::{DeltaKind, Metrics},
 };
@@ -30,7 +35,7 @@ pub(super) async fn serve(
     tx: &mut ControlWrite,
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
-) -> Result<(), Refusal> {
+) -> Result<End, Refusal> {
     let welcome = ServerMsg::Welcome(Welcome {
         node: ctx.node_id.clone(),
         version: PROTOCOL_VERSION,
@@ -58,39 +63,60 @@ pub(super) async fn serve(
     // A stream is invisible to the peer until something is sent on it: an
     // empty update (subscription 0) announces it.
     if writer.send(RiderUpdate::default()).await.is_err() {
-        return Ok(());
+        return Ok(End::Lost);
     }
     let mut subscribed = false;
+    let mut budget = RequestBudget::new(&ctx.rider_requests, Instant::now());
     let outcome = loop {
         tokio::select! {
-            frame = rx.next() => match frame {
-                Some(Ok(ClientMsg::Subscribe(s))) => match neighbourhood(&s, ctx) {
-                    Ok(cells) => {
-                        ctx.fanout.subscribe(id, cells, s.filter, s.id, mailbox.clone());
-                        subscribed = true;
-                    }
-                    Err(reason) => {
-                        let refused = SubscribeError { id: s.id, code: ErrorCode::BadRequest, reason };
-                        if let Err(e) = send(tx, ServerMsg::SubscribeError(refused)).await {
+            msg = next_message(rx) => match msg {
+                Ok(Some(ClientMsg::Subscribe(s))) => match budget.spend(Instant::now()) {
+                    Verdict::Allow => match neighbourhood(&s, ctx) {
+                        Ok(cells) => {
+                            ctx.fanout.subscribe(id, cells, s.filter, s.id, mailbox.clone());
+                            subscribed = true;
+                        }
+                        Err(reason) => {
+                            if let Err(e) = refuse(tx, s.id, ErrorCode::BadRequest, reason).await {
+                                break Err(e);
+                            }
+                        }
+                    },
+                    Verdict::Refuse => {
+                        ctx.ingest.metrics.rate_limited(Role::Rider).inc();
+                        let reason = format!(
+                            "more than {} subscriptions a second", ctx.rider_requests.per_second
+                        );
+                        if let Err(e) = refuse(tx, s.id, ErrorCode::RateLimited, reason).await {
                             break Err(e);
                         }
                     }
+                    Verdict::Close => {
+                        ctx.ingest.metrics.rate_limited(Role::Rider).inc();
+                        break Err(Refusal::new(
+                            ErrorCode::RateLimited,
+                            format!("subscriptions refused {} times in {:?}", ctx.rider_requests.close_after, ABUSE_WINDOW),
+                        ));
+                    }
                 },
-                Some(Ok(ClientMsg::Goodbye)) => {
+                Ok(Some(ClientMsg::Goodbye)) => {
                     conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
-                    break Ok(());
+                    break Ok(End::Goodbye);
                 }
-                Some(Ok(_)) => break Err(Refusal::new(ErrorCode::ProtocolViolation, "riders may only Subscribe or say Goodbye")),
-                Some(Err(e)) => break Err(Refusal::protocol(e)),
-                None => break Ok(()),
+                Ok(Some(_)) => break Err(Refusal::new(ErrorCode::ProtocolViolation, "riders may only Subscribe or say Goodbye")),
+                Ok(None) => break Ok(End::Lost),
+                Err(refusal) => break Err(refusal),
             },
             _ = mailbox.ready() => {
                 if let Some(drained) = mailbox.take() {
                     let written = tokio::time::timeout(ctx.slow_consumer_after, writer.write(drained)).await;
                     match written {
                         Ok(Ok(())) => {}
-                        // The connection is gone; nobody to tell.
-                        Ok(Err(_)) => break Ok(()),
+                        Ok(Err(e)) if lost(&e) => break Ok(End::Lost),
+                        Ok(Err(e)) => break Err(Refusal::new(
+                            ErrorCode::Internal,
+                            format!("an update could not be sent: {e}"),
+                        )),
                         Err(_) => break Err(Refusal::new(
                             ErrorCode::SlowConsumer,
                             format!("updates blocked for more than {:?}", ctx.slow_consumer_after),
@@ -98,7 +124,7 @@ pub(super) async fn serve(
                     }
                 }
             }
-            _ = conn.closed() => break Ok(()),
+            _ = conn.closed() => break Ok(End::Lost),
             _ = ctx.shutdown.cancelled() => break Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down")),
         }
     };
@@ -106,6 +132,18 @@ pub(super) async fn serve(
         ctx.fanout.unsubscribe(id);
     }
     outcome
+}
+
+/// Refuses one subscription; the connection and any previous subscription
+/// stay as they were.
+async fn refuse(
+    tx: &mut ControlWrite,
+    id: u32,
+    code: ErrorCode,
+    reason: String,
+) -> Result<(), Refusal> {
+    let refused = SubscribeError { id, code, reason };
+    send(tx, ServerMsg::SubscribeError(refused)).await
 }
 
 /// Checks a subscription and returns the cells it watches.
@@ -131,10 +169,46 @@ struct PushWriter<'a> {
     metrics: &'a Metrics,
 }
 
-/// Rough encoded sizes, to cut frames well under `MAX_FRAME_LEN`.
-const ADDED_COST: usize = 128;
-const REMOVED_COST: usize = 8;
-const FRAME_BUDGET: usize = MAX_FRAME_LEN * 3 / 4;
+/// Room for items in one update: the frame limit less the update's own
+/// fields. Items are counted at their exact encoded size, so an update of
+/// any size (thousands of removals, a mass sign-off, a huge snapshot) is cut
+/// into frames that all fit.
+const FRAME_BUDGET: usize = MAX_FRAME_LEN - RiderUpdate::ENVELOPE_MAX;
+
+/// One delta item on its way into an update.
+enum Item {
+    Removed(Removed),
+    Moved(Moved),
+    Added(Added),
+}
+
+impl Item {
+    fn encoded_len(&self) -> Result<usize, FrameError> {
+        match self {
+            Item::Removed(r) => encoded_len(r),
+            Item::Moved(_) => Ok(Moved::LEN),
+            Item::Added(a) => encoded_len(a),
+        }
+    }
+
+    fn add_to(self, frame: &mut RiderUpdate, metrics: &Metrics) {
+        let kind = match self {
+            Item::Removed(r) => {
+                frame.removed.push(r);
+                DeltaKind::Removed
+            }
+            Item::Moved(m) => {
+                m.pack(&mut frame.moved);
+                DeltaKind::Moved
+            }
+            Item::Added(a) => {
+                frame.added.push(a);
+                DeltaKind::Added
+            }
+        };
+        metrics.delta_items(kind).inc();
+    }
+}
 
 impl PushWriter<'_> {
     fn alias(&mut self, id: &VehicleId) -> u32 {
@@ -149,7 +223,7 @@ impl PushWriter<'_> {
         a
     }
 
-    async fn write(&mut self, drained: Drained) -> Result<(), hexfleet_protocol::FrameError> {
+    async fn write(&mut self, drained: Drained) -> Result<(), FrameError> {
         if drained.reset {
             self.aliases.clear();
             self.free.clear();
@@ -161,51 +235,47 @@ impl PushWriter<'_> {
             ..RiderUpdate::default()
         };
         let mut frame = fresh(drained.reset);
-        let mut cost = 0;
+        let mut used = 0;
         let mut sent = false;
         for (id, change) in drained.changes {
-            match change {
+            let item = match change {
                 Change::Removed(reason) => {
                     // A vehicle the rider never saw needs no removal.
                     let Some(alias) = self.aliases.remove(&id) else {
                         continue;
                     };
                     self.free.push(alias);
-                    frame.removed.push(Removed { alias, reason });
-                    cost += REMOVED_COST;
-                    self.metrics.delta_items(DeltaKind::Removed).inc();
+                    Item::Removed(Removed { alias, reason })
                 }
                 Change::Moved(state) if self.aliases.contains_key(&id) => {
                     self.delay(&state);
                     let alias = self.alias(&id);
-                    Moved::new(
+                    Item::Moved(Moved::new(
                         alias,
                         state.lat,
                         state.lon,
                         state.heading_deg,
                         state.speed_mps,
-                    )
-                    .pack(&mut frame.moved);
-                    cost += Moved::LEN;
-                    self.metrics.delta_items(DeltaKind::Moved).inc();
+                    ))
                 }
                 Change::Moved(state) | Change::Upsert(state) => {
                     self.delay(&state);
                     let alias = self.alias(&id);
-                    frame.added.push(Added { alias, state });
-                    cost += ADDED_COST;
-                    self.metrics.delta_items(DeltaKind::Added).inc();
+                    Item::Added(Added { alias, state })
                 }
-            }
-            if cost >= FRAME_BUDGET {
+            };
+            let cost = item.encoded_len()?;
+            if used + cost > FRAME_BUDGET && used > 0 {
                 let full = std::mem::replace(&mut frame, fresh(false));
                 self.send(full).await?;
-                (cost, sent) = (0, true);
+                (used, sent) = (0, true);
             }
+            used += cost;
+            item.add_to(&mut frame, self.metrics);
         }
         // Always say something: a reset or a new version with no changes
         // still tells the rider where its view stands.
-        if cost > 0 || !sent {
+        if used > 0 || !sent {
             self.send(frame).await?;
         }
         Ok(())
@@ -219,7 +289,7 @@ impl PushWriter<'_> {
             .observe(waited_ms as f64 / 1e3);
     }
 
-    async fn send(&mut self, frame: RiderUpdate) -> Result<(), hexfleet_protocol::FrameError> {
+    async fn send(&mut self, frame: RiderUpdate) -> Result<(), FrameError> {
         self.push.send(frame).await?;
         self.metrics.delta_frames.inc();
         Ok(())
