@@ -244,23 +244,19 @@ impl TestNode {
     }
 }
 
+/// The client's side of a control stream, unchecked.
+pub type RawCodec =
+    hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>;
+pub type RawWrite = tokio_util::codec::FramedWrite<quinn::SendStream, RawCodec>;
+pub type RawRead = tokio_util::codec::FramedRead<quinn::RecvStream, RawCodec>;
+
 /// A raw QUIC connection to the node with a control stream open, for sending
 /// what the SDK never would. `window` caps what the client buffers per stream
 /// (a small window makes a client that does not read block the node quickly).
 pub async fn raw_connection(
     node: &TestNode,
     window: u32,
-) -> (
-    quinn::Connection,
-    tokio_util::codec::FramedWrite<
-        quinn::SendStream,
-        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
-    >,
-    tokio_util::codec::FramedRead<
-        quinn::RecvStream,
-        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
-    >,
-) {
+) -> (quinn::Connection, RawWrite, RawRead) {
     raw_connection_to(node.node.quic_addr, &node.cert, window).await
 }
 
@@ -269,17 +265,7 @@ pub async fn raw_connection_to(
     quic_addr: std::net::SocketAddr,
     cert: &std::path::Path,
     window: u32,
-) -> (
-    quinn::Connection,
-    tokio_util::codec::FramedWrite<
-        quinn::SendStream,
-        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
-    >,
-    tokio_util::codec::FramedRead<
-        quinn::RecvStream,
-        hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>,
-    >,
-) {
+) -> (quinn::Connection, RawWrite, RawRead) {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(
