@@ -432,3 +432,33 @@ async fn status_reports_change_the_vehicle_and_goodbye_removes_it() {
     .await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn the_sdk_reaches_a_node_on_ipv6_loopback_and_on_ipv4_with_one_connector() {
+    // Both with the same development certificate.
+    let certs = tempfile::tempdir().unwrap();
+    let v6 = TestNode::start_in(certs.path(), None, |c| {
+        c.quic.listen = "[::1]:0".parse().unwrap()
+    })
+    .await;
+    let v4 = TestNode::start_in(certs.path(), None, |_| {}).await;
+    assert!(v6.node.quic_addr.is_ipv6());
+    // One connector, as an app holds one, talks to both families.
+    let connector = v6.connector();
+    let mut drivers = Vec::new();
+    for (node, id) in [(&v6, "drv-v6"), (&v4, "drv-v4")] {
+        let mut d = connector
+            .driver(node.node.quic_addr, &driver_token(id), available())
+            .await
+            .unwrap();
+        let seq = d.send_fix(FixInput::at(47.37, 8.54)).await.unwrap();
+        eventually(WAIT, "the fix acknowledged", async || {
+            (d.acked_seq() == seq).then_some(())
+        })
+        .await;
+        assert_eq!(node.get_json(&format!("/v1/vehicles/{id}")).await.0, 200);
+        drivers.push(d);
+    }
+    v6.stop().await;
+    v4.stop().await;
+}

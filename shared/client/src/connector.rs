@@ -2,7 +2,12 @@
 //! and the `Hello` handshake every role shares. One `Connector` serves many
 //! connections (the simulator puts hundreds of drivers on one).
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_protocol::{
@@ -86,9 +91,19 @@ fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
+/// A client endpoint per address family, bound on first use to the
+/// unspecified address of that family (`0.0.0.0:0` or `[::]:0`), so the
+/// kernel picks the route and source address for any node, local or remote.
+#[derive(Default)]
+struct Endpoints {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
 #[derive(Clone)]
 pub struct Connector {
-    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    endpoints: Arc<parking_lot::Mutex<Endpoints>>,
     server_name: String,
     timeout: Duration,
 }
@@ -131,7 +146,26 @@ impl Connector {
         transport.max_concurrent_uni_streams(1u32.into());
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
-        let socket = client_socket(([127, 0, 0, 1], 0).into()).map_err(ClientError::Bind)?;
+        Ok(Self {
+            config,
+            endpoints: Arc::default(),
+            server_name: server_name.to_string(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The endpoint for `addr`'s family, bound the first time it is needed.
+    /// Many connections share it (the simulator puts hundreds on one).
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        let mut endpoints = self.endpoints.lock();
+        let (slot, unspecified): (_, SocketAddr) = match addr {
+            SocketAddr::V4(_) => (&mut endpoints.v4, (Ipv4Addr::UNSPECIFIED, 0).into()),
+            SocketAddr::V6(_) => (&mut endpoints.v6, (Ipv6Addr::UNSPECIFIED, 0).into()),
+        };
+        if let Some(endpoint) = slot {
+            return Ok(endpoint.clone());
+        }
+        let socket = client_socket(unspecified).map_err(ClientError::Bind)?;
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
@@ -139,25 +173,14 @@ impl Connector {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(ClientError::Bind)?;
-        endpoint.set_default_client_config(config);
-        Ok(Self {
-            endpoint,
-            server_name: server_name.to_string(),
-            timeout: Duration::from_secs(10),
-        })
+        endpoint.set_default_client_config(self.config.clone());
+        Ok(slot.insert(endpoint).clone())
     }
 
     /// A connector that trusts the development certificate a node on this
     /// machine wrote to the default location.
     pub fn dev() -> Result<Self, ClientError> {
         Self::new(&dev::default_dev_cert(), dev::DEV_SERVER_NAME)
-    }
-
-    /// Binds the connector's socket to another local address (e.g. `[::1]:0`
-    /// for IPv6 nodes).
-    pub fn rebind(&self, addr: SocketAddr) -> Result<(), ClientError> {
-        let socket = client_socket(addr).map_err(ClientError::Bind)?;
-        self.endpoint.rebind(socket).map_err(ClientError::Bind)
     }
 
     /// Connects, says `Hello` and follows redirects to the node that owns the
@@ -184,7 +207,8 @@ impl Connector {
         role: Role,
         token: &str,
     ) -> Result<Greeting, ClientError> {
-        let conn = self.endpoint.connect(addr, &self.server_name)?.await?;
+        let endpoint = self.endpoint_for(addr)?;
+        let conn = endpoint.connect(addr, &self.server_name)?.await?;
         let (send, recv) = conn.open_bi().await?;
         // Control frames are small: buffers start small and grow on demand.
         let mut tx: ControlWrite = FramedWrite::with_capacity(send, FrameCodec::default(), 0);
