@@ -1,6 +1,8 @@
 //! The node's HTTP API: health, metrics, and clear JSON errors for bad
 //! queries.
 
+use std::time::Duration;
+
 use hexfleet_client::FixInput;
 use hexfleet_tests::*;
 
@@ -90,5 +92,78 @@ async fn bad_queries_get_a_400_with_a_json_reason() {
     assert_eq!(status, 404);
     let (status, body) = node.get_json("/v1/vehicles?lat=1&lon=1&radius_m=10").await;
     assert_eq!((status, body["count"].as_u64()), (200, Some(0)));
+    node.stop().await;
+}
+
+/// Reads until the node closes the connection; true if it does within WAIT.
+async fn closed_by_node(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_withholds_or_trickles_its_headers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let node =
+        TestNode::start_with(None, |c| c.http.header_timeout = Duration::from_millis(300)).await;
+    let mut silent = tokio::net::TcpStream::connect(node.node.http_addr)
+        .await
+        .unwrap();
+    let mut trickler = tokio::net::TcpStream::connect(node.node.http_addr)
+        .await
+        .unwrap();
+    let trickle = async {
+        trickler
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        for _ in 0..200 {
+            if trickler.write_all(b"X: y\r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        closed_by_node(&mut trickler).await
+    };
+    let (silent_closed, trickler_closed) = tokio::join!(closed_by_node(&mut silent), trickle);
+    assert!(silent_closed, "a connection that sends nothing is closed");
+    assert!(trickler_closed, "a connection trickling headers is closed");
+    // Others are served as ever.
+    assert_eq!(node.get_json("/healthz").await.0, 200);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    let node = TestNode::start_with(None, |c| c.http.max_connections = 1).await;
+    let idle = tokio::net::TcpStream::connect(node.node.http_addr)
+        .await
+        .unwrap();
+    // The one slot is taken: a request on a new connection is not served.
+    let waiting = reqwest::Client::new()
+        .get(node.url("/healthz"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(waiting.is_err(), "served beyond the cap: {waiting:?}");
+    drop(idle);
+    eventually(
+        Duration::from_secs(20),
+        "served once the slot frees",
+        async || {
+            let fresh = reqwest::Client::new();
+            let resp = fresh.get(node.url("/healthz")).send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        },
+    )
+    .await;
     node.stop().await;
 }

@@ -14,6 +14,9 @@ use serde::Deserialize;
 pub struct Config {
     /// This node's id, shown in `Welcome`, `/healthz` and logs.
     pub node_id: String,
+    /// A development node: allowed to use the public development token
+    /// secret on listeners beyond loopback. Never in production.
+    pub dev: bool,
     pub quic: QuicConfig,
     pub http: HttpConfig,
     pub tls: TlsConfig,
@@ -125,6 +128,13 @@ pub struct HttpConfig {
     pub max_nearby_radius_m: f64,
     /// The largest `limit` the nearby API accepts.
     pub max_nearby_limit: usize,
+    /// A connection must send a request's headers within this long, or it
+    /// is closed: a client that trickles them ties up nothing for long.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Open HTTP connections (WebSockets included) at most; beyond it, new
+    /// ones wait in the kernel's accept queue until one closes.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +224,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             node_id: "node-1".into(),
+            dev: false,
             quic: QuicConfig::default(),
             http: HttpConfig::default(),
             tls: TlsConfig::default(),
@@ -246,6 +257,8 @@ impl Default for HttpConfig {
             listen: ([127, 0, 0, 1], 8080).into(),
             max_nearby_radius_m: 50_000.0,
             max_nearby_limit: 1_000,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -318,6 +331,14 @@ pub enum ConfigError {
     Cells(#[from] CellModelError),
     #[error("{0}")]
     Invalid(&'static str),
+    #[error("{0} must be more than zero")]
+    Zero(&'static str),
+    #[error(
+        "the built-in development token secret is public, and {0} is not a loopback address: \
+         set HEXFLEET_TOKEN_SECRET (or auth.token_secret) to a secret of at least 16 bytes, \
+         or pass --dev (HEXFLEET_DEV=1) for a development node"
+    )]
+    DevSecret(SocketAddr),
 }
 
 impl Config {
@@ -345,20 +366,82 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid("tls.cert and tls.key go together"));
         }
-        if self.ingest.max_speed_mps.is_nan() || self.ingest.max_speed_mps <= 0.0 {
-            return Err(ConfigError::Invalid(
-                "ingest.max_speed_mps must be positive",
-            ));
+        if self.uses_dev_secret() && !self.dev {
+            let listeners = [self.quic.listen, self.http.listen];
+            if let Some(open) = listeners.into_iter().find(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError::DevSecret(open));
+            }
         }
-        if self.store.flush_interval.is_zero() || self.store.sweep_interval.is_zero() {
-            return Err(ConfigError::Invalid("store intervals must be positive"));
+        // A zero here would panic a timer or make the node useless.
+        let durations = [
+            ("quic.idle_timeout", self.quic.idle_timeout),
+            ("quic.handshake_timeout", self.quic.handshake_timeout),
+            ("http.header_timeout", self.http.header_timeout),
+            ("ingest.max_age", self.ingest.max_age),
+            ("ingest.ack_interval", self.ingest.ack_interval),
+            (
+                "riders.slow_consumer_after",
+                self.riders.slow_consumer_after,
+            ),
+            (
+                "dashboard.density_interval",
+                self.dashboard.density_interval,
+            ),
+            ("store.flush_interval", self.store.flush_interval),
+            ("store.stale_after", self.store.stale_after),
+            ("store.sweep_interval", self.store.sweep_interval),
+        ];
+        if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::Zero(name));
         }
-        if self.dashboard.max_vehicle_cells == 0
-            || self.dashboard.max_density_cells == 0
-            || self.dashboard.density_interval.is_zero()
-        {
+        let counts = [
+            ("quic.max_connections", self.quic.max_connections),
+            ("http.max_connections", self.http.max_connections),
+            ("http.max_nearby_limit", self.http.max_nearby_limit),
+            (
+                "dashboard.max_vehicle_cells",
+                self.dashboard.max_vehicle_cells,
+            ),
+            (
+                "dashboard.max_density_cells",
+                self.dashboard.max_density_cells,
+            ),
+            ("riders.requests.burst", self.riders.requests.burst as usize),
+            (
+                "riders.requests.close_after",
+                self.riders.requests.close_after as usize,
+            ),
+            (
+                "dashboard.requests.burst",
+                self.dashboard.requests.burst as usize,
+            ),
+            (
+                "dashboard.requests.close_after",
+                self.dashboard.requests.close_after as usize,
+            ),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            return Err(ConfigError::Zero(name));
+        }
+        let rates = [
+            ("ingest.max_speed_mps", self.ingest.max_speed_mps),
+            ("riders.max_radius_m", self.riders.max_radius_m),
+            ("http.max_nearby_radius_m", self.http.max_nearby_radius_m),
+            (
+                "riders.requests.per_second",
+                self.riders.requests.per_second,
+            ),
+            (
+                "dashboard.requests.per_second",
+                self.dashboard.requests.per_second,
+            ),
+        ];
+        if let Some((name, _)) = rates.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(ConfigError::Zero(name));
+        }
+        if !(self.ingest.jitter_m.is_finite() && self.ingest.jitter_m >= 0.0) {
             return Err(ConfigError::Invalid(
-                "dashboard cell limits and density_interval must be positive",
+                "ingest.jitter_m must be a finite number of metres, zero or more",
             ));
         }
         Ok(CellModel::new(self.cells.index_res, self.cells.shard_res)?)
@@ -397,7 +480,78 @@ mod tests {
             format!("{:?}", builtin.dashboard)
         );
         assert_eq!(file.node_id, builtin.node_id);
+        assert_eq!(file.dev, builtin.dev);
         file.validate().unwrap();
+    }
+
+    fn with(f: impl FnOnce(&mut Config)) -> Config {
+        let mut c = Config::default();
+        c.auth.token_secret = "a-production-secret-of-some-length".into();
+        f(&mut c);
+        c
+    }
+
+    #[test]
+    fn every_duration_that_must_not_be_zero_is_refused_by_name() {
+        let zero = Duration::ZERO;
+        type Set = fn(&mut Config, Duration);
+        let cases: [(&str, Set); 10] = [
+            ("quic.idle_timeout", |c, d| c.quic.idle_timeout = d),
+            ("quic.handshake_timeout", |c, d| {
+                c.quic.handshake_timeout = d
+            }),
+            ("http.header_timeout", |c, d| c.http.header_timeout = d),
+            ("ingest.max_age", |c, d| c.ingest.max_age = d),
+            ("ingest.ack_interval", |c, d| c.ingest.ack_interval = d),
+            ("riders.slow_consumer_after", |c, d| {
+                c.riders.slow_consumer_after = d
+            }),
+            ("dashboard.density_interval", |c, d| {
+                c.dashboard.density_interval = d
+            }),
+            ("store.flush_interval", |c, d| c.store.flush_interval = d),
+            ("store.stale_after", |c, d| c.store.stale_after = d),
+            ("store.sweep_interval", |c, d| c.store.sweep_interval = d),
+        ];
+        for (name, set) in cases {
+            let error = with(|c| set(c, zero)).validate().unwrap_err().to_string();
+            assert_eq!(error, format!("{name} must be more than zero"));
+        }
+        let error = with(|c| c.riders.requests.per_second = f64::NAN)
+            .validate()
+            .unwrap_err();
+        assert!(error.to_string().contains("riders.requests.per_second"));
+        let error = with(|c| c.http.max_connections = 0).validate().unwrap_err();
+        assert!(error.to_string().contains("http.max_connections"));
+    }
+
+    #[test]
+    fn the_development_secret_is_refused_beyond_loopback_unless_dev() {
+        let open: SocketAddr = "0.0.0.0:4433".parse().unwrap();
+        let dev_secret = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().map(|_| ())
+        };
+        // Loopback, v4 or v6: a development node on one machine.
+        assert!(dev_secret(|_| {}).is_ok());
+        assert!(dev_secret(|c| c.quic.listen = "[::1]:4433".parse().unwrap()).is_ok());
+        // Beyond loopback: refused, saying what to set.
+        let refused = dev_secret(|c| c.quic.listen = "0.0.0.0:4433".parse().unwrap());
+        let error = refused.unwrap_err().to_string();
+        assert!(
+            error.contains("HEXFLEET_TOKEN_SECRET") && error.contains("--dev"),
+            "{error}"
+        );
+        assert!(error.contains(&open.to_string()));
+        assert!(dev_secret(|c| c.http.listen = "[::]:8080".parse().unwrap()).is_err());
+        // Unless it says it is a development node, or has a secret of its own.
+        assert!(dev_secret(|c| {
+            c.quic.listen = "0.0.0.0:4433".parse().unwrap();
+            c.dev = true;
+        })
+        .is_ok());
+        assert!(with(|c| c.quic.listen = open).validate().is_ok());
     }
 
     #[test]

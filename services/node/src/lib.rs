@@ -68,6 +68,9 @@ pub enum NodeError {
     },
 }
 
+/// How long requests in flight may take to finish at shutdown.
+const HTTP_GRACE: Duration = Duration::from_secs(2);
+
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
 pub struct Node {
     pub node_id: String,
@@ -107,7 +110,7 @@ impl Node {
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         let cells = config.validate()?;
         if config.uses_dev_secret() {
-            tracing::warn!("using the built-in development token secret; set HEXFLEET_TOKEN_SECRET in production");
+            tracing::warn!("using the public development token secret: anyone can mint tokens; set HEXFLEET_TOKEN_SECRET in production");
         }
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&config.store).await?;
@@ -226,17 +229,10 @@ impl Node {
             limits: config.http.clone(),
         };
         {
-            let shutdown = shutdown.clone();
+            let router = dashboard::router(dashboards).merge(http::router(api));
+            let (limits, shutdown) = (config.http.clone(), shutdown.clone());
             tasks.spawn(async move {
-                let served = axum::serve(
-                    http_listener,
-                    dashboard::router(dashboards).merge(http::router(api)),
-                )
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
+                http::server::serve(http_listener, router, &limits, shutdown, HTTP_GRACE).await;
             });
         }
         tasks.close();

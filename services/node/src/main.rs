@@ -54,6 +54,10 @@ struct RunArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "HEXFLEET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// A development node: the public development token secret is allowed
+    /// on listeners beyond loopback.
+    #[arg(long, env = "HEXFLEET_DEV")]
+    dev: bool,
     /// Secret that signs tokens (HMAC-SHA256).
     #[arg(
         long,
@@ -115,6 +119,7 @@ impl RunArgs {
             config.tls.cert = Some(cert.clone());
             config.tls.key = Some(key.clone());
         }
+        config.dev |= self.dev;
         if let Some(v) = &self.token_secret {
             config.auth.token_secret = v.clone();
         }

@@ -1,6 +1,10 @@
 //! The node's HTTP API (axum): health, metrics, and vehicle queries served
 //! from the store, so they answer the same on any node of a Redis-backed
 //! cluster.
+//!
+//! [`server`] is the listener that serves it, with its connection limits.
+
+pub mod server;
 
 use std::{collections::HashMap, sync::Arc};
 
