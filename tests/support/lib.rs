@@ -4,14 +4,11 @@
 //! Every test starts what it needs and owns it: no shared Redis, no fixed
 //! ports, nothing left running after the test (servers are killed on drop).
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 pub mod dashboard;
+
+pub use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisServer};
 
 use hexfleet_client::{Connector, DriverClient};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
@@ -22,104 +19,6 @@ use hexfleet_node::{
 use hexfleet_protocol::{Claims, DriverReport, Role};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
-
-/// A `redis-server` of the test's own, on a free port, in a temp directory.
-pub struct RedisServer {
-    child: Option<Child>,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the OS hands out a free port")
-}
-
-impl RedisServer {
-    pub fn start() -> Self {
-        let mut last_error = String::new();
-        // A free port can be taken between our probe and Redis binding it.
-        for _ in 0..5 {
-            let mut server = Self {
-                child: None,
-                port: free_tcp_port(),
-                dir: tempfile::tempdir().expect("temp dir"),
-            };
-            match server.spawn() {
-                Ok(()) => return server,
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("could not start redis-server: {last_error}");
-    }
-
-    fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawning redis-server (is it installed?): {e}"))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return Ok(());
-                }
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                return Err(format!("redis-server exited: {status}"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err("redis-server did not answer PING in 10 s".into())
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (a crash, for fault tests).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port, empty.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn().expect("redis-server restarts");
-    }
-
-    /// A synchronous connection for checking what the node wrote.
-    pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .and_then(|c| c.get_connection())
-            .expect("connect to the test redis")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// An embedded node for a test, with its own dev-certificate directory.
 pub struct TestNode {
@@ -301,13 +200,6 @@ pub async fn raw_connection_to(
     )
 }
 
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("the OS hands out a free port")
-}
-
 pub fn token(role: Role, id: &str) -> String {
     Claims::new(
         role,
@@ -333,25 +225,6 @@ pub fn available() -> DriverReport {
     DriverReport {
         class: VehicleClass::Economy,
         status: VehicleStatus::Available,
-    }
-}
-
-/// Polls `check` until it returns `Some`, or panics after `within`. Tests
-/// wait for outcomes this way rather than sleeping a guessed time.
-pub async fn eventually<T>(
-    within: Duration,
-    what: &str,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {within:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

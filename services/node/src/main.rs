@@ -157,10 +157,25 @@ async fn main() -> anyhow::Result<()> {
     if let Some(cert) = &node.dev_cert {
         tracing::info!(cert = %cert.display(), "clients on this machine trust this development certificate");
     }
-    tokio::signal::ctrl_c()
+    let signal = shutdown_signal()
         .await
-        .context("waiting for Ctrl-C")?;
-    tracing::info!("shutting down");
+        .context("waiting for a shutdown signal")?;
+    tracing::info!(
+        signal,
+        "shutting down: telling clients, draining sessions, writing the last changes"
+    );
     node.shutdown(Duration::from_secs(5)).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Ctrl-C (SIGINT), or SIGTERM from systemd, Kubernetes or `docker stop`:
+/// either one drains the node the same way.
+async fn shutdown_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted.map(|()| "SIGINT"),
+        _ = terminate.recv() => Ok("SIGTERM"),
+    }
 }

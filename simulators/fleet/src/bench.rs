@@ -24,6 +24,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use hexfleet_client::Connector;
+use hexfleet_testkit::RedisServer;
 use rand::Rng;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -164,45 +165,6 @@ impl Drop for Owned {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Starts a private redis-server; returns it and its URL.
-fn start_redis(dir: &Path) -> anyhow::Result<(Owned, String, u16)> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context(
-            "starting redis-server (install the Debian package redis-server, or pass --redis-url)",
-        )?;
-    let url = format!("redis://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok((Owned(child), url, port));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("redis-server did not start on port {port}")
 }
 
 /// The node, in its own process.
@@ -673,8 +635,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             (None, url.clone(), port)
         }
         None => {
-            let (child, url, port) = start_redis(scratch.path())?;
-            (Some(child), url, port)
+            let redis = RedisServer::try_start()?;
+            let (url, port) = (redis.url(), redis.port);
+            (Some(redis), url, port)
         }
     };
     let secret = format!("bench-{}", rand::rng().random::<u64>());

@@ -1,0 +1,225 @@
+//! `hexfleet-node` as operators run it: a process of its own, stopped by a
+//! signal, refusing a configuration that would let anyone in.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use hexfleet_client::{ClientError, Connector, FixInput};
+use hexfleet_model::{VehicleClass, VehicleId, VehicleState, VehicleStatus};
+use hexfleet_node::store::keys;
+use hexfleet_protocol::{dev, Claims, DriverReport, ErrorCode, Role};
+use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisServer};
+use rustix::process::{kill_process, Pid, Signal};
+
+const SECRET: &str = "process-test-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A `hexfleet-node` process on free loopback ports; killed if dropped.
+struct NodeProcess {
+    child: Child,
+    quic: SocketAddr,
+    http: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+/// The node binary with a clean environment: no secret, no config file, its
+/// development certificate in `dir`.
+fn node_command(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hexfleet-node"));
+    command
+        .env_remove("HEXFLEET_TOKEN_SECRET")
+        .env_remove("HEXFLEET_CONFIG")
+        .env_remove("HEXFLEET_DEV")
+        .env("HEXFLEET_DEV_DIR", dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    command
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+async fn healthy(http: SocketAddr) {
+    let url = format!("http://{http}/healthz");
+    eventually(WAIT, "the node answers /healthz", async || {
+        let resp = reqwest::get(&url).await.ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+}
+
+impl NodeProcess {
+    fn start(redis: &RedisServer) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (quic, http) = (loopback(free_udp_port()), loopback(free_tcp_port()));
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let child = node_command(dir.path())
+            .env("HEXFLEET_TOKEN_SECRET", SECRET)
+            .args(["--redis-url", &redis.url()])
+            .args(["--quic-listen", &quic.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("hexfleet-node starts");
+        Self {
+            child,
+            quic,
+            http,
+            dir,
+        }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join(dev::DEV_CERT_FILE)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill_process(Pid::from_child(&self.child), signal).expect("signal the node");
+    }
+
+    async fn exited(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn driver_token(id: &str) -> String {
+    let expires = hexfleet_node::clock::now_s() + 3600;
+    Claims::new(Role::Driver, VehicleId::new(id).unwrap(), expires).mint(SECRET.as_bytes())
+}
+
+/// The state Redis holds for a vehicle, found through its locator.
+fn stored(redis: &RedisServer, id: &str) -> Option<VehicleState> {
+    let mut conn = redis.conn();
+    let id = VehicleId::new(id).unwrap();
+    let shard: Option<String> = redis::cmd("GET")
+        .arg(keys::locator(&id))
+        .query(&mut conn)
+        .unwrap();
+    let bytes: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(keys::state(shard?.parse().unwrap()))
+        .arg(id.as_str())
+        .query(&mut conn)
+        .unwrap();
+    Some(rmp_serde::from_slice(&bytes?).unwrap())
+}
+
+#[tokio::test]
+async fn sigterm_under_load_tells_clients_drains_and_writes_the_last_accepted_fixes() {
+    let redis = RedisServer::start();
+    let mut node = NodeProcess::start(&redis);
+    healthy(node.http).await;
+    let connector = Connector::new(&node.cert(), dev::DEV_SERVER_NAME).unwrap();
+    let report = DriverReport {
+        class: VehicleClass::Economy,
+        status: VehicleStatus::Available,
+    };
+    // 20 drivers, each sending a fix every 10 ms until the node goes away.
+    let mut fleet = Vec::new();
+    for i in 0..20 {
+        let id = format!("drv-{i}");
+        let mut driver = connector
+            .driver(node.quic, &driver_token(&id), report)
+            .await
+            .unwrap();
+        fleet.push(tokio::spawn(async move {
+            let start = (52.52 + i as f64 * 1e-3, 13.405);
+            for step in 0..2_000 {
+                let at = FixInput::at(start.0 + step as f64 * 1e-6, start.1);
+                if driver.send_fix(at).await.is_err() || driver.closed_error().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (id, driver)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    node.signal(Signal::TERM);
+    let status = node.exited().await;
+    assert!(status.success(), "exit {status}:\n{}", node.log());
+    assert!(node.log().contains("SIGTERM"), "{}", node.log());
+
+    for driver in fleet {
+        let (id, driver) = driver.await.unwrap();
+        let told = eventually(WAIT, "the driver told why", async || driver.closed_error()).await;
+        assert!(
+            matches!(
+                told,
+                ClientError::Refused {
+                    code: ErrorCode::ShuttingDown,
+                    ..
+                }
+            ),
+            "{id}: {told:?}"
+        );
+        let acked = driver.acked_seq();
+        assert!(acked > 10, "{id} was under load: {acked} acknowledged");
+        let stored = stored(&redis, &id).unwrap_or_else(|| panic!("{id} is not in Redis"));
+        assert!(
+            stored.seq >= acked,
+            "{id}: fix {acked} was acknowledged, Redis holds {}",
+            stored.seq
+        );
+    }
+}
+
+#[test]
+fn the_public_development_secret_is_refused_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = format!("0.0.0.0:{}", free_udp_port());
+    let out = node_command(dir.path())
+        .args(["--quic-listen", &open])
+        .output()
+        .expect("hexfleet-node runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HEXFLEET_TOKEN_SECRET") && stderr.contains("--dev"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_development_node_on_loopback_starts_with_the_public_secret_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = loopback(free_tcp_port());
+    let mut child = node_command(dir.path())
+        .args(["--quic-listen", &loopback(free_udp_port()).to_string()])
+        .args(["--http-listen", &http.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    healthy(http).await;
+    kill_process(Pid::from_child(&child), Signal::INT).unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -1,0 +1,169 @@
+//! What hexfleet's tests and its benchmark start for themselves.
+//!
+//! - [`RedisServer`]: a private `redis-server` on a free loopback port, in a
+//!   temporary directory, killed when dropped: no shared Redis, no fixed
+//!   ports, nothing left running.
+//! - [`free_tcp_port`], [`free_udp_port`]: ports to bind on loopback.
+//! - [`eventually`]: wait for an outcome instead of sleeping a guessed time.
+
+use std::{
+    net::{TcpListener, UdpSocket},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error("spawning redis-server (install the Debian package redis-server): {0}")]
+    Spawn(std::io::Error),
+    #[error("redis-server exited: {0}")]
+    Exited(std::process::ExitStatus),
+    #[error("redis-server did not answer PING in 10 s")]
+    NoAnswer,
+    #[error("a temporary directory: {0}")]
+    TempDir(std::io::Error),
+    #[error("a free port: {0}")]
+    Port(std::io::Error),
+}
+
+/// A `redis-server` of its own, on a free port, in a temp directory.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free port")
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free port")
+}
+
+impl RedisServer {
+    /// Starts one, or panics saying why (for tests).
+    pub fn start() -> Self {
+        Self::try_start().unwrap_or_else(|e| panic!("could not start redis-server: {e}"))
+    }
+
+    /// Starts one. A free port can be taken between the probe and Redis
+    /// binding it, so a few ports are tried.
+    pub fn try_start() -> Result<Self, TestkitError> {
+        let mut last_error = TestkitError::NoAnswer;
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(TestkitError::Port)?
+                .port();
+            let mut server = Self {
+                child: None,
+                port,
+                dir: tempfile::tempdir().map_err(TestkitError::TempDir)?,
+            };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e @ TestkitError::Spawn(_)) => return Err(e),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    fn spawn(&mut self) -> Result<(), TestkitError> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(TestkitError::Spawn)?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(TestkitError::Exited(status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(TestkitError::NoAnswer)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id, for faults (SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server (a crash, for fault tests).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn().expect("redis-server restarts");
+    }
+
+    /// A synchronous connection for checking what a node wrote.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `within`. Tests
+/// wait for outcomes this way rather than sleeping a guessed time.
+pub async fn eventually<T>(
+    within: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
