@@ -167,3 +167,42 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     .await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_are_openmetrics_under_their_own_content_type_and_parse_with_their_types() {
+    use openmetrics_parser::{openmetrics::parse_openmetrics, OpenMetricsType};
+    let node = TestNode::start(None).await;
+    // Something in every kind of metric: a session, a fix, a rejection.
+    let mut driver = node.driver("drv-om", available()).await;
+    let seq = driver.send_fix(FixInput::at(59.33, 18.06)).await.unwrap();
+    driver.send_fix(FixInput::at(0.0, 0.0)).await.unwrap();
+    eventually(Duration::from_secs(10), "both fixes answered", async || {
+        let s = driver.stats();
+        (s.acked_seq == seq && s.rejected_total == 1).then_some(())
+    })
+    .await;
+    let resp = node.http.get(node.url("/metrics")).send().await.unwrap();
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = resp.text().await.unwrap();
+    let parsed = parse_openmetrics(&text).unwrap_or_else(|e| panic!("{e:?} in:\n{text}"));
+    let kind = |name: &str| {
+        parsed
+            .families
+            .get(name)
+            .map(|f| f.family_type)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(kind("hexfleet_fixes_accepted"), OpenMetricsType::Counter);
+    assert_eq!(kind("hexfleet_fixes_rejected"), OpenMetricsType::Counter);
+    assert_eq!(kind("hexfleet_sessions_lost"), OpenMetricsType::Counter);
+    assert_eq!(kind("hexfleet_connections"), OpenMetricsType::Gauge);
+    assert_eq!(
+        kind("hexfleet_store_flush_seconds"),
+        OpenMetricsType::Histogram
+    );
+    node.stop().await;
+}

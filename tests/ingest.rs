@@ -462,3 +462,39 @@ async fn the_sdk_reaches_a_node_on_ipv6_loopback_and_on_ipv4_with_one_connector(
     v6.stop().await;
     v4.stop().await;
 }
+
+#[tokio::test]
+async fn lost_connections_are_counted_as_lost_not_as_protocol_violations() {
+    let node =
+        TestNode::start_with(None, |c| c.quic.idle_timeout = Duration::from_millis(500)).await;
+    // Apps killed mid-session: their connections close without a Goodbye.
+    for i in 0..10 {
+        let mut d = node.driver(&format!("drv-killed-{i}"), available()).await;
+        d.send_fix(FixInput::at(52.52, 13.405)).await.unwrap();
+        d.abandon();
+    }
+    // Phones in a tunnel: riders that go silent until the idle timeout.
+    let mut silent = Vec::new();
+    for i in 0..10 {
+        let (conn, mut tx, mut rx) = raw_connection(&node, 64 * 1024).await;
+        tx.send(ClientMsg::Hello(Hello {
+            version: 1,
+            role: Role::Rider,
+            token: token(Role::Rider, &format!("rider-tunnel-{i}")),
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(rx.next().await, Some(Ok(ServerMsg::Welcome(_)))));
+        silent.push((conn, tx, rx));
+    }
+    eventually(WAIT, "all 20 sessions counted as lost", async || {
+        (node.metric("hexfleet_sessions_lost_total").await == 20.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        node.metric("hexfleet_sessions_refused_total{code=\"protocol_violation\"}")
+            .await,
+        0.0
+    );
+    node.stop().await;
+}

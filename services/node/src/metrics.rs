@@ -1,5 +1,6 @@
-//! The node's metrics, exposed at `GET /metrics` in the Prometheus text
-//! format. Each node has its own registry (no global recorder), so several
+//! The node's metrics, exposed at `GET /metrics` in the OpenMetrics text
+//! format (what `prometheus-client` writes), under OpenMetrics' own content
+//! type, so Prometheus parses it as such and keeps every metric's type. Each node has its own registry (no global recorder), so several
 //! nodes can be embedded in one process, as tests and the demo do.
 //!
 //! Hot-path metrics are plain atomics resolved once at start: counting a fix
@@ -20,6 +21,9 @@ use prometheus_client::{
 };
 
 type Labels = [(&'static str, &'static str); 1];
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub struct Metrics {
     registry: Registry,
@@ -272,7 +276,7 @@ impl Metrics {
         self.refused.get_or_create_owned(&[("code", code.as_str())])
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::{
     config::HttpConfig,
-    metrics::Metrics,
+    metrics::{self, Metrics},
     store::{NearbyQuery, Store},
 };
 
@@ -98,10 +98,7 @@ async fn healthz(State(api): State<Api>) -> Response {
 
 async fn metrics(State(api): State<Api>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         api.metrics.render(),
     )
         .into_response()
