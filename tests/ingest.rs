@@ -498,3 +498,48 @@ async fn lost_connections_are_counted_as_lost_not_as_protocol_violations() {
     );
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_driver_that_never_reads_its_acknowledgements_is_cut_off_as_a_slow_consumer() {
+    let node = TestNode::start_with(None, |c| {
+        c.riders.slow_consumer_after = Duration::from_millis(500)
+    })
+    .await;
+    // A 2 KiB window: a few acknowledgements full of rejections fill it.
+    let (conn, mut tx, _unread) = raw_connection(&node, 2_048).await;
+    tx.send(ClientMsg::Hello(Hello {
+        version: 1,
+        role: Role::Driver,
+        token: driver_token("drv-deaf"),
+    }))
+    .await
+    .unwrap();
+    let bad = hexfleet_protocol::encode_datagram(&fix(1, now_ms(), f64::NAN, 13.4)).unwrap();
+    let closed = async {
+        loop {
+            for _ in 0..64 {
+                let _ = conn.send_datagram(bad.clone());
+            }
+            tokio::select! {
+                closed = conn.closed() => return closed,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    };
+    let closed = tokio::time::timeout(WAIT, closed)
+        .await
+        .expect("the deaf driver is cut off");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+            ErrorCode::from_close_code(c.error_code.into_inner()),
+            Some(ErrorCode::SlowConsumer)
+        ),
+        other => panic!("unexpected close: {other}"),
+    }
+    assert_eq!(
+        node.metric("hexfleet_sessions_refused_total{code=\"slow_consumer\"}")
+            .await,
+        1.0
+    );
+    node.stop().await;
+}

@@ -18,7 +18,9 @@ use hexfleet_protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{next_message, send, Context, ControlRead, ControlWrite, End, Refusal};
+use super::{
+    next_message, send, Context, ControlRead, ControlWrite, Goodbye, Outcome, Refusal, Stop,
+};
 use crate::{
     clock,
     validate::{LastFix, Validator},
@@ -30,7 +32,7 @@ pub(super) async fn serve(
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
     id: VehicleId,
-) -> Result<End, Refusal> {
+) -> Outcome {
     let mut session = DriverSession::start(conn, ctx, id);
     let outcome = session.run(tx, rx).await;
     let id = session.id;
@@ -39,7 +41,7 @@ pub(super) async fn serve(
         .drivers
         .remove_if(&id, |_, (generation, _)| *generation == session.generation)
         .is_none();
-    let lost = !matches!(outcome, Ok(End::Goodbye));
+    let lost = outcome.is_err();
     if lost && !replaced && !ctx.shutdown.is_cancelled() {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -115,7 +117,7 @@ impl<'a> DriverSession<'a> {
         }
     }
 
-    async fn run(&mut self, tx: &mut ControlWrite, rx: &mut ControlRead) -> Result<End, Refusal> {
+    async fn run(&mut self, tx: &mut ControlWrite, rx: &mut ControlRead) -> Outcome {
         let datagrams = self.conn.max_datagram_size().is_some();
         let welcome = ServerMsg::Welcome(Welcome {
             node: self.ctx.node_id.clone(),
@@ -127,7 +129,7 @@ impl<'a> DriverSession<'a> {
                 ack_interval_ms: self.ctx.ack_interval.as_millis() as u32,
             },
         });
-        send(tx, welcome).await?;
+        send(tx, welcome, self.ctx).await?;
         let mut ack_tick = tokio::time::interval(self.ctx.ack_interval);
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.ctx.shutdown.clone();
@@ -136,34 +138,33 @@ impl<'a> DriverSession<'a> {
                 datagram = self.conn.read_datagram() => match datagram {
                     Ok(bytes) => self.on_datagram(&bytes),
                     // The connection is gone (closed by the peer, timed out).
-                    Err(_) => return Ok(End::Lost),
+                    Err(_) => return Err(Stop::Lost),
                 },
                 msg = next_message(rx) => match msg? {
-                    Some(ClientMsg::Fix(fix)) => self.on_fix(&fix),
-                    Some(ClientMsg::Driver(report)) => {
+                    ClientMsg::Fix(fix) => self.on_fix(&fix),
+                    ClientMsg::Driver(report) => {
                         self.report = report;
                         self.ctx.ingest.report(&self.id, report, clock::now_ms());
                     }
-                    Some(ClientMsg::Goodbye) => {
+                    ClientMsg::Goodbye => {
                         self.ctx.ingest.sign_off(&self.id, RemoveReason::Offline);
                         self.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
-                        return Ok(End::Goodbye);
+                        return Ok(Goodbye);
                     }
-                    Some(ClientMsg::Hello(_)) => {
-                        return Err(Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice"));
+                    ClientMsg::Hello(_) => {
+                        return Err(Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into());
                     }
-                    Some(ClientMsg::Subscribe(_)) => {
-                        return Err(Refusal::new(ErrorCode::ProtocolViolation, "drivers do not subscribe"));
+                    ClientMsg::Subscribe(_) => {
+                        return Err(Refusal::new(ErrorCode::ProtocolViolation, "drivers do not subscribe").into());
                     }
-                    None => return Ok(End::Lost),
                 },
                 _ = ack_tick.tick() => self.send_ack(tx).await?,
                 _ = self.superseded.cancelled() => {
-                    return Err(Refusal::new(ErrorCode::Superseded, "the driver connected again"));
+                    return Err(Refusal::new(ErrorCode::Superseded, "the driver connected again").into());
                 }
                 _ = shutdown.cancelled() => {
                     self.send_ack(tx).await?;
-                    return Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down"));
+                    return Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into());
                 }
             }
         }
@@ -197,7 +198,7 @@ impl<'a> DriverSession<'a> {
     }
 
     /// Sends an `Ack` when something happened since the last one.
-    async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Refusal> {
+    async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         if !self.rejected_unsent && self.acked_seq == self.ack_sent {
             return Ok(());
         }
@@ -208,6 +209,6 @@ impl<'a> DriverSession<'a> {
         });
         self.rejected_unsent = false;
         self.ack_sent = self.acked_seq;
-        send(tx, ack).await
+        send(tx, ack, self.ctx).await
     }
 }

@@ -84,19 +84,33 @@ impl Context {
     }
 }
 
-/// How a session ended without the node closing it.
+/// A session that ends well: the client said `Goodbye`.
 #[derive(Debug)]
-enum End {
-    /// The client said `Goodbye`.
-    Goodbye,
+struct Goodbye;
+
+/// Why a session stops without a `Goodbye`.
+#[derive(Debug)]
+enum Stop {
     /// The connection went away: closed or reset by the peer, or silent past
     /// the idle timeout (a phone in a tunnel, an app killed). Not the
-    /// client's fault, and not a protocol violation.
+    /// client's fault, and not a protocol violation; nobody to tell.
     Lost,
+    /// The node ends the session and tells the client why.
+    Refused(Refusal),
 }
 
-/// Whether a read error means the connection is gone rather than that the
-/// client sent something wrong.
+impl From<Refusal> for Stop {
+    fn from(refusal: Refusal) -> Self {
+        Stop::Refused(refusal)
+    }
+}
+
+/// How a session turned out; every one is counted as exactly one of
+/// `sessions_goodbye`, `sessions_lost` or `sessions_refused{code}`.
+type Outcome = Result<Goodbye, Stop>;
+
+/// Whether a read or write error means the connection is gone, rather than
+/// that the client sent something wrong or the node failed.
 fn lost(e: &FrameError) -> bool {
     matches!(e, FrameError::Io(_))
 }
@@ -121,14 +135,13 @@ impl Refusal {
     }
 }
 
-/// Reads the next control message: `Ok(None)` when the connection is gone,
-/// an error refusal when the client sent something that does not decode.
-async fn next_message(rx: &mut ControlRead) -> Result<Option<ClientMsg>, Refusal> {
+/// Reads the next control message.
+async fn next_message(rx: &mut ControlRead) -> Result<ClientMsg, Stop> {
     match rx.next().await {
-        Some(Ok(msg)) => Ok(Some(msg)),
-        Some(Err(e)) if lost(&e) => Ok(None),
-        Some(Err(e)) => Err(Refusal::protocol(e)),
-        None => Ok(None),
+        Some(Ok(msg)) => Ok(msg),
+        Some(Err(e)) if lost(&e) => Err(Stop::Lost),
+        Some(Err(e)) => Err(Refusal::protocol(e).into()),
+        None => Err(Stop::Lost),
     }
 }
 
@@ -166,28 +179,24 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
             FramedRead::with_capacity(recv, FrameCodec::default(), CONTROL_READ_BUFFER),
         ),
         Ok(Err(_)) => {
-            ended(Ok(End::Lost), &conn, None, &ctx).await;
+            ended(Err(Stop::Lost), &conn, None, &ctx).await;
             return;
         }
         Err(_) => {
             let refusal = Refusal::new(ErrorCode::ProtocolViolation, "no control stream");
-            ended(Err(refusal), &conn, None, &ctx).await;
+            ended(Err(refusal.into()), &conn, None, &ctx).await;
             return;
         }
     };
     let who = match tokio::time::timeout(ctx.handshake_timeout, handshake(&mut rx, &ctx)).await {
-        Ok(Ok(Some(who))) => who,
-        Ok(Ok(None)) => {
-            ended(Ok(End::Lost), &conn, Some(&mut tx), &ctx).await;
-            return;
-        }
-        Ok(Err(refusal)) => {
-            ended(Err(refusal), &conn, Some(&mut tx), &ctx).await;
+        Ok(Ok(who)) => who,
+        Ok(Err(stop)) => {
+            ended(Err(stop), &conn, Some(&mut tx), &ctx).await;
             return;
         }
         Err(_) => {
             let refusal = Refusal::new(ErrorCode::ProtocolViolation, "no Hello in time");
-            ended(Err(refusal), &conn, Some(&mut tx), &ctx).await;
+            ended(Err(refusal.into()), &conn, Some(&mut tx), &ctx).await;
             return;
         }
     };
@@ -198,26 +207,26 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
         Role::Dashboard => Err(Refusal::new(
             ErrorCode::BadRequest,
             "dashboards connect over WebSocket, not QUIC",
-        )),
+        )
+        .into()),
     };
     ended(outcome, &conn, Some(&mut tx), &ctx).await;
 }
 
-/// Accounts for how a session ended — every session ends in exactly one of
-/// `sessions_goodbye`, `sessions_lost` or `sessions_refused{code}` — and,
-/// when the node ends it, tells the client why.
+/// Accounts for how a session ended and, when the node ends it, tells the
+/// client why.
 async fn ended(
-    outcome: Result<End, Refusal>,
+    outcome: Outcome,
     conn: &quinn::Connection,
     tx: Option<&mut ControlWrite>,
     ctx: &Context,
 ) {
     let metrics = &ctx.ingest.metrics;
     match outcome {
-        Ok(End::Goodbye) => {
+        Ok(Goodbye) => {
             metrics.sessions_goodbye.inc();
         }
-        Ok(End::Lost) => {
+        Err(Stop::Lost) => {
             metrics.sessions_lost.inc();
             let why = conn.close_reason().map(|e| e.to_string());
             tracing::debug!(
@@ -225,38 +234,32 @@ async fn ended(
                 "connection lost"
             );
         }
-        Err(refusal) => close(conn, tx, refusal, ctx).await,
+        Err(Stop::Refused(refusal)) => close(conn, tx, refusal, ctx).await,
     };
 }
 
-/// Reads and checks `Hello`; returns who the client is, or `None` when the
-/// connection went away first.
-async fn handshake(
-    rx: &mut ControlRead,
-    ctx: &Context,
-) -> Result<Option<(Role, VehicleId)>, Refusal> {
-    let hello = match next_message(rx).await? {
-        Some(ClientMsg::Hello(hello)) => hello,
-        Some(_) => {
-            return Err(Refusal::new(
-                ErrorCode::ProtocolViolation,
-                "the first message must be Hello",
-            ))
-        }
-        None => return Ok(None),
+/// Reads and checks `Hello`; returns who the client is.
+async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, VehicleId), Stop> {
+    let ClientMsg::Hello(hello) = next_message(rx).await? else {
+        let refusal = Refusal::new(
+            ErrorCode::ProtocolViolation,
+            "the first message must be Hello",
+        );
+        return Err(refusal.into());
     };
     if hello.version != PROTOCOL_VERSION {
-        return Err(Refusal::new(
+        let refusal = Refusal::new(
             ErrorCode::UnsupportedVersion,
             format!(
                 "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
                 hello.version
             ),
-        ));
+        );
+        return Err(refusal.into());
     }
     let claims = Claims::verify_for(&hello.token, hello.role, &ctx.token_secret, clock::now_s())
         .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))?;
-    Ok(Some((claims.role, claims.subject)))
+    Ok((claims.role, claims.subject))
 }
 
 const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);
@@ -296,12 +299,23 @@ async fn close(
     conn.close(refusal.code.close_code().into(), &reason);
 }
 
-/// Sends one message on the control stream.
-async fn send(tx: &mut ControlWrite, msg: ServerMsg) -> Result<(), Refusal> {
-    tx.send(msg).await.map_err(|e| {
-        Refusal::new(
+/// Sends one message on the control stream. A client that does not read it
+/// for `slow_consumer_after` is cut off like a rider that does not read its
+/// updates, rather than holding its session forever.
+async fn send(tx: &mut ControlWrite, msg: ServerMsg, ctx: &Context) -> Result<(), Stop> {
+    let after = ctx.slow_consumer_after;
+    match tokio::time::timeout(after, tx.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if lost(&e) => Err(Stop::Lost),
+        Ok(Err(e)) => Err(Refusal::new(
             ErrorCode::Internal,
             format!("writing to the control stream: {e}"),
         )
-    })
+        .into()),
+        Err(_) => Err(Refusal::new(
+            ErrorCode::SlowConsumer,
+            format!("the control stream was not read for more than {after:?}"),
+        )
+        .into()),
+    }
 }

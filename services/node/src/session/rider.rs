@@ -21,7 +21,9 @@ use hexfleet_protocol::{
 };
 use tokio_util::codec::FramedWrite;
 
-use super::{lost, next_message, send, Context, ControlRead, ControlWrite, End, Refusal};
+use super::{
+    lost, next_message, send, Context, ControlRead, ControlWrite, Goodbye, Outcome, Refusal, Stop,
+};
 use crate::{
     budget::{RequestBudget, Verdict, ABUSE_WINDOW},
     mailbox::{Change, Drained, Mailbox},
@@ -35,7 +37,7 @@ pub(super) async fn serve(
     tx: &mut ControlWrite,
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
-) -> Result<End, Refusal> {
+) -> Outcome {
     let welcome = ServerMsg::Welcome(Welcome {
         node: ctx.node_id.clone(),
         version: PROTOCOL_VERSION,
@@ -46,11 +48,9 @@ pub(super) async fn serve(
             ack_interval_ms: 0,
         },
     });
-    send(tx, welcome).await?;
-    let push = conn
-        .open_uni()
-        .await
-        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("opening the push stream: {e}")))?;
+    send(tx, welcome, ctx).await?;
+    // Only a connection that is gone refuses a stream the node may open.
+    let push = conn.open_uni().await.map_err(|_| Stop::Lost)?;
     let id = ctx.fanout.new_subscriber_id();
     let mailbox = Arc::new(Mailbox::new());
     let mut writer = PushWriter {
@@ -63,21 +63,21 @@ pub(super) async fn serve(
     // A stream is invisible to the peer until something is sent on it: an
     // empty update (subscription 0) announces it.
     if writer.send(RiderUpdate::default()).await.is_err() {
-        return Ok(End::Lost);
+        return Err(Stop::Lost);
     }
     let mut subscribed = false;
     let mut budget = RequestBudget::new(&ctx.rider_requests, Instant::now());
     let outcome = loop {
         tokio::select! {
             msg = next_message(rx) => match msg {
-                Ok(Some(ClientMsg::Subscribe(s))) => match budget.spend(Instant::now()) {
+                Ok(ClientMsg::Subscribe(s)) => match budget.spend(Instant::now()) {
                     Verdict::Allow => match neighbourhood(&s, ctx) {
                         Ok(cells) => {
                             ctx.fanout.subscribe(id, cells, s.filter, s.id, mailbox.clone());
                             subscribed = true;
                         }
                         Err(reason) => {
-                            if let Err(e) = refuse(tx, s.id, ErrorCode::BadRequest, reason).await {
+                            if let Err(e) = refuse(tx, ctx, s.id, ErrorCode::BadRequest, reason).await {
                                 break Err(e);
                             }
                         }
@@ -87,7 +87,7 @@ pub(super) async fn serve(
                         let reason = format!(
                             "more than {} subscriptions a second", ctx.rider_requests.per_second
                         );
-                        if let Err(e) = refuse(tx, s.id, ErrorCode::RateLimited, reason).await {
+                        if let Err(e) = refuse(tx, ctx, s.id, ErrorCode::RateLimited, reason).await {
                             break Err(e);
                         }
                     }
@@ -96,36 +96,35 @@ pub(super) async fn serve(
                         break Err(Refusal::new(
                             ErrorCode::RateLimited,
                             format!("subscriptions refused {} times in {:?}", ctx.rider_requests.close_after, ABUSE_WINDOW),
-                        ));
+                        ).into());
                     }
                 },
-                Ok(Some(ClientMsg::Goodbye)) => {
+                Ok(ClientMsg::Goodbye) => {
                     conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
-                    break Ok(End::Goodbye);
+                    break Ok(Goodbye);
                 }
-                Ok(Some(_)) => break Err(Refusal::new(ErrorCode::ProtocolViolation, "riders may only Subscribe or say Goodbye")),
-                Ok(None) => break Ok(End::Lost),
-                Err(refusal) => break Err(refusal),
+                Ok(_) => break Err(Refusal::new(ErrorCode::ProtocolViolation, "riders may only Subscribe or say Goodbye").into()),
+                Err(stop) => break Err(stop),
             },
             _ = mailbox.ready() => {
                 if let Some(drained) = mailbox.take() {
                     let written = tokio::time::timeout(ctx.slow_consumer_after, writer.write(drained)).await;
                     match written {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) if lost(&e) => break Ok(End::Lost),
+                        Ok(Err(e)) if lost(&e) => break Err(Stop::Lost),
                         Ok(Err(e)) => break Err(Refusal::new(
                             ErrorCode::Internal,
                             format!("an update could not be sent: {e}"),
-                        )),
+                        ).into()),
                         Err(_) => break Err(Refusal::new(
                             ErrorCode::SlowConsumer,
                             format!("updates blocked for more than {:?}", ctx.slow_consumer_after),
-                        )),
+                        ).into()),
                     }
                 }
             }
-            _ = conn.closed() => break Ok(End::Lost),
-            _ = ctx.shutdown.cancelled() => break Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down")),
+            _ = conn.closed() => break Err(Stop::Lost),
+            _ = ctx.shutdown.cancelled() => break Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into()),
         }
     };
     if subscribed {
@@ -138,12 +137,13 @@ pub(super) async fn serve(
 /// stay as they were.
 async fn refuse(
     tx: &mut ControlWrite,
+    ctx: &Context,
     id: u32,
     code: ErrorCode,
     reason: String,
-) -> Result<(), Refusal> {
+) -> Result<(), Stop> {
     let refused = SubscribeError { id, code, reason };
-    send(tx, ServerMsg::SubscribeError(refused)).await
+    send(tx, ServerMsg::SubscribeError(refused), ctx).await
 }
 
 /// Checks a subscription and returns the cells it watches.
