@@ -56,7 +56,7 @@ struct RunArgs {
     tls_key: Option<PathBuf>,
     /// A development node: the public development token secret is allowed
     /// on listeners beyond loopback.
-    #[arg(long, env = "HEXFLEET_DEV")]
+    #[arg(long, env = "HEXFLEET_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     dev: bool,
     /// Secret that signs tokens (HMAC-SHA256).
     #[arg(
