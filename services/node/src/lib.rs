@@ -68,6 +68,10 @@ pub enum NodeError {
     },
 }
 
+/// How long sessions may take to end at shutdown before the last changes
+/// are written regardless; well within the grace `hexfleet-node` gives.
+const SESSION_DRAIN: Duration = Duration::from_secs(2);
+
 /// How long requests in flight may take to finish at shutdown.
 const HTTP_GRACE: Duration = Duration::from_secs(2);
 
@@ -179,7 +183,18 @@ impl Node {
             tasks.spawn(async move {
                 shutdown.cancelled().await;
                 sessions.close();
-                sessions.wait().await;
+                // Sessions end within a fraction of a second (each tells
+                // its client and goes); one that does not must not keep the
+                // last changes from being written.
+                if tokio::time::timeout(SESSION_DRAIN, sessions.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        open = sessions.len(),
+                        "sessions still open after {SESSION_DRAIN:?}; writing the last changes anyway"
+                    );
+                }
                 writer_stop.cancel();
                 let _ = writer_task.await;
             });

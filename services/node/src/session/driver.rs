@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     next_message, send, Context, ControlRead, ControlWrite, Goodbye, Outcome, Refusal, Stop,
+    ERROR_FRAME_GRACE,
 };
 use crate::{
     clock,
@@ -163,7 +164,9 @@ impl<'a> DriverSession<'a> {
                     return Err(Refusal::new(ErrorCode::Superseded, "the driver connected again").into());
                 }
                 _ = shutdown.cancelled() => {
-                    self.send_ack(tx).await?;
+                    // The last word on what was accepted, if the client reads
+                    // it promptly: the node will not wait long to stop.
+                    let _ = tokio::time::timeout(ERROR_FRAME_GRACE, self.send_ack(tx)).await;
                     return Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into());
                 }
             }
