@@ -25,6 +25,21 @@ pub struct RequestLimits {
     pub close_after: u32,
 }
 
+impl RequestLimits {
+    /// Why a request over budget is refused; `what` names the requests.
+    pub fn refusal(&self, what: &str) -> String {
+        format!("more than {} {what} a second", self.per_second)
+    }
+
+    /// Why a connection that kept going over budget is closed.
+    pub fn closing(&self, what: &str) -> String {
+        format!(
+            "{what} refused {} times in {ABUSE_WINDOW:?}",
+            self.close_after
+        )
+    }
+}
+
 /// What to do with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -298,25 +298,26 @@ mod tests {
         52.5 + metres / 111_226.0
     }
 
-    #[test]
-    fn a_chain_of_fixes_at_one_time_cannot_walk_a_vehicle_further_than_one_allowance() {
+    /// Sends 200 fixes, each 49 m north of the one before and `step_ms`
+    /// later; returns how many were accepted and how far the vehicle got.
+    fn walk_a_chain(step_ms: i64) -> (usize, f64) {
         let mut v = Validator::new(limits(), None);
         let t = NOW - 1_000;
         v.check(&fix(1, t, north(0.0), 13.4), NOW).unwrap();
-        let mut accepted = 0;
-        for i in 1..=200u64 {
-            if v.check(&fix(1 + i, t, north(49.0 * i as f64), 13.4), NOW)
-                .is_ok()
-            {
-                accepted += 1;
-            }
-        }
+        let accepted = (1..=200u64)
+            .filter(|&i| {
+                let f = fix(1 + i, t + i as i64 * step_ms, north(49.0 * i as f64), 13.4);
+                v.check(&f, NOW).is_ok()
+            })
+            .count();
+        let start = Position::new(north(0.0), 13.4).unwrap();
+        (accepted, v.last().unwrap().position.distance_m(start))
+    }
+
+    #[test]
+    fn a_chain_of_fixes_at_one_time_cannot_walk_a_vehicle_further_than_one_allowance() {
+        let (accepted, reached) = walk_a_chain(0);
         assert_eq!(accepted, 1, "only the first 49 m step is within one jitter");
-        let reached = v
-            .last()
-            .unwrap()
-            .position
-            .distance_m(Position::new(north(0.0), 13.4).unwrap());
         assert!(
             reached <= limits().jitter_m,
             "moved {reached} m in zero time"
@@ -325,17 +326,7 @@ mod tests {
 
     #[test]
     fn a_chain_of_fixes_a_millisecond_apart_cannot_either() {
-        let mut v = Validator::new(limits(), None);
-        let t = NOW - 1_000;
-        v.check(&fix(1, t, north(0.0), 13.4), NOW).unwrap();
-        for i in 1..=200u64 {
-            let _ = v.check(&fix(1 + i, t + i as i64, north(49.0 * i as f64), 13.4), NOW);
-        }
-        let reached = v
-            .last()
-            .unwrap()
-            .position
-            .distance_m(Position::new(north(0.0), 13.4).unwrap());
+        let (_, reached) = walk_a_chain(1);
         // 200 ms at 70 m/s is 14 m; with one jitter allowance, 64 m at most.
         assert!(
             reached <= limits().jitter_m + 14.0,

@@ -24,7 +24,7 @@ use hexfleet_protocol::{
 
 use super::Dashboards;
 use crate::{
-    budget::{RequestBudget, Verdict, ABUSE_WINDOW},
+    budget::{RequestBudget, Verdict},
     clock,
     fanout::SubscriberId,
     mailbox::{Change, Drained, Mailbox},
@@ -219,15 +219,12 @@ impl Session {
             Verdict::Allow => {}
             Verdict::Refuse => {
                 self.dashboards.metrics.rate_limited(Role::Dashboard).inc();
-                let reason = format!("more than {} requests a second", limits.per_second);
+                let reason = limits.refusal("requests");
                 return self.refuse(ErrorCode::RateLimited, reason).await;
             }
             Verdict::Close => {
                 self.dashboards.metrics.rate_limited(Role::Dashboard).inc();
-                let reason = format!(
-                    "requests refused {} times in {ABUSE_WINDOW:?}",
-                    limits.close_after
-                );
+                let reason = limits.closing("requests");
                 return Err(End::Close(close::RATE_LIMITED, reason));
             }
         }

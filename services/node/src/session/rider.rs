@@ -25,7 +25,8 @@ use super::{
     lost, next_message, send, Context, ControlRead, ControlWrite, Goodbye, Outcome, Refusal, Stop,
 };
 use crate::{
-    budget::{RequestBudget, Verdict, ABUSE_WINDOW},
+    budget::{RequestBudget, Verdict},
+    fanout::SubscriberId,
     mailbox::{Change, Drained, Mailbox},
     metrics::{DeltaKind, Metrics},
 };
@@ -70,35 +71,12 @@ pub(super) async fn serve(
     let outcome = loop {
         tokio::select! {
             msg = next_message(rx) => match msg {
-                Ok(ClientMsg::Subscribe(s)) => match budget.spend(Instant::now()) {
-                    Verdict::Allow => match neighbourhood(&s, ctx) {
-                        Ok(cells) => {
-                            ctx.fanout.subscribe(id, cells, s.filter, s.id, mailbox.clone());
-                            subscribed = true;
-                        }
-                        Err(reason) => {
-                            if let Err(e) = refuse(tx, ctx, s.id, ErrorCode::BadRequest, reason).await {
-                                break Err(e);
-                            }
-                        }
-                    },
-                    Verdict::Refuse => {
-                        ctx.ingest.metrics.rate_limited(Role::Rider).inc();
-                        let reason = format!(
-                            "more than {} subscriptions a second", ctx.rider_requests.per_second
-                        );
-                        if let Err(e) = refuse(tx, ctx, s.id, ErrorCode::RateLimited, reason).await {
-                            break Err(e);
-                        }
+                Ok(ClientMsg::Subscribe(s)) => {
+                    match subscribe(s, id, &mailbox, &mut budget, tx, ctx).await {
+                        Ok(taken) => subscribed |= taken,
+                        Err(stop) => break Err(stop),
                     }
-                    Verdict::Close => {
-                        ctx.ingest.metrics.rate_limited(Role::Rider).inc();
-                        break Err(Refusal::new(
-                            ErrorCode::RateLimited,
-                            format!("subscriptions refused {} times in {:?}", ctx.rider_requests.close_after, ABUSE_WINDOW),
-                        ).into());
-                    }
-                },
+                }
                 Ok(ClientMsg::Goodbye) => {
                     conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
                     break Ok(Goodbye);
@@ -131,6 +109,46 @@ pub(super) async fn serve(
         ctx.fanout.unsubscribe(id);
     }
     outcome
+}
+
+/// Handles one `Subscribe`. Within the connection's budget the fan-out takes
+/// it (replacing one of this rider's still waiting); over budget it is
+/// refused, and a connection that keeps going over is closed. Returns
+/// whether the fan-out took it.
+async fn subscribe(
+    s: Subscribe,
+    id: SubscriberId,
+    mailbox: &Arc<Mailbox>,
+    budget: &mut RequestBudget,
+    tx: &mut ControlWrite,
+    ctx: &Context,
+) -> Result<bool, Stop> {
+    let limits = &ctx.rider_requests;
+    match budget.spend(Instant::now()) {
+        Verdict::Allow => {}
+        Verdict::Refuse => {
+            ctx.ingest.metrics.rate_limited(Role::Rider).inc();
+            let reason = limits.refusal("subscriptions");
+            refuse(tx, ctx, s.id, ErrorCode::RateLimited, reason).await?;
+            return Ok(false);
+        }
+        Verdict::Close => {
+            ctx.ingest.metrics.rate_limited(Role::Rider).inc();
+            let reason = limits.closing("subscriptions");
+            return Err(Refusal::new(ErrorCode::RateLimited, reason).into());
+        }
+    }
+    match neighbourhood(&s, ctx) {
+        Ok(cells) => {
+            ctx.fanout
+                .subscribe(id, cells, s.filter, s.id, mailbox.clone());
+            Ok(true)
+        }
+        Err(reason) => {
+            refuse(tx, ctx, s.id, ErrorCode::BadRequest, reason).await?;
+            Ok(false)
+        }
+    }
 }
 
 /// Refuses one subscription; the connection and any previous subscription
