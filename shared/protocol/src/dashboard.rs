@@ -19,30 +19,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Filter, RemoveReason};
 
-/// WebSocket close codes the node uses (4000–4999 are the application's).
+/// WebSocket close codes the node uses, each an [`ErrorCode`]'s
+/// ([`ErrorCode::websocket_close_code`]); 4000–4999 are the application's.
 pub mod close {
-    /// The token is missing, malformed, forged, expired or not a dashboard's.
-    pub const UNAUTHORIZED: u16 = 4401;
-    /// The dashboard did not read fast enough.
-    pub const SLOW_CONSUMER: u16 = 4408;
-    /// The dashboard kept sending requests over its budget.
-    pub const RATE_LIMITED: u16 = 4429;
-    /// The node is shutting down (the standard "going away").
-    pub const GOING_AWAY: u16 = 1001;
-    /// The node failed (the standard "internal error").
-    pub const INTERNAL: u16 = 1011;
+    use crate::ErrorCode;
 
-    /// The name a close code is counted and logged under.
-    pub fn name(code: u16) -> &'static str {
-        match code {
-            UNAUTHORIZED => "unauthorized",
-            SLOW_CONSUMER => "slow_consumer",
-            RATE_LIMITED => "rate_limited",
-            GOING_AWAY => "shutting_down",
-            INTERNAL => "internal",
-            _ => "other",
-        }
-    }
+    /// The token is missing, malformed, forged, expired or not a dashboard's.
+    pub const UNAUTHORIZED: u16 = ErrorCode::Unauthorized.websocket_close_code();
+    /// The dashboard did not read fast enough.
+    pub const SLOW_CONSUMER: u16 = ErrorCode::SlowConsumer.websocket_close_code();
+    /// The dashboard kept sending requests over its budget.
+    pub const RATE_LIMITED: u16 = ErrorCode::RateLimited.websocket_close_code();
+    /// The node is shutting down (the standard "going away").
+    pub const GOING_AWAY: u16 = ErrorCode::ShuttingDown.websocket_close_code();
+    /// The node failed (the standard "internal error").
+    pub const INTERNAL: u16 = ErrorCode::Internal.websocket_close_code();
 }
 
 /// The wire form of a dashboard connection.

@@ -147,6 +147,23 @@ impl ErrorCode {
         }
     }
 
+    /// The WebSocket close code a dashboard connection is closed with:
+    /// the standard one where there is one, else 4000 + the HTTP status
+    /// that says the same (4401, 4408, 4429).
+    pub const fn websocket_close_code(self) -> u16 {
+        match self {
+            Self::ProtocolViolation | Self::UnsupportedVersion => 1002,
+            Self::Unauthorized => 4401,
+            Self::BadRequest => 1008,
+            Self::SlowConsumer => 4408,
+            Self::Overloaded => 1013,
+            Self::ShuttingDown => 1001,
+            Self::Internal => 1011,
+            Self::Superseded => 4409,
+            Self::RateLimited => 4429,
+        }
+    }
+
     pub fn from_close_code(code: u64) -> Option<Self> {
         [
             Self::ProtocolViolation,
@@ -284,4 +301,46 @@ pub struct SubscribeError {
     pub id: u32,
     pub code: ErrorCode,
     pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [ErrorCode; 10] = [
+        ErrorCode::ProtocolViolation,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::Unauthorized,
+        ErrorCode::BadRequest,
+        ErrorCode::SlowConsumer,
+        ErrorCode::Overloaded,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+        ErrorCode::Superseded,
+        ErrorCode::RateLimited,
+    ];
+
+    #[test]
+    fn every_error_code_round_trips_through_its_quic_close_code() {
+        for code in ALL {
+            assert_eq!(
+                ErrorCode::from_close_code(code.close_code().into()),
+                Some(code)
+            );
+        }
+    }
+
+    #[test]
+    fn websocket_close_codes_are_standard_or_the_applications_own() {
+        for code in ALL {
+            let ws = code.websocket_close_code();
+            assert!(
+                (1000..=1014).contains(&ws) || (4000..=4999).contains(&ws),
+                "{code:?}: {ws}"
+            );
+        }
+        assert_eq!(ErrorCode::Unauthorized.websocket_close_code(), 4401);
+        assert_eq!(ErrorCode::SlowConsumer.websocket_close_code(), 4408);
+        assert_eq!(ErrorCode::RateLimited.websocket_close_code(), 4429);
+    }
 }

@@ -3,7 +3,7 @@
 //! A dashboard authenticates with a dashboard-role token (`?token=` — a
 //! browser cannot set headers on a WebSocket — or `Authorization: Bearer`).
 //! A socket without a valid one is accepted and closed at once with
-//! [`close::UNAUTHORIZED`] and the reason, which a browser can show; a
+//! `unauthorized` (4401) and the reason, which a browser can show; a
 //! refused upgrade would only say "failed".
 
 mod page;
@@ -22,10 +22,7 @@ use axum::{
     Json, Router,
 };
 use hexfleet_model::CellModel;
-use hexfleet_protocol::{
-    dashboard::{close, Format},
-    Claims, Role,
-};
+use hexfleet_protocol::{dashboard::Format, Claims, ErrorCode, Role};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +93,7 @@ async fn upgrade(
                 Ok(_) => session::serve(socket, format, dashboards).await,
                 Err(reason) => {
                     dashboards.metrics.dashboard_error("unauthorized").inc();
-                    close_with(socket, close::UNAUTHORIZED, reason).await;
+                    close_with(socket, ErrorCode::Unauthorized, reason).await;
                 }
             }
         })
@@ -104,9 +101,9 @@ async fn upgrade(
 
 /// Closes a socket with a code and reason, without waiting long for a peer
 /// that does not read.
-async fn close_with(mut socket: WebSocket, code: u16, reason: String) {
+async fn close_with(mut socket: WebSocket, code: ErrorCode, reason: String) {
     let frame = CloseFrame {
-        code,
+        code: code.websocket_close_code(),
         reason: reason.into(),
     };
     let _ = tokio::time::timeout(

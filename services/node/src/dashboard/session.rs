@@ -5,7 +5,7 @@
 //! In density mode it reads [`Density`](crate::fanout::Density) counts on a
 //! timer and sends the cells whose counts changed. Either way a write that
 //! stays blocked for `slow_consumer_after` closes the socket with
-//! [`close::SLOW_CONSUMER`].
+//! `slow_consumer` (4408).
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
@@ -15,9 +15,9 @@ use h3o::CellIndex;
 use hexfleet_model::{VehicleId, ViewportCover};
 use hexfleet_protocol::{
     dashboard::{
-        close, CellCount, CellOutline, DashboardError, DashboardEvent, DashboardMoved,
-        DashboardRemoved, DashboardRequest, DensityUpdate, Format, Found, Hello, Outlines,
-        StatusCounts, VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
+        CellCount, CellOutline, DashboardError, DashboardEvent, DashboardMoved, DashboardRemoved,
+        DashboardRequest, DensityUpdate, Format, Found, Hello, Outlines, StatusCounts,
+        VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
     },
     ErrorCode, Filter, Role,
 };
@@ -64,7 +64,8 @@ enum Mode {
 enum End {
     /// The peer is gone, or said goodbye: nobody to tell.
     Gone,
-    Close(u16, String),
+    /// The node closes the socket, with this code and reason.
+    Close(ErrorCode, String),
 }
 
 struct Session {
@@ -127,7 +128,7 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
                 None => Ok(()),
             },
             _ = density_timer.tick(), if in_density => session.density(false).await,
-            _ = dashboards.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "the node is shutting down".into())),
+            _ = dashboards.shutdown.cancelled() => Err(End::Close(ErrorCode::ShuttingDown, "the node is shutting down".into())),
         };
     }
     if matches!(session.mode, Mode::Vehicles { .. }) {
@@ -136,15 +137,15 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
     dashboards.metrics.dashboards.dec();
     if let Err(End::Close(code, reason)) = outcome {
         // Every close the node makes is logged and counted by its reason.
-        let name = close::name(code);
+        let name = code.as_str();
         dashboards.metrics.dashboard_error(name).inc();
-        if code == close::INTERNAL {
-            tracing::warn!(code, name, %reason, "closing dashboard");
+        if code == ErrorCode::Internal {
+            tracing::warn!(code = name, %reason, "closing dashboard");
         } else {
-            tracing::info!(code, name, %reason, "closing dashboard");
+            tracing::info!(code = name, %reason, "closing dashboard");
         }
         let frame = CloseFrame {
-            code,
+            code: code.websocket_close_code(),
             reason: reason.into(),
         };
         // The closing handshake: send ours, then read (and drop) what the
@@ -177,14 +178,14 @@ impl Session {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::error!(error = %e, "encoding a dashboard event");
-                return Err(End::Close(close::INTERNAL, "internal error".into()));
+                return Err(End::Close(ErrorCode::Internal, "internal error".into()));
             }
         };
         let message = match self.format {
             Format::Json => match String::from_utf8(bytes) {
                 Ok(text) => Message::Text(text.into()),
                 // serde_json writes UTF-8; this is not reached.
-                Err(_) => return Err(End::Close(close::INTERNAL, "internal error".into())),
+                Err(_) => return Err(End::Close(ErrorCode::Internal, "internal error".into())),
             },
             Format::MsgPack => Message::Binary(bytes.into()),
         };
@@ -193,7 +194,7 @@ impl Session {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => Err(End::Close(
-                close::SLOW_CONSUMER,
+                ErrorCode::SlowConsumer,
                 format!("updates blocked for more than {after:?}"),
             )),
         }
@@ -225,7 +226,7 @@ impl Session {
             Verdict::Close => {
                 self.dashboards.metrics.rate_limited(Role::Dashboard).inc();
                 let reason = limits.closing("requests");
-                return Err(End::Close(close::RATE_LIMITED, reason));
+                return Err(End::Close(ErrorCode::RateLimited, reason));
             }
         }
         match format.decode(bytes) {
@@ -264,7 +265,7 @@ impl Session {
             Ok(cover) => cover,
             Err(e) => {
                 tracing::error!(error = %e, "covering a viewport");
-                return Err(End::Close(close::INTERNAL, "internal error".into()));
+                return Err(End::Close(ErrorCode::Internal, "internal error".into()));
             }
         };
         match cover {
