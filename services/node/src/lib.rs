@@ -108,6 +108,76 @@ async fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn Store>, Stor
     })
 }
 
+/// Binds the QUIC endpoint(s) with the node's certificate; returns them,
+/// the address bound and the development certificate, if one is used.
+fn bind_quic(
+    config: &Config,
+) -> Result<(Vec<quinn::Endpoint>, SocketAddr, Option<PathBuf>), NodeError> {
+    let identity = tls::load_or_create(&config.tls)?;
+    let dev_cert = identity.dev_cert.clone();
+    let server = tls::server_config(identity, endpoint::transport(&config.quic)?)?;
+    let (endpoints, addr) = endpoint::bind(&config.quic, server)?;
+    Ok((endpoints, addr, dev_cert))
+}
+
+async fn bind_http(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), NodeError> {
+    let err = |source| NodeError::Http { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
+/// Runs the store writer until the node shuts down and its sessions have
+/// ended, so their last changes are flushed too. Sessions end within a
+/// fraction of a second (each tells its client and goes); one that does not
+/// must not keep the last changes from being written, so the wait is bounded.
+async fn write_until_sessions_end(
+    writer: Arc<StoreWriter>,
+    store: Arc<dyn Store>,
+    flush_interval: Duration,
+    sessions: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let stop = CancellationToken::new();
+    let writing = tokio::spawn(writer.run(store, flush_interval, stop.clone()));
+    shutdown.cancelled().await;
+    sessions.close();
+    if tokio::time::timeout(SESSION_DRAIN, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = sessions.len(),
+            "sessions still open after {SESSION_DRAIN:?}; writing the last changes anyway"
+        );
+    }
+    stop.cancel();
+    let _ = writing.await;
+}
+
+/// After a store outage, rewrites every vehicle this node holds: the store
+/// may have restarted empty.
+async fn rewrite_after_outages(
+    writer: Arc<StoreWriter>,
+    table: Arc<VehicleTable>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = writer.recovered().notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let entries = table.entries();
+        tracing::info!(
+            vehicles = entries.len(),
+            "rewriting all vehicles to the recovered store"
+        );
+        for entry in entries {
+            writer.stage_upsert(entry.shard, entry.state, true);
+        }
+    }
+}
+
 impl Node {
     /// Starts a node: opens the store and takes over the vehicles it holds,
     /// binds QUIC and HTTP, and starts the writer and the sweeper.
@@ -132,24 +202,8 @@ impl Node {
         if restored > 0 {
             tracing::info!(restored, "took over vehicles from the store");
         }
-
-        let identity = tls::load_or_create(&config.tls)?;
-        let dev_cert = identity.dev_cert.clone();
-        let server = tls::server_config(identity, endpoint::transport(&config.quic)?)?;
-        let (endpoints, quic_addr) = endpoint::bind(&config.quic, server)?;
-
-        let http_listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|source| NodeError::Http {
-                addr: config.http.listen,
-                source,
-            })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|source| NodeError::Http {
-                addr: config.http.listen,
-                source,
-            })?;
+        let (endpoints, quic_addr, dev_cert) = bind_quic(&config)?;
+        let (http_listener, http_addr) = bind_http(config.http.listen).await?;
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -170,57 +224,20 @@ impl Node {
                 shutdown.clone(),
             ));
         }
-        // The writer outlives the sessions: it stops on its own token, after
-        // they are done, so their last changes are flushed.
-        let writer_stop = CancellationToken::new();
-        let writer_task = tokio::spawn(writer.clone().run(
+        tasks.spawn(write_until_sessions_end(
+            writer.clone(),
             store.clone(),
             config.store.flush_interval,
-            writer_stop.clone(),
+            sessions.clone(),
+            shutdown.clone(),
         ));
-        {
-            let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                shutdown.cancelled().await;
-                sessions.close();
-                // Sessions end within a fraction of a second (each tells
-                // its client and goes); one that does not must not keep the
-                // last changes from being written.
-                if tokio::time::timeout(SESSION_DRAIN, sessions.wait())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        open = sessions.len(),
-                        "sessions still open after {SESSION_DRAIN:?}; writing the last changes anyway"
-                    );
-                }
-                writer_stop.cancel();
-                let _ = writer_task.await;
-            });
-        }
-        {
-            // After a store outage, rewrite everything this node owns.
-            let (writer, table, shutdown) = (writer.clone(), table.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = writer.recovered().notified() => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    let entries = table.entries();
-                    tracing::info!(
-                        vehicles = entries.len(),
-                        "rewriting all vehicles to the recovered store"
-                    );
-                    for entry in entries {
-                        writer.stage_upsert(entry.shard, entry.state, true);
-                    }
-                }
-            });
-        }
+        tasks.spawn(rewrite_after_outages(
+            writer,
+            table.clone(),
+            shutdown.clone(),
+        ));
         let sweeper = Arc::new(Sweeper {
-            ingest: ingest.clone(),
+            ingest,
             stale_after: config.store.stale_after,
             interval: config.store.sweep_interval,
         });
@@ -228,7 +245,7 @@ impl Node {
         let dashboards = Arc::new(dashboard::Dashboards {
             node_id: config.node_id.clone(),
             cells,
-            fanout: fanout.clone(),
+            fanout,
             table: table.clone(),
             config: config.dashboard.clone(),
             slow_consumer_after: config.riders.slow_consumer_after,
@@ -243,8 +260,8 @@ impl Node {
             metrics: metrics.clone(),
             limits: config.http.clone(),
         };
+        let router = dashboard::router(dashboards).merge(http::router(api));
         {
-            let router = dashboard::router(dashboards).merge(http::router(api));
             let (limits, shutdown) = (config.http.clone(), shutdown.clone());
             tasks.spawn(async move {
                 http::server::serve(http_listener, router, &limits, shutdown, HTTP_GRACE).await;
