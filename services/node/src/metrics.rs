@@ -17,7 +17,7 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 type Labels = [(&'static str, &'static str); 1];
@@ -62,6 +62,22 @@ pub enum DeltaKind {
     Removed = 2,
 }
 
+/// Registers `metric` under `name` and hands it back.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// One counter of `family` per value of its label, resolved once, so the
+/// hot path counts with one atomic add and no label lookup.
+fn labelled<const N: usize>(
+    family: Family<Labels, Counter>,
+    label: &'static str,
+    values: [&'static str; N],
+) -> [Counter; N] {
+    values.map(|value| family.get_or_create_owned(&[(label, value)]))
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -70,184 +86,129 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("hexfleet");
-        let connections = Gauge::default();
-        registry.register("connections", "Open QUIC connections", connections.clone());
-        let connections_accepted = Counter::default();
-        registry.register(
-            "connections_accepted",
-            "QUIC connections that completed the handshake",
-            connections_accepted.clone(),
-        );
-        let refused = Family::<Labels, Counter>::default();
-        registry.register(
-            "sessions_refused",
-            "Sessions closed with an error, by error code",
-            refused.clone(),
-        );
-        let sessions_lost = Counter::default();
-        registry.register(
-            "sessions_lost",
-            "Sessions whose connection went away without a Goodbye: closed or reset by the peer, or idle past the timeout",
-            sessions_lost.clone(),
-        );
-        let sessions_goodbye = Counter::default();
-        registry.register(
-            "sessions_goodbye",
-            "Sessions the client ended with a Goodbye",
-            sessions_goodbye.clone(),
-        );
-        let rate_limited = Family::<Labels, Counter>::default();
-        registry.register(
-            "requests_rate_limited",
-            "Requests refused because their connection was over its request budget, by role",
-            rate_limited.clone(),
-        );
-        let subscriptions_replaced = Counter::default();
-        registry.register(
-            "subscriptions_replaced",
-            "Subscription changes replaced by a newer one from the same connection before the fan-out applied them",
-            subscriptions_replaced.clone(),
-        );
-        let fixes_accepted = Counter::default();
-        registry.register(
-            "fixes_accepted",
-            "Driver fixes accepted",
-            fixes_accepted.clone(),
-        );
-        let rejected_family = Family::<Labels, Counter>::default();
-        registry.register(
-            "fixes_rejected",
-            "Driver fixes rejected, by reason",
-            rejected_family.clone(),
-        );
-        let rejected = RejectReason::ALL
-            .map(|r| rejected_family.get_or_create_owned(&[("reason", r.as_str())]));
-        let vehicles = Gauge::default();
-        registry.register(
-            "vehicles",
-            "Live vehicles in this node's table",
-            vehicles.clone(),
-        );
-        let vehicles_evicted = Counter::default();
-        registry.register(
-            "vehicles_evicted",
-            "Vehicles evicted after not being heard from for stale_after",
-            vehicles_evicted.clone(),
-        );
-        let store_flush_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
-        registry.register(
-            "store_flush_seconds",
-            "Time to write one flush to the store",
-            store_flush_seconds.clone(),
-        );
-        let store_flush_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 18));
-        registry.register(
-            "store_flush_batch_size",
-            "Vehicle changes written per flush",
-            store_flush_batch_size.clone(),
-        );
-        let store_flush_errors = Counter::default();
-        registry.register(
-            "store_flush_errors",
-            "Flushes the store refused; their changes are retried",
-            store_flush_errors.clone(),
-        );
-        let store_refused = Counter::default();
-        registry.register(
-            "store_refused",
-            "Vehicle changes the store refused for their content; dropped, the rest of their flush written",
-            store_refused.clone(),
-        );
-        let store_pending = Gauge::default();
-        registry.register(
-            "store_pending",
-            "Vehicle changes waiting for the next flush",
-            store_pending.clone(),
-        );
-        let subscribers = Gauge::default();
-        registry.register(
-            "subscribers",
-            "Riders and dashboards subscribed",
-            subscribers.clone(),
-        );
-        let subscribed_cells = Gauge::default();
-        registry.register(
-            "subscribed_cells",
-            "Cells watched, summed over subscribers",
-            subscribed_cells.clone(),
-        );
-        let mailbox_coalesced = Counter::default();
-        registry.register(
-            "mailbox_coalesced",
-            "Changes folded into one already waiting in a subscriber's mailbox",
-            mailbox_coalesced.clone(),
-        );
-        let delta_family = Family::<Labels, Counter>::default();
-        registry.register(
-            "delta_items",
-            "Delta items sent to subscribers, by kind",
-            delta_family.clone(),
-        );
-        let delta_items =
-            ["added", "moved", "removed"].map(|k| delta_family.get_or_create_owned(&[("kind", k)]));
-        let delta_frames = Counter::default();
-        registry.register(
-            "delta_frames",
-            "Update frames sent to subscribers",
-            delta_frames.clone(),
-        );
-        let delta_delay_seconds = Histogram::new(exponential_buckets(0.000_5, 2.0, 14));
-        registry.register(
-            "delta_delay_seconds",
-            "From a fix reaching the node to its delta written to a subscriber's stream",
-            delta_delay_seconds.clone(),
-        );
-        let dashboards = Gauge::default();
-        registry.register(
-            "dashboards",
-            "Dashboard WebSocket connections open",
-            dashboards.clone(),
-        );
-        let dashboard_errors = Family::<Labels, Counter>::default();
-        registry.register(
-            "dashboard_errors",
-            "Dashboard requests answered with an error, or sockets closed, by reason",
-            dashboard_errors.clone(),
-        );
-        let density_cells_sent = Counter::default();
-        registry.register(
-            "density_cells_sent",
-            "Per-cell counts sent to dashboards in density mode",
-            density_cells_sent.clone(),
-        );
+        let mut r = Registry::with_prefix("hexfleet");
+        // Fields are registered in the order written, which is the order
+        // /metrics lists them in.
         Self {
-            registry,
-            dashboards,
-            dashboard_errors,
-            density_cells_sent,
-            delta_delay_seconds,
-            subscribers,
-            subscribed_cells,
-            mailbox_coalesced,
-            delta_items,
-            delta_frames,
-            connections,
-            connections_accepted,
-            refused,
-            sessions_lost,
-            sessions_goodbye,
-            rate_limited,
-            subscriptions_replaced,
-            fixes_accepted,
-            rejected,
-            vehicles,
-            vehicles_evicted,
-            store_flush_seconds,
-            store_flush_batch_size,
-            store_flush_errors,
-            store_refused,
-            store_pending,
+            connections: registered(&mut r, "connections", "Open QUIC connections", Gauge::default()),
+            connections_accepted: registered(
+                &mut r,
+                "connections_accepted",
+                "QUIC connections that completed the handshake",
+                Counter::default(),
+            ),
+            refused: registered(
+                &mut r,
+                "sessions_refused",
+                "Sessions closed with an error, by error code",
+                Family::default(),
+            ),
+            sessions_lost: registered(
+                &mut r,
+                "sessions_lost",
+                "Sessions whose connection went away without a Goodbye: closed or reset by the peer, or idle past the timeout",
+                Counter::default(),
+            ),
+            sessions_goodbye: registered(
+                &mut r,
+                "sessions_goodbye",
+                "Sessions the client ended with a Goodbye",
+                Counter::default(),
+            ),
+            rate_limited: registered(
+                &mut r,
+                "requests_rate_limited",
+                "Requests refused because their connection was over its request budget, by role",
+                Family::default(),
+            ),
+            subscriptions_replaced: registered(
+                &mut r,
+                "subscriptions_replaced",
+                "Subscription changes replaced by a newer one from the same connection before the fan-out applied them",
+                Counter::default(),
+            ),
+            fixes_accepted: registered(&mut r, "fixes_accepted", "Driver fixes accepted", Counter::default()),
+            rejected: labelled(
+                registered(&mut r, "fixes_rejected", "Driver fixes rejected, by reason", Family::default()),
+                "reason",
+                RejectReason::ALL.map(RejectReason::as_str),
+            ),
+            vehicles: registered(&mut r, "vehicles", "Live vehicles in this node's table", Gauge::default()),
+            vehicles_evicted: registered(
+                &mut r,
+                "vehicles_evicted",
+                "Vehicles evicted after not being heard from for stale_after",
+                Counter::default(),
+            ),
+            store_flush_seconds: registered(
+                &mut r,
+                "store_flush_seconds",
+                "Time to write one flush to the store",
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            ),
+            store_flush_batch_size: registered(
+                &mut r,
+                "store_flush_batch_size",
+                "Vehicle changes written per flush",
+                Histogram::new(exponential_buckets(1.0, 2.0, 18)),
+            ),
+            store_flush_errors: registered(
+                &mut r,
+                "store_flush_errors",
+                "Flushes the store refused; their changes are retried",
+                Counter::default(),
+            ),
+            store_refused: registered(
+                &mut r,
+                "store_refused",
+                "Vehicle changes the store refused for their content; dropped, the rest of their flush written",
+                Counter::default(),
+            ),
+            store_pending: registered(
+                &mut r,
+                "store_pending",
+                "Vehicle changes waiting for the next flush",
+                Gauge::default(),
+            ),
+            subscribers: registered(&mut r, "subscribers", "Riders and dashboards subscribed", Gauge::default()),
+            subscribed_cells: registered(
+                &mut r,
+                "subscribed_cells",
+                "Cells watched, summed over subscribers",
+                Gauge::default(),
+            ),
+            mailbox_coalesced: registered(
+                &mut r,
+                "mailbox_coalesced",
+                "Changes folded into one already waiting in a subscriber's mailbox",
+                Counter::default(),
+            ),
+            delta_items: labelled(
+                registered(&mut r, "delta_items", "Delta items sent to subscribers, by kind", Family::default()),
+                "kind",
+                ["added", "moved", "removed"],
+            ),
+            delta_frames: registered(&mut r, "delta_frames", "Update frames sent to subscribers", Counter::default()),
+            delta_delay_seconds: registered(
+                &mut r,
+                "delta_delay_seconds",
+                "From a fix reaching the node to its delta written to a subscriber's stream",
+                Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            ),
+            dashboards: registered(&mut r, "dashboards", "Dashboard WebSocket connections open", Gauge::default()),
+            dashboard_errors: registered(
+                &mut r,
+                "dashboard_errors",
+                "Dashboard requests answered with an error, or sockets closed, by reason",
+                Family::default(),
+            ),
+            density_cells_sent: registered(
+                &mut r,
+                "density_cells_sent",
+                "Per-cell counts sent to dashboards in density mode",
+                Counter::default(),
+            ),
+            registry: r,
         }
     }
 
