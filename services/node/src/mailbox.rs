@@ -33,6 +33,50 @@ fn fold(older: Option<Change>, newer: Change) -> Change {
     }
 }
 
+/// What a viewer (a rider, a dashboard) is owed for one change, given
+/// whether it has been shown the vehicle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// New to the viewer, or changed more than its position: the full state.
+    Added(VehicleId, VehicleState),
+    /// Already shown, only moved.
+    Moved(VehicleId, VehicleState),
+    Removed(VehicleId, RemoveReason),
+}
+
+impl Delta {
+    /// The delta for `change`; none for the removal of a vehicle the viewer
+    /// was never shown.
+    pub fn of(id: VehicleId, change: Change, shown: bool) -> Option<Delta> {
+        match change {
+            Change::Removed(reason) => shown.then_some(Delta::Removed(id, reason)),
+            Change::Moved(state) if shown => Some(Delta::Moved(id, state)),
+            Change::Moved(state) | Change::Upsert(state) => Some(Delta::Added(id, state)),
+        }
+    }
+}
+
+/// Cuts items, each with its cost, into frames whose costs add up to at most
+/// `budget` (an item costing more goes alone). There is always at least one
+/// frame: a reset or a new subscription with no changes still tells the
+/// viewer where its view stands.
+pub fn frames<T>(items: impl IntoIterator<Item = (T, usize)>, budget: usize) -> Vec<Vec<T>> {
+    let mut frames = vec![Vec::new()];
+    let mut used = 0;
+    for (item, cost) in items {
+        if used + cost > budget && used > 0 {
+            frames.push(Vec::new());
+            used = 0;
+        }
+        used += cost;
+        // Never empty: it starts with one frame and only grows.
+        if let Some(frame) = frames.last_mut() {
+            frame.push(item);
+        }
+    }
+    frames
+}
+
 /// Everything taken from a mailbox at once.
 #[derive(Debug, Default, PartialEq)]
 pub struct Drained {
@@ -197,5 +241,45 @@ mod tests {
         m.set_version(2);
         let d = m.take().unwrap();
         assert_eq!((d.reset, d.version, d.changes.len()), (false, 2, 0));
+    }
+
+    #[test]
+    fn frames_stay_within_their_budget_and_there_is_always_one() {
+        assert_eq!(
+            frames(Vec::<(u8, usize)>::new(), 10),
+            vec![Vec::<u8>::new()]
+        );
+        let items = [(1, 4), (2, 4), (3, 4), (4, 30), (5, 1)];
+        assert_eq!(
+            frames(items, 10),
+            vec![vec![1, 2], vec![3], vec![4], vec![5]],
+            "an item over the budget goes alone"
+        );
+        let fifty_each = frames((0..120).map(|i| (i, 1)), 50);
+        assert_eq!(
+            fifty_each.iter().map(Vec::len).collect::<Vec<_>>(),
+            [50, 50, 20]
+        );
+    }
+
+    #[test]
+    fn a_viewer_is_owed_a_move_only_for_what_it_was_shown() {
+        let s = state("a", 1.0);
+        assert_eq!(
+            Delta::of(id("a"), Change::Moved(s.clone()), true),
+            Some(Delta::Moved(id("a"), s.clone()))
+        );
+        assert_eq!(
+            Delta::of(id("a"), Change::Moved(s.clone()), false),
+            Some(Delta::Added(id("a"), s.clone()))
+        );
+        assert_eq!(
+            Delta::of(id("a"), Change::Upsert(s.clone()), true),
+            Some(Delta::Added(id("a"), s))
+        );
+        assert_eq!(
+            Delta::of(id("a"), Change::Removed(RemoveReason::Stale), false),
+            None
+        );
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     budget::{RequestBudget, Verdict},
     clock,
     fanout::SubscriberId,
-    mailbox::{Change, Drained, Mailbox},
+    mailbox::{frames, Delta, Drained, Mailbox},
     metrics::DeltaKind,
 };
 
@@ -375,48 +375,51 @@ impl Session {
         if drained.reset {
             self.shown.clear();
         }
-        let fresh = |snapshot| VehicleUpdate {
-            subscription: drained.version,
-            snapshot,
-            ..VehicleUpdate::default()
-        };
-        let metrics = self.dashboards.metrics.clone();
-        let mut update = fresh(drained.reset);
-        let (mut items, mut sent) = (0, false);
+        let mut deltas = Vec::with_capacity(drained.changes.len());
         for (id, change) in drained.changes {
-            match change {
-                Change::Removed(reason) => {
-                    // A vehicle the dashboard never saw needs no removal.
-                    if !self.shown.remove(&id) {
-                        continue;
-                    }
-                    update.removed.push(DashboardRemoved {
-                        id: id.to_string(),
-                        reason,
-                    });
-                    metrics.delta_items(DeltaKind::Removed).inc();
+            let shown = self.shown.contains(&id);
+            let Some(delta) = Delta::of(id, change, shown) else {
+                continue;
+            };
+            match &delta {
+                Delta::Added(id, _) => {
+                    self.shown.insert(id.clone());
                 }
-                Change::Moved(state) if self.shown.contains(&id) => {
-                    update.moved.push(DashboardMoved::from(&state));
-                    metrics.delta_items(DeltaKind::Moved).inc();
+                Delta::Removed(id, _) => {
+                    self.shown.remove(id);
                 }
-                Change::Moved(state) | Change::Upsert(state) => {
-                    self.shown.insert(id);
-                    update.added.push(state);
-                    metrics.delta_items(DeltaKind::Added).inc();
-                }
+                Delta::Moved(..) => {}
             }
-            items += 1;
-            if items >= MAX_ITEMS_PER_MESSAGE {
-                let full = std::mem::replace(&mut update, fresh(false));
-                self.send(&DashboardEvent::Update(full)).await?;
-                metrics.delta_frames.inc();
-                (items, sent) = (0, true);
-            }
+            deltas.push((delta, 1));
         }
-        // A snapshot or a new subscription with no changes still tells the
-        // dashboard where its view stands.
-        if items > 0 || !sent {
+        let metrics = self.dashboards.metrics.clone();
+        for (i, deltas) in frames(deltas, MAX_ITEMS_PER_MESSAGE)
+            .into_iter()
+            .enumerate()
+        {
+            let mut update = VehicleUpdate {
+                subscription: drained.version,
+                snapshot: drained.reset && i == 0,
+                ..VehicleUpdate::default()
+            };
+            for delta in deltas {
+                let kind = match delta {
+                    Delta::Removed(id, reason) => {
+                        let id = id.to_string();
+                        update.removed.push(DashboardRemoved { id, reason });
+                        DeltaKind::Removed
+                    }
+                    Delta::Moved(_, state) => {
+                        update.moved.push(DashboardMoved::from(&state));
+                        DeltaKind::Moved
+                    }
+                    Delta::Added(_, state) => {
+                        update.added.push(state);
+                        DeltaKind::Added
+                    }
+                };
+                metrics.delta_items(kind).inc();
+            }
             self.send(&DashboardEvent::Update(update)).await?;
             metrics.delta_frames.inc();
         }

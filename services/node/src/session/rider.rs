@@ -27,7 +27,7 @@ use super::{
 use crate::{
     budget::{RequestBudget, Verdict},
     fanout::SubscriberId,
-    mailbox::{Change, Drained, Mailbox},
+    mailbox::{frames, Delta, Drained, Mailbox},
     metrics::{DeltaKind, Metrics},
 };
 
@@ -247,56 +247,56 @@ impl PushWriter<'_> {
             self.free.clear();
             self.next = 0;
         }
-        let fresh = |snapshot| RiderUpdate {
-            subscription: drained.version,
-            snapshot,
-            ..RiderUpdate::default()
-        };
-        let mut frame = fresh(drained.reset);
-        let mut used = 0;
-        let mut sent = false;
+        let mut items = Vec::with_capacity(drained.changes.len());
         for (id, change) in drained.changes {
-            let item = match change {
-                Change::Removed(reason) => {
-                    // A vehicle the rider never saw needs no removal.
-                    let Some(alias) = self.aliases.remove(&id) else {
-                        continue;
-                    };
-                    self.free.push(alias);
-                    Item::Removed(Removed { alias, reason })
-                }
-                Change::Moved(state) if self.aliases.contains_key(&id) => {
-                    self.delay(&state);
-                    let alias = self.alias(&id);
-                    Item::Moved(Moved::new(
-                        alias,
-                        state.lat,
-                        state.lon,
-                        state.heading_deg,
-                        state.speed_mps,
-                    ))
-                }
-                Change::Moved(state) | Change::Upsert(state) => {
-                    self.delay(&state);
-                    let alias = self.alias(&id);
-                    Item::Added(Added { alias, state })
-                }
+            let shown = self.aliases.contains_key(&id);
+            let Some(item) = Delta::of(id, change, shown).and_then(|d| self.item(d)) else {
+                continue;
             };
             let cost = item.encoded_len()?;
-            if used + cost > FRAME_BUDGET && used > 0 {
-                let full = std::mem::replace(&mut frame, fresh(false));
-                self.send(full).await?;
-                (used, sent) = (0, true);
-            }
-            used += cost;
-            item.add_to(&mut frame, self.metrics);
+            items.push((item, cost));
         }
-        // Always say something: a reset or a new version with no changes
-        // still tells the rider where its view stands.
-        if used > 0 || !sent {
+        for (i, items) in frames(items, FRAME_BUDGET).into_iter().enumerate() {
+            let mut frame = RiderUpdate {
+                subscription: drained.version,
+                snapshot: drained.reset && i == 0,
+                ..RiderUpdate::default()
+            };
+            for item in items {
+                item.add_to(&mut frame, self.metrics);
+            }
             self.send(frame).await?;
         }
         Ok(())
+    }
+
+    /// The wire item for a delta, keeping the aliases: a vehicle gets one
+    /// when first shown and gives it back when removed (a vehicle without
+    /// one was never shown, and needs no removal).
+    fn item(&mut self, delta: Delta) -> Option<Item> {
+        Some(match delta {
+            Delta::Removed(id, reason) => {
+                let alias = self.aliases.remove(&id)?;
+                self.free.push(alias);
+                Item::Removed(Removed { alias, reason })
+            }
+            Delta::Moved(id, state) => {
+                self.delay(&state);
+                let alias = self.alias(&id);
+                Item::Moved(Moved::new(
+                    alias,
+                    state.lat,
+                    state.lon,
+                    state.heading_deg,
+                    state.speed_mps,
+                ))
+            }
+            Delta::Added(id, state) => {
+                self.delay(&state);
+                let alias = self.alias(&id);
+                Item::Added(Added { alias, state })
+            }
+        })
     }
 
     /// How long this state waited between reaching the node and leaving it.
