@@ -15,12 +15,42 @@ use hexfleet_model::{VehicleClass, VehicleState, VehicleStatus};
 use serde::{Deserialize, Serialize};
 
 /// Which vehicles a rider wants to see. An empty list means "any".
+///
+/// Decoding keeps each class and status once, whatever a client repeats:
+/// the fan-out tests a subscriber's filter against every change it watches,
+/// so a filter must cost at most one comparison per class and status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RawFilter")]
 pub struct Filter {
-    #[serde(default)]
     pub classes: Vec<VehicleClass>,
-    #[serde(default)]
     pub statuses: Vec<VehicleStatus>,
+}
+
+/// A filter as a client sent it.
+#[derive(Deserialize)]
+struct RawFilter {
+    #[serde(default)]
+    classes: Vec<VehicleClass>,
+    #[serde(default)]
+    statuses: Vec<VehicleStatus>,
+}
+
+impl From<RawFilter> for Filter {
+    fn from(raw: RawFilter) -> Self {
+        fn once<T: PartialEq>(values: Vec<T>) -> Vec<T> {
+            let mut kept = Vec::new();
+            for value in values {
+                if !kept.contains(&value) {
+                    kept.push(value);
+                }
+            }
+            kept
+        }
+        Self {
+            classes: once(raw.classes),
+            statuses: once(raw.statuses),
+        }
+    }
 }
 
 impl Default for Filter {
@@ -262,6 +292,28 @@ mod tests {
         assert!(
             body.len() + 64 > crate::MAX_FRAME_LEN,
             "the budget is not wasted"
+        );
+    }
+
+    #[test]
+    fn a_filter_repeating_a_value_ten_thousand_times_decodes_to_it_once() {
+        let repeated = format!(
+            r#"{{"classes": [{}], "statuses": ["available", "on_trip", "available"]}}"#,
+            vec![r#""xl""#; 10_000].join(",")
+        );
+        let filter: Filter = serde_json::from_str(&repeated).unwrap();
+        assert_eq!(filter.classes, vec![VehicleClass::Xl]);
+        assert_eq!(
+            filter.statuses,
+            vec![VehicleStatus::Available, VehicleStatus::OnTrip]
+        );
+        // Missing lists mean any, and the wire form round-trips.
+        let any: Filter = serde_json::from_str("{}").unwrap();
+        assert_eq!(any, Filter::any());
+        let bytes = rmp_serde::to_vec(&Filter::default()).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<Filter>(&bytes).unwrap(),
+            Filter::default()
         );
     }
 }
