@@ -18,7 +18,7 @@ use futures_util::future::try_join_all;
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use redis::{
     aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline,
-    ServerError, Value,
+    ServerError, ToRedisArgs, Value,
 };
 
 use super::{
@@ -80,9 +80,7 @@ impl RedisStore {
         pipe.ignore_errors();
         if !sb.removals.is_empty() {
             let ids: Vec<&str> = sb.removals.iter().map(|r| r.id.as_str()).collect();
-            pipe.cmd("ZREM").arg(keys::geo(sb.shard)).arg(&ids);
-            pipe.cmd("ZREM").arg(keys::seen(sb.shard)).arg(&ids);
-            pipe.cmd("HDEL").arg(keys::state(sb.shard)).arg(&ids);
+            remove_from_shard(&mut pipe, sb.shard, ids.as_slice());
         }
         if !sb.upserts.is_empty() {
             let mut geoadd = redis::cmd("GEOADD");
@@ -120,14 +118,13 @@ impl RedisStore {
     /// Redis refuses are reported, and whatever of theirs did land is
     /// removed, so no vehicle is left half-written.
     async fn write_shard_one_by_one(&self, sb: &ShardBatch) -> Result<Vec<Refused>, StoreError> {
+        // A removal (remove_from_shard) and an upsert each send three commands.
         const PER_VEHICLE: usize = 3;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for r in &sb.removals {
             let id = r.id.as_str();
-            pipe.cmd("ZREM").arg(keys::geo(sb.shard)).arg(id);
-            pipe.cmd("ZREM").arg(keys::seen(sb.shard)).arg(id);
-            pipe.cmd("HDEL").arg(keys::state(sb.shard)).arg(id);
+            remove_from_shard(&mut pipe, sb.shard, id);
         }
         for u in &sb.upserts {
             let s = &u.state;
@@ -168,15 +165,7 @@ impl RedisStore {
         if !refused.is_empty() {
             let ids: Vec<&str> = refused.iter().map(|r| r.id.as_str()).collect();
             let mut undo = redis::pipe();
-            undo.cmd("ZREM").arg(keys::geo(sb.shard)).arg(&ids).ignore();
-            undo.cmd("ZREM")
-                .arg(keys::seen(sb.shard))
-                .arg(&ids)
-                .ignore();
-            undo.cmd("HDEL")
-                .arg(keys::state(sb.shard))
-                .arg(&ids)
-                .ignore();
+            remove_from_shard(&mut undo, sb.shard, ids.as_slice());
             self.conn.query::<()>(&undo).await?;
         }
         Ok(refused)
@@ -259,6 +248,14 @@ impl RedisStore {
             .map(|(bytes, id)| bytes.map(|b| decode(id, &b)).transpose())
             .collect()
     }
+}
+
+/// Removes vehicles (one id, or many) from every key of a shard: the geo
+/// index, the last-seen set and the state hash, one command each.
+fn remove_from_shard<Ids: ToRedisArgs + Copy>(pipe: &mut Pipeline, shard: ShardId, ids: Ids) {
+    pipe.cmd("ZREM").arg(keys::geo(shard)).arg(ids);
+    pipe.cmd("ZREM").arg(keys::seen(shard)).arg(ids);
+    pipe.cmd("HDEL").arg(keys::state(shard)).arg(ids);
 }
 
 /// What a command's error reply means for the change that sent it.
