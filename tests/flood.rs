@@ -115,6 +115,7 @@ async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
     let options = RiderOptions {
         reconnect: false,
         observer: Some(observer),
+        ..Default::default()
     };
     let honest = node
         .connector()

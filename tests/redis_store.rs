@@ -12,11 +12,14 @@ use hexfleet_model::{
 use hexfleet_node::{
     metrics::Metrics,
     store::{
-        keys, memory::MemoryStore, redis::RedisStore, writer::StoreWriter, Batch, NearbyQuery,
-        Removal, ShardBatch, Store, Upsert,
+        keys,
+        memory::MemoryStore,
+        redis::RedisStore,
+        writer::{StoreWriter, Unfenced},
+        Batch, NearbyQuery, Removal, ShardBatch, Store, Upsert,
     },
 };
-use hexfleet_protocol::RejectReason;
+use hexfleet_protocol::{RejectReason, RemoveReason};
 use hexfleet_tests::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +63,8 @@ fn placing(states: &[VehicleState]) -> Batch {
                 shard,
                 upserts,
                 removals: vec![],
+                fence: None,
+                publish: false,
             })
             .collect(),
     }
@@ -314,6 +319,8 @@ fn shard_batch(shards: &mut HashMap<ShardId, ShardBatch>, shard: ShardId) -> &mu
         shard,
         upserts: vec![],
         removals: vec![],
+        fence: None,
+        publish: false,
     })
 }
 
@@ -338,7 +345,7 @@ fn random_workload(
                 let shard = shard_of(old);
                 shard_batch(&mut shards, shard).removals.push(Removal {
                     id: id.clone(),
-                    forget: true,
+                    gone: Some(RemoveReason::Offline),
                 });
                 live.remove(&id);
                 continue;
@@ -357,7 +364,7 @@ fn random_workload(
                     let old_shard = shard_of(old);
                     shard_batch(&mut shards, old_shard).removals.push(Removal {
                         id: id.clone(),
-                        forget: false,
+                        gone: None,
                     });
                     true
                 }
@@ -567,6 +574,7 @@ async fn one_unwritable_vehicle_costs_only_itself_beside_a_thousand_healthy_ones
     let stop = CancellationToken::new();
     let task = tokio::spawn(writer.clone().run(
         store.clone(),
+        Arc::new(Unfenced),
         Duration::from_millis(5),
         stop.clone(),
     ));

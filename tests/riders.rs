@@ -546,7 +546,7 @@ async fn a_rider_that_reconnects_keeps_no_ghosts() {
             &token(Role::Rider, "r"),
             RiderOptions {
                 reconnect: true,
-                observer: None,
+                ..Default::default()
             },
         )
         .await

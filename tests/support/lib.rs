@@ -278,12 +278,14 @@ pub async fn preload(redis: &RedisServer, states: &[hexfleet_model::VehicleState
                 shard,
                 upserts,
                 removals: Vec::new(),
+                fence: None,
+                publish: false,
             })
             .collect(),
     };
     let store = RedisStore::connect(&redis.url())
         .await
         .expect("connect to the test redis");
-    let refused = store.apply(&batch).await.expect("preload the test redis");
-    assert!(refused.is_empty(), "{refused:?}");
+    let applied = store.apply(&batch).await.expect("preload the test redis");
+    assert_eq!(applied, Default::default());
 }

@@ -71,7 +71,7 @@ fn fan_out(c: &mut Criterion) {
     for subscribers in [0u64, 10, 100] {
         let mut index = Index::default();
         let here = Position::new(52.52, 13.405).expect("a valid position");
-        let (cell, _) = cells.locate(here);
+        let (cell, shard) = cells.locate(here);
         for id in 0..subscribers {
             let watched = cells.neighbourhood(here, 300.0);
             index.subscribe(
@@ -84,7 +84,7 @@ fn fan_out(c: &mut Criterion) {
             );
         }
         let vehicle = VehicleId::new("bench").expect("a valid id");
-        index.vehicle_changed(state(&vehicle, 52.52), cell, &metrics);
+        index.vehicle_changed(state(&vehicle, 52.52), cell, shard, &metrics);
         g.bench_with_input(
             BenchmarkId::from_parameter(format!("{subscribers} subscribers")),
             &subscribers,
@@ -94,7 +94,7 @@ fn fan_out(c: &mut Criterion) {
                     step += 1;
                     // Moves within the cell: a `moved` for every watcher.
                     let lat = 52.52 + (step % 10) as f64 * 1e-7;
-                    index.vehicle_changed(state(&vehicle, lat), cell, &metrics);
+                    index.vehicle_changed(state(&vehicle, lat), cell, shard, &metrics);
                 });
             },
         );
@@ -174,13 +174,14 @@ fn dashboard(c: &mut Criterion) {
     };
     for (i, id) in ids.iter().enumerate() {
         let (lat, lon) = spot(i, 0);
-        let (cell, _) = cells.locate(Position::new(lat, lon).expect("a valid position"));
+        let (cell, shard) = cells.locate(Position::new(lat, lon).expect("a valid position"));
         index.vehicle_changed(
             VehicleState {
                 lon,
                 ..state(id, lat)
             },
             cell,
+            shard,
             &metrics,
         );
     }
@@ -201,13 +202,14 @@ fn dashboard(c: &mut Criterion) {
             step += 1;
             let i = step % ids.len();
             let (lat, lon) = spot(i, step);
-            let (cell, _) = cells.locate(Position::new(lat, lon).expect("a valid position"));
+            let (cell, shard) = cells.locate(Position::new(lat, lon).expect("a valid position"));
             index.vehicle_changed(
                 VehicleState {
                     lon,
                     ..state(&ids[i], lat)
                 },
                 cell,
+                shard,
                 &metrics,
             );
         });

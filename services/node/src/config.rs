@@ -26,6 +26,7 @@ pub struct Config {
     pub riders: RidersConfig,
     pub dashboard: DashboardConfig,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +192,48 @@ pub struct IngestConfig {
     pub offline_grace: Duration,
 }
 
+/// Many nodes acting as one, through the Redis store: membership leases,
+/// shard ownership by rendezvous hashing confirmed by per-shard leases,
+/// redirects, hand-offs and the bus of cross-node deltas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Whether this node is one of many. Needs a Redis store. Off, the node
+    /// owns every shard and needs no lease.
+    pub enabled: bool,
+    /// The QUIC address other nodes redirect clients to. Empty: the bound
+    /// address (which must then not be unspecified).
+    pub advertise_quic: String,
+    /// The HTTP address shown in `GET /v1/cluster`. Empty: the bound one.
+    pub advertise_http: String,
+    /// How long a node's membership and its shard leases live without
+    /// renewal: the longest a dead node's shards stay unowned.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often leases are renewed and the live set is read; at most a
+    /// third of `lease_ttl`, so two renewals can fail before one expires.
+    #[serde(with = "humantime_serde")]
+    pub renew_interval: Duration,
+    /// Hand-off hysteresis: a driver that crosses into a shard owned by
+    /// another node stays with its node until it is this far past the
+    /// point where it crossed, so one driving along a boundary does not
+    /// ping-pong between nodes.
+    pub handoff_distance_m: f64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            advertise_quic: String::new(),
+            advertise_http: String::new(),
+            lease_ttl: Duration::from_secs(3),
+            renew_interval: Duration::from_secs(1),
+            handoff_distance_m: 250.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StoreKind {
@@ -234,6 +277,7 @@ impl Default for Config {
             riders: RidersConfig::default(),
             dashboard: DashboardConfig::default(),
             store: StoreConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -390,6 +434,8 @@ impl Config {
             ("store.flush_interval", self.store.flush_interval),
             ("store.stale_after", self.store.stale_after),
             ("store.sweep_interval", self.store.sweep_interval),
+            ("cluster.lease_ttl", self.cluster.lease_ttl),
+            ("cluster.renew_interval", self.cluster.renew_interval),
         ];
         if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Zero(name));
@@ -444,6 +490,25 @@ impl Config {
                 "ingest.jitter_m must be a finite number of metres, zero or more",
             ));
         }
+        if self.cluster.enabled {
+            if self.store.kind == StoreKind::Memory {
+                return Err(ConfigError::Invalid(
+                    "cluster.enabled needs a Redis store (store.kind = \"redis\" or \"redis-cluster\")",
+                ));
+            }
+            if self.cluster.renew_interval * 3 > self.cluster.lease_ttl {
+                return Err(ConfigError::Invalid(
+                    "cluster.renew_interval must be at most a third of cluster.lease_ttl",
+                ));
+            }
+            if !(self.cluster.handoff_distance_m.is_finite()
+                && self.cluster.handoff_distance_m >= 0.0)
+            {
+                return Err(ConfigError::Invalid(
+                    "cluster.handoff_distance_m must be a finite number of metres, zero or more",
+                ));
+            }
+        }
         Ok(CellModel::new(self.cells.index_res, self.cells.shard_res)?)
     }
 
@@ -478,6 +543,10 @@ mod tests {
         assert_eq!(
             format!("{:?}", file.dashboard),
             format!("{:?}", builtin.dashboard)
+        );
+        assert_eq!(
+            format!("{:?}", file.cluster),
+            format!("{:?}", builtin.cluster)
         );
         assert_eq!(file.node_id, builtin.node_id);
         assert_eq!(file.dev, builtin.dev);

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use hexfleet_model::{CellModel, VehicleId, VehicleState};
+use hexfleet_model::{CellModel, IndexCell, Position, ShardId, VehicleId, VehicleState};
 use hexfleet_protocol::{DriverReport, RemoveReason};
 
 use crate::{
@@ -25,10 +25,35 @@ pub struct Ingest {
     pub metrics: Arc<Metrics>,
 }
 
+/// Where an accepted fix is indexed and stored: its index cell, and the
+/// shard that keeps the vehicle. That is the cell's shard, except in a
+/// cluster while a driver that crossed into another node's shard has not
+/// yet gone far enough to be handed over (hysteresis): it stays in its
+/// shard a little beyond the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub cell: IndexCell,
+    pub shard: ShardId,
+}
+
 impl Ingest {
-    /// Applies a validated fix of vehicle `id`, as of `now_ms` (node clock).
-    pub fn accept(&self, id: &VehicleId, valid: &ValidFix, report: DriverReport, now_ms: i64) {
-        let (cell, shard) = self.cells.locate(valid.position);
+    /// Where a position is indexed, and its shard.
+    pub fn locate(&self, position: Position) -> Placed {
+        let (cell, shard) = self.cells.locate(position);
+        Placed { cell, shard }
+    }
+
+    /// Applies a validated fix of vehicle `id`, as of `now_ms` (node clock),
+    /// placed as the router said.
+    pub fn accept(
+        &self,
+        id: &VehicleId,
+        valid: &ValidFix,
+        report: DriverReport,
+        now_ms: i64,
+        placed: Placed,
+    ) {
+        let Placed { cell, shard } = placed;
         let f = &valid.fix;
         let state = VehicleState {
             id: id.clone(),
@@ -48,10 +73,10 @@ impl Ingest {
             cell,
             shard,
         });
-        self.fanout.vehicle_changed(state.clone(), cell);
+        self.fanout.vehicle_changed(state.clone(), cell, shard);
         let relocated = match previous {
             Some(p) if p.shard != shard => {
-                self.writer.stage_removal(p.shard, id.clone(), false);
+                self.writer.stage_removal(p.shard, id.clone(), None);
                 true
             }
             Some(_) => false,
@@ -71,7 +96,8 @@ impl Ingest {
             state.seen_ms = now_ms;
         });
         if let Some(entry) = updated {
-            self.fanout.vehicle_changed(entry.state.clone(), entry.cell);
+            self.fanout
+                .vehicle_changed(entry.state.clone(), entry.cell, entry.shard);
             self.writer.stage_upsert(entry.shard, entry.state, false);
         }
     }
@@ -79,9 +105,60 @@ impl Ingest {
     /// The vehicle is gone (signed off, or offline for too long).
     pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) {
         if let Some(entry) = self.table.remove(id) {
-            self.writer.stage_removal(entry.shard, id.clone(), true);
-            self.fanout.vehicle_removed(id.clone(), reason);
+            self.writer
+                .stage_removal(entry.shard, id.clone(), Some(reason));
+            self.fanout.vehicle_removed(id.clone(), reason, entry.shard);
         }
+    }
+
+    /// The driver is handed to another node: this node forgets the vehicle
+    /// without signing it off. Riders keep seeing it (in transit) until its
+    /// new node's first fix moves it. Returns what this node last held.
+    pub fn hand_off(&self, id: &VehicleId) -> Option<Entry> {
+        let entry = self.table.remove(id)?;
+        self.writer.stage_removal(entry.shard, id.clone(), None);
+        self.fanout.vehicle_in_transit(id.clone(), entry.shard);
+        self.metrics.handoffs.inc();
+        self.metrics.vehicles.set(self.table.len() as i64);
+        Some(entry)
+    }
+
+    /// The shard is no longer this node's: its vehicles stay in the store
+    /// for the new owner, and leave this node's table (in transit for the
+    /// fan-out, until a replica or their new node shows them again).
+    pub fn release_shard(&self, shard: ShardId) -> usize {
+        let released = self.table.remove_in(shard);
+        for entry in &released {
+            self.fanout
+                .vehicle_in_transit(entry.state.id.clone(), shard);
+        }
+        self.metrics.vehicles.set(self.table.len() as i64);
+        released.len()
+    }
+
+    /// Takes over a shard's vehicles read from the store: those this node
+    /// does not hold already with a newer fix become its own. Returns how
+    /// many.
+    pub fn take_over(&self, shard: ShardId, states: Vec<VehicleState>) -> usize {
+        let mut taken = 0;
+        for state in states {
+            let Some(position) = indexable(&state) else {
+                continue;
+            };
+            if self
+                .table
+                .get(&state.id)
+                .is_some_and(|held| held.state.seq >= state.seq)
+            {
+                continue;
+            }
+            let (cell, _) = self.cells.locate(position);
+            self.fanout.vehicle_changed(state.clone(), cell, shard);
+            self.table.upsert(Entry { state, cell, shard });
+            taken += 1;
+        }
+        self.metrics.vehicles.set(self.table.len() as i64);
+        taken
     }
 
     /// Evicts every vehicle last heard from before `cutoff_ms`; returns how
@@ -89,10 +166,11 @@ impl Ingest {
     pub fn evict_stale(&self, cutoff_ms: i64) -> usize {
         let evicted = self.table.evict_stale(cutoff_ms);
         for entry in &evicted {
+            let id = entry.state.id.clone();
+            let reason = RemoveReason::Stale;
             self.writer
-                .stage_removal(entry.shard, entry.state.id.clone(), true);
-            self.fanout
-                .vehicle_removed(entry.state.id.clone(), RemoveReason::Stale);
+                .stage_removal(entry.shard, id.clone(), Some(reason));
+            self.fanout.vehicle_removed(id, reason, entry.shard);
         }
         self.metrics.vehicles_evicted.inc_by(evicted.len() as u64);
         self.metrics.vehicles.set(self.table.len() as i64);
@@ -104,19 +182,26 @@ impl Ingest {
     pub fn restore(&self, states: Vec<VehicleState>) -> usize {
         let mut restored = 0;
         for state in states {
-            let position = hexfleet_model::Position::new(state.lat, state.lon)
-                .ok()
-                .filter(|p| p.is_indexable());
-            let Some(position) = position else {
-                tracing::warn!(id = %state.id, "stored vehicle has an invalid position; skipped");
+            let Some(position) = indexable(&state) else {
                 continue;
             };
             let (cell, shard) = self.cells.locate(position);
-            self.fanout.vehicle_changed(state.clone(), cell);
+            self.fanout.vehicle_changed(state.clone(), cell, shard);
             self.table.upsert(Entry { state, cell, shard });
             restored += 1;
         }
         self.metrics.vehicles.set(self.table.len() as i64);
         restored
     }
+}
+
+/// The position of a stored vehicle, if the index can hold it.
+fn indexable(state: &VehicleState) -> Option<Position> {
+    let position = Position::new(state.lat, state.lon)
+        .ok()
+        .filter(|p| p.is_indexable());
+    if position.is_none() {
+        tracing::warn!(id = %state.id, "stored vehicle has an invalid position; skipped");
+    }
+    position
 }

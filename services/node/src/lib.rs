@@ -16,11 +16,18 @@
 //! On the side: the [`sweeper`] evicts stale vehicles, [`http`] answers
 //! queries from the store, [`metrics`] counts everything.
 //!
+//! In a [`cluster`], the session routes each fix to the node that owns its
+//! shard (redirects, hand-offs), the store writer writes only shards whose
+//! lease this node holds, each flush is published on the shard's bus, and
+//! the fan-out also hears the replicas of other nodes' shards its
+//! subscribers watch.
+//!
 //! [`Node::start`] runs all of it inside the caller's tokio runtime, so tests
 //! and the simulator embed a node the same way the binary runs one.
 
 pub mod budget;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod endpoint;
@@ -41,12 +48,20 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use hexfleet_protocol::bus::NodeInfo;
+
 use crate::{
+    cluster::{replicas::Replicas, Cluster, ClusterError},
     config::{Config, ConfigError, StoreKind},
-    fanout::FanOut,
+    fanout::{FanOut, Reach},
     ingest::Ingest,
     metrics::Metrics,
-    store::{memory::MemoryStore, redis::RedisStore, writer::StoreWriter, Store, StoreError},
+    store::{
+        memory::MemoryStore,
+        redis::{Conn, RedisStore},
+        writer::{Fences, StoreWriter, Unfenced},
+        Store, StoreError,
+    },
     sweeper::Sweeper,
     table::VehicleTable,
 };
@@ -57,6 +72,8 @@ pub enum NodeError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("QUIC: {0}")]
@@ -87,25 +104,56 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub table: Arc<VehicleTable>,
     pub store: Arc<dyn Store>,
+    /// This node's place in a cluster, if it is in one.
+    pub cluster: Option<Arc<Cluster>>,
     sweeper_handle: Arc<Sweeper>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     sessions: TaskTracker,
 }
 
-async fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(match config.kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Redis => Arc::new(RedisStore::connect(&config.redis_url).await?),
+/// Opens the configured store, and the Redis connection a cluster shares
+/// with it.
+async fn open_store(
+    config: &config::StoreConfig,
+) -> Result<(Arc<dyn Store>, Option<Conn>), StoreError> {
+    let redis = match config.kind {
+        StoreKind::Memory => return Ok((Arc::new(MemoryStore::new()), None)),
+        StoreKind::Redis => RedisStore::connect(&config.redis_url).await?,
         StoreKind::RedisCluster => {
             let seeds: Vec<String> = config
                 .redis_url
                 .split(',')
                 .map(|s| s.trim().to_string())
                 .collect();
-            Arc::new(RedisStore::connect_cluster(&seeds).await?)
+            RedisStore::connect_cluster(&seeds).await?
         }
-    })
+    };
+    let conn = redis.conn().clone();
+    Ok((Arc::new(redis), Some(conn)))
+}
+
+/// What this node announces to the others: its id and where clients and
+/// operators reach it.
+fn announcement(config: &Config, quic: SocketAddr, http: SocketAddr) -> NodeInfo {
+    let or_bound = |advertised: &str, bound: SocketAddr| {
+        if advertised.is_empty() {
+            if bound.ip().is_unspecified() {
+                tracing::warn!(%bound, "advertising an unspecified address; set cluster.advertise_quic/advertise_http");
+            }
+            bound.to_string()
+        } else {
+            advertised.to_string()
+        }
+    };
+    NodeInfo {
+        id: config.node_id.clone(),
+        quic: or_bound(&config.cluster.advertise_quic, quic),
+        http: or_bound(&config.cluster.advertise_http, http),
+        shards: Vec::new(),
+        // Below 2^53, so any JSON reader keeps it exact.
+        instance: rand::random::<u64>() >> 11,
+    }
 }
 
 /// Binds the QUIC endpoint(s) with the node's certificate; returns them,
@@ -134,12 +182,17 @@ async fn bind_http(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketA
 async fn write_until_sessions_end(
     writer: Arc<StoreWriter>,
     store: Arc<dyn Store>,
+    cluster: Option<Arc<Cluster>>,
     flush_interval: Duration,
     sessions: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let stop = CancellationToken::new();
-    let writing = tokio::spawn(writer.run(store, flush_interval, stop.clone()));
+    let fences: Arc<dyn Fences> = match &cluster {
+        Some(cluster) => cluster.clone(),
+        None => Arc::new(Unfenced),
+    };
+    let writing = tokio::spawn(writer.run(store, fences, flush_interval, stop.clone()));
     shutdown.cancelled().await;
     sessions.close();
     if tokio::time::timeout(SESSION_DRAIN, sessions.wait())
@@ -153,6 +206,10 @@ async fn write_until_sessions_end(
     }
     stop.cancel();
     let _ = writing.await;
+    // Written: the leases can go, and the others take the shards over.
+    if let Some(cluster) = cluster {
+        cluster.leave().await;
+    }
 }
 
 /// After a store outage, rewrites every vehicle this node holds: the store
@@ -187,10 +244,16 @@ impl Node {
             tracing::warn!("using the public development token secret: anyone can mint tokens; set HEXFLEET_TOKEN_SECRET in production");
         }
         let metrics = Arc::new(Metrics::new());
-        let store = open_store(&config.store).await?;
+        let (store, redis) = open_store(&config.store).await?;
         let table = Arc::new(VehicleTable::new());
         let writer = Arc::new(StoreWriter::new(metrics.clone()));
-        let fanout = Arc::new(FanOut::new(metrics.clone()));
+        let clustered = config.cluster.enabled;
+        let reach = clustered.then_some(Reach {
+            cells,
+            margin_m: config.cluster.handoff_distance_m,
+            transit_grace: config.ingest.offline_grace,
+        });
+        let fanout = Arc::new(FanOut::with_reach(metrics.clone(), reach));
         let ingest = Arc::new(Ingest {
             cells,
             table: table.clone(),
@@ -198,12 +261,31 @@ impl Node {
             fanout: fanout.clone(),
             metrics: metrics.clone(),
         });
-        let restored = ingest.restore(store.load_all().await?);
-        if restored > 0 {
-            tracing::info!(restored, "took over vehicles from the store");
+        // A single node owns everything in the store; a cluster node takes
+        // over the shards it owns as it acquires their leases.
+        if !clustered {
+            let restored = ingest.restore(store.load_all().await?);
+            if restored > 0 {
+                tracing::info!(restored, "took over vehicles from the store");
+            }
         }
         let (endpoints, quic_addr, dev_cert) = bind_quic(&config)?;
         let (http_listener, http_addr) = bind_http(config.http.listen).await?;
+        let cluster = match (clustered, redis) {
+            (true, Some(conn)) => Some(
+                Cluster::join(
+                    announcement(&config, quic_addr, http_addr),
+                    conn,
+                    config.cluster.clone(),
+                    store.clone(),
+                    writer.clone(),
+                    ingest.clone(),
+                    metrics.clone(),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -212,9 +294,21 @@ impl Node {
             &config,
             ingest.clone(),
             fanout.clone(),
+            cluster.clone(),
+            store.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(fanout.clone().run(shutdown.clone()));
+        if let Some(cluster) = &cluster {
+            tasks.spawn(cluster.clone().run(shutdown.clone()));
+            let replicas = Replicas::new(store.clone(), fanout.clone(), cells, metrics.clone());
+            tasks.spawn(replicas.run(
+                config.store.clone(),
+                fanout.needed_shards(),
+                cluster.held_shards(),
+                shutdown.clone(),
+            ));
+        }
         for endpoint in endpoints {
             tasks.spawn(endpoint::accept_loop(
                 endpoint,
@@ -227,6 +321,7 @@ impl Node {
         tasks.spawn(write_until_sessions_end(
             writer.clone(),
             store.clone(),
+            cluster.clone(),
             config.store.flush_interval,
             sessions.clone(),
             shutdown.clone(),
@@ -252,6 +347,8 @@ impl Node {
             token_secret: config.auth.token_secret.as_bytes().to_vec(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
+            store: store.clone(),
+            clustered,
         });
         let api = http::Api {
             node_id: config.node_id.as_str().into(),
@@ -259,6 +356,7 @@ impl Node {
             cells,
             metrics: metrics.clone(),
             limits: config.http.clone(),
+            cluster: cluster.clone(),
         };
         let router = dashboard::router(dashboards).merge(http::router(api));
         {
@@ -277,6 +375,7 @@ impl Node {
             metrics,
             table,
             store,
+            cluster,
             sweeper_handle: sweeper,
             shutdown,
             tasks,

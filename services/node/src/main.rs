@@ -54,6 +54,15 @@ struct RunArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "HEXFLEET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Join a cluster of nodes sharing the Redis store.
+    #[arg(long, env = "HEXFLEET_CLUSTER", value_parser = clap::builder::BoolishValueParser::new())]
+    cluster: bool,
+    /// The QUIC address other nodes redirect clients to (default: the bound one).
+    #[arg(long, env = "HEXFLEET_ADVERTISE_QUIC")]
+    advertise_quic: Option<String>,
+    /// The HTTP address shown in `/v1/cluster` (default: the bound one).
+    #[arg(long, env = "HEXFLEET_ADVERTISE_HTTP")]
+    advertise_http: Option<String>,
     /// A development node: the public development token secret is allowed
     /// on listeners beyond loopback.
     #[arg(long, env = "HEXFLEET_DEV", value_parser = clap::builder::BoolishValueParser::new())]
@@ -120,6 +129,13 @@ impl RunArgs {
             config.tls.key = Some(key.clone());
         }
         config.dev |= self.dev;
+        config.cluster.enabled |= self.cluster;
+        if let Some(v) = &self.advertise_quic {
+            config.cluster.advertise_quic = v.clone();
+        }
+        if let Some(v) = &self.advertise_http {
+            config.cluster.advertise_http = v.clone();
+        }
         if let Some(v) = &self.token_secret {
             config.auth.token_secret = v.clone();
         }

@@ -71,6 +71,28 @@ impl VehicleTable {
         evicted
     }
 
+    /// Removes and returns every vehicle kept in `shard`.
+    pub fn remove_in(&self, shard: ShardId) -> Vec<Entry> {
+        let mut removed = Vec::new();
+        self.vehicles.retain(|_, entry| {
+            let keep = entry.shard != shard;
+            if !keep {
+                removed.push(entry.clone());
+            }
+            keep
+        });
+        removed
+    }
+
+    /// How many vehicles are kept in each shard.
+    pub fn shard_counts(&self) -> std::collections::HashMap<ShardId, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for e in self.vehicles.iter() {
+            *counts.entry(e.shard).or_default() += 1;
+        }
+        counts
+    }
+
     /// A copy of every entry (not an atomic snapshot: entries change while
     /// it is taken, each one is consistent).
     pub fn entries(&self) -> Vec<Entry> {

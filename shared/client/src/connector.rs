@@ -110,6 +110,24 @@ pub struct Connector {
 
 const MAX_REDIRECTS: usize = 3;
 
+/// Keep-alives keep an idle connection open (and NAT bindings fresh) well
+/// within the node's idle timeout.
+const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A node silent this long is taken for gone, and a reconnecting client
+/// connects again (to another node, if that one died).
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(keep_alive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    // Riders receive their updates on one stream the node opens.
+    transport.max_concurrent_uni_streams(1u32.into());
+    Arc::new(transport)
+}
+
 impl Connector {
     /// A connector that trusts the certificates in `ca` (PEM or DER) and
     /// expects nodes to present `server_name`.
@@ -139,19 +157,23 @@ impl Connector {
         crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let mut transport = quinn::TransportConfig::default();
-        // Keep idle drivers' connections alive well within the node's idle timeout.
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        // Riders receive their updates on one stream the node opens.
-        transport.max_concurrent_uni_streams(1u32.into());
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport));
+        config.transport_config(transport(DEFAULT_KEEP_ALIVE, DEFAULT_IDLE_TIMEOUT));
         Ok(Self {
             config,
             endpoints: Arc::default(),
             server_name: server_name.to_string(),
             timeout: Duration::from_secs(10),
         })
+    }
+
+    /// A connector for new connections that ping every `keep_alive` and take
+    /// the node for gone after `idle` of silence: how fast a client notices
+    /// that its node died, against a packet every `keep_alive` when idle
+    /// (each one wakes a phone's radio).
+    pub fn with_liveness(mut self, keep_alive: Duration, idle: Duration) -> Self {
+        self.config.transport_config(transport(keep_alive, idle));
+        self
     }
 
     /// The endpoint for `addr`'s family, bound the first time it is needed.

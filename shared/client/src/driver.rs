@@ -1,4 +1,11 @@
 //! The driver client: sends fixes, reports status, tracks acknowledgements.
+//!
+//! With [`DriverOptions::reconnect`], the client keeps its driver connected
+//! to whichever node owns it: a node that hands the driver over says
+//! `Redirect` and the next fix goes to the new node; a connection that is
+//! lost (a node died, a network change) is made again, after a backoff with
+//! jitter, through the node it used or any of the seeds (which redirect it
+//! to the owner). Sequence numbers continue across connections.
 
 use std::{
     net::SocketAddr,
@@ -6,7 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::{SinkExt, StreamExt};
@@ -61,7 +68,22 @@ struct Shared {
     acked_seq: AtomicU64,
     stats: Mutex<DriverStats>,
     closed: Mutex<Option<(ErrorCode, String)>>,
+    /// Where the node said to go.
+    redirect: Mutex<Option<SocketAddr>>,
 }
+
+/// How a driver client keeps its connection.
+#[derive(Debug, Clone, Default)]
+pub struct DriverOptions {
+    /// Follow redirects and reconnect when the connection is lost.
+    pub reconnect: bool,
+    /// Other nodes to try when the one in use does not answer.
+    pub seeds: Vec<SocketAddr>,
+}
+
+/// Attempts to reconnect before giving up; with the backoff (50 ms doubling
+/// to 1 s, with jitter) they span about six seconds.
+const RECONNECT_ATTEMPTS: u32 = 10;
 
 pub struct DriverClient {
     conn: quinn::Connection,
@@ -71,6 +93,13 @@ pub struct DriverClient {
     first_seq: u64,
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
+    connector: Connector,
+    token: String,
+    report: DriverReport,
+    options: DriverOptions,
+    /// The node this connection goes to.
+    node: SocketAddr,
+    reconnects: u64,
 }
 
 fn now_ms() -> i64 {
@@ -89,16 +118,26 @@ impl Connector {
         token: &str,
         report: DriverReport,
     ) -> Result<DriverClient, ClientError> {
-        let Greeting::Welcome(established) = self.hello(addr, Role::Driver, token).await? else {
-            return Err(ClientError::TooManyRedirects);
-        };
+        self.driver_with(addr, token, report, DriverOptions::default())
+            .await
+    }
+
+    /// Connects a driver that keeps itself connected as `options` say.
+    pub async fn driver_with(
+        &self,
+        addr: SocketAddr,
+        token: &str,
+        report: DriverReport,
+        options: DriverOptions,
+    ) -> Result<DriverClient, ClientError> {
+        let (node, established) = self.welcomed(addr, token).await?;
+        let shared = Arc::new(Shared::default());
         let Established {
             conn,
             tx,
             rx,
             welcome,
-        } = *established;
-        let shared = Arc::new(Shared::default());
+        } = established;
         shared
             .acked_seq
             .store(welcome.resume_seq, Ordering::Relaxed);
@@ -111,10 +150,48 @@ impl Connector {
             first_seq: welcome.resume_seq + 1,
             shared,
             reader,
+            connector: self.clone(),
+            token: token.to_string(),
+            report,
+            options,
+            node,
+            reconnects: 0,
         };
         driver.report(report).await?;
         Ok(driver)
     }
+
+    /// `Hello` as a driver, redirects followed; the node that welcomed it.
+    async fn welcomed(
+        &self,
+        addr: SocketAddr,
+        token: &str,
+    ) -> Result<(SocketAddr, Established), ClientError> {
+        match self.hello(addr, Role::Driver, token).await? {
+            Greeting::Welcome(established) => {
+                let node = established.conn.remote_address();
+                Ok((node, *established))
+            }
+            Greeting::Redirect(_) => Err(ClientError::TooManyRedirects),
+        }
+    }
+}
+
+/// Whether a connection that ended this way is worth making again: not when
+/// the node refused the driver itself.
+fn worth_retrying(e: &ClientError) -> bool {
+    !matches!(
+        e,
+        ClientError::Refused {
+            code: ErrorCode::Unauthorized
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::Superseded
+                | ErrorCode::ProtocolViolation
+                | ErrorCode::BadRequest,
+            ..
+        } | ClientError::Certificate { .. }
+            | ClientError::Tls(_)
+    )
 }
 
 async fn read_control(mut rx: ControlRead, shared: Arc<Shared>) {
@@ -133,6 +210,10 @@ async fn read_control(mut rx: ControlRead, shared: Arc<Shared>) {
                 *shared.closed.lock() = Some((e.code, e.reason));
                 return;
             }
+            Ok(ServerMsg::Redirect(r)) => {
+                *shared.redirect.lock() = r.addr.parse().ok();
+                return;
+            }
             Ok(_) => {}
             Err(_) => return,
         }
@@ -144,6 +225,9 @@ impl DriverClient {
     /// Datagrams are used when the connection has them: a lost fix is simply
     /// superseded by the next.
     pub async fn send_fix(&mut self, input: FixInput) -> Result<u64, ClientError> {
+        if self.options.reconnect && self.conn.close_reason().is_some() {
+            self.reconnect().await?;
+        }
         let seq = self.next_seq;
         self.send_raw(Fix {
             seq,
@@ -170,6 +254,82 @@ impl DriverClient {
         Ok(())
     }
 
+    /// Connects again: to where the node redirected it, else to the node it
+    /// used or a seed, with a backoff and jitter between attempts.
+    async fn reconnect(&mut self) -> Result<(), ClientError> {
+        let redirect = self.shared.redirect.lock().take();
+        let mut targets = vec![self.node];
+        for seed in &self.options.seeds {
+            if !targets.contains(seed) {
+                targets.push(*seed);
+            }
+        }
+        let mut backoff = Duration::from_millis(50);
+        let mut last = ClientError::Timeout;
+        for attempt in 0..RECONNECT_ATTEMPTS {
+            let target = match redirect {
+                Some(to) if attempt == 0 => to,
+                _ => targets[attempt as usize % targets.len()],
+            };
+            if attempt > 0 {
+                // Jitter: a node's drivers do not all come back at once.
+                let jittered = backoff.mul_f64(rand::random_range(0.5..1.5));
+                tokio::time::sleep(jittered).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            match self.connector.welcomed(target, &self.token).await {
+                Ok((node, established)) => {
+                    self.install(node, established).await?;
+                    return Ok(());
+                }
+                Err(e) if worth_retrying(&e) => {
+                    tracing::debug!(%target, error = %e, "driver reconnect failed");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Takes over a new connection, continuing the sequence.
+    async fn install(
+        &mut self,
+        node: SocketAddr,
+        established: Established,
+    ) -> Result<(), ClientError> {
+        let Established {
+            conn,
+            tx,
+            rx,
+            welcome,
+        } = established;
+        self.reader.abort();
+        *self.shared.closed.lock() = None;
+        self.shared
+            .acked_seq
+            .fetch_max(welcome.resume_seq, Ordering::Relaxed);
+        self.reader = tokio::spawn(read_control(rx, self.shared.clone()));
+        self.datagrams = welcome.limits.datagrams && conn.max_datagram_size().is_some();
+        self.conn = conn;
+        self.tx = tx;
+        self.node = node;
+        self.next_seq = self.next_seq.max(welcome.resume_seq + 1);
+        self.reconnects += 1;
+        let report = self.report;
+        self.send(ClientMsg::Driver(report)).await
+    }
+
+    /// The node this driver is connected to now.
+    pub fn node(&self) -> SocketAddr {
+        self.node
+    }
+
+    /// How many times the client connected again (redirects included).
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
     /// Sends raw bytes as a datagram. For testing the node's defences.
     pub fn send_datagram_bytes(&self, bytes: bytes::Bytes) -> Result<(), ClientError> {
         Ok(self.conn.send_datagram(bytes)?)
@@ -188,6 +348,11 @@ impl DriverClient {
 
     /// Reports the vehicle's class and status.
     pub async fn report(&mut self, report: DriverReport) -> Result<(), ClientError> {
+        self.report = report;
+        if self.options.reconnect && self.conn.close_reason().is_some() {
+            // The new connection reports it.
+            return self.reconnect().await;
+        }
         self.send(ClientMsg::Driver(report)).await
     }
 

@@ -20,5 +20,5 @@ mod driver;
 mod rider;
 
 pub use connector::{ClientError, Connector};
-pub use driver::{DriverClient, DriverStats, FixInput};
+pub use driver::{DriverClient, DriverOptions, DriverStats, FixInput};
 pub use rider::{Applied, Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};

@@ -79,6 +79,8 @@ pub type Observer = Arc<dyn Fn(&VehicleState, Applied) + Send + Sync>;
 pub struct RiderOptions {
     /// Reconnect and resubscribe when the connection drops.
     pub reconnect: bool,
+    /// Other nodes to try when reconnecting (any node serves any rider).
+    pub seeds: Vec<SocketAddr>,
     pub observer: Option<Observer>,
 }
 
@@ -214,9 +216,11 @@ impl Connector {
             observer: options.observer.clone(),
         });
         let (commands, inbox) = mpsc::unbounded_channel();
+        let mut targets = vec![addr];
+        targets.extend(options.seeds.iter().filter(|s| **s != addr));
         let task = tokio::spawn(keep(
             self.clone(),
-            addr,
+            targets,
             token.to_string(),
             options.reconnect,
             first,
@@ -236,7 +240,7 @@ impl Connector {
 /// `reconnect`) makes another and subscribes again.
 async fn keep(
     connector: Connector,
-    addr: SocketAddr,
+    targets: Vec<SocketAddr>,
     token: String,
     reconnect: bool,
     mut link_now: Link,
@@ -260,13 +264,18 @@ async fn keep(
             Ended::Dropped if reconnect => {}
             Ended::Dropped => return,
         }
+        // The node it used first, then the others in turn, with jitter so
+        // that a dead node's riders do not all come back at once.
         let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0;
         link_now = loop {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.mul_f64(rand::random_range(0.5..1.5))).await;
+            let addr = targets[attempt % targets.len()];
+            attempt += 1;
             match link(&connector, addr, &token, &shared.bytes).await {
                 Ok(l) => break l,
                 Err(e) => {
-                    tracing::debug!(error = %e, "rider reconnect failed");
+                    tracing::debug!(%addr, error = %e, "rider reconnect failed");
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }

@@ -7,6 +7,8 @@
 //! component must agree on a vehicle's shard, so there is exactly one way to
 //! compute it, [`CellModel::locate`].
 
+use std::collections::HashSet;
+
 use h3o::{CellIndex, LatLng, Resolution};
 
 use crate::{IndexCell, Position, ShardId};
@@ -94,6 +96,53 @@ impl CellModel {
             .into_iter()
             .map(ShardId)
             .collect()
+    }
+}
+
+impl CellModel {
+    /// The shards whose vehicles can stand in `cells` (index cells): each
+    /// cell's own shard, and the shard of every index cell within
+    /// `margin_m` of it. A node keeps a vehicle in its shard until it has
+    /// driven `margin_m` past the shard's edge (hand-off hysteresis), so a
+    /// vehicle standing in a cell may be kept by a neighbouring shard.
+    pub fn shards_watching(
+        &self,
+        cells: impl IntoIterator<Item = CellIndex>,
+        margin_m: f64,
+    ) -> HashSet<ShardId> {
+        let mut shards = HashSet::new();
+        for cell in cells {
+            if margin_m <= 0.0 {
+                shards.insert(self.shard_of(IndexCell(cell)));
+                continue;
+            }
+            let k = disk_k(cell, margin_m) + 1;
+            for near in cell.grid_disk::<Vec<_>>(k) {
+                shards.insert(self.shard_of(IndexCell(near)));
+            }
+        }
+        shards
+    }
+
+    /// The shards under cells of any resolution (a dashboard's density
+    /// cover), or `None` when there are more than `max` of them.
+    pub fn shards_under(&self, cells: &[CellIndex], max: usize) -> Option<HashSet<ShardId>> {
+        let mut shards = HashSet::new();
+        for cell in cells {
+            if cell.resolution() >= self.shard_res {
+                shards.insert(ShardId(cell.parent(self.shard_res).unwrap_or(*cell)));
+            } else {
+                let count = cell.children_count(self.shard_res) as usize;
+                if shards.len() + count > max {
+                    return None;
+                }
+                shards.extend(cell.children(self.shard_res).map(ShardId));
+            }
+            if shards.len() > max {
+                return None;
+            }
+        }
+        Some(shards)
     }
 }
 

@@ -6,7 +6,9 @@
 //! - [`rider`]: what riders subscribe to and are pushed.
 //! - [`dashboard`]: what dashboards exchange over WebSocket.
 //! - [`token`]: signed, expiring tokens that bind a role to a subject.
+//! - [`bus`]: what nodes tell each other through Redis.
 
+pub mod bus;
 pub mod codec;
 pub mod dashboard;
 pub mod dev;

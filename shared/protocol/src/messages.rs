@@ -128,6 +128,9 @@ pub enum ErrorCode {
     /// Requests came faster than the connection's budget: refused (in a
     /// `SubscribeError`), and, when it goes on, the connection is closed.
     RateLimited,
+    /// This node cannot serve the client's shard right now (its ownership
+    /// is changing hands): reconnect, after a short backoff, to any node.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -144,6 +147,7 @@ impl ErrorCode {
             Self::Internal => 8,
             Self::Superseded => 9,
             Self::RateLimited => 10,
+            Self::Unavailable => 11,
         }
     }
 
@@ -161,6 +165,7 @@ impl ErrorCode {
             Self::Internal => 1011,
             Self::Superseded => 4409,
             Self::RateLimited => 4429,
+            Self::Unavailable => 4503,
         }
     }
 
@@ -176,6 +181,7 @@ impl ErrorCode {
             Self::Internal,
             Self::Superseded,
             Self::RateLimited,
+            Self::Unavailable,
         ]
         .into_iter()
         .find(|c| u64::from(c.close_code()) == code)
@@ -193,6 +199,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Superseded => "superseded",
             Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
         }
     }
 }
@@ -307,7 +314,7 @@ pub struct SubscribeError {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorCode; 10] = [
+    const ALL: [ErrorCode; 11] = [
         ErrorCode::ProtocolViolation,
         ErrorCode::UnsupportedVersion,
         ErrorCode::Unauthorized,
@@ -318,6 +325,7 @@ mod tests {
         ErrorCode::Internal,
         ErrorCode::Superseded,
         ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
     ];
 
     #[test]

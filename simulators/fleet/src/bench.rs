@@ -370,6 +370,7 @@ impl Bench {
     ) -> tokio::task::JoinHandle<anyhow::Result<fleet::Outcome>> {
         let target = Target {
             node: self.node.quic,
+            seeds: Vec::new(),
             token_secret: self.secret.clone(),
             connect_concurrency: BENCH_HANDSHAKES,
         };

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hexfleet_client::{Connector, DriverClient, DriverStats, RiderStats};
+use hexfleet_client::{Connector, DriverClient, DriverOptions, DriverStats, RiderStats};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_protocol::{Claims, DriverReport, Fix, RejectReason, Role};
 use parking_lot::Mutex;
@@ -29,7 +29,11 @@ use crate::{
 /// Where the fleet connects, and how.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The first node.
     pub node: SocketAddr,
+    /// Every node clients are spread over (client `n` starts at node
+    /// `n % len`), and reconnect through.
+    pub seeds: Vec<SocketAddr>,
     pub token_secret: String,
     /// Connections in handshake at once, to ramp up without a TLS storm.
     pub connect_concurrency: usize,
@@ -288,10 +292,26 @@ struct Driver {
 /// and the first sequence it used.
 type Acknowledged = Vec<(DriverStats, u64)>;
 
+impl Target {
+    /// The node client `n` starts at.
+    pub fn node_for(&self, n: usize) -> SocketAddr {
+        match self.seeds.len() {
+            0 => self.node,
+            len => self.seeds[n % len],
+        }
+    }
+}
+
 impl Driver {
     async fn connect(&self, token: &str, report: DriverReport) -> Option<DriverClient> {
+        // Redirects are followed and lost nodes replaced through the seeds.
+        let options = DriverOptions {
+            reconnect: true,
+            seeds: self.target.seeds.clone(),
+        };
         gated(&self.crew, &self.id, || {
-            self.connector.driver(self.target.node, token, report)
+            self.connector
+                .driver_with(self.target.node_for(self.n), token, report, options)
         })
         .await
     }

@@ -126,9 +126,10 @@ async fn serve_node(args: ServeNodeArgs) -> anyhow::Result<()> {
 /// How to reach and authenticate with the node.
 #[derive(Args, Clone)]
 struct ClientArgs {
-    /// QUIC address of the node.
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    node: SocketAddr,
+    /// QUIC address of a node; repeat it to spread the clients over the
+    /// nodes of a cluster (each also reconnects through the others).
+    #[arg(long = "node", default_value = "127.0.0.1:4433")]
+    nodes: Vec<SocketAddr>,
     /// HTTP address of the node, for dashboards.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -332,7 +333,8 @@ async fn play(
     // Fail early and clearly if the certificate is missing.
     Connector::new(&ca, &server_name).with_context(|| format!("trusting {}", ca.display()))?;
     let target = Target {
-        node: client.node,
+        node: client.nodes[0],
+        seeds: client.nodes.clone(),
         token_secret: client.token_secret.clone(),
         connect_concurrency: client.connect_concurrency,
     };
@@ -471,7 +473,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("          curl http://{}/metrics", node.http_addr);
     println!("Ctrl-C to stop.");
     let client = ClientArgs {
-        node: node.quic_addr,
+        nodes: vec![node.quic_addr],
         http: node.http_addr,
         ca: Some(cert.clone()),
         server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),

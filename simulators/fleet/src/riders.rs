@@ -115,9 +115,10 @@ pub async fn ride(
         let options = RiderOptions {
             reconnect: true,
             observer: Some(observer),
+            seeds: plan.target.seeds.clone(),
         };
         let client = gated(&crew, &id, || {
-            connector.rider(plan.target.node, &token, options)
+            connector.rider(plan.target.node_for(n), &token, options)
         })
         .await?;
         crew.stats.riders_connected.fetch_add(1, Ordering::Relaxed);

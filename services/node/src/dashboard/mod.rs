@@ -46,6 +46,11 @@ pub struct Dashboards {
     pub token_secret: Vec<u8>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// Where `find` looks for vehicles this node does not hold.
+    pub store: Arc<dyn crate::store::Store>,
+    /// In a cluster, a dashboard showing counts has the shards under its
+    /// viewport replicated here.
+    pub clustered: bool,
 }
 
 pub fn router(dashboards: Arc<Dashboards>) -> Router {

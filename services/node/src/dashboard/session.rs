@@ -83,6 +83,10 @@ struct Session {
     budget: RequestBudget,
 }
 
+/// A dashboard showing counts over more shards than this sees only those of
+/// the shards this node holds or already replicates for someone else.
+const MAX_REPLICATED_SHARDS: usize = 512;
+
 pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Dashboards>) {
     dashboards.metrics.dashboards.inc();
     let (sink, mut stream) = socket.split();
@@ -289,7 +293,17 @@ impl Session {
                 Ok(())
             }
             ViewportCover::Density { resolution, cells } => {
-                if matches!(self.mode, Mode::Vehicles { .. }) {
+                if self.dashboards.clustered {
+                    // Counts of other nodes' shards come from their replicas.
+                    match self
+                        .dashboards
+                        .cells
+                        .shards_under(&cells, MAX_REPLICATED_SHARDS)
+                    {
+                        Some(shards) => self.dashboards.fanout.replicate(self.id, shards),
+                        None => self.dashboards.fanout.unsubscribe(self.id),
+                    }
+                } else if matches!(self.mode, Mode::Vehicles { .. }) {
                     self.dashboards.fanout.unsubscribe(self.id);
                 }
                 self.shown.clear();
@@ -325,9 +339,23 @@ impl Session {
     }
 
     async fn find(&mut self, id: String) -> Result<(), End> {
-        let vehicle = match VehicleId::new(&id) {
-            Ok(vehicle_id) => self.dashboards.table.get(&vehicle_id).map(|e| e.state),
+        let vehicle_id = match VehicleId::new(&id) {
+            Ok(vehicle_id) => vehicle_id,
             Err(e) => return self.bad_request(format!("find: {e}")).await,
+        };
+        // This node's own vehicles first; any other from the store, which
+        // holds the whole fleet.
+        let vehicle = match self.dashboards.table.get(&vehicle_id) {
+            Some(entry) => Some(entry.state),
+            None => self
+                .dashboards
+                .store
+                .vehicle(&vehicle_id)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "find: reading the store");
+                    None
+                }),
         };
         self.send(&DashboardEvent::Found(Found { id, vehicle }))
             .await

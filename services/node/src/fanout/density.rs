@@ -156,9 +156,9 @@ mod tests {
             let lat = 52.40 + next(2_000) as f64 * 1e-4;
             let lon = 13.30 + next(2_000) as f64 * 1e-4;
             let status = VehicleStatus::ALL[(step % 7) % 3];
-            let (cell, _) = cells.locate(Position::new(lat, lon).unwrap());
+            let (cell, shard) = cells.locate(Position::new(lat, lon).unwrap());
             let s = state(i, lat, lon, status);
-            index.vehicle_changed(s.clone(), cell, &metrics);
+            index.vehicle_changed(s.clone(), cell, shard, &metrics);
             truth.insert(i, (cell.0, s));
         }
         let filter = Filter {

@@ -5,15 +5,16 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::Instant,
 };
 
 use h3o::CellIndex;
-use hexfleet_model::{IndexCell, VehicleId, VehicleState};
+use hexfleet_model::{IndexCell, ShardId, VehicleId, VehicleState};
 use hexfleet_protocol::{Filter, RemoveReason};
 
 use super::{
     density::{Density, Tallied},
-    Command, SubscriberId, VehicleEvent,
+    Command, Reach, Shards, SubscriberId, VehicleEvent,
 };
 use crate::{
     mailbox::{Change, Mailbox},
@@ -24,6 +25,16 @@ struct Subscriber {
     cells: HashSet<CellIndex>,
     filter: Filter,
     mailbox: Arc<Mailbox>,
+    /// The shards whose vehicles can stand in `cells` (clustered only).
+    shards: HashSet<ShardId>,
+}
+
+/// A vehicle as the index holds it.
+struct Tracked {
+    cell: CellIndex,
+    state: VehicleState,
+    /// The shard it was last heard of in (local or replicated).
+    shard: ShardId,
 }
 
 impl Subscriber {
@@ -36,11 +47,19 @@ impl Subscriber {
 /// benchmarks can drive it directly, one change at a time.
 #[derive(Default)]
 pub struct Index {
-    vehicles: HashMap<VehicleId, (CellIndex, VehicleState)>,
+    vehicles: HashMap<VehicleId, Tracked>,
     in_cell: HashMap<CellIndex, HashSet<VehicleId>>,
     watchers: HashMap<CellIndex, Vec<SubscriberId>>,
     subscribers: HashMap<SubscriberId, Subscriber>,
     density: Arc<Density>,
+    reach: Option<Reach>,
+    /// Vehicles in transit, and until when they are kept.
+    transits: HashMap<VehicleId, Instant>,
+    /// Subscribers (and density dashboards) per watched shard.
+    shard_watchers: HashMap<ShardId, u32>,
+    /// Density dashboards' shards.
+    replicated: HashMap<SubscriberId, HashSet<ShardId>>,
+    needed_changed: bool,
 }
 
 impl Index {
@@ -48,6 +67,46 @@ impl Index {
         Self {
             density,
             ..Self::default()
+        }
+    }
+
+    pub fn set_reach(&mut self, reach: Option<Reach>) {
+        self.reach = reach;
+    }
+
+    /// The watched shards, if they changed since last taken.
+    pub(super) fn take_needed_shards(&mut self) -> Option<Shards> {
+        if !std::mem::take(&mut self.needed_changed) {
+            return None;
+        }
+        Some(Arc::new(self.shard_watchers.keys().copied().collect()))
+    }
+
+    fn watch_shards<'a>(&mut self, shards: impl IntoIterator<Item = &'a ShardId>, by: i32) {
+        for shard in shards {
+            let count = self.shard_watchers.entry(*shard).or_default();
+            *count = count.saturating_add_signed(by);
+            if *count == 0 {
+                self.shard_watchers.remove(shard);
+                self.needed_changed = true;
+            } else if *count == 1 && by > 0 {
+                self.needed_changed = true;
+            }
+        }
+    }
+
+    /// Removes the vehicles whose transit grace is over: they did not show
+    /// up anywhere else.
+    pub fn expire_transits(&mut self, now: Instant, metrics: &Metrics) {
+        let expired: Vec<VehicleId> = self
+            .transits
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.transits.remove(&id);
+            self.remove(&id, RemoveReason::Offline, metrics);
         }
     }
 
@@ -61,10 +120,17 @@ impl Index {
         mailbox: Arc<Mailbox>,
         metrics: &Metrics,
     ) {
+        let shards = match self.reach {
+            Some(reach) => reach
+                .cells
+                .shards_watching(cells.iter().copied(), reach.margin_m),
+            None => HashSet::new(),
+        };
         let new = Subscriber {
             cells: cells.into_iter().collect(),
             filter,
             mailbox,
+            shards,
         };
         // A subscriber that comes back with another mailbox (a dashboard
         // switching modes) starts a fresh view: a snapshot, not a difference.
@@ -87,7 +153,7 @@ impl Index {
                     let still_watched = self
                         .vehicles
                         .get(*gone)
-                        .is_some_and(|(c, _)| new.cells.contains(c));
+                        .is_some_and(|t| new.cells.contains(&t.cell));
                     let reason = if still_watched {
                         RemoveReason::Filtered
                     } else {
@@ -105,13 +171,20 @@ impl Index {
             self.watchers.entry(*cell).or_default().push(id);
         }
         metrics.subscribed_cells.inc_by(new.cells.len() as i64);
+        self.watch_shards(&new.shards, 1);
         self.subscribers.insert(id, new);
         metrics.subscribers.set(self.subscribers.len() as i64);
     }
 
     /// Applies a vehicle's new state, as [`FanOut::vehicle_changed`] does.
-    pub fn vehicle_changed(&mut self, state: VehicleState, cell: IndexCell, metrics: &Metrics) {
-        self.upsert(state.id.clone(), state, cell.0, metrics);
+    pub fn vehicle_changed(
+        &mut self,
+        state: VehicleState,
+        cell: IndexCell,
+        shard: ShardId,
+        metrics: &Metrics,
+    ) {
+        self.upsert(state.id.clone(), state, cell.0, shard, metrics);
     }
 
     fn deliver(&self, sub: &Subscriber, id: &VehicleId, change: Change, metrics: &Metrics) {
@@ -121,14 +194,65 @@ impl Index {
     }
 
     pub(super) fn vehicle(&mut self, id: VehicleId, event: VehicleEvent, metrics: &Metrics) {
+        let shard = event.shard();
+        let Some(tracked) = self.vehicles.get(&id) else {
+            if let VehicleEvent::Upsert { state, cell, shard } = event {
+                self.upsert(id, state, cell.0, shard, metrics);
+            }
+            return;
+        };
+        // A shard the vehicle already left has nothing more to say about it.
+        let from_its_shard = tracked.shard == shard;
         match event {
-            VehicleEvent::Upsert { state, cell } => self.upsert(id, state, cell.0, metrics),
-            VehicleEvent::Removed(reason) => self.remove(&id, reason, metrics),
+            VehicleEvent::Upsert { state, cell, shard } => {
+                self.upsert(id, state, cell.0, shard, metrics)
+            }
+            VehicleEvent::Removed { reason, .. } if from_its_shard => {
+                self.transits.remove(&id);
+                self.remove(&id, reason, metrics)
+            }
+            VehicleEvent::Transit { .. } if from_its_shard => {
+                if let Some(reach) = self.reach {
+                    self.transits
+                        .insert(id, Instant::now() + reach.transit_grace);
+                }
+            }
+            VehicleEvent::Removed { .. } | VehicleEvent::Transit { .. } => {}
         }
     }
 
-    fn upsert(&mut self, id: VehicleId, state: VehicleState, cell: CellIndex, metrics: &Metrics) {
-        let old = self.vehicles.insert(id.clone(), (cell, state.clone()));
+    fn upsert(
+        &mut self,
+        id: VehicleId,
+        state: VehicleState,
+        cell: CellIndex,
+        shard: ShardId,
+        metrics: &Metrics,
+    ) {
+        if let Some(held) = self.vehicles.get_mut(&id) {
+            // An older state (a replica's batch overtaken by the vehicle's
+            // new owner) changes nothing.
+            if state.seq < held.state.seq {
+                return;
+            }
+            if held.state == state && held.cell == cell {
+                held.shard = shard;
+                self.transits.remove(&id);
+                return;
+            }
+        }
+        self.transits.remove(&id);
+        let old = self
+            .vehicles
+            .insert(
+                id.clone(),
+                Tracked {
+                    cell,
+                    state: state.clone(),
+                    shard,
+                },
+            )
+            .map(|t| (t.cell, t.state));
         self.density.shift(
             old.as_ref().map(|(c, s)| Tallied::of(*c, s)),
             Some(Tallied::of(cell, &state)),
@@ -183,7 +307,7 @@ impl Index {
     }
 
     pub(super) fn remove(&mut self, id: &VehicleId, reason: RemoveReason, metrics: &Metrics) {
-        let Some((cell, state)) = self.vehicles.remove(id) else {
+        let Some(Tracked { cell, state, .. }) = self.vehicles.remove(id) else {
             return;
         };
         self.density.shift(Some(Tallied::of(cell, &state)), None);
@@ -209,7 +333,7 @@ impl Index {
             .filter_map(|c| self.in_cell.get(c))
             .flatten()
             .filter_map(|id| self.vehicles.get(id))
-            .map(|(_, s)| s)
+            .map(|t| &t.state)
             .filter(|s| filter.matches(s.class, s.status))
     }
 
@@ -221,6 +345,12 @@ impl Index {
                 version,
                 mailbox,
             } => self.subscribe(id, cells, filter, version, mailbox, metrics),
+            Command::Replicate { shards } => {
+                self.detach(id, metrics);
+                self.watch_shards(&shards, 1);
+                self.replicated.insert(id, shards);
+                metrics.subscribers.set(self.subscribers.len() as i64);
+            }
             Command::Unsubscribe => {
                 self.detach(id, metrics);
                 metrics.subscribers.set(self.subscribers.len() as i64);
@@ -230,7 +360,11 @@ impl Index {
 
     /// Removes a subscriber from the index and returns it.
     fn detach(&mut self, id: SubscriberId, metrics: &Metrics) -> Option<Subscriber> {
+        if let Some(shards) = self.replicated.remove(&id) {
+            self.watch_shards(&shards, -1);
+        }
         let sub = self.subscribers.remove(&id)?;
+        self.watch_shards(&sub.shards, -1);
         for cell in &sub.cells {
             if let Some(ids) = self.watchers.get_mut(cell) {
                 ids.retain(|s| *s != id);

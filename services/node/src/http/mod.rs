@@ -1,6 +1,6 @@
-//! The node's HTTP API (axum): health, metrics, and vehicle queries served
+//! The node's HTTP API (axum): health, metrics, vehicle queries served
 //! from the store, so they answer the same on any node of a Redis-backed
-//! cluster.
+//! cluster, and the cluster's membership and ownership (`/v1/cluster`).
 //!
 //! [`server`] is the listener that serves it, with its connection limits.
 
@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
+    cluster::Cluster,
     config::HttpConfig,
     metrics::{self, Metrics},
     store::{NearbyQuery, Store},
@@ -32,6 +33,17 @@ pub struct Api {
     pub cells: CellModel,
     pub metrics: Arc<Metrics>,
     pub limits: HttpConfig,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+impl Api {
+    /// How far beyond its shard a vehicle may stand (hand-off hysteresis),
+    /// so a search reaches into neighbouring shards that far.
+    fn shard_margin_m(&self) -> f64 {
+        self.cluster
+            .as_ref()
+            .map_or(0.0, |c| c.handoff_distance_m())
+    }
 }
 
 pub fn router(api: Api) -> Router {
@@ -40,6 +52,7 @@ pub fn router(api: Api) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/vehicles", get(nearby))
         .route("/v1/vehicles/{id}", get(vehicle))
+        .route("/v1/cluster", get(cluster))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(api)
 }
@@ -180,7 +193,9 @@ async fn nearby(
         center,
         radius_m,
         limit: limit as usize,
-        shards: api.cells.shards_within(center, radius_m),
+        shards: api
+            .cells
+            .shards_within(center, radius_m + api.shard_margin_m()),
     };
     let found = api.store.nearby(&query).await.map_err(ApiError::store)?;
     let vehicles: Vec<NearbyItem> = found
@@ -194,4 +209,47 @@ async fn nearby(
         count: vehicles.len(),
         vehicles,
     }))
+}
+
+/// The live nodes, the shards each holds, and, for `?lat=&lon=`, the shard
+/// there and the node that owns it.
+async fn cluster(
+    State(api): State<Api>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let at = match (params.get("lat"), params.get("lon")) {
+        (None, None) => None,
+        _ => {
+            let lat = number(&params, "lat", None)?;
+            let lon = number(&params, "lon", None)?;
+            let p = Position::new(lat, lon).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Some(p)
+        }
+    };
+    let Some(cluster) = &api.cluster else {
+        let shard = at.map(|p| api.cells.locate(p).1.to_string());
+        return Ok(Json(json!({
+            "node": &*api.node_id,
+            "clustered": false,
+            "nodes": [{ "id": &*api.node_id, "shards": "all" }],
+            "owner": shard.map(|shard| json!({ "shard": shard, "node": &*api.node_id })),
+        })));
+    };
+    let live = cluster.live();
+    let owner = at.map(|p| {
+        let shard = api.cells.locate(p).1;
+        let node = live.owner(shard);
+        json!({
+            "shard": shard.to_string(),
+            "node": node.map(|n| n.id.clone()),
+            "quic": node.map(|n| n.quic.clone()),
+            "http": node.map(|n| n.http.clone()),
+        })
+    });
+    Ok(Json(json!({
+        "node": &*api.node_id,
+        "clustered": true,
+        "nodes": live.nodes.values().collect::<Vec<_>>(),
+        "owner": owner,
+    })))
 }

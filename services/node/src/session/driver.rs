@@ -7,12 +7,20 @@
 //! A driver that disconnects without `Goodbye` stays visible for
 //! `offline_grace`, in case it comes back (phones lose signal); then its
 //! vehicle goes offline.
+//!
+//! In a cluster each accepted fix is routed: a fix in a shard this node owns
+//! is taken; a driver that crosses into another node's shard stays here
+//! until it is `handoff_distance_m` past where it crossed (its vehicle kept
+//! in its shard, a little beyond the edge), then is handed over: its last
+//! state is left in the store for the new node, the vehicle goes in transit
+//! (riders keep seeing it), and the driver is told `Redirect`. A driver
+//! whose first fix lands in another node's shard is redirected at once.
 
 use std::sync::Arc;
 
-use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
+use hexfleet_model::{Position, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{
-    decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits,
+    decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits, Redirect,
     RejectReason, Rejection, RemoveReason, ServerMsg, Welcome, GOODBYE_CLOSE_CODE, MAX_FRAME_LEN,
     MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
 };
@@ -24,8 +32,19 @@ use super::{
 };
 use crate::{
     clock,
-    validate::{LastFix, Validator},
+    cluster::Cluster,
+    ingest::Placed,
+    validate::{LastFix, ValidFix, Validator},
 };
+
+/// Where an accepted fix goes.
+enum Route {
+    Here(Placed),
+    /// To the node that owns its shard.
+    Away(Redirect),
+    /// Nowhere for now: the shard is changing hands.
+    Unavailable,
+}
 
 pub(super) async fn serve(
     conn: &quinn::Connection,
@@ -34,7 +53,17 @@ pub(super) async fn serve(
     ctx: &Arc<Context>,
     id: VehicleId,
 ) -> Outcome {
-    let mut session = DriverSession::start(conn, ctx, id);
+    // A driver handed over by another node continues from what it left.
+    let inherited = match &ctx.cluster {
+        Some(_) if ctx.ingest.table.get(&id).is_none() => {
+            ctx.store.handed_over(&id).await.unwrap_or_else(|e| {
+                tracing::warn!(vehicle = %id, error = %e, "reading a handed-over driver's state");
+                None
+            })
+        }
+        _ => None,
+    };
+    let mut session = DriverSession::start(conn, ctx, id, inherited);
     let outcome = session.run(tx, rx).await;
     let id = session.id;
     // Forget our registration, unless a newer session already replaced it.
@@ -42,7 +71,7 @@ pub(super) async fn serve(
         .drivers
         .remove_if(&id, |_, (generation, _)| *generation == session.generation)
         .is_none();
-    let lost = outcome.is_err();
+    let lost = matches!(outcome, Err(Stop::Lost | Stop::Refused(_)));
     if lost && !replaced && !ctx.shutdown.is_cancelled() {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -72,25 +101,34 @@ struct DriverSession<'a> {
     rejections: Vec<Rejection>,
     rejected_total: u64,
     rejected_unsent: bool,
+    /// Where the driver crossed into a shard this node does not own, while
+    /// it stays here (hand-off hysteresis).
+    crossed_at: Option<Position>,
 }
 
 impl<'a> DriverSession<'a> {
-    fn start(conn: &'a quinn::Connection, ctx: &'a Context, id: VehicleId) -> Self {
-        // Continue from what the node already holds for this driver.
-        let previous = ctx.ingest.table.get(&id);
-        let last = previous.as_ref().map(|e| LastFix {
-            seq: e.state.seq,
-            fix_time_ms: e.state.fix_time_ms,
-            position: e.state.position(),
+    fn start(
+        conn: &'a quinn::Connection,
+        ctx: &'a Context,
+        id: VehicleId,
+        inherited: Option<VehicleState>,
+    ) -> Self {
+        // Continue from what the node already holds for this driver, or
+        // what the node that handed it over left.
+        let previous = ctx.ingest.table.get(&id).map(|e| e.state).or(inherited);
+        let last = previous.as_ref().map(|s| LastFix {
+            seq: s.seq,
+            fix_time_ms: s.fix_time_ms,
+            position: s.position(),
         });
         let report = previous.as_ref().map_or(
             DriverReport {
                 class: VehicleClass::Economy,
                 status: VehicleStatus::Available,
             },
-            |e| DriverReport {
-                class: e.state.class,
-                status: e.state.status,
+            |s| DriverReport {
+                class: s.class,
+                status: s.status,
             },
         );
         let generation = conn.stable_id() as u64;
@@ -115,6 +153,7 @@ impl<'a> DriverSession<'a> {
             rejections: Vec::new(),
             rejected_total: 0,
             rejected_unsent: false,
+            crossed_at: None,
         }
     }
 
@@ -137,12 +176,12 @@ impl<'a> DriverSession<'a> {
         loop {
             tokio::select! {
                 datagram = self.conn.read_datagram() => match datagram {
-                    Ok(bytes) => self.on_datagram(&bytes),
+                    Ok(bytes) => self.on_datagram(&bytes).await?,
                     // The connection is gone (closed by the peer, timed out).
                     Err(_) => return Err(Stop::Lost),
                 },
                 msg = next_message(rx) => match msg? {
-                    ClientMsg::Fix(fix) => self.on_fix(&fix),
+                    ClientMsg::Fix(fix) => self.on_fix(&fix).await?,
                     ClientMsg::Driver(report) => {
                         self.report = report;
                         self.ctx.ingest.report(&self.id, report, clock::now_ms());
@@ -159,7 +198,10 @@ impl<'a> DriverSession<'a> {
                         return Err(Refusal::new(ErrorCode::ProtocolViolation, "drivers do not subscribe").into());
                     }
                 },
-                _ = ack_tick.tick() => self.send_ack(tx).await?,
+                _ = ack_tick.tick() => {
+                    self.still_ours().await?;
+                    self.send_ack(tx).await?
+                }
                 _ = self.superseded.cancelled() => {
                     return Err(Refusal::new(ErrorCode::Superseded, "the driver connected again").into());
                 }
@@ -173,21 +215,109 @@ impl<'a> DriverSession<'a> {
         }
     }
 
-    fn on_datagram(&mut self, bytes: &[u8]) {
+    async fn on_datagram(&mut self, bytes: &[u8]) -> Result<(), Stop> {
         match decode_datagram::<Fix>(bytes) {
-            Ok(fix) => self.on_fix(&fix),
-            Err(_) => self.reject(0, RejectReason::Malformed),
+            Ok(fix) => self.on_fix(&fix).await,
+            Err(_) => {
+                self.reject(0, RejectReason::Malformed);
+                Ok(())
+            }
         }
     }
 
-    fn on_fix(&mut self, fix: &Fix) {
+    async fn on_fix(&mut self, fix: &Fix) -> Result<(), Stop> {
         let now = clock::now_ms();
-        match self.validator.check(fix, now) {
-            Ok(valid) => {
-                self.ctx.ingest.accept(&self.id, &valid, self.report, now);
-                self.acked_seq = valid.fix.seq;
+        let valid = match self.validator.check(fix, now) {
+            Ok(valid) => valid,
+            Err(reason) => {
+                self.reject(fix.seq, reason);
+                return Ok(());
             }
-            Err(reason) => self.reject(fix.seq, reason),
+        };
+        let placed = self.ctx.ingest.locate(valid.position);
+        let placed = match &self.ctx.cluster {
+            None => placed,
+            Some(cluster) => match self.route(cluster, placed, &valid) {
+                Route::Here(placed) => placed,
+                away => return self.leave(cluster, away).await,
+            },
+        };
+        self.ctx
+            .ingest
+            .accept(&self.id, &valid, self.report, now, placed);
+        self.acked_seq = valid.fix.seq;
+        Ok(())
+    }
+
+    /// Where a valid fix belongs (see the module notes on hysteresis).
+    fn route(&mut self, cluster: &Cluster, placed: Placed, valid: &ValidFix) -> Route {
+        if cluster.owns(placed.shard) {
+            self.crossed_at = None;
+            return Route::Here(placed);
+        }
+        let home = self.ctx.ingest.table.get(&self.id).map(|e| e.shard);
+        if let Some(home) = home.filter(|&h| cluster.owns(h)) {
+            let crossed = *self.crossed_at.get_or_insert(valid.position);
+            if crossed.distance_m(valid.position) < cluster.handoff_distance_m() {
+                return Route::Here(Placed {
+                    cell: placed.cell,
+                    shard: home,
+                });
+            }
+        }
+        match cluster.redirect_for(placed.shard) {
+            Some(addr) => Route::Away(Redirect {
+                addr,
+                shard: placed.shard.to_string(),
+            }),
+            None => Route::Unavailable,
+        }
+    }
+
+    /// Checks that the vehicle's shard is still this node's (ownership
+    /// moves when nodes join or leave); if not, hands the driver over.
+    async fn still_ours(&mut self) -> Result<(), Stop> {
+        let Some(cluster) = &self.ctx.cluster else {
+            return Ok(());
+        };
+        let Some(entry) = self.ctx.ingest.table.get(&self.id) else {
+            return Ok(());
+        };
+        if cluster.owns(entry.shard) {
+            return Ok(());
+        }
+        let shard = self.ctx.ingest.locate(entry.state.position()).shard;
+        let away = match cluster.redirect_for(shard) {
+            Some(addr) => Route::Away(Redirect {
+                addr,
+                shard: shard.to_string(),
+            }),
+            None => Route::Unavailable,
+        };
+        self.leave(cluster, away).await
+    }
+
+    /// Hands the driver over: its last state is left for the next node, its
+    /// vehicle goes in transit here, and the client is told where to go.
+    async fn leave(&mut self, cluster: &Cluster, away: Route) -> Result<(), Stop> {
+        if let Some(entry) = self.ctx.ingest.table.get(&self.id) {
+            if let Err(e) = self
+                .ctx
+                .store
+                .hand_over(&entry.state, cluster.handoff_ttl())
+                .await
+            {
+                tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state");
+            }
+            self.ctx.ingest.hand_off(&self.id);
+        }
+        match away {
+            Route::Away(redirect) => Err(Stop::Redirected(redirect)),
+            _ => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                "this driver's shard is changing hands; connect again shortly",
+            )
+            .into()),
         }
     }
 

@@ -18,8 +18,8 @@ use dashmap::DashMap;
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
-    Claims, ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Role, ServerMsg,
-    PROTOCOL_VERSION,
+    Claims, ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Redirect, Role, ServerMsg,
+    PROTOCOL_VERSION, REDIRECT_CLOSE_CODE,
 };
 use tokio_util::{
     codec::{FramedRead, FramedWrite},
@@ -27,7 +27,8 @@ use tokio_util::{
 };
 
 use crate::{
-    budget::RequestLimits, clock, config::Config, fanout::FanOut, ingest::Ingest, validate::Limits,
+    budget::RequestLimits, clock, cluster::Cluster, config::Config, fanout::FanOut, ingest::Ingest,
+    store::Store, validate::Limits,
 };
 
 /// Control frames are small and most connections idle: their buffers start
@@ -43,6 +44,9 @@ pub struct Context {
     pub node_id: String,
     pub ingest: Arc<Ingest>,
     pub fanout: Arc<FanOut>,
+    /// The router, in a cluster: which shards are this node's.
+    pub cluster: Option<Arc<Cluster>>,
+    pub store: Arc<dyn Store>,
     token_secret: Vec<u8>,
     limits: Limits,
     ack_interval: Duration,
@@ -64,12 +68,16 @@ impl Context {
         config: &Config,
         ingest: Arc<Ingest>,
         fanout: Arc<FanOut>,
+        cluster: Option<Arc<Cluster>>,
+        store: Arc<dyn Store>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             node_id: config.node_id.clone(),
             ingest,
             fanout,
+            cluster,
+            store,
             token_secret: config.auth.token_secret.as_bytes().to_vec(),
             limits: Limits::new(&config.ingest, config.store.stale_after),
             ack_interval: config.ingest.ack_interval,
@@ -97,6 +105,8 @@ enum Stop {
     Lost,
     /// The node ends the session and tells the client why.
     Refused(Refusal),
+    /// The client belongs on another node: it is told where.
+    Redirected(Redirect),
 }
 
 impl From<Refusal> for Stop {
@@ -106,7 +116,8 @@ impl From<Refusal> for Stop {
 }
 
 /// How a session turned out; every one is counted as exactly one of
-/// `sessions_goodbye`, `sessions_lost` or `sessions_refused{code}`.
+/// `sessions_goodbye`, `sessions_lost`, `sessions_redirected` or
+/// `sessions_refused{code}`.
 type Outcome = Result<Goodbye, Stop>;
 
 /// Whether a read or write error means the connection is gone, rather than
@@ -235,6 +246,21 @@ async fn ended(
             );
         }
         Err(Stop::Refused(refusal)) => close(conn, tx, refusal, ctx).await,
+        Err(Stop::Redirected(redirect)) => {
+            metrics.sessions_redirected.inc();
+            tracing::debug!(to = %redirect.addr, shard = %redirect.shard, "redirecting a client");
+            let reason = format!("redirected to {}", redirect.addr);
+            if let Some(tx) = tx {
+                let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
+                    if tx.send(ServerMsg::Redirect(redirect)).await.is_ok() {
+                        let _ = tx.get_mut().finish();
+                        let _ = tx.get_mut().stopped().await;
+                    }
+                })
+                .await;
+            }
+            conn.close(REDIRECT_CLOSE_CODE.into(), reason.as_bytes());
+        }
     };
 }
 

@@ -20,6 +20,50 @@ pub fn state(shard: ShardId) -> String {
     format!("hexfleet:state:{{{shard}}}")
 }
 
+/// A shard's lease: `<node id> <epoch>` while a node owns the shard, with
+/// a TTL. The store writes a shard only for the holder of this exact value.
+pub fn lease(shard: ShardId) -> String {
+    format!("hexfleet:lease:{{{shard}}}")
+}
+
+/// A shard's lease epoch, incremented by every new holder, so two holdings
+/// of one shard by one node still differ.
+pub fn epoch(shard: ShardId) -> String {
+    format!("hexfleet:epoch:{{{shard}}}")
+}
+
+/// The sequence number of a shard's last bus batch.
+pub fn bus_seq(shard: ShardId) -> String {
+    format!("hexfleet:busseq:{{{shard}}}")
+}
+
+/// The bus channel of a shard (sharded pub/sub: same slot as its keys).
+pub fn bus_channel(shard: ShardId) -> String {
+    format!("hexfleet:bus:{{{shard}}}")
+}
+
+/// The shard a bus channel belongs to.
+pub fn bus_channel_shard(channel: &str) -> Option<ShardId> {
+    channel
+        .strip_prefix("hexfleet:bus:{")?
+        .strip_suffix('}')?
+        .parse()
+        .ok()
+}
+
+/// The live nodes: member = node id, score = when its membership expires
+/// (Redis clock, ms). With [`NODES`], in one slot.
+pub const MEMBERS: &str = "hexfleet:members:{cluster}";
+
+/// What each live node announces (JSON `NodeInfo`), by node id.
+pub const NODES: &str = "hexfleet:nodes:{cluster}";
+
+/// A driver's last state, left by the node that handed it over for the
+/// node it was handed to.
+pub fn handoff(id: &VehicleId) -> String {
+    format!("hexfleet:handoff:{{{id}}}")
+}
+
 /// The set of shards that have ever held a vehicle, for a node taking over.
 pub const SHARDS: &str = "hexfleet:shards";
 
@@ -36,8 +80,17 @@ mod tests {
     #[test]
     fn a_shards_keys_share_one_hash_tag() {
         let shard: ShardId = "85283473fffffff".parse().unwrap();
-        for key in [geo(shard), seen(shard), state(shard)] {
+        for key in [
+            geo(shard),
+            seen(shard),
+            state(shard),
+            lease(shard),
+            epoch(shard),
+            bus_seq(shard),
+            bus_channel(shard),
+        ] {
             assert!(key.ends_with("{85283473fffffff}"), "{key}");
         }
+        assert_eq!(bus_channel_shard(&bus_channel(shard)), Some(shard));
     }
 }

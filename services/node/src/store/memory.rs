@@ -1,13 +1,13 @@
 //! The in-process store: the embedded default for a single node. It keeps
 //! the same per-shard layout as Redis so both answer alike.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use parking_lot::RwLock;
 
-use super::{nearest_first, Batch, Nearby, NearbyQuery, Refused, Store, StoreError};
+use super::{nearest_first, Applied, Batch, Nearby, NearbyQuery, Store, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -18,6 +18,7 @@ pub struct MemoryStore {
 struct Inner {
     shards: HashMap<ShardId, HashMap<VehicleId, VehicleState>>,
     locator: HashMap<VehicleId, ShardId>,
+    handed_over: HashMap<VehicleId, VehicleState>,
 }
 
 impl MemoryStore {
@@ -32,14 +33,16 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    async fn apply(&self, batch: &Batch) -> Result<Vec<Refused>, StoreError> {
+    async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
         let mut inner = self.inner.write();
-        let Inner { shards, locator } = &mut *inner;
+        let Inner {
+            shards, locator, ..
+        } = &mut *inner;
         for sb in &batch.shards {
             let vehicles = shards.entry(sb.shard).or_default();
             for removal in &sb.removals {
                 vehicles.remove(&removal.id);
-                if removal.forget {
+                if removal.forget() {
                     locator.remove(&removal.id);
                 }
             }
@@ -53,8 +56,31 @@ impl Store for MemoryStore {
                 shards.remove(&sb.shard);
             }
         }
-        // Memory holds any valid state.
-        Ok(Vec::new())
+        // Memory holds any valid state, and is never shared by a cluster.
+        Ok(Applied::default())
+    }
+
+    async fn load_shard(&self, shard: ShardId) -> Result<Vec<VehicleState>, StoreError> {
+        let inner = self.inner.read();
+        Ok(inner
+            .shards
+            .get(&shard)
+            .map(|v| v.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn snapshot_shard(&self, shard: ShardId) -> Result<(u64, Vec<VehicleState>), StoreError> {
+        Ok((0, self.load_shard(shard).await?))
+    }
+
+    async fn hand_over(&self, state: &VehicleState, _ttl: Duration) -> Result<(), StoreError> {
+        let mut inner = self.inner.write();
+        inner.handed_over.insert(state.id.clone(), state.clone());
+        Ok(())
+    }
+
+    async fn handed_over(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError> {
+        Ok(self.inner.write().handed_over.remove(id))
     }
 
     async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError> {

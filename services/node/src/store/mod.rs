@@ -15,8 +15,11 @@ pub mod memory;
 pub mod redis;
 pub mod writer;
 
+use std::{sync::Arc, time::Duration};
+
 use async_trait::async_trait;
 use hexfleet_model::{Position, ShardId, VehicleId, VehicleState};
+use hexfleet_protocol::RemoveReason;
 
 /// A vehicle written to a shard.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,9 +34,15 @@ pub struct Upsert {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Removal {
     pub id: VehicleId,
-    /// The vehicle is gone (stale, signed off), not just moved to another
-    /// shard: the store forgets it entirely.
-    pub forget: bool,
+    /// Why the vehicle is gone (stale, signed off): the store forgets it
+    /// entirely. `None` when it only moved to another shard or node.
+    pub gone: Option<RemoveReason>,
+}
+
+impl Removal {
+    pub fn forget(&self) -> bool {
+        self.gone.is_some()
+    }
 }
 
 /// The changes to one shard in one flush.
@@ -42,6 +51,21 @@ pub struct ShardBatch {
     pub shard: ShardId,
     pub upserts: Vec<Upsert>,
     pub removals: Vec<Removal>,
+    /// The shard lease this node holds, in a cluster: the store writes only
+    /// while the lease is still this one (fencing).
+    pub fence: Option<Arc<str>>,
+    /// Publish the changes on the shard's bus channel, for other nodes.
+    pub publish: bool,
+}
+
+/// What a flush did besides writing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// Changes refused for their content, each costing its own vehicle.
+    pub refused: Vec<Refused>,
+    /// Shards whose lease is no longer this node's: nothing of theirs was
+    /// written.
+    pub fenced: Vec<ShardId>,
 }
 
 /// One flush: the changes to every shard touched since the previous one.
@@ -103,6 +127,10 @@ pub enum StoreError {
     },
     #[error("state does not encode: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    #[error("redis cannot write now: {0}")]
+    Unwritable(String),
+    #[error("bus message: {0}")]
+    Bus(#[from] hexfleet_protocol::bus::BusError),
 }
 
 #[async_trait]
@@ -111,10 +139,25 @@ pub trait Store: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     /// Writes one flush and returns the changes it refused for their
-    /// content, each costing only its own vehicle. On error (the store is
-    /// unreachable, or busy) nothing is assumed written; the writer retries
-    /// the changes (merged under newer ones).
-    async fn apply(&self, batch: &Batch) -> Result<Vec<Refused>, StoreError>;
+    /// content, each costing only its own vehicle, and the shards it did not
+    /// write because their lease is no longer the one given. On error (the
+    /// store is unreachable, or busy) nothing is assumed written; the writer
+    /// retries the changes (merged under newer ones).
+    async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError>;
+
+    /// Every vehicle of one shard, for a node taking it over.
+    async fn load_shard(&self, shard: ShardId) -> Result<Vec<VehicleState>, StoreError>;
+
+    /// Every vehicle of one shard and the sequence number of the last bus
+    /// batch they reflect, read at one instant: where a replica starts.
+    async fn snapshot_shard(&self, shard: ShardId) -> Result<(u64, Vec<VehicleState>), StoreError>;
+
+    /// Leaves a vehicle's last state for the node its driver is handed to
+    /// (the fix history its validator continues from), for `ttl`.
+    async fn hand_over(&self, state: &VehicleState, ttl: Duration) -> Result<(), StoreError>;
+
+    /// The state a node handing a driver over left for it, if any.
+    async fn handed_over(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError>;
 
     /// The latest state of a vehicle, wherever it is.
     async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError>;

@@ -1,45 +1,136 @@
 //! The Redis store, on one Redis server or a Redis Cluster.
 //!
-//! A flush is one pipeline per shard — `GEOADD`, `ZADD` (last seen) and
-//! `HSET` (state) each carrying every vehicle of the shard, then the
-//! matching `ZREM`/`HDEL`s — and the shards' pipelines are sent concurrently
-//! on one multiplexed connection. All keys of a pipeline share the shard's
-//! hash tag, so on a cluster each pipeline goes to one slot.
+//! A flush is one script call per shard ([`WRITE_SHARD`]): the `ZREM`/`HDEL`s
+//! of the removals, then one variadic `GEOADD`, `ZADD` (last seen) and `HSET`
+//! (state) carrying every upsert, and, in a cluster, the batch published on
+//! the shard's bus channel with the next sequence number. The shards' calls
+//! are sent concurrently on one multiplexed connection. All keys (and the
+//! channel) of a call share the shard's hash tag, so on a cluster each call
+//! goes to one slot.
+//!
+//! In a cluster the script first checks the shard's lease: a node that lost
+//! it (paused past its TTL, partitioned) writes nothing, and learns so
+//! (fencing).
 //!
 //! A command Redis refuses for its content costs only the vehicles it
 //! carried that Redis refuses: the shard is then rewritten one vehicle at a
 //! time to find them (see [`RedisStore::write_shard`]). Errors that say Redis
 //! cannot write at all are returned, and the writer retries.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
+use hexfleet_protocol::bus::{ShardChanges, ShardRemoval};
 use redis::{
-    aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline,
-    ServerError, ToRedisArgs, Value,
+    aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline, Script,
+    ScriptInvocation, ToRedisArgs, Value,
 };
 
 use super::{
-    keys, nearest_first, Batch, Nearby, NearbyQuery, Refused, ShardBatch, Store, StoreError,
+    keys, nearest_first, Applied, Batch, Nearby, NearbyQuery, Refused, ShardBatch, Store,
+    StoreError,
 };
 
+/// Writes one shard's changes, fenced by its lease, and publishes them.
+///
+/// KEYS: lease, geo, seen, state, bus seq. ARGV: the lease value the writer
+/// holds (empty: not fenced), the publish command (`SPUBLISH`, `PUBLISH` or
+/// empty), the channel, the bus body, the removal count and ids, the upsert
+/// count and five fields per upsert (lon, lat, id, seen ms, state).
+///
+/// Returns `{seq, replies}`: the bus sequence number given (0: none) and,
+/// per command, 1 or its error as `!<error>` (`pcall`; an error nested in a
+/// reply would fail the whole call), so a refusal costs only what it carried. Commands carry at most 1,000 vehicles each, well within
+/// Lua's limit on arguments.
+pub const WRITE_SHARD: &str = r#"
+if ARGV[1] ~= '' then
+  local held = redis.call('GET', KEYS[1])
+  if held ~= ARGV[1] then
+    return redis.error_reply('FENCED the lease is now ' .. tostring(held))
+  end
+end
+local out = {}
+local function run(cmd, key, base, n, stride, fields)
+  for first = 0, n - 1, 1000 do
+    local args = {key}
+    for r = first, math.min(n, first + 1000) - 1 do
+      for _, f in ipairs(fields) do
+        args[#args + 1] = ARGV[base + r * stride + f]
+      end
+    end
+    local reply = redis.pcall(cmd, unpack(args))
+    if type(reply) == 'table' and reply.err then
+      out[#out + 1] = '!' .. reply.err
+    else
+      out[#out + 1] = 1
+    end
+  end
+end
+local nrem = tonumber(ARGV[5])
+if nrem > 0 then
+  run('ZREM', KEYS[2], 6, nrem, 1, {0})
+  run('ZREM', KEYS[3], 6, nrem, 1, {0})
+  run('HDEL', KEYS[4], 6, nrem, 1, {0})
+end
+local base = 6 + nrem
+local nup = tonumber(ARGV[base])
+base = base + 1
+if nup > 0 then
+  run('GEOADD', KEYS[2], base, nup, 5, {0, 1, 2})
+  run('ZADD', KEYS[3], base, nup, 5, {3, 2})
+  run('HSET', KEYS[4], base, nup, 5, {2, 4})
+end
+local seq = 0
+if ARGV[2] ~= '' then
+  seq = redis.call('INCR', KEYS[5])
+  redis.call(ARGV[2], ARGV[3], seq .. ' ' .. ARGV[4])
+end
+return {seq, out}
+"#;
+
+/// A shard's states and the bus sequence they reflect, read at one instant.
+/// KEYS: state, bus seq.
+const SNAPSHOT_SHARD: &str = r#"
+return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HGETALL', KEYS[1])}
+"#;
+
+static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(WRITE_SHARD));
+static SNAPSHOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SNAPSHOT_SHARD));
+
+/// A connection to one Redis server or a Redis Cluster, shared by the store
+/// and the cluster's membership and leases.
 #[derive(Clone)]
-enum Conn {
+pub enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
 impl Conn {
-    async fn query<T: FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
+    /// Runs a script (EVALSHA, loading it where it is missing).
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    pub async fn query<T: FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
         match self {
             Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
             Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
         }
     }
 
-    async fn cmd<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    pub async fn cmd<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
             Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
             Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
@@ -72,93 +163,140 @@ impl RedisStore {
         Self { conn }
     }
 
-    /// One shard's flush: the removals, then one variadic `GEOADD`, `ZADD`
-    /// and `HSET` carrying every upsert. Errors come back per command, so a
-    /// refusal can be told from a failure to reach Redis.
-    fn shard_pipeline(sb: &ShardBatch) -> Result<Pipeline, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        if !sb.removals.is_empty() {
-            let ids: Vec<&str> = sb.removals.iter().map(|r| r.id.as_str()).collect();
-            remove_from_shard(&mut pipe, sb.shard, ids.as_slice());
+    /// The connection, for the cluster's membership and leases.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    /// The command that publishes on a shard's channel: sharded pub/sub on
+    /// a cluster, so the message travels only within the shard's slot; on
+    /// one server, plain pub/sub does the same job.
+    fn publish_command(&self) -> &'static str {
+        if self.conn.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
         }
-        if !sb.upserts.is_empty() {
-            let mut geoadd = redis::cmd("GEOADD");
-            let mut zadd = redis::cmd("ZADD");
-            let mut hset = redis::cmd("HSET");
-            geoadd.arg(keys::geo(sb.shard));
-            zadd.arg(keys::seen(sb.shard));
-            hset.arg(keys::state(sb.shard));
-            for u in &sb.upserts {
-                let s = &u.state;
-                geoadd.arg(s.lon).arg(s.lat).arg(s.id.as_str());
-                zadd.arg(s.seen_ms).arg(s.id.as_str());
-                hset.arg(s.id.as_str()).arg(rmp_serde::to_vec(s)?);
-            }
-            pipe.add_command(geoadd);
-            pipe.add_command(zadd);
-            pipe.add_command(hset);
+    }
+
+    /// One call of [`WRITE_SHARD`] for some of a shard's changes.
+    fn write_call<'a>(
+        sb: &ShardBatch,
+        publish: Option<(&str, &[u8])>,
+        removals: impl ExactSizeIterator<Item = &'a VehicleId>,
+        upserts: impl ExactSizeIterator<Item = &'a VehicleState>,
+    ) -> Result<ScriptInvocation<'static>, StoreError> {
+        let mut call = WRITE_SCRIPT.prepare_invoke();
+        call.key(keys::lease(sb.shard))
+            .key(keys::geo(sb.shard))
+            .key(keys::seen(sb.shard))
+            .key(keys::state(sb.shard))
+            .key(keys::bus_seq(sb.shard));
+        let (command, body) = publish.unwrap_or(("", b""));
+        call.arg(sb.fence.as_deref().unwrap_or(""))
+            .arg(command)
+            .arg(keys::bus_channel(sb.shard))
+            .arg(body);
+        call.arg(removals.len());
+        for id in removals {
+            call.arg(id.as_str());
         }
-        Ok(pipe)
+        call.arg(upserts.len());
+        for s in upserts {
+            call.arg(s.lon)
+                .arg(s.lat)
+                .arg(s.id.as_str())
+                .arg(s.seen_ms)
+                .arg(rmp_serde::to_vec(s)?);
+        }
+        Ok(call)
+    }
+
+    /// The bus batch of a shard's changes.
+    fn bus_body(sb: &ShardBatch) -> Result<Vec<u8>, StoreError> {
+        let changes = ShardChanges {
+            upserts: sb.upserts.iter().map(|u| u.state.clone()).collect(),
+            removals: sb
+                .removals
+                .iter()
+                .map(|r| ShardRemoval {
+                    id: r.id.clone(),
+                    gone: r.gone,
+                })
+                .collect(),
+        };
+        Ok(changes.encode()?)
     }
 
     /// Writes one shard's changes. When Redis refuses a command for its
     /// content (a position it cannot index, a key of the wrong type), the
     /// shard is written again one vehicle at a time to find who it refuses.
-    async fn write_shard(&self, sb: &ShardBatch) -> Result<Vec<Refused>, StoreError> {
-        let replies: Vec<Value> = self.conn.query(&Self::shard_pipeline(sb)?).await?;
+    async fn write_shard(&self, sb: &ShardBatch) -> Result<ShardWrite, StoreError> {
+        let body = if sb.publish {
+            Self::bus_body(sb)?
+        } else {
+            Vec::new()
+        };
+        let publish = sb
+            .publish
+            .then_some((self.publish_command(), body.as_slice()));
+        let call = Self::write_call(
+            sb,
+            publish,
+            sb.removals.iter().map(|r| &r.id),
+            sb.upserts.iter().map(|u| &u.state),
+        )?;
+        let replies = match self.conn.invoke::<(u64, Vec<Value>)>(&call).await {
+            Ok((_seq, replies)) => replies,
+            Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
+            Err(e) => return Err(e.into()),
+        };
         match worst(&replies) {
-            None => Ok(Vec::new()),
-            Some(Verdict::Retry(e)) => Err(StoreError::Redis(e.into())),
+            None => Ok(ShardWrite::Written(Vec::new())),
+            Some(Verdict::Retry(e)) => Err(StoreError::Unwritable(e)),
             Some(Verdict::Refused(_)) => self.write_shard_one_by_one(sb).await,
         }
     }
 
-    /// Each vehicle's commands on their own, in one pipeline; the vehicles
-    /// Redis refuses are reported, and whatever of theirs did land is
-    /// removed, so no vehicle is left half-written.
-    async fn write_shard_one_by_one(&self, sb: &ShardBatch) -> Result<Vec<Refused>, StoreError> {
-        // A removal (remove_from_shard) and an upsert each send three commands.
-        const PER_VEHICLE: usize = 3;
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+    /// Each vehicle's change in a call of its own; the vehicles Redis
+    /// refuses are reported, and whatever of theirs did land is removed, so
+    /// no vehicle is left half-written.
+    async fn write_shard_one_by_one(&self, sb: &ShardBatch) -> Result<ShardWrite, StoreError> {
+        let mut calls = Vec::new();
         for r in &sb.removals {
-            let id = r.id.as_str();
-            remove_from_shard(&mut pipe, sb.shard, id);
+            let call = Self::write_call(sb, None, std::iter::once(&r.id), std::iter::empty())?;
+            calls.push(call);
         }
         for u in &sb.upserts {
-            let s = &u.state;
-            let id = s.id.as_str();
-            pipe.cmd("GEOADD")
-                .arg(keys::geo(sb.shard))
-                .arg(s.lon)
-                .arg(s.lat)
-                .arg(id);
-            pipe.cmd("ZADD")
-                .arg(keys::seen(sb.shard))
-                .arg(s.seen_ms)
-                .arg(id);
-            pipe.cmd("HSET")
-                .arg(keys::state(sb.shard))
-                .arg(id)
-                .arg(rmp_serde::to_vec(s)?);
+            let call = Self::write_call(sb, None, std::iter::empty(), std::iter::once(&u.state))?;
+            calls.push(call);
         }
-        let replies: Vec<Value> = self.conn.query(&pipe).await?;
+        let results = futures_util::future::join_all(
+            calls
+                .iter()
+                .map(|call| self.conn.invoke::<(u64, Vec<Value>)>(call)),
+        )
+        .await;
         let changes = sb
             .removals
             .iter()
             .map(|r| (&r.id, false))
             .chain(sb.upserts.iter().map(|u| (&u.state.id, u.relocated)));
         let mut refused = Vec::new();
-        for ((id, relocated), replies) in changes.zip(replies.chunks(PER_VEHICLE)) {
-            match worst(replies) {
+        for ((id, relocated), result) in changes.zip(results) {
+            let replies: Vec<Value> = match result {
+                Ok((_, replies)) => replies,
+                Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
+                Err(e) => return Err(e.into()),
+            };
+            match worst(&replies) {
                 None => {}
-                Some(Verdict::Retry(e)) => return Err(StoreError::Redis(e.into())),
+                Some(Verdict::Retry(e)) => return Err(StoreError::Unwritable(e)),
                 Some(Verdict::Refused(e)) => refused.push(Refused {
                     shard: sb.shard,
                     id: id.clone(),
                     relocated,
-                    reason: e.to_string(),
+                    reason: e,
                 }),
             }
         }
@@ -168,16 +306,18 @@ impl RedisStore {
             remove_from_shard(&mut undo, sb.shard, ids.as_slice());
             self.conn.query::<()>(&undo).await?;
         }
-        Ok(refused)
+        Ok(ShardWrite::Written(refused))
     }
 
     /// Locators live in their own slots: on a cluster each is its own
     /// command; on one server they share a pipeline. They change only when a
     /// vehicle appears, crosses a shard or is forgotten.
-    async fn write_locators(&self, batch: &Batch, refused: &[Refused]) -> Result<(), StoreError> {
+    async fn write_locators(&self, batch: &Batch, applied: &Applied) -> Result<(), StoreError> {
+        let refused = &applied.refused;
         let mut cmds = Vec::new();
-        for sb in &batch.shards {
-            for r in sb.removals.iter().filter(|r| r.forget) {
+        let written = |sb: &&ShardBatch| !applied.fenced.contains(&sb.shard);
+        for sb in batch.shards.iter().filter(written) {
+            for r in sb.removals.iter().filter(|r| r.forget()) {
                 let mut cmd = redis::cmd("DEL");
                 cmd.arg(keys::locator(&r.id));
                 cmds.push(cmd);
@@ -186,7 +326,7 @@ impl RedisStore {
         let was_refused = |shard: ShardId, id: &VehicleId| {
             refused.iter().any(|r| r.shard == shard && &r.id == id)
         };
-        for sb in &batch.shards {
+        for sb in batch.shards.iter().filter(written) {
             for u in sb
                 .upserts
                 .iter()
@@ -258,26 +398,40 @@ fn remove_from_shard<Ids: ToRedisArgs + Copy>(pipe: &mut Pipeline, shard: ShardI
     pipe.cmd("HDEL").arg(keys::state(shard)).arg(ids);
 }
 
+/// How one shard's write went.
+enum ShardWrite {
+    /// Written, but for the changes refused for their content.
+    Written(Vec<Refused>),
+    /// Not written: the shard's lease is no longer the one given.
+    Fenced,
+}
+
 /// What a command's error reply means for the change that sent it.
 enum Verdict {
     /// Redis will not take this value (`ERR`, `WRONGTYPE`): drop the change.
-    Refused(ServerError),
+    Refused(String),
     /// Redis cannot take anything right now (`LOADING`, `OOM`, `READONLY`,
     /// `NOREPLICAS`, `MASTERDOWN`, `TRYAGAIN`, …): retry it later.
-    Retry(ServerError),
+    Retry(String),
 }
 
-/// The most serious error among some replies: anything to retry outweighs
-/// a refusal.
+/// The most serious error among the write script's replies (`!<error>`):
+/// anything to retry outweighs a refusal.
 fn worst(replies: &[Value]) -> Option<Verdict> {
     let mut verdict = None;
     for reply in replies {
-        if let Value::ServerError(e) = reply {
-            if matches!(e.code(), "ERR" | "WRONGTYPE") {
-                verdict.get_or_insert(Verdict::Refused(e.clone()));
-            } else {
-                return Some(Verdict::Retry(e.clone()));
-            }
+        let Value::BulkString(bytes) = reply else {
+            continue;
+        };
+        let Some(error) = bytes.strip_prefix(b"!") else {
+            continue;
+        };
+        let error = String::from_utf8_lossy(error).into_owned();
+        let code = error.split(' ').next().unwrap_or_default();
+        if matches!(code, "ERR" | "WRONGTYPE") {
+            verdict.get_or_insert(Verdict::Refused(error));
+        } else {
+            return Some(Verdict::Retry(error));
         }
     }
     verdict
@@ -299,16 +453,55 @@ impl Store for RedisStore {
         }
     }
 
-    async fn apply(&self, batch: &Batch) -> Result<Vec<Refused>, StoreError> {
-        let refused: Vec<Refused> =
-            try_join_all(batch.shards.iter().map(|sb| self.write_shard(sb)))
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
-        self.write_locators(batch, &refused).await?;
+    async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        let writes = try_join_all(batch.shards.iter().map(|sb| self.write_shard(sb))).await?;
+        let mut applied = Applied::default();
+        for (sb, write) in batch.shards.iter().zip(writes) {
+            match write {
+                ShardWrite::Written(refused) => applied.refused.extend(refused),
+                ShardWrite::Fenced => applied.fenced.push(sb.shard),
+            }
+        }
+        self.write_locators(batch, &applied).await?;
         self.register_shards(batch).await?;
-        Ok(refused)
+        Ok(applied)
+    }
+
+    async fn load_shard(&self, shard: ShardId) -> Result<Vec<VehicleState>, StoreError> {
+        let raw: HashMap<String, Vec<u8>> = self
+            .conn
+            .cmd(redis::cmd("HGETALL").arg(keys::state(shard)))
+            .await?;
+        raw.iter().map(|(id, b)| decode(id, b)).collect()
+    }
+
+    async fn snapshot_shard(&self, shard: ShardId) -> Result<(u64, Vec<VehicleState>), StoreError> {
+        let mut call = SNAPSHOT_SCRIPT.prepare_invoke();
+        call.key(keys::state(shard)).key(keys::bus_seq(shard));
+        let (seq, raw): (u64, HashMap<String, Vec<u8>>) = self.conn.invoke(&call).await?;
+        let states = raw
+            .iter()
+            .map(|(id, b)| decode(id, b))
+            .collect::<Result<_, _>>()?;
+        Ok((seq, states))
+    }
+
+    async fn hand_over(&self, state: &VehicleState, ttl: Duration) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(keys::handoff(&state.id))
+            .arg(rmp_serde::to_vec(state)?)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        self.conn.cmd::<()>(&cmd).await?;
+        Ok(())
+    }
+
+    async fn handed_over(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .cmd(redis::cmd("GET").arg(keys::handoff(id)))
+            .await?;
+        bytes.map(|b| decode(id.as_str(), &b)).transpose()
     }
 
     async fn vehicle(&self, id: &VehicleId) -> Result<Option<VehicleState>, StoreError> {
@@ -378,19 +571,10 @@ impl Store for RedisStore {
             .conn
             .cmd(redis::cmd("SMEMBERS").arg(keys::SHARDS))
             .await?;
-        let loads =
-            shards
-                .iter()
-                .filter_map(|s| s.parse::<ShardId>().ok())
-                .map(|shard| async move {
-                    let raw: HashMap<String, Vec<u8>> = self
-                        .conn
-                        .cmd(redis::cmd("HGETALL").arg(keys::state(shard)))
-                        .await?;
-                    raw.iter()
-                        .map(|(id, b)| decode(id, b))
-                        .collect::<Result<Vec<_>, _>>()
-                });
+        let loads = shards
+            .iter()
+            .filter_map(|s| s.parse::<ShardId>().ok())
+            .map(|shard| self.load_shard(shard));
         Ok(try_join_all(loads).await?.into_iter().flatten().collect())
     }
 

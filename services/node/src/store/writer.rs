@@ -12,6 +12,12 @@
 //! would fail forever and hold up everything behind it. It is dropped,
 //! counted (`store_refused`) and logged with the vehicle's id; the rest of
 //! the flush stands.
+//!
+//! In a cluster each shard's changes go out with the shard's lease
+//! ([`Fences`]): changes to a shard whose lease is being acquired wait;
+//! changes to a shard this node does not own are dropped; a shard whose
+//! lease turns out to be someone else's (`fenced`) is reported back, and
+//! nothing of it is written.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,7 +26,8 @@ use std::{
 };
 
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
-use tokio::sync::Notify;
+use hexfleet_protocol::RemoveReason;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{Batch, Refused, Removal, ShardBatch, Store, Upsert};
@@ -33,16 +40,58 @@ enum Change {
         relocated: bool,
     },
     Remove {
-        forget: bool,
+        gone: Option<RemoveReason>,
     },
 }
 
 type Stage = HashMap<(ShardId, VehicleId), Change>;
 
+/// Whether and how this node may write a shard now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fence {
+    /// A single node: every shard is its own, no lease.
+    Unfenced,
+    /// This node holds the shard's lease, with this value.
+    Held(Arc<str>),
+    /// This node owns the shard but is still acquiring its lease: the
+    /// changes wait.
+    Awaiting,
+    /// Another node owns the shard: the changes are dropped.
+    Foreign,
+}
+
+/// The cluster's side of the writer: which lease each shard is written
+/// under, and who hears that a lease was lost.
+pub trait Fences: Send + Sync {
+    fn fence(&self, shard: ShardId) -> Fence;
+    /// The store refused a write to `shard`: its lease is someone else's.
+    fn fenced(&self, shard: ShardId);
+    /// Whether flushes are published on the shards' bus channels.
+    fn publishes(&self) -> bool;
+}
+
+/// A single node's fences: none.
+pub struct Unfenced;
+
+impl Fences for Unfenced {
+    fn fence(&self, _shard: ShardId) -> Fence {
+        Fence::Unfenced
+    }
+    fn fenced(&self, _shard: ShardId) {}
+    fn publishes(&self) -> bool {
+        false
+    }
+}
+
 pub struct StoreWriter {
     staged: LatestWins<(ShardId, VehicleId), Change>,
     metrics: Arc<Metrics>,
     recovered: Notify,
+    /// Completed flush attempts, for whoever must know that what it staged
+    /// has been written.
+    flushes: watch::Sender<u64>,
+    /// Shards whose changes must not be written (the lease was lost).
+    discarded: parking_lot::Mutex<HashSet<ShardId>>,
 }
 
 /// Folds a newer change into an older one for the same vehicle and shard.
@@ -69,7 +118,24 @@ impl StoreWriter {
             staged: LatestWins::new(merge),
             metrics,
             recovered: Notify::new(),
+            flushes: watch::Sender::new(0),
+            discarded: Default::default(),
         }
+    }
+
+    /// Drops every change to `shard` staged so far: this node lost its
+    /// lease, and what it accepted must not land later.
+    pub fn discard(&self, shard: ShardId) {
+        self.discarded.lock().insert(shard);
+    }
+
+    /// Waits until everything staged before the call has been through a
+    /// flush (written, refused, fenced or dropped), or the writer stopped.
+    pub async fn flushed(&self) {
+        let mut flushes = self.flushes.subscribe();
+        let from = *flushes.borrow_and_update();
+        // The flush under way may have taken its changes before the call.
+        let _ = flushes.wait_for(|done| *done >= from + 2).await;
     }
 
     /// Stages the latest state of a vehicle in its shard. `relocated` says
@@ -80,10 +146,10 @@ impl StoreWriter {
             .stage((shard, id), Change::Upsert { state, relocated });
     }
 
-    /// Stages a vehicle's removal from a shard; `forget` when it is gone for
-    /// good rather than moved to another shard.
-    pub fn stage_removal(&self, shard: ShardId, id: VehicleId, forget: bool) {
-        self.staged.stage((shard, id), Change::Remove { forget });
+    /// Stages a vehicle's removal from a shard; `gone` says why when it is
+    /// gone for good rather than moved to another shard or node.
+    pub fn stage_removal(&self, shard: ShardId, id: VehicleId, gone: Option<RemoveReason>) {
+        self.staged.stage((shard, id), Change::Remove { gone });
     }
 
     /// Notified when a flush succeeds after failures. The store may have lost
@@ -93,9 +159,14 @@ impl StoreWriter {
         &self.recovered
     }
 
-    /// Moves everything staged into `stage`, newer over older.
+    /// Moves everything staged into `stage`, newer over older, less what
+    /// was discarded.
     fn take_into(&self, stage: &mut Stage) {
         self.staged.take_into(stage);
+        let discarded = std::mem::take(&mut *self.discarded.lock());
+        if !discarded.is_empty() {
+            stage.retain(|(shard, _), _| !discarded.contains(shard));
+        }
     }
 
     /// Flushes every `interval` until `shutdown`, then flushes what is left
@@ -103,6 +174,7 @@ impl StoreWriter {
     pub async fn run(
         self: Arc<Self>,
         store: Arc<dyn Store>,
+        fences: Arc<dyn Fences>,
         interval: Duration,
         shutdown: CancellationToken,
     ) {
@@ -116,14 +188,20 @@ impl StoreWriter {
                 _ = ticker.tick() => {}
                 _ = shutdown.cancelled() => {
                     self.take_into(&mut pending);
-                    if let Err(e) = self.flush(store.as_ref(), &mut pending, &mut owed).await {
+                    let flushed = self.flush(store.as_ref(), fences.as_ref(), &mut pending, &mut owed).await;
+                    if let Err(e) = flushed {
                         tracing::warn!(error = %e, lost = pending.len(), "final flush failed");
                     }
+                    self.flushes.send_modify(|n| *n += 1);
                     return;
                 }
             }
             self.take_into(&mut pending);
-            match self.flush(store.as_ref(), &mut pending, &mut owed).await {
+            let flushed = self
+                .flush(store.as_ref(), fences.as_ref(), &mut pending, &mut owed)
+                .await;
+            self.flushes.send_modify(|n| *n += 1);
+            match flushed {
                 Ok(()) if failures > 0 => {
                     failures = 0;
                     tracing::info!("store writes succeed again");
@@ -146,28 +224,64 @@ impl StoreWriter {
     async fn flush(
         &self,
         store: &dyn Store,
+        fences: &dyn Fences,
         pending: &mut Stage,
         owed: &mut OwedLocators,
     ) -> Result<(), super::StoreError> {
         owed.settle(pending);
-        let batch = to_batch(pending);
-        self.metrics.store_pending.set(batch.len() as u64);
+        let batch = self.to_batch(pending, fences);
+        self.metrics.store_pending.set(pending.len() as u64);
         if batch.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
-        let refused = store.apply(&batch).await?;
+        let applied = store.apply(&batch).await?;
         self.metrics
             .store_flush_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics
             .store_flush_batch_size
             .observe(batch.len() as f64);
-        pending.clear();
-        for r in refused {
+        // What waits for a lease stays; the rest was written.
+        pending.retain(|(shard, _), _| matches!(fences.fence(*shard), Fence::Awaiting));
+        for r in applied.refused {
             self.refused(r, owed);
         }
+        for shard in applied.fenced {
+            self.metrics.store_fenced.inc();
+            tracing::warn!(%shard, "the shard's lease is another node's: nothing of this flush was written to it");
+            fences.fenced(shard);
+        }
         Ok(())
+    }
+
+    /// The batch of what may be written now: changes to shards whose lease
+    /// is being acquired stay in `pending`, changes to shards another node
+    /// owns are dropped.
+    fn to_batch(&self, pending: &mut Stage, fences: &dyn Fences) -> Batch {
+        let mut verdicts: HashMap<ShardId, Fence> = HashMap::new();
+        let mut verdict = |shard: ShardId| {
+            verdicts
+                .entry(shard)
+                .or_insert_with(|| fences.fence(shard))
+                .clone()
+        };
+        let before = pending.len();
+        pending.retain(|(shard, _), _| verdict(*shard) != Fence::Foreign);
+        let dropped = before - pending.len();
+        if dropped > 0 {
+            self.metrics.store_foreign_dropped.inc_by(dropped as u64);
+        }
+        let publish = fences.publishes();
+        let mut batch = to_batch(pending, |shard| match verdict(shard) {
+            Fence::Unfenced => Some(None),
+            Fence::Held(lease) => Some(Some(lease)),
+            Fence::Awaiting | Fence::Foreign => None,
+        });
+        for sb in &mut batch.shards {
+            sb.publish = publish;
+        }
+        batch
     }
 
     fn refused(&self, refused: Refused, owed: &mut OwedLocators) {
@@ -218,22 +332,34 @@ impl OwedLocators {
     }
 }
 
-fn to_batch(stage: &Stage) -> Batch {
+/// The changes of `stage` to shards `fence` gives a lease for (`Some`), by
+/// shard.
+fn to_batch(stage: &Stage, mut fence: impl FnMut(ShardId) -> Option<Option<Arc<str>>>) -> Batch {
     let mut shards: HashMap<ShardId, ShardBatch> = HashMap::new();
+    let mut fences: HashMap<ShardId, Option<Option<Arc<str>>>> = HashMap::new();
     for ((shard, id), change) in stage {
+        let Some(lease) = fences
+            .entry(*shard)
+            .or_insert_with(|| fence(*shard))
+            .clone()
+        else {
+            continue;
+        };
         let sb = shards.entry(*shard).or_insert_with(|| ShardBatch {
             shard: *shard,
             upserts: Vec::new(),
             removals: Vec::new(),
+            fence: lease,
+            publish: false,
         });
         match change {
             Change::Upsert { state, relocated } => sb.upserts.push(Upsert {
                 state: state.clone(),
                 relocated: *relocated,
             }),
-            Change::Remove { forget } => sb.removals.push(Removal {
+            Change::Remove { gone } => sb.removals.push(Removal {
                 id: id.clone(),
-                forget: *forget,
+                gone: *gone,
             }),
         }
     }
@@ -277,7 +403,7 @@ mod tests {
         w.stage_upsert(shard(), state("v2", 1), true);
         let mut stage = Stage::new();
         w.take_into(&mut stage);
-        let batch = to_batch(&stage);
+        let batch = to_batch(&stage, |_| Some(None));
         assert_eq!(batch.len(), 2);
         let v1 = batch.shards[0]
             .upserts
@@ -298,9 +424,13 @@ mod tests {
         let mut failed = Stage::new();
         w.take_into(&mut failed);
         // The flush of `failed` failed; meanwhile the vehicle went away.
-        w.stage_removal(shard(), VehicleId::new("v1").unwrap(), true);
+        w.stage_removal(
+            shard(),
+            VehicleId::new("v1").unwrap(),
+            Some(RemoveReason::Offline),
+        );
         w.take_into(&mut failed);
-        let batch = to_batch(&failed);
+        let batch = to_batch(&failed, |_| Some(None));
         assert_eq!(batch.shards[0].upserts, vec![]);
         assert_eq!(batch.shards[0].removals.len(), 1);
     }

@@ -1,0 +1,173 @@
+//! Membership: each node announces itself in Redis with a lease (a score in
+//! a sorted set, in Redis's own clock, so nodes' clocks need not agree),
+//! renews it every `renew_interval`, and reads the live set in the same
+//! call. Every node therefore knows the live set within one renewal.
+//!
+//! Shard ownership follows by rendezvous (highest random weight) hashing of
+//! the shard over the live node ids: every node computes the same owner with
+//! no coordination, and a node joining or leaving moves only its own share.
+
+use std::{collections::BTreeMap, sync::LazyLock};
+
+use hexfleet_model::ShardId;
+use hexfleet_protocol::bus::NodeInfo;
+use redis::Script;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use crate::store::{keys, redis::Conn, StoreError};
+
+/// Renews this node's membership and returns every live node's info.
+/// KEYS: members, nodes. ARGV: id, info (JSON), TTL in ms.
+const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(expired) do
+  redis.call('HDEL', KEYS[2], id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return redis.call('HGETALL', KEYS[2])
+"#;
+
+/// The info of a live node with this id, if there is one. KEYS: members,
+/// nodes. ARGV: id.
+const LIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if until_ms and tonumber(until_ms) > now then
+  return redis.call('HGET', KEYS[2], ARGV[1])
+end
+return false
+"#;
+
+static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+static LIVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIVE));
+
+/// The live nodes, by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LiveSet {
+    pub nodes: BTreeMap<String, NodeInfo>,
+}
+
+impl LiveSet {
+    /// The owner of a shard among the live nodes: the node whose id hashes
+    /// highest with it.
+    pub fn owner(&self, shard: ShardId) -> Option<&NodeInfo> {
+        self.nodes
+            .values()
+            .max_by_key(|node| (weight(&node.id, shard), &node.id))
+    }
+
+    /// Whether the same nodes are live (their shards may differ).
+    pub fn same_members(&self, other: &LiveSet) -> bool {
+        self.nodes.keys().eq(other.nodes.keys())
+    }
+}
+
+/// A node's weight for a shard: xxh3 (a stable, specified hash) of the
+/// shard, seeded by the node id's hash.
+pub fn weight(node: &str, shard: ShardId) -> u64 {
+    xxh3_64_with_seed(&u64::from(shard.0).to_le_bytes(), xxh3_64(node.as_bytes()))
+}
+
+/// Renews `me` for `ttl_ms` and reads the live set.
+pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<LiveSet, StoreError> {
+    let info = serde_json::to_string(me).expect("NodeInfo always serializes");
+    let mut call = RENEW_SCRIPT.prepare_invoke();
+    call.key(keys::MEMBERS)
+        .key(keys::NODES)
+        .arg(&me.id)
+        .arg(info)
+        .arg(ttl_ms);
+    let raw: BTreeMap<String, String> = conn.invoke(&call).await?;
+    let nodes = raw
+        .into_iter()
+        .filter_map(|(id, json)| match serde_json::from_str::<NodeInfo>(&json) {
+            Ok(info) => Some((id, info)),
+            Err(e) => {
+                tracing::warn!(node = %id, error = %e, "a member's info does not parse; ignored");
+                None
+            }
+        })
+        .collect();
+    Ok(LiveSet { nodes })
+}
+
+/// The live node using `id`, if any.
+pub async fn live(conn: &Conn, id: &str) -> Result<Option<NodeInfo>, StoreError> {
+    let mut call = LIVE_SCRIPT.prepare_invoke();
+    call.key(keys::MEMBERS).key(keys::NODES).arg(id);
+    let json: Option<String> = conn.invoke(&call).await?;
+    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// Leaves the live set at once (a graceful shutdown).
+pub async fn leave(conn: &Conn, id: &str) -> Result<(), StoreError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZREM").arg(keys::MEMBERS).arg(id).ignore();
+    pipe.cmd("HDEL").arg(keys::NODES).arg(id).ignore();
+    conn.query::<()>(&pipe).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            quic: String::new(),
+            http: String::new(),
+            shards: Vec::new(),
+            instance: 0,
+        }
+    }
+
+    fn live(ids: &[&str]) -> LiveSet {
+        LiveSet {
+            nodes: ids.iter().map(|id| (id.to_string(), node(id))).collect(),
+        }
+    }
+
+    fn shards() -> Vec<ShardId> {
+        let cell: h3o::CellIndex = "85283473fffffff".parse().unwrap();
+        cell.grid_disk::<Vec<_>>(12)
+            .into_iter()
+            .map(ShardId)
+            .collect()
+    }
+
+    #[test]
+    fn shards_spread_over_the_nodes_and_a_node_leaving_moves_only_its_own() {
+        let three = live(&["a", "b", "c"]);
+        let two = live(&["a", "c"]);
+        let all = shards();
+        let mut per_node = BTreeMap::<String, usize>::new();
+        for &shard in &all {
+            let owner = three.owner(shard).unwrap().id.clone();
+            let after = two.owner(shard).unwrap().id.clone();
+            if owner != "b" {
+                assert_eq!(owner, after, "{shard} moved though its owner stayed");
+            }
+            *per_node.entry(owner).or_default() += 1;
+        }
+        // 469 shards over three nodes: each gets a fair share.
+        for (node, count) in per_node {
+            assert!((100..=220).contains(&count), "{node} owns {count}");
+        }
+    }
+
+    #[test]
+    fn every_node_computes_the_same_owner_whatever_order_it_learnt_them_in() {
+        let a = live(&["n1", "n2", "n3"]);
+        let b = live(&["n3", "n1", "n2"]);
+        for shard in shards() {
+            assert_eq!(a.owner(shard).unwrap().id, b.owner(shard).unwrap().id);
+        }
+        assert!(LiveSet::default().owner(shards()[0]).is_none());
+    }
+}

@@ -1,0 +1,454 @@
+//! Many nodes acting as one, with Redis as the only coordinator.
+//!
+//! - [`membership`]: who is live (a lease per node), and who owns a shard
+//!   (rendezvous hashing over the live ids);
+//! - [`leases`]: a per-shard lease confirms ownership, so at most one node
+//!   writes a shard at a time, and fences a node that lost it;
+//! - [`replicas`]: the bus — other nodes' shards this node's riders and
+//!   dashboards watch, kept from a snapshot and the owners' batches.
+//!
+//! [`Cluster`] is the router the sessions ask ("is this shard mine? whose
+//! is it?"), the [`Fences`] the store writer writes under, and the task
+//! that renews, acquires and gives up leases. Ownership changes in two
+//! steps: rendezvous hashing says who *should* own a shard as soon as the
+//! live set changes; the lease says who *does*. A node gives a shard up by
+//! redirecting its drivers, flushing, and releasing the lease; the new
+//! owner acquires it and loads the shard's vehicles from the store. A node
+//! that dies gives nothing up: its leases expire after `lease_ttl`.
+
+pub mod leases;
+pub mod membership;
+pub mod replicas;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::future::join_all;
+use hexfleet_model::ShardId;
+use hexfleet_protocol::bus::NodeInfo;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use self::membership::LiveSet;
+use crate::{
+    config::ClusterConfig,
+    fanout::Shards,
+    ingest::Ingest,
+    metrics::Metrics,
+    store::{
+        keys,
+        redis::Conn,
+        writer::{Fence, Fences, StoreWriter},
+        Store, StoreError,
+    },
+};
+
+/// A lease this node holds.
+#[derive(Debug, Clone, PartialEq)]
+enum Holding {
+    /// Its own: sessions route to it, the writer writes it.
+    Held(Arc<str>),
+    /// Being given up: its drivers are redirected to the new owner, the
+    /// writer still writes it until the release.
+    Releasing(Arc<str>),
+}
+
+impl Holding {
+    fn value(&self) -> &Arc<str> {
+        match self {
+            Holding::Held(v) | Holding::Releasing(v) => v,
+        }
+    }
+}
+
+/// How often shards this node should own but has no lease for are tried.
+const ACQUIRE_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("node id {id:?} is used by a live node ({quic}); give every node its own id")]
+    IdTaken { id: String, quic: String },
+}
+
+pub struct Cluster {
+    me: RwLock<NodeInfo>,
+    conn: Conn,
+    config: ClusterConfig,
+    live: RwLock<LiveSet>,
+    holdings: RwLock<HashMap<ShardId, Holding>>,
+    /// Shards this node should own and has no lease for yet.
+    wanted: Mutex<HashSet<ShardId>>,
+    /// Shards whose lease this node lost without giving it up (fenced, or
+    /// not renewed in time): it serves no driver there until it holds the
+    /// lease again, so nothing it accepted before can be written late.
+    tainted: Mutex<HashSet<ShardId>>,
+    held: watch::Sender<Shards>,
+    wake: Notify,
+    store: Arc<dyn Store>,
+    writer: Arc<StoreWriter>,
+    ingest: Arc<Ingest>,
+    metrics: Arc<Metrics>,
+}
+
+impl Cluster {
+    /// Joins the live set. Refuses an id a live node already uses.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn join(
+        me: NodeInfo,
+        conn: Conn,
+        config: ClusterConfig,
+        store: Arc<dyn Store>,
+        writer: Arc<StoreWriter>,
+        ingest: Arc<Ingest>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        if let Some(other) = membership::live(&conn, &me.id).await? {
+            if other.instance != me.instance {
+                return Err(ClusterError::IdTaken {
+                    id: me.id,
+                    quic: other.quic,
+                });
+            }
+        }
+        let ttl = config.lease_ttl.as_millis() as u64;
+        let live = membership::renew(&conn, &me, ttl).await?;
+        metrics.cluster_nodes.set(live.nodes.len() as i64);
+        tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
+        let cluster = Arc::new(Cluster {
+            me: RwLock::new(me),
+            conn,
+            config,
+            live: RwLock::new(live),
+            holdings: RwLock::default(),
+            wanted: Mutex::default(),
+            tainted: Mutex::default(),
+            held: watch::Sender::new(Shards::default()),
+            wake: Notify::new(),
+            store,
+            writer,
+            ingest,
+            metrics,
+        });
+        cluster.want_stored_shards().await?;
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> String {
+        self.me.read().id.clone()
+    }
+
+    /// The live nodes as this node last read them.
+    pub fn live(&self) -> LiveSet {
+        self.live.read().clone()
+    }
+
+    /// The shards whose lease this node holds.
+    pub fn held_shards(&self) -> watch::Receiver<Shards> {
+        self.held.subscribe()
+    }
+
+    /// The node that should own `shard` now.
+    pub fn owner(&self, shard: ShardId) -> Option<NodeInfo> {
+        self.live.read().owner(shard).cloned()
+    }
+
+    /// Whether drivers of `shard` belong here: this node should own it and
+    /// is not giving it up.
+    pub fn owns(&self, shard: ShardId) -> bool {
+        let mine = self
+            .live
+            .read()
+            .owner(shard)
+            .is_some_and(|owner| owner.id == self.me.read().id);
+        mine && !matches!(
+            self.holdings.read().get(&shard),
+            Some(Holding::Releasing(_))
+        ) && !self.tainted.lock().contains(&shard)
+    }
+
+    /// Where a client of `shard` should go, if not here.
+    pub fn redirect_for(&self, shard: ShardId) -> Option<String> {
+        if self.owns(shard) {
+            return None;
+        }
+        let owner = self.owner(shard)?;
+        (owner.id != self.me.read().id).then_some(owner.quic)
+    }
+
+    /// How far a driver may go past the edge of its shard before it is
+    /// handed over.
+    pub fn handoff_distance_m(&self) -> f64 {
+        self.config.handoff_distance_m
+    }
+
+    /// How long a handed-over driver's last state waits for its new node.
+    pub fn handoff_ttl(&self) -> Duration {
+        self.config.lease_ttl * 10
+    }
+
+    /// Shards in the store that this node should own: wanted at once, so a
+    /// node joining (or taking over from a dead one) loads them.
+    async fn want_stored_shards(&self) -> Result<(), StoreError> {
+        let stored: Vec<String> = self
+            .conn
+            .cmd(redis::cmd("SMEMBERS").arg(keys::SHARDS))
+            .await?;
+        let me = self.node_id();
+        let live = self.live.read().clone();
+        let holdings = self.holdings.read();
+        let mut wanted = self.wanted.lock();
+        for shard in stored.iter().filter_map(|s| s.parse::<ShardId>().ok()) {
+            if live.owner(shard).is_some_and(|o| o.id == me) && !holdings.contains_key(&shard) {
+                wanted.insert(shard);
+            }
+        }
+        Ok(())
+    }
+
+    /// Renews membership and leases, acquires wanted shards and gives up
+    /// the ones that moved, until shutdown; then leaves.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut renew = tokio::time::interval(self.config.renew_interval);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut acquire = tokio::time::interval(ACQUIRE_INTERVAL);
+        acquire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = renew.tick() => self.renew().await,
+                _ = acquire.tick() => self.acquire_wanted().await,
+                _ = self.wake.notified() => self.acquire_wanted().await,
+            }
+        }
+    }
+
+    /// Leaves the live set and gives every lease up, once the writer has
+    /// written the last changes.
+    pub async fn leave(&self) {
+        let id = self.node_id();
+        if let Err(e) = membership::leave(&self.conn, &id).await {
+            tracing::warn!(error = %e, "leaving the live set; it expires by itself");
+        }
+        let holdings: Vec<(ShardId, Arc<str>)> = self
+            .holdings
+            .write()
+            .drain()
+            .map(|(s, h)| (s, h.value().clone()))
+            .collect();
+        join_all(
+            holdings
+                .iter()
+                .map(|(shard, value)| leases::release(&self.conn, *shard, value)),
+        )
+        .await;
+        tracing::info!(released = holdings.len(), "left the cluster");
+    }
+
+    fn publish_held(&self) {
+        let holdings = self.holdings.read();
+        let held: HashSet<ShardId> = holdings.keys().copied().collect();
+        self.metrics.shards_held.set(held.len() as i64);
+        self.me.write().shards = held.iter().map(|s| s.to_string()).collect();
+        self.held.send_replace(Arc::new(held));
+    }
+
+    async fn renew(self: &Arc<Self>) {
+        let me = self.me.read().clone();
+        let ttl = self.config.lease_ttl;
+        match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {
+            Ok(live) => {
+                let changed = !live.same_members(&self.live.read());
+                self.metrics.cluster_nodes.set(live.nodes.len() as i64);
+                *self.live.write() = live;
+                if changed {
+                    tracing::info!(nodes = ?self.live.read().nodes.keys().collect::<Vec<_>>(), "the live set changed");
+                    self.rebalance().await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing membership"),
+        }
+        let holdings: Vec<(ShardId, Holding)> = self
+            .holdings
+            .read()
+            .iter()
+            .map(|(s, h)| (*s, h.clone()))
+            .collect();
+        let renewed = join_all(
+            holdings
+                .iter()
+                .map(|(shard, h)| leases::renew(&self.conn, *shard, h.value(), ttl)),
+        )
+        .await;
+        for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
+            match result {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%shard, "the shard's lease is no longer ours; stepping down");
+                    self.step_down(shard, holding.value());
+                }
+                Err(e) => tracing::warn!(%shard, error = %e, "renewing a shard lease"),
+            }
+        }
+    }
+
+    /// After the live set changed: gives up the shards that moved away, and
+    /// wants the ones that moved here.
+    async fn rebalance(self: &Arc<Self>) {
+        let moved: Vec<(ShardId, Arc<str>)> = {
+            let mut holdings = self.holdings.write();
+            let me = self.node_id();
+            let live = self.live.read();
+            let mut moved = Vec::new();
+            for (shard, holding) in holdings.iter_mut() {
+                if let Holding::Held(value) = holding {
+                    if !live.owner(*shard).is_some_and(|o| o.id == me) {
+                        moved.push((*shard, value.clone()));
+                        *holding = Holding::Releasing(value.clone());
+                    }
+                }
+            }
+            moved
+        };
+        self.wanted.lock().retain(|&s| self.should_own(s));
+        for (shard, value) in moved {
+            let cluster = self.clone();
+            tokio::spawn(async move { cluster.give_up(shard, value).await });
+        }
+        if let Err(e) = self.want_stored_shards().await {
+            tracing::warn!(error = %e, "reading the stored shards");
+        }
+        self.wake.notify_one();
+    }
+
+    fn should_own(&self, shard: ShardId) -> bool {
+        let me = self.node_id();
+        self.live.read().owner(shard).is_some_and(|o| o.id == me)
+    }
+
+    /// Hands a shard to its new owner: its drivers are redirected as they
+    /// next report (sessions see it is no longer ours), what they sent is
+    /// written, then the lease goes, and whatever is left leaves the table.
+    async fn give_up(&self, shard: ShardId, value: Arc<str>) {
+        tracing::info!(%shard, "handing the shard to its new owner");
+        let deadline = tokio::time::Instant::now() + self.config.renew_interval;
+        while tokio::time::Instant::now() < deadline
+            && self.ingest.table.shard_counts().contains_key(&shard)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.writer.flushed().await;
+        match leases::release(&self.conn, shard, &value).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%shard, error = %e, "releasing a lease; it expires by itself"),
+        }
+        self.drop_holding(shard, &value);
+    }
+
+    /// This node lost a shard it thought it held: it writes nothing more
+    /// there and forgets the shard's vehicles (the new owner has them).
+    fn step_down(&self, shard: ShardId, value: &str) {
+        self.tainted.lock().insert(shard);
+        self.writer.discard(shard);
+        self.drop_holding(shard, value);
+        if self.should_own(shard) {
+            // Ours again once whoever holds it now lets it go.
+            self.wanted.lock().insert(shard);
+        }
+    }
+
+    fn drop_holding(&self, shard: ShardId, value: &str) {
+        let dropped = {
+            let mut holdings = self.holdings.write();
+            match holdings.get(&shard) {
+                Some(h) if &**h.value() == value => holdings.remove(&shard).is_some(),
+                _ => false,
+            }
+        };
+        if dropped {
+            let released = self.ingest.release_shard(shard);
+            self.metrics.shards_released.inc();
+            tracing::info!(%shard, vehicles = released, "gave up the shard");
+            self.publish_held();
+        }
+    }
+
+    async fn acquire_wanted(self: &Arc<Self>) {
+        let wanted: Vec<ShardId> = self.wanted.lock().iter().copied().collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let me = self.node_id();
+        let ttl = self.config.lease_ttl;
+        let results = join_all(
+            wanted
+                .iter()
+                .map(|&shard| leases::acquire(&self.conn, shard, &me, ttl)),
+        )
+        .await;
+        for (shard, result) in wanted.into_iter().zip(results) {
+            match result {
+                Ok(Some(value)) => self.took(shard, value.into()).await,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%shard, error = %e, "acquiring a shard lease"),
+            }
+        }
+    }
+
+    /// A lease acquired: the shard's stored vehicles become this node's
+    /// (those it does not already hold with a newer fix).
+    async fn took(&self, shard: ShardId, value: Arc<str>) {
+        let states = match self.store.load_shard(shard).await {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(%shard, error = %e, "loading a shard taken over; trying again");
+                let _ = leases::release(&self.conn, shard, &value).await;
+                return;
+            }
+        };
+        if !self.should_own(shard) {
+            let _ = leases::release(&self.conn, shard, &value).await;
+            self.wanted.lock().remove(&shard);
+            return;
+        }
+        self.holdings.write().insert(shard, Holding::Held(value));
+        self.wanted.lock().remove(&shard);
+        self.tainted.lock().remove(&shard);
+        let taken = self.ingest.take_over(shard, states);
+        self.metrics.shards_taken_over.inc();
+        tracing::info!(%shard, vehicles = taken, "took the shard over");
+        self.publish_held();
+    }
+}
+
+impl Fences for Cluster {
+    fn fence(&self, shard: ShardId) -> Fence {
+        if let Some(holding) = self.holdings.read().get(&shard) {
+            return Fence::Held(holding.value().clone());
+        }
+        if self.should_own(shard) {
+            if self.wanted.lock().insert(shard) {
+                self.wake.notify_one();
+            }
+            Fence::Awaiting
+        } else {
+            Fence::Foreign
+        }
+    }
+
+    fn fenced(&self, shard: ShardId) {
+        let value = self.holdings.read().get(&shard).map(|h| h.value().clone());
+        if let Some(value) = value {
+            self.step_down(shard, &value);
+        }
+    }
+
+    fn publishes(&self) -> bool {
+        true
+    }
+}
