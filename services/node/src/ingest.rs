@@ -113,10 +113,15 @@ impl Ingest {
 
     /// The driver is handed to another node: this node forgets the vehicle
     /// without signing it off. Riders keep seeing it (in transit) until its
-    /// new node's first fix moves it. Returns what this node last held.
-    pub fn hand_off(&self, id: &VehicleId) -> Option<Entry> {
+    /// new node's first fix moves it. `leaves_shard`: the vehicle goes to
+    /// another shard (it crossed into one another node owns), so it leaves
+    /// this one in the store; otherwise its shard itself changes hands and
+    /// it stays there for the new owner. Returns what this node last held.
+    pub fn hand_off(&self, id: &VehicleId, leaves_shard: bool) -> Option<Entry> {
         let entry = self.table.remove(id)?;
-        self.writer.stage_removal(entry.shard, id.clone(), None);
+        if leaves_shard {
+            self.writer.stage_removal(entry.shard, id.clone(), None);
+        }
         self.fanout.vehicle_in_transit(id.clone(), entry.shard);
         self.metrics.handoffs.inc();
         self.metrics.vehicles.set(self.table.len() as i64);

@@ -258,12 +258,14 @@ impl DriverClient {
     /// used or a seed, with a backoff and jitter between attempts.
     async fn reconnect(&mut self) -> Result<(), ClientError> {
         let redirect = self.shared.redirect.lock().take();
-        let mut targets = vec![self.node];
+        // The other nodes first: the one in use may be the one that died.
+        let mut targets: Vec<SocketAddr> = Vec::new();
         for seed in &self.options.seeds {
-            if !targets.contains(seed) {
+            if *seed != self.node && !targets.contains(seed) {
                 targets.push(*seed);
             }
         }
+        targets.push(self.node);
         let mut backoff = Duration::from_millis(50);
         let mut last = ClientError::Timeout;
         for attempt in 0..RECONNECT_ATTEMPTS {

@@ -248,6 +248,8 @@ async fn keep(
     mut inbox: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut latest: Option<Subscribe> = None;
+    // Which of `targets` the link goes to.
+    let mut next = 0usize;
     loop {
         if let Some(sub) = &latest {
             if link_now
@@ -264,14 +266,14 @@ async fn keep(
             Ended::Dropped if reconnect => {}
             Ended::Dropped => return,
         }
-        // The node it used first, then the others in turn, with jitter so
-        // that a dead node's riders do not all come back at once.
+        // The nodes in turn, with jitter so that a dead node's riders do not
+        // all come back at once.
         let mut backoff = Duration::from_millis(50);
-        let mut attempt = 0;
         link_now = loop {
             tokio::time::sleep(backoff.mul_f64(rand::random_range(0.5..1.5))).await;
-            let addr = targets[attempt % targets.len()];
-            attempt += 1;
+            // The next node first: the one in use may be the one that died.
+            next += 1;
+            let addr = targets[next % targets.len()];
             match link(&connector, addr, &token, &shared.bytes).await {
                 Ok(l) => break l,
                 Err(e) => {

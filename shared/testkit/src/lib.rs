@@ -3,6 +3,8 @@
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port, in a
 //!   temporary directory, killed when dropped: no shared Redis, no fixed
 //!   ports, nothing left running.
+//! - [`RedisCluster`]: several `cluster-enabled` servers joined by
+//!   `redis-cli --cluster create`, masters only.
 //! - [`free_tcp_port`], [`free_udp_port`]: ports to bind on loopback.
 //! - [`eventually`]: wait for an outcome instead of sleeping a guessed time.
 
@@ -24,6 +26,8 @@ pub enum TestkitError {
     TempDir(std::io::Error),
     #[error("a free port: {0}")]
     Port(std::io::Error),
+    #[error("redis-cli --cluster create: {0}")]
+    ClusterCreate(String),
 }
 
 /// A `redis-server` of its own, on a free port, in a temp directory.
@@ -79,7 +83,12 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), TestkitError> {
+        self.spawn_with(&[])
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) -> Result<(), TestkitError> {
         let child = Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -140,6 +149,76 @@ impl RedisServer {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection())
             .expect("connect to the test redis")
+    }
+}
+
+/// A Redis Cluster of its own: `masters` servers with `cluster-enabled
+/// yes`, their slots spread by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub servers: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts one and waits until every slot is served, or panics.
+    pub fn start(masters: usize) -> Self {
+        Self::try_start(masters).unwrap_or_else(|e| panic!("could not start a Redis Cluster: {e}"))
+    }
+
+    pub fn try_start(masters: usize) -> Result<Self, TestkitError> {
+        let mut servers = Vec::new();
+        for _ in 0..masters {
+            let port = free_tcp_port();
+            let mut server = RedisServer {
+                child: None,
+                port,
+                dir: tempfile::tempdir().map_err(TestkitError::TempDir)?,
+            };
+            let conf = server.dir.path().join("nodes.conf");
+            let conf = conf.to_string_lossy().into_owned();
+            server.spawn_with(&["--cluster-enabled", "yes", "--cluster-config-file", &conf])?;
+            servers.push(server);
+        }
+        let addrs: Vec<String> = servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .map_err(TestkitError::Spawn)?;
+        if !out.status.success() {
+            return Err(TestkitError::ClusterCreate(
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        }
+        let cluster = Self { servers };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if cluster.servers.iter().all(|s| {
+                let mut conn = s.conn();
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+            }) {
+                return Ok(cluster);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(TestkitError::NoAnswer)
+    }
+
+    /// The seed list a cluster client takes: every server, comma-separated.
+    pub fn seeds(&self) -> String {
+        self.servers
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -239,7 +239,7 @@ impl<'a> DriverSession<'a> {
             None => placed,
             Some(cluster) => match self.route(cluster, placed, &valid) {
                 Route::Here(placed) => placed,
-                away => return self.leave(cluster, away).await,
+                away => return self.leave(cluster, away, true).await,
             },
         };
         self.ctx
@@ -294,12 +294,18 @@ impl<'a> DriverSession<'a> {
             }),
             None => Route::Unavailable,
         };
-        self.leave(cluster, away).await
+        // The shard itself moves: the vehicle stays in it for the new owner.
+        self.leave(cluster, away, false).await
     }
 
     /// Hands the driver over: its last state is left for the next node, its
     /// vehicle goes in transit here, and the client is told where to go.
-    async fn leave(&mut self, cluster: &Cluster, away: Route) -> Result<(), Stop> {
+    async fn leave(
+        &mut self,
+        cluster: &Cluster,
+        away: Route,
+        leaves_shard: bool,
+    ) -> Result<(), Stop> {
         if let Some(entry) = self.ctx.ingest.table.get(&self.id) {
             if let Err(e) = self
                 .ctx
@@ -309,7 +315,7 @@ impl<'a> DriverSession<'a> {
             {
                 tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state");
             }
-            self.ctx.ingest.hand_off(&self.id);
+            self.ctx.ingest.hand_off(&self.id, leaves_shard);
         }
         match away {
             Route::Away(redirect) => Err(Stop::Redirected(redirect)),

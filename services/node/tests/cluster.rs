@@ -1,0 +1,918 @@
+//! Several `hexfleet-node` processes acting as one, on real Redis: drivers
+//! end on their shard's owner, riders see across shard boundaries from any
+//! node, a driver crossing into another node's shard is handed over without
+//! a gap, a killed node's share converges elsewhere, a frozen node writes
+//! nothing when it wakes, and the same on a Redis Cluster.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_client::{
+    Connector, DriverClient, DriverOptions, Event, FixInput, RiderClient, RiderOptions,
+    Subscription,
+};
+use hexfleet_model::{
+    CellModel, Position, ShardId, VehicleClass, VehicleId, VehicleState, VehicleStatus,
+};
+use hexfleet_node::{cluster::membership::LiveSet, store::keys};
+use hexfleet_protocol::{
+    bus::NodeInfo,
+    dashboard::{DashboardEvent, DashboardRequest, Viewport},
+    dev, Claims, DriverReport, Role,
+};
+use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisCluster, RedisServer};
+use parking_lot::Mutex;
+use rustix::process::{kill_process, Pid, Signal};
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(30);
+/// Shards of ~5 km² (resolution 7), so a few kilometres hold many.
+const SHARD_RES: u8 = 7;
+const CENTER: (f64, f64) = (52.52, 13.405);
+
+fn cells() -> CellModel {
+    CellModel::new(9, SHARD_RES).unwrap()
+}
+
+fn shard_of(lat: f64, lon: f64) -> ShardId {
+    cells().locate(Position::new(lat, lon).unwrap()).1
+}
+
+fn report() -> DriverReport {
+    DriverReport {
+        class: VehicleClass::Economy,
+        status: VehicleStatus::Available,
+    }
+}
+
+fn token(role: Role, id: &str) -> String {
+    let expires = hexfleet_node::clock::now_s() + 3600;
+    Claims::new(role, VehicleId::new(id).unwrap(), expires).mint(SECRET.as_bytes())
+}
+
+/// One `hexfleet-node` process of the cluster; killed if dropped.
+struct Node {
+    id: String,
+    child: Child,
+    quic: SocketAddr,
+    http: SocketAddr,
+    log: PathBuf,
+}
+
+impl Node {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill_process(Pid::from_child(&self.child), signal).expect("signal the node");
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.http))
+            .await
+            .and_then(|r| r.error_for_status());
+        let Ok(text) = text else { return 0.0 };
+        let text = text.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Nodes sharing one store, and one development certificate.
+struct Cluster {
+    store: String,
+    redis_url: String,
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    async fn start(store: &str, redis_url: String, count: usize) -> Self {
+        let mut cluster = Cluster {
+            store: store.into(),
+            redis_url,
+            dir: tempfile::tempdir().unwrap(),
+            nodes: Vec::new(),
+        };
+        for i in 0..count {
+            // The first writes the shared certificate; the others reuse it.
+            let node = cluster.spawn(&format!("n{i}"));
+            healthy(node.http).await;
+            cluster.nodes.push(node);
+        }
+        cluster.converged(count).await;
+        cluster
+    }
+
+    fn spawn(&self, id: &str) -> Node {
+        let (quic, http) = (loopback(free_udp_port()), loopback(free_tcp_port()));
+        let config = self.dir.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"{id}\"\n\
+                 [cells]\nshard_res = {SHARD_RES}\n\
+                 [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
+                 [cluster]\nenabled = true\nlease_ttl = \"2s\"\nrenew_interval = \"500ms\"\n",
+                self.store, self.redis_url
+            ),
+        )
+        .unwrap();
+        let log = self.dir.path().join(format!("{id}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hexfleet-node"))
+            .env_remove("HEXFLEET_CONFIG")
+            .env_remove("HEXFLEET_DEV")
+            .env("HEXFLEET_TOKEN_SECRET", SECRET)
+            .env("HEXFLEET_DEV_DIR", self.dir.path())
+            .env("RUST_LOG", "info")
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--quic-listen", &quic.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("hexfleet-node starts");
+        Node {
+            id: id.into(),
+            child,
+            quic,
+            http,
+            log,
+        }
+    }
+
+    /// Waits until every node sees `count` live nodes.
+    async fn converged(&self, count: usize) {
+        for node in &self.nodes {
+            eventually(WAIT, "every node sees the live set", async || {
+                let live = live_set(node.http).await?;
+                (live.nodes.len() == count).then_some(())
+            })
+            .await;
+        }
+    }
+
+    fn connector(&self) -> Connector {
+        Connector::new(
+            &self.dir.path().join(dev::DEV_CERT_FILE),
+            dev::DEV_SERVER_NAME,
+        )
+        .unwrap()
+        // Notice a dead node within a fraction of a second.
+        .with_liveness(Duration::from_millis(200), Duration::from_millis(700))
+    }
+
+    fn seeds(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.quic).collect()
+    }
+
+    fn by_id(&self, id: &str) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).unwrap()
+    }
+
+    /// The live set as the nodes compute owners from it.
+    fn live(&self) -> LiveSet {
+        LiveSet {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let info = NodeInfo {
+                        id: n.id.clone(),
+                        quic: n.quic.to_string(),
+                        http: n.http.to_string(),
+                        shards: Vec::new(),
+                        instance: 0,
+                    };
+                    (n.id.clone(), info)
+                })
+                .collect(),
+        }
+    }
+
+    fn owner(&self, shard: ShardId) -> &Node {
+        let live = self.live();
+        self.by_id(&live.owner(shard).unwrap().id)
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.id, n.log()))
+            .collect()
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+async fn healthy(http: SocketAddr) {
+    eventually(WAIT, "the node answers /healthz", async || {
+        let resp = reqwest::get(format!("http://{http}/healthz")).await.ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+}
+
+async fn live_set(http: SocketAddr) -> Option<LiveSet> {
+    let body: serde_json::Value = reqwest::get(format!("http://{http}/v1/cluster"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let nodes: Vec<NodeInfo> = serde_json::from_value(body["nodes"].clone()).ok()?;
+    Some(LiveSet {
+        nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
+    })
+}
+
+/// A driver standing at one spot, reporting every 200 ms until stopped.
+struct Standing {
+    id: String,
+    at: (f64, f64),
+    client: Arc<tokio::sync::Mutex<DriverClient>>,
+}
+
+async fn driver(cluster: &Cluster, via: SocketAddr, id: &str) -> DriverClient {
+    let options = DriverOptions {
+        reconnect: true,
+        seeds: cluster.seeds(),
+    };
+    cluster
+        .connector()
+        .driver_with(via, &token(Role::Driver, id), report(), options)
+        .await
+        .unwrap_or_else(|e| panic!("{id} connects: {e}"))
+}
+
+/// Drivers on a grid of `side`×`side` spots 600 m apart around the centre,
+/// all connected through the first node.
+async fn standing_fleet(cluster: &Cluster, side: usize) -> Vec<Standing> {
+    let mut fleet = Vec::new();
+    for i in 0..side * side {
+        let (row, col) = ((i / side) as f64, (i % side) as f64);
+        let half = (side as f64 - 1.0) / 2.0;
+        let at = (
+            CENTER.0 + (row - half) * 0.0054,
+            CENTER.1 + (col - half) * 0.0088,
+        );
+        let id = format!("drv-{i}");
+        let client = driver(cluster, cluster.nodes[0].quic, &id).await;
+        fleet.push(Standing {
+            id,
+            at,
+            client: Arc::new(tokio::sync::Mutex::new(client)),
+        });
+    }
+    fleet
+}
+
+/// Sends each standing driver's fix every 200 ms until the token stops.
+fn keep_reporting(fleet: &[Standing], stop: &tokio_util::sync::CancellationToken) {
+    for d in fleet {
+        let (client, at, stop) = (d.client.clone(), d.at, stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = client.lock().await.send_fix(FixInput::at(at.0, at.1)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+}
+
+async fn rider(cluster: &Cluster, node: &Node, id: &str, sub: Subscription) -> RiderClient {
+    let options = RiderOptions {
+        reconnect: true,
+        seeds: cluster.seeds(),
+        ..Default::default()
+    };
+    let r = cluster
+        .connector()
+        .rider(node.quic, &token(Role::Rider, id), options)
+        .await
+        .unwrap();
+    r.subscribe(sub);
+    r
+}
+
+/// The drivers a rider watching `sub` must see: those whose index cell is
+/// in its neighbourhood.
+fn expected(fleet: &[Standing], sub: &Subscription) -> HashSet<String> {
+    let cells = cells();
+    let center = Position::new(sub.lat, sub.lon).unwrap();
+    let watched: HashSet<_> = cells
+        .neighbourhood(center, sub.radius_m)
+        .into_iter()
+        .collect();
+    fleet
+        .iter()
+        .filter(|d| {
+            let (cell, _) = cells.locate(Position::new(d.at.0, d.at.1).unwrap());
+            watched.contains(&cell.0)
+        })
+        .map(|d| d.id.clone())
+        .collect()
+}
+
+fn shows_exactly(r: &RiderClient, expected: &HashSet<String>, fleet: &[Standing]) -> bool {
+    let view = r.view();
+    let ids: HashSet<String> = view.keys().map(|id| id.to_string()).collect();
+    ids == *expected
+        && fleet.iter().filter(|d| expected.contains(&d.id)).all(|d| {
+            let v = &view[&VehicleId::new(&d.id).unwrap()];
+            (v.lat - d.at.0).abs() < 1e-9 && (v.lon - d.at.1).abs() < 1e-9
+        })
+}
+
+/// The core scenario: drivers over many shards end on their shard's owner,
+/// and a rider on each node, watching an area across shard boundaries,
+/// sees exactly the truth.
+async fn every_driver_ends_on_its_owner_and_every_rider_sees_the_truth(cluster: &Cluster) {
+    let fleet = standing_fleet(cluster, 5).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    keep_reporting(&fleet, &stop);
+
+    for d in &fleet {
+        let owner = cluster.owner(shard_of(d.at.0, d.at.1)).quic;
+        eventually(WAIT, "each driver on its shard's owner", async || {
+            (d.client.lock().await.node() == owner).then_some(())
+        })
+        .await;
+    }
+    let owners: HashSet<&str> = fleet
+        .iter()
+        .map(|d| cluster.owner(shard_of(d.at.0, d.at.1)).id.as_str())
+        .collect();
+    assert_eq!(
+        owners.len(),
+        cluster.nodes.len(),
+        "the fleet spans every node's shards"
+    );
+
+    let sub = Subscription::around(CENTER.0, CENTER.1, 1_500.0);
+    let want = expected(&fleet, &sub);
+    let shards: HashSet<ShardId> = fleet
+        .iter()
+        .filter(|d| want.contains(&d.id))
+        .map(|d| shard_of(d.at.0, d.at.1))
+        .collect();
+    assert!(
+        shards.len() >= 2,
+        "the riders watch across a shard boundary"
+    );
+    let mut riders = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        riders.push(rider(cluster, node, &format!("rider-{i}"), sub.clone()).await);
+    }
+    for (i, r) in riders.iter().enumerate() {
+        let check = eventually(WAIT, "every rider sees the truth", async || {
+            shows_exactly(r, &want, &fleet).then_some(())
+        });
+        if tokio::time::timeout(WAIT + Duration::from_secs(1), check)
+            .await
+            .is_err()
+        {
+            panic!(
+                "rider {i} sees {:?}, wants {want:?}\n{}",
+                r.view().keys(),
+                cluster.logs()
+            );
+        }
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_one_redis_act_as_one() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 3).await;
+    every_driver_ends_on_its_owner_and_every_rider_sees_the_truth(&cluster).await;
+    // Any node answers for the whole fleet.
+    for node in &cluster.nodes {
+        let body: serde_json::Value =
+            reqwest::get(format!("http://{}/v1/vehicles/drv-0", node.http))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        assert_eq!(body["id"], "drv-0", "{body}");
+        let near: serde_json::Value = reqwest::get(format!(
+            "http://{}/v1/vehicles?lat={}&lon={}&radius_m=5000&limit=100",
+            node.http, CENTER.0, CENTER.1
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(near["count"], 25, "{near}");
+    }
+    let at: serde_json::Value = reqwest::get(format!(
+        "http://{}/v1/cluster?lat={}&lon={}",
+        cluster.nodes[0].http, CENTER.0, CENTER.1
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let owner = cluster.owner(shard_of(CENTER.0, CENTER.1));
+    assert_eq!(at["owner"]["node"], owner.id.as_str(), "{at}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_scenario_holds_on_a_three_master_redis_cluster() {
+    let redis = RedisCluster::start(3);
+    let cluster = Cluster::start("redis-cluster", redis.seeds(), 3).await;
+    every_driver_ends_on_its_owner_and_every_rider_sees_the_truth(&cluster).await;
+}
+
+/// A point `m` metres from `from` towards `to` (flat-earth, fine for a km).
+fn towards(from: (f64, f64), to: (f64, f64), m: f64) -> (f64, f64) {
+    let dy = (to.0 - from.0) * 111_320.0;
+    let dx = (to.1 - from.1) * 111_320.0 * from.0.to_radians().cos();
+    let d = (dx * dx + dy * dy).sqrt();
+    (
+        from.0 + dy / d * m / 111_320.0,
+        from.1 + dx / d * m / (111_320.0 * from.0.to_radians().cos()),
+    )
+}
+
+/// Two neighbouring shards owned by different nodes, and where a straight
+/// line from the first's centre to the second's crosses from one to the other.
+fn boundary(cluster: &Cluster) -> (ShardId, ShardId, (f64, f64), (f64, f64)) {
+    let home = shard_of(CENTER.0, CENTER.1);
+    let away = home
+        .0
+        .grid_disk::<Vec<_>>(1)
+        .into_iter()
+        .map(ShardId)
+        .find(|s| cluster.owner(*s).id != cluster.owner(home).id)
+        .expect("a neighbouring shard owned by another node");
+    let (a, b) = (h3o::LatLng::from(home.0), h3o::LatLng::from(away.0));
+    let (a, b) = ((a.lat(), a.lng()), (b.lat(), b.lng()));
+    let mut crossing = a;
+    for step in 0..10_000 {
+        let p = towards(a, b, step as f64 * 2.0);
+        if shard_of(p.0, p.1) == away {
+            crossing = p;
+            break;
+        }
+    }
+    (home, away, crossing, towards(a, b, 1.0e6))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_crossing_into_another_nodes_shard_is_handed_over_without_a_gap() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 2).await;
+    let (home, away, crossing, far) = boundary(&cluster);
+    let (from, to) = (cluster.owner(home), cluster.owner(away));
+    // Riders on both nodes watch the boundary.
+    let sub = Subscription::around(crossing.0, crossing.1, 900.0);
+    let watching = [
+        rider(&cluster, from, "watch-a", sub.clone()).await,
+        rider(&cluster, to, "watch-b", sub.clone()).await,
+    ];
+    let mut d = driver(&cluster, from.quic, "crosser").await;
+    // 6 m every 100 ms (60 m/s) along the line through the crossing.
+    let at = |m: f64| towards(crossing, far, m);
+    let mut path: Vec<f64> = (-20..=0).map(|k| k as f64 * 6.0).collect();
+    // Along the boundary: in and out by 48 m, twice. No hand-off.
+    for _ in 0..2 {
+        path.extend((1..=8).map(|k| k as f64 * 6.0));
+        path.extend((1..=16).map(|k| 48.0 - k as f64 * 6.0));
+        path.extend((1..=8).map(|k| -48.0 + k as f64 * 6.0));
+    }
+    let zigzag_end = path.len();
+    // Then on, 330 m into the other shard: one hand-off, at 250 m.
+    path.extend((1..=55).map(|k| k as f64 * 6.0));
+    let mut last_seq = 0;
+    for (i, m) in path.iter().enumerate() {
+        let p = at(*m);
+        last_seq = d.send_fix(FixInput::at(p.0, p.1)).await.unwrap();
+        if i == zigzag_end {
+            assert_eq!(
+                d.reconnects(),
+                0,
+                "no hand-off within 250 m of the crossing"
+            );
+            assert_eq!(d.node(), from.quic);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end = at(330.0);
+    for _ in 0..20 {
+        if d.node() == to.quic {
+            break;
+        }
+        last_seq = d.send_fix(FixInput::at(end.0, end.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        d.node(),
+        to.quic,
+        "handed to the other node\n{}",
+        cluster.logs()
+    );
+    assert_eq!(d.reconnects(), 1, "exactly one hand-off");
+    assert!(from.metric("hexfleet_handoffs_total").await >= 1.0);
+    let id = VehicleId::new("crosser").unwrap();
+    for r in &watching {
+        eventually(WAIT, "the rider sees the last fix", async || {
+            let view = r.view();
+            let v = view.get(&id)?;
+            ((v.lat - end.0).abs() < 1e-6 && (v.lon - end.1).abs() < 1e-6).then_some(())
+        })
+        .await;
+        let removed: Vec<Event> = r
+            .take_events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::Removed(v, _) if *v == id))
+            .collect();
+        assert!(
+            removed.is_empty(),
+            "the vehicle left view during the hand-off: {removed:?}"
+        );
+    }
+    // Sequence numbers continue across the hand-off.
+    let stored: serde_json::Value = reqwest::get(format!("http://{}/v1/vehicles/crosser", to.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["seq"], last_seq, "{stored}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_vehicles_are_visible_again_to_every_rider_within_five_seconds() {
+    let redis = RedisServer::start();
+    let mut cluster = Cluster::start("redis", redis.url(), 3).await;
+    let fleet = standing_fleet(&cluster, 4).await;
+    // Moving: each fix a little further north, so a rider's view tells a fix
+    // sent after the kill from one before.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sent: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
+    for d in &fleet {
+        let (client, at, stop, sent, id) = (
+            d.client.clone(),
+            d.at,
+            stop.clone(),
+            sent.clone(),
+            d.id.clone(),
+        );
+        tokio::spawn(async move {
+            let mut step = 0;
+            while !stop.is_cancelled() {
+                let lat = at.0 + step as f64 * 1e-6;
+                if client
+                    .lock()
+                    .await
+                    .send_fix(FixInput::at(lat, at.1))
+                    .await
+                    .is_ok()
+                {
+                    sent.lock().insert(id.clone(), lat);
+                }
+                step += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    for d in &fleet {
+        let owner = cluster.owner(shard_of(d.at.0, d.at.1)).quic;
+        eventually(WAIT, "each driver on its shard's owner", async || {
+            (d.client.lock().await.node() == owner).then_some(())
+        })
+        .await;
+    }
+    let sub = Subscription::around(CENTER.0, CENTER.1, 2_500.0);
+    let ids: HashSet<String> = fleet.iter().map(|d| d.id.clone()).collect();
+    assert_eq!(expected(&fleet, &sub), ids);
+    let mut riders = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        riders.push(rider(&cluster, node, &format!("rider-{i}"), sub.clone()).await);
+    }
+    for r in &riders {
+        eventually(WAIT, "every rider sees the fleet", async || {
+            (r.view().len() == ids.len()).then_some(())
+        })
+        .await;
+    }
+    // Kill the node owning the most of the fleet.
+    let victim = {
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for d in &fleet {
+            *count
+                .entry(&cluster.owner(shard_of(d.at.0, d.at.1)).id)
+                .or_default() += 1;
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .unwrap()
+            .0
+            .to_string()
+    };
+    let at_kill = sent.lock().clone();
+    let killed = Instant::now();
+    let index = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
+    let mut dead = cluster.nodes.remove(index);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    // Converged: every rider shows every vehicle at a fix sent after the
+    // kill, and nothing else.
+    let converged = |r: &RiderClient| {
+        let view = r.view();
+        view.len() == ids.len()
+            && at_kill.iter().all(|(id, lat)| {
+                view.get(&VehicleId::new(id).unwrap())
+                    .is_some_and(|v| v.lat > *lat)
+            })
+    };
+    let mut pending: Vec<&RiderClient> = riders.iter().collect();
+    while !pending.is_empty() {
+        pending.retain(|r| !converged(r));
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "not converged after 20 s\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = killed.elapsed();
+    println!(
+        "failover: kill -9 to every rider converged in {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "converged only after {took:?}\n{}",
+        cluster.logs()
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_writes_nothing_when_it_wakes() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 2).await;
+    // A spot node n0 owns.
+    let (home, _, _, _) = boundary(&cluster);
+    let frozen = cluster.owner(home);
+    let other = cluster.nodes.iter().find(|n| n.id != frozen.id).unwrap();
+    let spot = {
+        let c = h3o::LatLng::from(home.0);
+        (c.lat(), c.lng())
+    };
+    let connector = cluster.connector();
+    let mut stale = connector
+        .driver(frozen.quic, &token(Role::Driver, "frozen"), report())
+        .await
+        .unwrap();
+    stale.send_fix(FixInput::at(spot.0, spot.1)).await.unwrap();
+    eventually(WAIT, "the first fix in Redis", async || {
+        stored(&redis, "frozen").filter(|s| s.lat == spot.0)
+    })
+    .await;
+    frozen.signal(Signal::STOP);
+    // Fixes the frozen node will find in its socket when it wakes.
+    let staged: Vec<f64> = (1..=5).map(|k| spot.0 + k as f64 * 1e-5).collect();
+    for lat in &staged {
+        let _ = stale.send_fix(FixInput::at(*lat, spot.1)).await;
+    }
+    // Its lease expires, and the other node takes the shard over.
+    let lease = keys::lease(home);
+    eventually(WAIT, "the other node holds the shard", async || {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&lease)
+            .query(&mut redis.conn())
+            .ok()?;
+        value.filter(|v| v.starts_with(&format!("{} ", other.id)))
+    })
+    .await;
+    // The driver comes back through the other node and moves on.
+    let mut fresh = connector
+        .driver(other.quic, &token(Role::Driver, "frozen"), report())
+        .await
+        .unwrap();
+    let moved_to = spot.0 - 2e-5;
+    fresh
+        .send_fix(FixInput::at(moved_to, spot.1))
+        .await
+        .unwrap();
+    eventually(WAIT, "the new owner's write", async || {
+        stored(&redis, "frozen").filter(|s| s.lat == moved_to)
+    })
+    .await;
+    frozen.signal(Signal::CONT);
+    eventually(WAIT, "the woken node steps down", async || {
+        (frozen.metric("hexfleet_shards_released_total").await >= 1.0).then_some(())
+    })
+    .await;
+    // Give whatever it had a chance to land; none of it may.
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        let now = stored(&redis, "frozen").expect("the vehicle stays in Redis");
+        assert!(
+            !staged.contains(&now.lat),
+            "a fix the frozen node had staged landed: {now:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "fenced flushes on the woken node: {}",
+        frozen.metric("hexfleet_store_fenced_total").await
+    );
+}
+
+/// The state Redis holds for a vehicle, found through its locator.
+fn stored(redis: &RedisServer, id: &str) -> Option<VehicleState> {
+    let mut conn = redis.conn();
+    let id = VehicleId::new(id).unwrap();
+    let shard: Option<String> = redis::cmd("GET")
+        .arg(keys::locator(&id))
+        .query(&mut conn)
+        .ok()?;
+    let bytes: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(keys::state(shard?.parse().ok()?))
+        .arg(id.as_str())
+        .query(&mut conn)
+        .ok()?;
+    rmp_serde::from_slice(&bytes?).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_on_one_node_watches_a_district_another_node_owns() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 2).await;
+    let (home, _, _, _) = boundary(&cluster);
+    let owner = cluster.owner(home);
+    let watcher = cluster.nodes.iter().find(|n| n.id != owner.id).unwrap();
+    let c = h3o::LatLng::from(home.0);
+    let mut drivers = Vec::new();
+    for i in 0..4 {
+        let mut d = driver(&cluster, owner.quic, &format!("district-{i}")).await;
+        d.send_fix(FixInput::at(c.lat() + i as f64 * 1e-3, c.lng()))
+            .await
+            .unwrap();
+        drivers.push(d);
+    }
+    let url = format!(
+        "ws://{}/v1/ws?token={}",
+        watcher.http,
+        token(Role::Dashboard, "dispatch")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let view = |zoom: f64, half: f64, id: u32| {
+        let bbox = hexfleet_model::BBox::new(
+            c.lat() - half,
+            c.lng() - half,
+            c.lat() + half,
+            c.lng() + half,
+        )
+        .unwrap();
+        let request = DashboardRequest::Viewport(Viewport {
+            id,
+            bbox,
+            zoom,
+            filter: None,
+        });
+        tokio_tungstenite::tungstenite::Message::text(serde_json::to_string(&request).unwrap())
+    };
+    // Close in: vehicles, moving.
+    ws.send(view(15.0, 0.01, 1)).await.unwrap();
+    let mut shown: HashMap<String, f64> = HashMap::new();
+    let deadline = Instant::now() + WAIT;
+    let mut moved = false;
+    while Instant::now() < deadline {
+        let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(200), ws.next()).await
+        else {
+            if shown.len() == 4 && !moved {
+                drivers[0]
+                    .send_fix(FixInput::at(c.lat() - 5e-4, c.lng()))
+                    .await
+                    .unwrap();
+                moved = true;
+            }
+            continue;
+        };
+        let Ok(event) = serde_json::from_str::<DashboardEvent>(message.to_text().unwrap_or(""))
+        else {
+            continue;
+        };
+        if let DashboardEvent::Update(u) = event {
+            for a in u.added {
+                shown.insert(a.id.to_string(), a.lat);
+            }
+            for m in u.moved {
+                shown.insert(m.id.clone(), m.lat);
+            }
+        }
+        if moved && (shown["district-0"] - (c.lat() - 5e-4)).abs() < 1e-9 {
+            break;
+        }
+    }
+    assert_eq!(shown.len(), 4, "{shown:?}\n{}", cluster.logs());
+    assert!(
+        (shown["district-0"] - (c.lat() - 5e-4)).abs() < 1e-9,
+        "the dashboard saw the move: {shown:?}"
+    );
+    // Zoomed out: counts, from the other node's replica.
+    ws.send(view(9.0, 0.3, 2)).await.unwrap();
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    let deadline = Instant::now() + WAIT;
+    while counts.values().sum::<u32>() != 4 && Instant::now() < deadline {
+        let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(500), ws.next()).await
+        else {
+            continue;
+        };
+        if let Ok(DashboardEvent::Density(d)) =
+            serde_json::from_str::<DashboardEvent>(message.to_text().unwrap_or(""))
+        {
+            if d.snapshot {
+                counts.clear();
+            }
+            for cell in d.cells {
+                counts.insert(cell.cell, cell.counts.total());
+            }
+        }
+    }
+    assert_eq!(
+        counts.values().sum::<u32>(),
+        4,
+        "density counts include the other node's vehicles"
+    );
+}
+
+#[tokio::test]
+async fn a_write_under_a_lease_that_is_no_longer_held_lands_nothing() {
+    use hexfleet_node::store::{redis::RedisStore, Batch, ShardBatch, Store, Upsert};
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let shard = shard_of(CENTER.0, CENTER.1);
+    let _: () = redis::cmd("SET")
+        .arg(keys::lease(shard))
+        .arg("n1 7")
+        .query(&mut redis.conn())
+        .unwrap();
+    let state = VehicleState {
+        id: VehicleId::new("fenced").unwrap(),
+        lat: CENTER.0,
+        lon: CENTER.1,
+        heading_deg: 0.0,
+        speed_mps: 0.0,
+        accuracy_m: 5.0,
+        fix_time_ms: 1,
+        seq: 1,
+        class: VehicleClass::Economy,
+        status: VehicleStatus::Available,
+        seen_ms: 1,
+    };
+    let batch = |fence: &str| Batch {
+        shards: vec![ShardBatch {
+            shard,
+            upserts: vec![Upsert {
+                state: state.clone(),
+                relocated: true,
+            }],
+            removals: Vec::new(),
+            fence: Some(fence.into()),
+            publish: true,
+        }],
+    };
+    // An earlier holding of the lease: refused, nothing written.
+    let applied = store.apply(&batch("n0 6")).await.unwrap();
+    assert_eq!(applied.fenced, vec![shard]);
+    assert!(stored(&redis, "fenced").is_none());
+    // The holder's write lands.
+    let applied = store.apply(&batch("n1 7")).await.unwrap();
+    assert!(applied.fenced.is_empty());
+    assert_eq!(stored(&redis, "fenced"), Some(state));
+}
