@@ -19,6 +19,7 @@ need_package() { # command package
 }
 
 need_package redis-server redis-server
+need_package redis-cli redis-tools
 need_package chromium chromium
 need_package chromedriver chromium-driver
 

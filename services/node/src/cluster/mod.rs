@@ -307,7 +307,7 @@ impl Cluster {
             let mut moved = Vec::new();
             for (shard, holding) in holdings.iter_mut() {
                 if let Holding::Held(value) = holding {
-                    if !live.owner(*shard).is_some_and(|o| o.id == me) {
+                    if live.owner(*shard).is_none_or(|o| o.id != me) {
                         moved.push((*shard, value.clone()));
                         *holding = Holding::Releasing(value.clone());
                     }
