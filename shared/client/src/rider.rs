@@ -261,19 +261,28 @@ async fn keep(
                 // Fall through: serving the broken link ends at once.
             }
         }
-        match serve(&mut link_now, &shared, &mut inbox, &mut latest).await {
+        let mut redirected = match serve(&mut link_now, &shared, &mut inbox, &mut latest).await {
             Ended::ByUs => return,
-            Ended::Dropped if reconnect => {}
+            Ended::Redirected(to) => Some(to),
+            Ended::Dropped if reconnect => None,
             Ended::Dropped => return,
-        }
+        };
         // The nodes in turn, with jitter so that a dead node's riders do not
         // all come back at once.
         let mut backoff = Duration::from_millis(50);
         link_now = loop {
-            tokio::time::sleep(backoff.mul_f64(rand::random_range(0.5..1.5))).await;
-            // The next node first: the one in use may be the one that died.
-            next += 1;
-            let addr = targets[next % targets.len()];
+            if redirected.is_none() {
+                tokio::time::sleep(backoff.mul_f64(rand::random_range(0.5..1.5))).await;
+            }
+            // Where it was redirected, else the next node: the one in use
+            // may be the one that died.
+            let addr = match redirected.take() {
+                Some(to) => to,
+                None => {
+                    next += 1;
+                    targets[next % targets.len()]
+                }
+            };
             match link(&connector, addr, &token, &shared.bytes).await {
                 Ok(l) => break l,
                 Err(e) => {
@@ -289,6 +298,7 @@ async fn keep(
 enum Ended {
     ByUs,
     Dropped,
+    Redirected(SocketAddr),
 }
 
 async fn serve(
@@ -329,6 +339,13 @@ async fn serve(
             control = link.rx.next() => match control {
                 Some(Ok(ServerMsg::SubscribeError(e))) => shared.refused.lock().push(e),
                 Some(Ok(ServerMsg::Error(e))) => *shared.closed.lock() = Some((e.code, e.reason)),
+                Some(Ok(ServerMsg::Redirect(r))) => {
+                    // Served better by the node that owns where it looks.
+                    return match r.addr.parse() {
+                        Ok(to) => Ended::Redirected(to),
+                        Err(_) => Ended::Dropped,
+                    };
+                }
                 Some(Ok(_)) => {}
                 _ => {
                     if let Some(ClientError::Refused { code, reason }) = link.conn.close_reason().map(|c| ClientError::from_close(&c)) {
