@@ -447,6 +447,43 @@ async fn three_nodes_on_one_redis_act_as_one() {
     .unwrap();
     let owner = cluster.owner(shard_of(CENTER.0, CENTER.1));
     assert_eq!(at["owner"]["node"], owner.id.as_str(), "{at}");
+    for node in &cluster.nodes {
+        let (p50, p99) = bus_delay(node).await;
+        println!("bus delay on {}: p50 <= {p50} s, p99 <= {p99} s", node.id);
+    }
+}
+
+/// The bucket bounds holding the median and the 99th percentile of a
+/// node's `bus_delay_seconds` (fix accepted by its owner to change applied
+/// to a replica here).
+async fn bus_delay(node: &Node) -> (f64, f64) {
+    let text = reqwest::get(format!("http://{}/metrics", node.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("hexfleet_bus_delay_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let le = l.split('"').nth(1)?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= q * total)
+            .map_or(f64::NAN, |b| b.0)
+    };
+    (at(0.5), at(0.99))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
