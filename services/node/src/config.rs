@@ -347,6 +347,16 @@ impl Default for IngestConfig {
     }
 }
 
+impl StoreConfig {
+    /// The seed nodes of a Redis Cluster, from `redis_url`.
+    pub fn redis_seeds(&self) -> Vec<String> {
+        self.redis_url
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {

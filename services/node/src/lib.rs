@@ -120,14 +120,7 @@ async fn open_store(
     let redis = match config.kind {
         StoreKind::Memory => return Ok((Arc::new(MemoryStore::new()), None)),
         StoreKind::Redis => RedisStore::connect(&config.redis_url).await?,
-        StoreKind::RedisCluster => {
-            let seeds: Vec<String> = config
-                .redis_url
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .collect();
-            RedisStore::connect_cluster(&seeds).await?
-        }
+        StoreKind::RedisCluster => RedisStore::connect_cluster(&config.redis_seeds()).await?,
     };
     let conn = redis.conn().clone();
     Ok((Arc::new(redis), Some(conn)))

@@ -44,12 +44,7 @@ impl BusConn {
     ) -> Result<Self, StoreError> {
         Ok(match config.kind {
             StoreKind::RedisCluster => {
-                let seeds: Vec<String> = config
-                    .redis_url
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .collect();
-                let client = redis::cluster::ClusterClientBuilder::new(seeds)
+                let client = redis::cluster::ClusterClientBuilder::new(config.redis_seeds())
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(pushes)
                     .build()?;
