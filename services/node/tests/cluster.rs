@@ -424,7 +424,21 @@ async fn three_nodes_on_one_redis_act_as_one() {
                 .json()
                 .await
                 .unwrap();
-        assert_eq!(body["id"], "drv-0", "{body}");
+        if body["id"] != "drv-0" {
+            let locator: Option<String> = redis::cmd("GET")
+                .arg(keys::locator(&VehicleId::new("drv-0").unwrap()))
+                .query(&mut redis.conn())
+                .unwrap();
+            let all: Vec<String> = redis::cmd("KEYS")
+                .arg("*")
+                .query(&mut redis.conn())
+                .unwrap();
+            panic!(
+                "{body} locator {locator:?} shard {} keys {all:?}\n{}",
+                shard_of(52.52 - 2.0 * 0.0054, 13.405 - 2.0 * 0.0088),
+                cluster.logs()
+            );
+        }
         let near: serde_json::Value = reqwest::get(format!(
             "http://{}/v1/vehicles?lat={}&lon={}&radius_m=5000&limit=100",
             node.http, CENTER.0, CENTER.1

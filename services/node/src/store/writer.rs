@@ -242,8 +242,10 @@ impl StoreWriter {
         self.metrics
             .store_flush_batch_size
             .observe(batch.len() as f64);
-        // What waits for a lease stays; the rest was written.
-        pending.retain(|(shard, _), _| matches!(fences.fence(*shard), Fence::Awaiting));
+        // What was in the batch is written; what waited for a lease stays
+        // (even if the lease arrived meanwhile: it goes in the next flush).
+        let written: HashSet<ShardId> = batch.shards.iter().map(|sb| sb.shard).collect();
+        pending.retain(|(shard, _), _| !written.contains(shard));
         for r in applied.refused {
             self.refused(r, owed);
         }
@@ -415,6 +417,57 @@ mod tests {
             v1.relocated,
             "the first upsert's relocation must survive coalescing"
         );
+    }
+
+    /// Awaiting the lease of `awaited` until the first flush has asked;
+    /// every other shard is unfenced.
+    struct LeaseArrives {
+        awaited: ShardId,
+        asked: parking_lot::Mutex<u32>,
+    }
+
+    impl Fences for LeaseArrives {
+        fn fence(&self, shard: ShardId) -> Fence {
+            if shard != self.awaited {
+                return Fence::Unfenced;
+            }
+            let mut asked = self.asked.lock();
+            *asked += 1;
+            if *asked == 1 {
+                Fence::Awaiting
+            } else {
+                Fence::Held("n1 1".into())
+            }
+        }
+        fn fenced(&self, _shard: ShardId) {}
+        fn publishes(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_waiting_for_a_lease_that_arrives_during_a_flush_is_written_by_the_next() {
+        let w = StoreWriter::new(Arc::new(Metrics::new()));
+        let store = crate::store::memory::MemoryStore::new();
+        let other: ShardId = "85283477fffffff".parse().unwrap();
+        let fences = LeaseArrives {
+            awaited: shard(),
+            asked: Default::default(),
+        };
+        w.stage_upsert(shard(), state("v1", 1), true);
+        w.stage_upsert(other, state("v2", 1), true);
+        let (mut pending, mut owed) = (Stage::new(), OwedLocators::default());
+        w.take_into(&mut pending);
+        w.flush(&store, &fences, &mut pending, &mut owed)
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 1, "v1 waits for its lease");
+        w.flush(&store, &fences, &mut pending, &mut owed)
+            .await
+            .unwrap();
+        assert!(pending.is_empty());
+        let v1 = store.vehicle(&VehicleId::new("v1").unwrap()).await.unwrap();
+        assert_eq!(v1.map(|s| s.seq), Some(1), "written, with its locator");
     }
 
     #[test]
