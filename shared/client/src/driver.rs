@@ -132,24 +132,15 @@ impl Connector {
     ) -> Result<DriverClient, ClientError> {
         let (node, established) = self.welcomed(addr, token).await?;
         let shared = Arc::new(Shared::default());
-        let Established {
-            conn,
-            tx,
-            rx,
-            welcome,
-        } = established;
-        shared
-            .acked_seq
-            .store(welcome.resume_seq, Ordering::Relaxed);
-        let reader = tokio::spawn(read_control(rx, shared.clone()));
+        let link = attach(established, &shared);
         let mut driver = DriverClient {
-            datagrams: welcome.limits.datagrams && conn.max_datagram_size().is_some(),
-            conn,
-            tx,
-            next_seq: welcome.resume_seq + 1,
-            first_seq: welcome.resume_seq + 1,
+            datagrams: link.datagrams,
+            conn: link.conn,
+            tx: link.tx,
+            next_seq: link.resume_seq + 1,
+            first_seq: link.resume_seq + 1,
             shared,
-            reader,
+            reader: link.reader,
             connector: self.clone(),
             token: token.to_string(),
             report,
@@ -174,6 +165,36 @@ impl Connector {
             }
             Greeting::Redirect(_) => Err(ClientError::TooManyRedirects),
         }
+    }
+}
+
+/// A welcomed connection put to work: its control stream read into
+/// `shared`.
+struct Link {
+    conn: quinn::Connection,
+    tx: ControlWrite,
+    reader: tokio::task::JoinHandle<()>,
+    datagrams: bool,
+    /// The highest sequence the node already accepted for this driver.
+    resume_seq: u64,
+}
+
+fn attach(established: Established, shared: &Arc<Shared>) -> Link {
+    let Established {
+        conn,
+        tx,
+        rx,
+        welcome,
+    } = established;
+    shared
+        .acked_seq
+        .fetch_max(welcome.resume_seq, Ordering::Relaxed);
+    Link {
+        datagrams: welcome.limits.datagrams && conn.max_datagram_size().is_some(),
+        reader: tokio::spawn(read_control(rx, shared.clone())),
+        conn,
+        tx,
+        resume_seq: welcome.resume_seq,
     }
 }
 
@@ -300,23 +321,15 @@ impl DriverClient {
         node: SocketAddr,
         established: Established,
     ) -> Result<(), ClientError> {
-        let Established {
-            conn,
-            tx,
-            rx,
-            welcome,
-        } = established;
         self.reader.abort();
         *self.shared.closed.lock() = None;
-        self.shared
-            .acked_seq
-            .fetch_max(welcome.resume_seq, Ordering::Relaxed);
-        self.reader = tokio::spawn(read_control(rx, self.shared.clone()));
-        self.datagrams = welcome.limits.datagrams && conn.max_datagram_size().is_some();
-        self.conn = conn;
-        self.tx = tx;
+        let link = attach(established, &self.shared);
+        self.reader = link.reader;
+        self.datagrams = link.datagrams;
+        self.conn = link.conn;
+        self.tx = link.tx;
         self.node = node;
-        self.next_seq = self.next_seq.max(welcome.resume_seq + 1);
+        self.next_seq = self.next_seq.max(link.resume_seq + 1);
         self.reconnects += 1;
         let report = self.report;
         self.send(ClientMsg::Driver(report)).await

@@ -22,7 +22,10 @@ pub mod replicas;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -89,6 +92,9 @@ pub struct Cluster {
     /// lease again, so nothing it accepted before can be written late.
     tainted: Mutex<HashSet<ShardId>>,
     held: watch::Sender<Shards>,
+    /// Bumped whenever what [`Cluster::owns`] answers may have changed, so
+    /// sessions re-check their driver's shard only then.
+    changes: AtomicU64,
     wake: Notify,
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
@@ -129,6 +135,7 @@ impl Cluster {
             wanted: Mutex::default(),
             tainted: Mutex::default(),
             held: watch::Sender::new(Shards::default()),
+            changes: AtomicU64::new(0),
             wake: Notify::new(),
             store,
             writer,
@@ -179,6 +186,16 @@ impl Cluster {
         }
         let owner = self.owner(shard)?;
         (owner.id != self.me.read().id).then_some(owner.quic)
+    }
+
+    /// Changes whenever ownership may have: the live set, a lease held,
+    /// given up or lost.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// How far a driver may go past the edge of its shard before it is
@@ -251,6 +268,7 @@ impl Cluster {
     }
 
     fn publish_held(&self) {
+        self.changed();
         let holdings = self.holdings.read();
         let held: HashSet<ShardId> = holdings.keys().copied().collect();
         self.metrics.shards_held.set(held.len() as i64);
@@ -315,6 +333,7 @@ impl Cluster {
             }
             moved
         };
+        self.changed();
         self.wanted.lock().retain(|&s| self.should_own(s));
         for (shard, value) in moved {
             let cluster = self.clone();
@@ -354,6 +373,7 @@ impl Cluster {
     /// there and forgets the shard's vehicles (the new owner has them).
     fn step_down(&self, shard: ShardId, value: &str) {
         self.tainted.lock().insert(shard);
+        self.changed();
         self.writer.discard(shard);
         self.drop_holding(shard, value);
         if self.should_own(shard) {

@@ -104,6 +104,9 @@ struct DriverSession<'a> {
     /// Where the driver crossed into a shard this node does not own, while
     /// it stays here (hand-off hysteresis).
     crossed_at: Option<Position>,
+    /// The cluster's ownership changes as of the last check of this
+    /// driver's shard.
+    ownership_seen: u64,
 }
 
 impl<'a> DriverSession<'a> {
@@ -154,6 +157,7 @@ impl<'a> DriverSession<'a> {
             rejected_total: 0,
             rejected_unsent: false,
             crossed_at: None,
+            ownership_seen: 0,
         }
     }
 
@@ -280,6 +284,12 @@ impl<'a> DriverSession<'a> {
         let Some(cluster) = &self.ctx.cluster else {
             return Ok(());
         };
+        // Nothing moved since the last look: no need to look again.
+        let changes = cluster.changes();
+        if changes == self.ownership_seen {
+            return Ok(());
+        }
+        self.ownership_seen = changes;
         let Some(entry) = self.ctx.ingest.table.get(&self.id) else {
             return Ok(());
         };
