@@ -171,8 +171,13 @@ impl Connector {
     /// the node for gone after `idle` of silence: how fast a client notices
     /// that its node died, against a packet every `keep_alive` when idle
     /// (each one wakes a phone's radio).
+    ///
+    /// A node that takes longer than `idle` to welcome a new connection is
+    /// taken for gone too (a handshake with a dead node otherwise waits
+    /// for quinn's own timeout, seconds).
     pub fn with_liveness(mut self, keep_alive: Duration, idle: Duration) -> Self {
         self.config.transport_config(transport(keep_alive, idle));
+        self.timeout = idle;
         self
     }
 
