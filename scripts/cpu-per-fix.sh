@@ -1,38 +1,52 @@
 #!/usr/bin/env bash
 # Node and Redis CPU (user + system, from /proc/PID/stat) per accepted fix
-# over a 15 s steady window of `hexfleet-sim load`, against a release node on
+# over a 15 s steady window of `hexfleet-sim load`, against release nodes on
 # a private redis-server; loopback only, 35 s of load. Until `bench` reports
 # this itself:
 #   cargo build --release
-#   scripts/cpu-per-fix.sh target/release now 800 10 0     # BIN_DIR LABEL DRIVERS RATE RIDERS
+#   scripts/cpu-per-fix.sh target/release now 800 10 0       # BIN_DIR LABEL DRIVERS RATE RIDERS [NODES]
+#   scripts/cpu-per-fix.sh target/release three 800 10 0 3   # a 3-node cluster, clients spread over it
+# With NODES > 1 (or CLUSTER=1) the nodes run as a cluster; CPU and fixes are
+# summed over the nodes.
 set -u
-BIN=$1; LABEL=$2; DRIVERS=$3; RATE=$4; RIDERS=$5
+BIN=$1; LABEL=$2; DRIVERS=$3; RATE=$4; RIDERS=$5; NODES=${6:-1}
+CLUSTER=${CLUSTER:-$([ "$NODES" -gt 1 ] && echo 1 || echo 0)}
 free() { python3 -c 'import socket,sys;s=socket.socket(socket.AF_INET,int(sys.argv[1]));s.bind(("127.0.0.1",0));print(s.getsockname()[1])' $1; }
-RPORT=$(free 1); QPORT=$(free 2); HPORT=$(free 1)
+RPORT=$(free 1)
 DIR=$(mktemp -d)
 redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no --dir $DIR > /dev/null &
 RPID=$!
 sleep 0.5
 export HEXFLEET_TOKEN_SECRET=measure-secret-0123456789abcdef HEXFLEET_DEV_DIR=$DIR
-$BIN/hexfleet-node --redis-url redis://127.0.0.1:$RPORT --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT > $DIR/node.log 2>&1 &
-NPID=$!
+NPIDS=(); HTTPS=(); TARGETS=()
+for i in $(seq 1 $NODES); do
+  QPORT=$(free 2); HPORT=$(free 1)
+  FLAGS=(); [ "$CLUSTER" = 1 ] && FLAGS=(--cluster)
+  $BIN/hexfleet-node --node-id "node-$i" "${FLAGS[@]}" --redis-url redis://127.0.0.1:$RPORT \
+    --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT > $DIR/node-$i.log 2>&1 &
+  NPIDS+=($!); HTTPS+=(127.0.0.1:$HPORT); TARGETS+=(--node 127.0.0.1:$QPORT)
+  # The first writes the development certificate the others reuse.
+  until curl -fs http://127.0.0.1:$HPORT/healthz > /dev/null; do sleep 0.1; done
+done
 sleep 1
-$BIN/hexfleet-sim load --node 127.0.0.1:$QPORT --http 127.0.0.1:$HPORT --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration 35s > $DIR/sim.log 2>&1 &
+$BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration 35s > $DIR/sim.log 2>&1 &
 SPID=$!
-cpu() { awk '{print $14+$15}' /proc/$1/stat; }
-fixes() { curl -s http://127.0.0.1:$HPORT/metrics | awk '/^hexfleet_fixes_accepted_total /{print $2}'; }
-items() { curl -s http://127.0.0.1:$HPORT/metrics | awk '/^hexfleet_delta_items_total/{s+=$2} END{print s}'; }
+cpu() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $s; }
+metric() { local s=0; for h in "${HTTPS[@]}"; do s=$(curl -s http://$h/metrics | awk -v s=$s -v m="$1" '$1 ~ "^"m {s+=$2} END{print s}'); done; echo $s; }
+fixes() { metric 'hexfleet_fixes_accepted_total'; }
+items() { metric 'hexfleet_delta_items_total'; }
 sleep 12
-n0=$(cpu $NPID); r0=$(cpu $RPID); f0=$(fixes); d0=$(items)
+n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items)
 sleep 15
-n1=$(cpu $NPID); r1=$(cpu $RPID); f1=$(fixes); d1=$(items)
+n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items)
 wait $SPID
-kill -TERM $NPID; wait $NPID; NODE_EXIT=$?
+NODE_EXIT=0
+for p in "${NPIDS[@]}"; do kill -TERM $p; wait $p || NODE_EXIT=$?; done
 kill $RPID; wait $RPID 2>/dev/null
-python3 - "$LABEL" $n0 $n1 $r0 $r1 $f0 $f1 $d0 $d1 $NODE_EXIT <<'PY'
+python3 - "$LABEL" $n0 $n1 $r0 $r1 $f0 $f1 $d0 $d1 $NODE_EXIT $NODES <<'PY'
 import sys
-label,n0,n1,r0,r1,f0,f1,d0,d1,ex=sys.argv[1:]
+label,n0,n1,r0,r1,f0,f1,d0,d1,ex,nodes=sys.argv[1:]
 n=(int(n1)-int(n0))*10_000; r=(int(r1)-int(r0))*10_000; f=float(f1)-float(f0); d=float(d1)-float(d0)
-print(f"{label}: {f/15:.0f} fixes/s, {d/15:.0f} delta items/s; node {n/f:.1f} us CPU/fix (incl. fan-out), redis {r/f:.1f} us/fix; node exit {ex}")
+print(f"{label} ({nodes} node(s)): {f/15:.0f} fixes/s, {d/15:.0f} delta items/s; nodes {n/f:.1f} us CPU/fix summed (incl. fan-out), redis {r/f:.1f} us/fix; node exit {ex}")
 PY
 grep -E "latency|accepted" $DIR/sim.log | head -4

@@ -246,11 +246,8 @@ impl DriverClient {
     /// Datagrams are used when the connection has them: a lost fix is simply
     /// superseded by the next.
     pub async fn send_fix(&mut self, input: FixInput) -> Result<u64, ClientError> {
-        if self.options.reconnect && self.conn.close_reason().is_some() {
-            self.reconnect().await?;
-        }
         let seq = self.next_seq;
-        self.send_raw(Fix {
+        let fix = Fix {
             seq,
             fix_time_ms: input.fix_time_ms.unwrap_or_else(now_ms),
             lat: input.lat,
@@ -258,14 +255,29 @@ impl DriverClient {
             heading_deg: input.heading_deg,
             speed_mps: input.speed_mps,
             accuracy_m: input.accuracy_m,
-        })
-        .await?;
+        };
+        self.send_raw(fix).await?;
         Ok(seq)
     }
 
     /// Sends a fix exactly as given, sequence included. For tests and the
     /// simulator's deliberately bad fixes; apps use [`send_fix`](Self::send_fix).
     pub async fn send_raw(&mut self, fix: Fix) -> Result<(), ClientError> {
+        if self.options.reconnect && self.conn.close_reason().is_some() {
+            self.reconnect().await?;
+        }
+        match self.send_once(fix).await {
+            // The node closed the connection (a redirect) just before: the
+            // fix goes on the next connection.
+            Err(_) if self.options.reconnect && self.conn.close_reason().is_some() => {
+                self.reconnect().await?;
+                self.send_once(fix).await
+            }
+            sent => sent,
+        }
+    }
+
+    async fn send_once(&mut self, fix: Fix) -> Result<(), ClientError> {
         self.next_seq = self.next_seq.max(fix.seq.saturating_add(1));
         if self.datagrams {
             self.conn.send_datagram(encode_datagram(&fix)?)?;

@@ -80,6 +80,8 @@ pub enum ClusterError {
 }
 
 pub struct Cluster {
+    /// This node's id (fixed; `me` carries it too, with what changes).
+    id: String,
     me: RwLock<NodeInfo>,
     conn: Conn,
     config: ClusterConfig,
@@ -127,6 +129,7 @@ impl Cluster {
         metrics.cluster_nodes.set(live.nodes.len() as i64);
         tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
         let cluster = Arc::new(Cluster {
+            id: me.id.clone(),
             me: RwLock::new(me),
             conn,
             config,
@@ -146,8 +149,8 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn node_id(&self) -> String {
-        self.me.read().id.clone()
+    pub fn node_id(&self) -> &str {
+        &self.id
     }
 
     /// The live nodes as this node last read them.
@@ -172,7 +175,7 @@ impl Cluster {
             .live
             .read()
             .owner(shard)
-            .is_some_and(|owner| owner.id == self.me.read().id);
+            .is_some_and(|owner| owner.id == self.id);
         mine && !matches!(
             self.holdings.read().get(&shard),
             Some(Holding::Releasing(_))
@@ -185,7 +188,7 @@ impl Cluster {
             return None;
         }
         let owner = self.owner(shard)?;
-        (owner.id != self.me.read().id).then_some(owner.quic)
+        (owner.id != self.id).then_some(owner.quic)
     }
 
     /// Changes whenever ownership may have: the live set, a lease held,
@@ -249,7 +252,7 @@ impl Cluster {
     /// written the last changes.
     pub async fn leave(&self) {
         let id = self.node_id();
-        if let Err(e) = membership::leave(&self.conn, &id).await {
+        if let Err(e) = membership::leave(&self.conn, id).await {
             tracing::warn!(error = %e, "leaving the live set; it expires by itself");
         }
         let holdings: Vec<(ShardId, Arc<str>)> = self
@@ -408,7 +411,7 @@ impl Cluster {
         let results = join_all(
             wanted
                 .iter()
-                .map(|&shard| leases::acquire(&self.conn, shard, &me, ttl)),
+                .map(|&shard| leases::acquire(&self.conn, shard, me, ttl)),
         )
         .await;
         for (shard, result) in wanted.into_iter().zip(results) {
