@@ -39,6 +39,11 @@ sleep 12
 n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items)
 sleep 15
 n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items)
+if [ "$NODES" -gt 1 ]; then
+  for h in "${HTTPS[@]}"; do
+    curl -s http://$h/metrics | awk -v h=$h '/^hexfleet_(fixes_accepted_total|replicas|shards_held|bus_batches_total|subscribers) /{printf "%s=%s ", $1, $2} END{print "(" h ")"}'
+  done
+fi
 wait $SPID
 NODE_EXIT=0
 for p in "${NPIDS[@]}"; do kill -TERM $p; wait $p || NODE_EXIT=$?; done

@@ -84,8 +84,11 @@ struct Session {
 }
 
 /// A dashboard showing counts over more shards than this sees only those of
-/// the shards this node holds or already replicates for someone else.
-const MAX_REPLICATED_SHARDS: usize = 512;
+/// the shards this node holds or already replicates for someone else: 64
+/// shards at the default resolution are ~16,000 km², a metropolitan area,
+/// and each one replicated costs a snapshot and a channel's traffic, which
+/// a dashboard panning fast must not multiply without bound.
+const MAX_REPLICATED_SHARDS: usize = 64;
 
 pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Dashboards>) {
     dashboards.metrics.dashboards.inc();

@@ -16,8 +16,8 @@ use futures_util::SinkExt;
 use hexfleet_model::{Position, VehicleId};
 use hexfleet_protocol::{
     encoded_len, Added, ClientMsg, ErrorCode, FrameCodec, FrameError, Limits as WireLimits, Moved,
-    Removed, RiderUpdate, Role, ServerMsg, Subscribe, SubscribeError, Welcome, GOODBYE_CLOSE_CODE,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
+    Redirect, Removed, RiderUpdate, Role, ServerMsg, Subscribe, SubscribeError, Welcome,
+    GOODBYE_CLOSE_CODE, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use tokio_util::codec::FramedWrite;
 
@@ -72,7 +72,7 @@ pub(super) async fn serve(
         tokio::select! {
             msg = next_message(rx) => match msg {
                 Ok(ClientMsg::Subscribe(s)) => {
-                    match subscribe(s, id, &mailbox, &mut budget, tx, ctx).await {
+                    match subscribe(s, !subscribed, id, &mailbox, &mut budget, tx, ctx).await {
                         Ok(taken) => subscribed |= taken,
                         Err(stop) => break Err(stop),
                     }
@@ -117,6 +117,7 @@ pub(super) async fn serve(
 /// whether the fan-out took it.
 async fn subscribe(
     s: Subscribe,
+    first: bool,
     id: SubscriberId,
     mailbox: &Arc<Mailbox>,
     budget: &mut RequestBudget,
@@ -136,6 +137,15 @@ async fn subscribe(
             ctx.ingest.metrics.rate_limited(Role::Rider).inc();
             let reason = limits.closing("subscriptions");
             return Err(Refusal::new(ErrorCode::RateLimited, reason).into());
+        }
+    }
+    // A rider's first look decides where it is served best: on the node
+    // that owns the shard it looks at. Any node would show it the same
+    // view, through replicas; on the owner, the rider's own shard needs
+    // none, and each node replicates only the shards along its edges.
+    if first {
+        if let Some(redirect) = redirect_for(&s, ctx) {
+            return Err(Stop::Redirected(redirect));
         }
     }
     match neighbourhood(&s, ctx) {
@@ -162,6 +172,18 @@ async fn refuse(
 ) -> Result<(), Stop> {
     let refused = SubscribeError { id, code, reason };
     send(tx, ServerMsg::SubscribeError(refused), ctx).await
+}
+
+/// Where a rider looking at `s` belongs, if not here.
+fn redirect_for(s: &Subscribe, ctx: &Context) -> Option<Redirect> {
+    let cluster = ctx.cluster.as_ref()?;
+    let center = Position::new(s.lat, s.lon).ok()?;
+    let shard = ctx.ingest.locate(center).shard;
+    let addr = cluster.redirect_for(shard)?;
+    Some(Redirect {
+        addr,
+        shard: shard.to_string(),
+    })
 }
 
 /// Checks a subscription and returns the cells it watches.
