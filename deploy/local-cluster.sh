@@ -52,6 +52,8 @@ for i in 1 2 3; do
   until curl -fs "http://127.0.0.1:808$i/healthz" >/dev/null; do sleep 0.1; done
 done
 echo "hexfleet nodes: QUIC 127.0.0.1:4431-4433, HTTP 127.0.0.1:8081-8083 (logs in $dir)"
+# Every node sees the others within one renewal (1 s).
+until [ "$(curl -s http://127.0.0.1:8081/v1/cluster | grep -o '"instance"' | wc -l)" = 3 ]; do sleep 0.2; done
 curl -s http://127.0.0.1:8081/v1/cluster; echo
 echo "Ctrl-C to stop."
 wait
