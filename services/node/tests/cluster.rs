@@ -4,6 +4,8 @@
 //! a gap, a killed node's share converges elsewhere, a frozen node writes
 //! nothing when it wakes, and the same on a Redis Cluster.
 
+mod common;
+
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
@@ -13,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{healthy, loopback, stored};
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_client::{
     Connector, DriverClient, DriverOptions, Event, FixInput, RiderClient, RiderOptions,
@@ -227,18 +230,6 @@ impl Cluster {
             .map(|n| format!("--- {} ---\n{}", n.id, n.log()))
             .collect()
     }
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
-}
-
-async fn healthy(http: SocketAddr) {
-    eventually(WAIT, "the node answers /healthz", async || {
-        let resp = reqwest::get(format!("http://{http}/healthz")).await.ok()?;
-        (resp.status() == 200).then_some(())
-    })
-    .await;
 }
 
 async fn live_set(http: SocketAddr) -> Option<LiveSet> {
@@ -814,22 +805,6 @@ async fn a_node_frozen_past_its_lease_writes_nothing_when_it_wakes() {
         "fenced flushes on the woken node: {}",
         frozen.metric("hexfleet_store_fenced_total").await
     );
-}
-
-/// The state Redis holds for a vehicle, found through its locator.
-fn stored(redis: &RedisServer, id: &str) -> Option<VehicleState> {
-    let mut conn = redis.conn();
-    let id = VehicleId::new(id).unwrap();
-    let shard: Option<String> = redis::cmd("GET")
-        .arg(keys::locator(&id))
-        .query(&mut conn)
-        .ok()?;
-    let bytes: Option<Vec<u8>> = redis::cmd("HGET")
-        .arg(keys::state(shard?.parse().ok()?))
-        .arg(id.as_str())
-        .query(&mut conn)
-        .ok()?;
-    rmp_serde::from_slice(&bytes?).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

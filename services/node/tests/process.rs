@@ -1,6 +1,8 @@
 //! `hexfleet-node` as operators run it: a process of its own, stopped by a
 //! signal, refusing a configuration that would let anyone in.
 
+mod common;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -8,15 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{healthy, loopback, stored, WAIT};
 use hexfleet_client::{ClientError, Connector, FixInput};
-use hexfleet_model::{VehicleClass, VehicleId, VehicleState, VehicleStatus};
-use hexfleet_node::store::keys;
+use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_protocol::{dev, Claims, DriverReport, ErrorCode, Role};
 use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisServer};
 use rustix::process::{kill_process, Pid, Signal};
 
 const SECRET: &str = "process-test-secret-0123456789";
-const WAIT: Duration = Duration::from_secs(20);
 
 /// A `hexfleet-node` process on free loopback ports; killed if dropped.
 struct NodeProcess {
@@ -38,19 +39,6 @@ fn node_command(dir: &Path) -> Command {
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     command
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
-}
-
-async fn healthy(http: SocketAddr) {
-    let url = format!("http://{http}/healthz");
-    eventually(WAIT, "the node answers /healthz", async || {
-        let resp = reqwest::get(&url).await.ok()?;
-        (resp.status() == 200).then_some(())
-    })
-    .await;
 }
 
 impl NodeProcess {
@@ -113,22 +101,6 @@ impl Drop for NodeProcess {
 fn driver_token(id: &str) -> String {
     let expires = hexfleet_node::clock::now_s() + 3600;
     Claims::new(Role::Driver, VehicleId::new(id).unwrap(), expires).mint(SECRET.as_bytes())
-}
-
-/// The state Redis holds for a vehicle, found through its locator.
-fn stored(redis: &RedisServer, id: &str) -> Option<VehicleState> {
-    let mut conn = redis.conn();
-    let id = VehicleId::new(id).unwrap();
-    let shard: Option<String> = redis::cmd("GET")
-        .arg(keys::locator(&id))
-        .query(&mut conn)
-        .unwrap();
-    let bytes: Option<Vec<u8>> = redis::cmd("HGET")
-        .arg(keys::state(shard?.parse().unwrap()))
-        .arg(id.as_str())
-        .query(&mut conn)
-        .unwrap();
-    Some(rmp_serde::from_slice(&bytes?).unwrap())
 }
 
 #[tokio::test]
