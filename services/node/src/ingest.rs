@@ -145,25 +145,7 @@ impl Ingest {
     /// does not hold already with a newer fix become its own. Returns how
     /// many.
     pub fn take_over(&self, shard: ShardId, states: Vec<VehicleState>) -> usize {
-        let mut taken = 0;
-        for state in states {
-            let Some(position) = indexable(&state) else {
-                continue;
-            };
-            if self
-                .table
-                .get(&state.id)
-                .is_some_and(|held| held.state.seq >= state.seq)
-            {
-                continue;
-            }
-            let (cell, _) = self.cells.locate(position);
-            self.fanout.vehicle_changed(state.clone(), cell, shard);
-            self.table.upsert(Entry { state, cell, shard });
-            taken += 1;
-        }
-        self.metrics.vehicles.set(self.table.len() as i64);
-        taken
+        self.adopt(states, Some(shard))
     }
 
     /// Evicts every vehicle last heard from before `cutoff_ms`; returns how
@@ -185,18 +167,32 @@ impl Ingest {
     /// Loads vehicles a store already holds (a node taking over its shards),
     /// so the table, the sweeper and the fan-out know them.
     pub fn restore(&self, states: Vec<VehicleState>) -> usize {
-        let mut restored = 0;
+        self.adopt(states, None)
+    }
+
+    /// Makes stored vehicles this node's, kept in `shard` (or each in the
+    /// shard of its position), unless the table already holds a newer fix.
+    fn adopt(&self, states: Vec<VehicleState>, shard: Option<ShardId>) -> usize {
+        let mut adopted = 0;
         for state in states {
             let Some(position) = indexable(&state) else {
                 continue;
             };
-            let (cell, shard) = self.cells.locate(position);
+            if self
+                .table
+                .get(&state.id)
+                .is_some_and(|held| held.state.seq >= state.seq)
+            {
+                continue;
+            }
+            let (cell, located) = self.cells.locate(position);
+            let shard = shard.unwrap_or(located);
             self.fanout.vehicle_changed(state.clone(), cell, shard);
             self.table.upsert(Entry { state, cell, shard });
-            restored += 1;
+            adopted += 1;
         }
         self.metrics.vehicles.set(self.table.len() as i64);
-        restored
+        adopted
     }
 }
 
