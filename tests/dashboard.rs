@@ -369,7 +369,7 @@ async fn a_socket_without_a_dashboard_token_is_closed_with_unauthorized() {
     let node = TestNode::start(None).await;
     let cases = [
         String::new(),
-        "token=hf1.dashboard.x.1.forged".to_string(),
+        "token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.forged".to_string(),
         format!("token={}", token(Role::Rider, "rider-1")),
     ];
     for query in cases {

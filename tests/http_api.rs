@@ -10,7 +10,7 @@ use hexfleet_tests::*;
 async fn healthz_reports_the_node_and_its_store() {
     let redis = RedisServer::start();
     let node = TestNode::start(Some(&redis)).await;
-    let (status, body) = node.get_json("/healthz").await;
+    let (status, body) = node.admin_json("/healthz").await;
     assert_eq!(status, 200);
     assert_eq!(body["node"], "test-node");
     assert_eq!(body["store"]["kind"], "redis");
@@ -18,7 +18,7 @@ async fn healthz_reports_the_node_and_its_store() {
     node.stop().await;
 
     let node = TestNode::start(None).await;
-    let (_, body) = node.get_json("/healthz").await;
+    let (_, body) = node.admin_json("/healthz").await;
     assert_eq!(body["store"]["kind"], "memory");
     node.stop().await;
 }
@@ -137,7 +137,7 @@ async fn a_client_that_withholds_or_trickles_its_headers_is_cut_off() {
     assert!(silent_closed, "a connection that sends nothing is closed");
     assert!(trickler_closed, "a connection trickling headers is closed");
     // Others are served as ever.
-    assert_eq!(node.get_json("/healthz").await.0, 200);
+    assert_eq!(node.admin_json("/healthz").await.0, 200);
     node.stop().await;
 }
 
@@ -149,7 +149,7 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
         .unwrap();
     // The one slot is taken: a request on a new connection is not served.
     let waiting = reqwest::Client::new()
-        .get(node.url("/healthz"))
+        .get(node.url("/"))
         .timeout(Duration::from_millis(500))
         .send()
         .await;
@@ -160,7 +160,7 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
         "served once the slot frees",
         async || {
             let fresh = reqwest::Client::new();
-            let resp = fresh.get(node.url("/healthz")).send().await.ok()?;
+            let resp = fresh.get(node.url("/")).send().await.ok()?;
             (resp.status() == 200).then_some(())
         },
     )
@@ -181,7 +181,12 @@ async fn metrics_are_openmetrics_under_their_own_content_type_and_parse_with_the
         (s.acked_seq == seq && s.rejected_total == 1).then_some(())
     })
     .await;
-    let resp = node.http.get(node.url("/metrics")).send().await.unwrap();
+    let resp = node
+        .http
+        .get(node.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
     assert_eq!(
         content_type,

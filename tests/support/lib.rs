@@ -36,6 +36,10 @@ pub fn test_config(redis: Option<&RedisServer>, dev_dir: &std::path::Path) -> Co
     };
     config.quic.listen = ([127, 0, 0, 1], 0).into();
     config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.admin.listen = ([127, 0, 0, 1], 0).into();
+    // Plain HTTP, so tests of the API read it simply; tests/tls.rs covers
+    // HTTPS and WSS, which a node serves by default.
+    config.http.tls = false;
     config.tls.dev_dir = dev_dir.to_path_buf();
     config.auth.token_secret = SECRET.into();
     if let Some(redis) = redis {
@@ -69,11 +73,13 @@ impl TestNode {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(redis, dir.path());
         tweak(&mut config);
+        let configured = config.tls.cert.clone();
         let node = Node::start(config).await.expect("the node starts");
         let cert = node
             .dev_cert
             .clone()
-            .expect("a test node uses a dev certificate");
+            .or(configured)
+            .expect("a certificate clients can trust");
         Self {
             node,
             http: reqwest::Client::new(),
@@ -104,10 +110,30 @@ impl TestNode {
         format!("http://{}{path}", self.node.http_addr)
     }
 
+    /// The admin listener's URL for `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.node.admin_addr)
+    }
+
+    /// GETs `path` on the public API with a dashboard's token.
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let token = token(Role::Dashboard, "api-reader");
         let resp = self
             .http
             .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("a JSON body"))
+    }
+
+    /// GETs `path` on the admin listener (no token).
+    pub async fn admin_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .http
+            .get(self.admin_url(path))
             .send()
             .await
             .expect("HTTP request");
@@ -117,7 +143,7 @@ impl TestNode {
 
     pub async fn metrics(&self) -> String {
         self.http
-            .get(self.url("/metrics"))
+            .get(self.admin_url("/metrics"))
             .send()
             .await
             .expect("GET /metrics")

@@ -19,6 +19,7 @@ pub struct Config {
     pub dev: bool,
     pub quic: QuicConfig,
     pub http: HttpConfig,
+    pub admin: AdminConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub cells: CellsConfig,
@@ -79,6 +80,10 @@ pub struct DashboardConfig {
     /// viewport costs a cover of up to thousands of cells. The page sends one
     /// per pan or zoom gesture, debounced.
     pub requests: RequestLimits,
+    /// The largest WebSocket message a dashboard may send, in bytes; a
+    /// bigger one closes the connection (1009). Requests are a few hundred
+    /// bytes.
+    pub max_message_bytes: usize,
 }
 
 impl Default for DashboardConfig {
@@ -93,6 +98,7 @@ impl Default for DashboardConfig {
                 burst: 40,
                 close_after: 200,
             },
+            max_message_bytes: 16 * 1024,
         }
     }
 }
@@ -118,6 +124,17 @@ pub struct QuicConfig {
     /// Time allowed from the first packet to a verified `Hello`.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Connections from one IP address at most. Carrier-grade NAT puts many
+    /// phones behind one address, so this is generous; it stops one host
+    /// from taking the node's whole connection budget.
+    pub max_connections_per_address: usize,
+    /// Handshakes in progress above which a new client must first prove its
+    /// address with a QUIC Retry (one extra round trip): a flood of spoofed
+    /// Initial packets then costs the node a stateless reply each, no state.
+    pub retry_above_handshakes: usize,
+    /// Handshakes in progress at most; beyond it new ones are dropped
+    /// unanswered until some complete or time out.
+    pub max_handshakes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +153,30 @@ pub struct HttpConfig {
     /// Open HTTP connections (WebSockets included) at most; beyond it, new
     /// ones wait in the kernel's accept queue until one closes.
     pub max_connections: usize,
+    /// Open HTTP connections from one IP address at most; beyond it new ones
+    /// are closed at once.
+    pub max_connections_per_address: usize,
+    /// Serve HTTPS and WSS with the node's certificate (`[tls]`). Turn it
+    /// off only behind a proxy that terminates TLS.                (--http-tls)
+    pub tls: bool,
+}
+
+/// The operators' listener: `/metrics`, `/healthz`, `/livez`, `/readyz`,
+/// plain HTTP without tokens, for Prometheus and orchestrator probes. Keep
+/// it off the public network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// TCP address of the admin listener.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 9090).into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +191,11 @@ pub struct TlsConfig {
     /// clients on the same machine find it with no flag. Defaults to
     /// `$HEXFLEET_DEV_DIR` or `<tmp>/hexfleet-dev`.
     pub dev_dir: PathBuf,
+    /// How often the certificate, key and `auth.jwks` files are checked for
+    /// changes; a change (or SIGHUP) reloads them without dropping a
+    /// connection.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +204,13 @@ pub struct AuthConfig {
     /// Shared secret that signs tokens (HMAC-SHA256). Set it with
     /// `HEXFLEET_TOKEN_SECRET`; the built-in default is for development only.
     pub token_secret: String,
+    /// A JSON Web Key Set file (RFC 7517): HS256 (`oct`), RS256 (`RSA`) and
+    /// ES256 (`EC`) keys, each with a `kid`. Tokens naming a `kid` are
+    /// checked against it; rotate keys by adding the new one, then removing
+    /// the old once its tokens have expired. Reloaded on change and SIGHUP.
+    pub jwks: Option<PathBuf>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +243,14 @@ pub struct IngestConfig {
     /// for it to reconnect; then it goes offline.
     #[serde(with = "humantime_serde")]
     pub offline_grace: Duration,
+    /// How fast one driver connection may send fixes. A phone's GPS gives at
+    /// most 10-25 fixes a second, and a phone back from a tunnel may replay
+    /// its buffered track at once (the burst); beyond the budget a fix is
+    /// dropped and
+    /// counted (`fixes_rejected{reason="rate_limited"}`), and a connection
+    /// over budget `close_after` times within 10 s is closed
+    /// (`rate_limited`).
+    pub fixes: RequestLimits,
 }
 
 /// Many nodes acting as one, through the Redis store: membership leases,
@@ -270,6 +331,7 @@ impl Default for Config {
             dev: false,
             quic: QuicConfig::default(),
             http: HttpConfig::default(),
+            admin: AdminConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             cells: CellsConfig::default(),
@@ -291,6 +353,9 @@ impl Default for QuicConfig {
             max_connections: 100_000,
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(5),
+            max_connections_per_address: 1_000,
+            retry_above_handshakes: 1_000,
+            max_handshakes: 10_000,
         }
     }
 }
@@ -303,6 +368,8 @@ impl Default for HttpConfig {
             max_nearby_limit: 1_000,
             header_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_address: 100,
+            tls: true,
         }
     }
 }
@@ -313,6 +380,7 @@ impl Default for TlsConfig {
             cert: None,
             key: None,
             dev_dir: hexfleet_protocol::dev::default_dev_dir(),
+            reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -321,6 +389,8 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             token_secret: hexfleet_protocol::dev::DEV_TOKEN_SECRET.into(),
+            jwks: None,
+            audience: None,
         }
     }
 }
@@ -343,6 +413,11 @@ impl Default for IngestConfig {
             max_age: Duration::from_secs(30),
             ack_interval: Duration::from_millis(100),
             offline_grace: Duration::from_secs(10),
+            fixes: RequestLimits {
+                per_second: 100.0,
+                burst: 200,
+                close_after: 1_000,
+            },
         }
     }
 }
@@ -393,6 +468,12 @@ pub enum ConfigError {
          or pass --dev (HEXFLEET_DEV=1) for a development node"
     )]
     DevSecret(SocketAddr),
+    #[error(
+        "no certificate is configured and {0} is not a loopback address: set tls.cert and \
+         tls.key (--tls-cert, --tls-key), or pass --dev (HEXFLEET_DEV=1) for a development node \
+         with a self-signed certificate"
+    )]
+    DevCert(SocketAddr),
 }
 
 impl Config {
@@ -420,10 +501,15 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid("tls.cert and tls.key go together"));
         }
-        if self.uses_dev_secret() && !self.dev {
-            let listeners = [self.quic.listen, self.http.listen];
-            if let Some(open) = listeners.into_iter().find(|a| !a.ip().is_loopback()) {
+        let open = [self.quic.listen, self.http.listen]
+            .into_iter()
+            .find(|a| !a.ip().is_loopback());
+        if let (Some(open), false) = (open, self.dev) {
+            if self.uses_dev_secret() {
                 return Err(ConfigError::DevSecret(open));
+            }
+            if self.tls.cert.is_none() {
+                return Err(ConfigError::DevCert(open));
             }
         }
         // A zero here would panic a timer or make the node useless.
@@ -446,6 +532,7 @@ impl Config {
             ("store.sweep_interval", self.store.sweep_interval),
             ("cluster.lease_ttl", self.cluster.lease_ttl),
             ("cluster.renew_interval", self.cluster.renew_interval),
+            ("tls.reload_interval", self.tls.reload_interval),
         ];
         if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Zero(name));
@@ -453,6 +540,24 @@ impl Config {
         let counts = [
             ("quic.max_connections", self.quic.max_connections),
             ("http.max_connections", self.http.max_connections),
+            (
+                "http.max_connections_per_address",
+                self.http.max_connections_per_address,
+            ),
+            (
+                "quic.max_connections_per_address",
+                self.quic.max_connections_per_address,
+            ),
+            ("quic.max_handshakes", self.quic.max_handshakes),
+            ("ingest.fixes.burst", self.ingest.fixes.burst as usize),
+            (
+                "ingest.fixes.close_after",
+                self.ingest.fixes.close_after as usize,
+            ),
+            (
+                "dashboard.max_message_bytes",
+                self.dashboard.max_message_bytes,
+            ),
             ("http.max_nearby_limit", self.http.max_nearby_limit),
             (
                 "dashboard.max_vehicle_cells",
@@ -487,6 +592,7 @@ impl Config {
                 "riders.requests.per_second",
                 self.riders.requests.per_second,
             ),
+            ("ingest.fixes.per_second", self.ingest.fixes.per_second),
             (
                 "dashboard.requests.per_second",
                 self.dashboard.requests.per_second,
@@ -540,6 +646,12 @@ mod tests {
         let builtin = Config::default();
         assert_eq!(format!("{:?}", file.quic), format!("{:?}", builtin.quic));
         assert_eq!(format!("{:?}", file.http), format!("{:?}", builtin.http));
+        assert_eq!(format!("{:?}", file.admin), format!("{:?}", builtin.admin));
+        assert_eq!(format!("{:?}", file.auth), format!("{:?}", builtin.auth));
+        assert_eq!(
+            format!("{:?}", file.tls.reload_interval),
+            format!("{:?}", builtin.tls.reload_interval)
+        );
         assert_eq!(format!("{:?}", file.cells), format!("{:?}", builtin.cells));
         assert_eq!(
             format!("{:?}", file.ingest),
@@ -630,7 +742,17 @@ mod tests {
             c.dev = true;
         })
         .is_ok());
-        assert!(with(|c| c.quic.listen = open).validate().is_ok());
+        // A secret of its own is not enough: beyond loopback, a node needs
+        // a real certificate too.
+        let error = with(|c| c.quic.listen = open).validate().unwrap_err();
+        assert!(matches!(error, ConfigError::DevCert(_)), "{error}");
+        assert!(with(|c| {
+            c.quic.listen = open;
+            c.tls.cert = Some("/etc/hexfleet/cert.pem".into());
+            c.tls.key = Some("/etc/hexfleet/key.pem".into());
+        })
+        .validate()
+        .is_ok());
     }
 
     #[test]

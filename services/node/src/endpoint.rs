@@ -11,7 +11,12 @@ use std::{net::SocketAddr, sync::Arc};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::QuicConfig, session, session::Context};
+use crate::{
+    config::QuicConfig,
+    per_address::{AddressSlot, PerAddress},
+    session,
+    session::Context,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -97,29 +102,105 @@ pub fn bind(
     Ok((endpoints, addr))
 }
 
+/// Who gets in: the node's connection limit, the per-address limit, and
+/// handshakes in progress (Retry above one threshold, drop above another).
+pub struct Admission {
+    max_connections: usize,
+    per_address: Arc<PerAddress>,
+    retry_above: usize,
+    max_handshakes: usize,
+}
+
+impl Admission {
+    pub fn new(config: &QuicConfig) -> Self {
+        Self {
+            max_connections: config.max_connections,
+            per_address: PerAddress::new(config.max_connections_per_address),
+            retry_above: config.retry_above_handshakes,
+            max_handshakes: config.max_handshakes,
+        }
+    }
+}
+
+/// A connection let in: its place in its address's count, held for its
+/// life, and in the handshake count until the handshake completes.
+pub struct Admitted {
+    pub address: AddressSlot,
+    pub handshake: Handshaking,
+}
+
+/// Counts one handshake in progress until dropped.
+pub struct Handshaking(Option<Arc<crate::metrics::Metrics>>);
+
+impl Handshaking {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        metrics.handshakes.inc();
+        Self(Some(metrics))
+    }
+
+    /// The handshake is over (either way).
+    pub fn done(&mut self) {
+        if let Some(m) = self.0.take() {
+            m.handshakes.dec();
+        }
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
 /// Accepts connections until shutdown, each served by its own task.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: Arc<Context>,
-    max_connections: usize,
+    admission: Admission,
     sessions: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let metrics = ctx.ingest.metrics.clone();
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
             _ = shutdown.cancelled() => None,
         };
         let Some(incoming) = incoming else { break };
-        if ctx.ingest.metrics.connections.get() as usize >= max_connections {
-            ctx.ingest
-                .metrics
-                .refused(hexfleet_protocol::ErrorCode::Overloaded)
-                .inc();
+        let handshakes = metrics.handshakes.get().max(0) as usize;
+        if handshakes >= admission.max_handshakes {
+            // No answer at all: a flood gets nothing back to amplify.
+            metrics.connection_refused("handshake_limit").inc();
+            incoming.ignore();
+            continue;
+        }
+        if handshakes >= admission.retry_above && !incoming.remote_address_validated() {
+            // A stateless Retry: a spoofed source never answers it, and the
+            // node keeps nothing for it.
+            metrics.handshakes_retried.inc();
+            if incoming.retry().is_err() {
+                tracing::debug!("a Retry was refused for an already retried Initial");
+            }
+            continue;
+        }
+        if metrics.connections.get() as usize >= admission.max_connections {
+            metrics.connection_refused("node_limit").inc();
             incoming.refuse();
             continue;
         }
-        sessions.spawn(session::serve(incoming, ctx.clone()));
+        let Some(address) = admission
+            .per_address
+            .try_acquire(incoming.remote_address().ip())
+        else {
+            metrics.connection_refused("address_limit").inc();
+            incoming.refuse();
+            continue;
+        };
+        let admitted = Admitted {
+            address,
+            handshake: Handshaking::new(metrics.clone()),
+        };
+        sessions.spawn(session::serve(incoming, ctx.clone(), admitted));
     }
     let code = hexfleet_protocol::ErrorCode::ShuttingDown;
     endpoint.close(code.close_code().into(), code.as_str().as_bytes());

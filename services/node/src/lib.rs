@@ -25,6 +25,7 @@
 //! [`Node::start`] runs all of it inside the caller's tokio runtime, so tests
 //! and the simulator embed a node the same way the binary runs one.
 
+pub mod auth;
 pub mod budget;
 pub mod clock;
 pub mod cluster;
@@ -36,6 +37,8 @@ pub mod http;
 pub mod ingest;
 pub mod mailbox;
 pub mod metrics;
+pub mod per_address;
+pub mod reload;
 pub mod session;
 pub mod staging;
 pub mod store;
@@ -76,6 +79,8 @@ pub enum NodeError {
     Cluster(#[from] ClusterError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("token keys: {0}")]
+    Auth(#[from] auth::AuthError),
     #[error("QUIC: {0}")]
     Endpoint(#[from] endpoint::EndpointError),
     #[error("binding HTTP {addr}: {source}")]
@@ -99,6 +104,12 @@ pub struct Node {
     pub quic_addr: SocketAddr,
     /// The HTTP address actually bound.
     pub http_addr: SocketAddr,
+    /// Whether the HTTP listener speaks HTTPS (and WSS).
+    pub http_tls: bool,
+    /// The admin listener's address (metrics, probes).
+    pub admin_addr: SocketAddr,
+    /// The node's certificate, reloadable.
+    pub certificates: Arc<tls::Certificates>,
     /// The development certificate clients should trust, if one is used.
     pub dev_cert: Option<PathBuf>,
     pub metrics: Arc<Metrics>,
@@ -149,16 +160,14 @@ fn announcement(config: &Config, quic: SocketAddr, http: SocketAddr) -> NodeInfo
     }
 }
 
-/// Binds the QUIC endpoint(s) with the node's certificate; returns them,
-/// the address bound and the development certificate, if one is used.
+/// Binds the QUIC endpoint(s) with the node's certificate; returns them
+/// and the address bound.
 fn bind_quic(
     config: &Config,
-) -> Result<(Vec<quinn::Endpoint>, SocketAddr, Option<PathBuf>), NodeError> {
-    let identity = tls::load_or_create(&config.tls)?;
-    let dev_cert = identity.dev_cert.clone();
-    let server = tls::server_config(identity, endpoint::transport(&config.quic)?)?;
-    let (endpoints, addr) = endpoint::bind(&config.quic, server)?;
-    Ok((endpoints, addr, dev_cert))
+    certificates: &Arc<tls::Certificates>,
+) -> Result<(Vec<quinn::Endpoint>, SocketAddr), NodeError> {
+    let server = certificates.quic(endpoint::transport(&config.quic)?)?;
+    Ok(endpoint::bind(&config.quic, server)?)
 }
 
 async fn bind_http(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), NodeError> {
@@ -236,6 +245,14 @@ impl Node {
         if config.uses_dev_secret() {
             tracing::warn!("using the public development token secret: anyone can mint tokens; set HEXFLEET_TOKEN_SECRET in production");
         }
+        let auth = Arc::new(auth::Auth::load(&config.auth)?);
+        let certificates = tls::Certificates::load(&config.tls)?;
+        if let Some(path) = &certificates.dev_cert {
+            tracing::warn!(
+                cert = %path.display(),
+                "USING A SELF-SIGNED DEVELOPMENT CERTIFICATE: clients must be given it to trust; set tls.cert and tls.key in production"
+            );
+        }
         let metrics = Arc::new(Metrics::new());
         let (store, redis) = open_store(&config.store).await?;
         let table = Arc::new(VehicleTable::new());
@@ -262,8 +279,9 @@ impl Node {
                 tracing::info!(restored, "took over vehicles from the store");
             }
         }
-        let (endpoints, quic_addr, dev_cert) = bind_quic(&config)?;
+        let (endpoints, quic_addr) = bind_quic(&config, &certificates)?;
         let (http_listener, http_addr) = bind_http(config.http.listen).await?;
+        let (admin_listener, admin_addr) = bind_http(config.admin.listen).await?;
         let cluster = match (clustered, redis) {
             (true, Some(conn)) => Some(
                 Cluster::join(
@@ -285,6 +303,7 @@ impl Node {
         let sessions = TaskTracker::new();
         let ctx = Arc::new(session::Context::new(
             &config,
+            auth.clone(),
             ingest.clone(),
             fanout.clone(),
             cluster.clone(),
@@ -306,7 +325,7 @@ impl Node {
             tasks.spawn(endpoint::accept_loop(
                 endpoint,
                 ctx.clone(),
-                config.quic.max_connections,
+                endpoint::Admission::new(&config.quic),
                 sessions.clone(),
                 shutdown.clone(),
             ));
@@ -337,7 +356,7 @@ impl Node {
             table: table.clone(),
             config: config.dashboard.clone(),
             slow_consumer_after: config.riders.slow_consumer_after,
-            token_secret: config.auth.token_secret.as_bytes().to_vec(),
+            auth: auth.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             store: store.clone(),
@@ -350,21 +369,55 @@ impl Node {
             metrics: metrics.clone(),
             limits: config.http.clone(),
             cluster: cluster.clone(),
+            auth: auth.clone(),
+            shutdown: shutdown.clone(),
         };
-        let router = dashboard::router(dashboards).merge(http::router(api));
-        {
-            let (limits, shutdown) = (config.http.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                http::server::serve(http_listener, router, &limits, shutdown, HTTP_GRACE).await;
-            });
-        }
+        let counted = axum::middleware::from_fn_with_state(metrics.clone(), http::count_requests);
+        let router = dashboard::router(dashboards)
+            .merge(http::router(api.clone()))
+            .layer(counted.clone());
+        let http_tls = config.http.tls;
+        let public = http::server::Listener {
+            listener: http_listener,
+            router,
+            max_connections: config.http.max_connections,
+            max_connections_per_address: config.http.max_connections_per_address,
+            header_timeout: config.http.header_timeout,
+            tls: http_tls
+                .then(|| certificates.https().map(tokio_rustls::TlsAcceptor::from))
+                .transpose()?,
+            metrics: Some(metrics.clone()),
+        };
+        let admin = http::server::Listener {
+            listener: admin_listener,
+            router: http::admin_router(api).layer(counted),
+            max_connections: 64,
+            max_connections_per_address: 64,
+            header_timeout: config.http.header_timeout,
+            tls: None,
+            metrics: None,
+        };
+        tasks.spawn(http::server::serve(public, shutdown.clone(), HTTP_GRACE));
+        tasks.spawn(http::server::serve(admin, shutdown.clone(), HTTP_GRACE));
+        tasks.spawn(
+            reload::Reloader {
+                auth,
+                certificates: certificates.clone(),
+                metrics: metrics.clone(),
+                interval: config.tls.reload_interval,
+            }
+            .run(shutdown.clone()),
+        );
         tasks.close();
-        tracing::info!(node = %config.node_id, %quic_addr, %http_addr, store = store.kind(), "node started");
+        tracing::info!(node = %config.node_id, %quic_addr, %http_addr, %admin_addr, http_tls, store = store.kind(), "node started");
         Ok(Node {
             node_id: config.node_id,
             quic_addr,
             http_addr,
-            dev_cert,
+            http_tls,
+            admin_addr,
+            dev_cert: certificates.dev_cert.clone(),
+            certificates,
             metrics,
             table,
             store,

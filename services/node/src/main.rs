@@ -10,7 +10,7 @@ use hexfleet_node::{
     config::{Config, StoreKind},
     Node,
 };
-use hexfleet_protocol::{Claims, Role};
+use hexfleet_protocol::{Claims, Role, SigningKey};
 
 #[derive(Parser)]
 #[command(name = "hexfleet-node", version, about = "hexfleet ingest node")]
@@ -41,6 +41,19 @@ struct RunArgs {
     /// TCP address of the HTTP API.
     #[arg(long, env = "HEXFLEET_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// Serve HTTPS/WSS on the HTTP address (false: plain HTTP, only behind a
+    /// proxy that terminates TLS).
+    #[arg(long, env = "HEXFLEET_HTTP_TLS", value_parser = clap::builder::BoolishValueParser::new())]
+    http_tls: Option<bool>,
+    /// TCP address of the admin listener (metrics, probes).
+    #[arg(long, env = "HEXFLEET_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// JSON Web Key Set file of the keys that sign tokens (by kid).
+    #[arg(long, env = "HEXFLEET_JWKS")]
+    jwks: Option<PathBuf>,
+    /// Logs as JSON lines (one object per event) instead of text.
+    #[arg(long, env = "HEXFLEET_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new(), global = true)]
+    log_json: bool,
     /// Vehicle store.
     #[arg(long, env = "HEXFLEET_STORE", value_parser = parse_store)]
     store: Option<StoreKind>,
@@ -91,6 +104,12 @@ struct TokenArgs {
     /// How long the token is valid.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// The key id to put in the header (a key of the JWKS with this secret).
+    #[arg(long)]
+    kid: Option<String>,
+    /// The audience claim.
+    #[arg(long)]
+    aud: Option<String>,
 }
 
 fn parse_store(s: &str) -> Result<StoreKind, String> {
@@ -116,6 +135,15 @@ impl RunArgs {
         }
         if let Some(v) = self.http_listen {
             config.http.listen = v;
+        }
+        if let Some(v) = self.http_tls {
+            config.http.tls = v;
+        }
+        if let Some(v) = self.admin_listen {
+            config.admin.listen = v;
+        }
+        if let Some(v) = &self.jwks {
+            config.auth.jwks = Some(v.clone());
         }
         if let Some(v) = &self.redis_url {
             config.store.redis_url = v.clone();
@@ -151,19 +179,32 @@ fn mint(args: &TokenArgs, secret: &str) -> anyhow::Result<String> {
         _ => anyhow::bail!("say whom the token is for: --driver ID, --rider ID or --dashboard ID"),
     };
     let subject = VehicleId::new(subject).context("the id")?;
-    let claims = Claims::new(role, subject, clock::now_s() + args.ttl.as_secs());
-    Ok(claims.mint(secret.as_bytes()))
+    let now = clock::now_s();
+    let mut claims = Claims::new(role, subject, now + args.ttl.as_secs()).issued(now);
+    if let Some(aud) = &args.aud {
+        claims = claims.for_audience(aud.clone());
+    }
+    let mut key = SigningKey::hs256(secret.as_bytes());
+    if let Some(kid) = &args.kid {
+        key = key.with_kid(kid.clone());
+    }
+    Ok(claims.sign(&key)?)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,quinn=warn".into());
+    if cli.run.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let config = cli.run.config()?;
     if let Some(Command::Token(args)) = &cli.command {
         println!("{}", mint(args, &config.auth.token_secret)?);

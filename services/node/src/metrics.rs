@@ -21,6 +21,10 @@ use prometheus_client::{
 };
 
 type Labels = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+/// HTTP requests by route (the matched pattern, so ids do not multiply
+/// series) and status.
+type HttpLabels = [(&'static str, String); 2];
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -64,6 +68,14 @@ pub struct Metrics {
     pub dashboards: Gauge,
     dashboard_errors: Family<Labels, Counter>,
     pub density_cells_sent: Counter,
+    sessions: Family<Labels, Gauge>,
+    pub handshakes: Gauge,
+    connections_refused: Family<Labels, Counter>,
+    pub handshakes_retried: Counter,
+    http_requests: Family<HttpLabels, Counter>,
+    pub http_connections: Gauge,
+    reloads: Family<Labels2, Counter>,
+    pub store_up: Gauge,
 }
 
 /// The kinds of delta item, as counted.
@@ -272,6 +284,54 @@ impl Metrics {
                 "Per-cell counts sent to dashboards in density mode",
                 Counter::default(),
             ),
+            sessions: registered(
+                &mut r,
+                "sessions",
+                "Open sessions past Hello, by role",
+                Family::default(),
+            ),
+            handshakes: registered(
+                &mut r,
+                "handshakes",
+                "QUIC handshakes in progress",
+                Gauge::default(),
+            ),
+            connections_refused: registered(
+                &mut r,
+                "connections_refused",
+                "Connections refused before a session, by limit: node_limit, address_limit, handshake_limit (QUIC), http_address_limit",
+                Family::default(),
+            ),
+            handshakes_retried: registered(
+                &mut r,
+                "handshakes_retried",
+                "QUIC Initials answered with a Retry (address validation under load)",
+                Counter::default(),
+            ),
+            http_requests: registered(
+                &mut r,
+                "http_requests",
+                "HTTP requests answered, by route and status",
+                Family::default(),
+            ),
+            http_connections: registered(
+                &mut r,
+                "http_connections",
+                "Open HTTP connections on the public listener, WebSockets included",
+                Gauge::default(),
+            ),
+            reloads: registered(
+                &mut r,
+                "reloads",
+                "Reloads of the certificate (what=tls) and token keys (what=auth), by result",
+                Family::default(),
+            ),
+            store_up: registered(
+                &mut r,
+                "store_up",
+                "1 while the store answers, 0 while it does not (the node keeps serving from memory)",
+                Gauge::default(),
+            ),
             registry: r,
         }
     }
@@ -295,6 +355,28 @@ impl Metrics {
     pub fn rate_limited(&self, role: Role) -> Counter {
         self.rate_limited
             .get_or_create_owned(&[("role", role.as_str())])
+    }
+
+    /// Open sessions of `role` (a gauge: inc when it starts, dec when it ends).
+    pub fn sessions(&self, role: Role) -> Gauge {
+        self.sessions
+            .get_or_create_owned(&[("role", role.as_str())])
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) -> Counter {
+        self.connections_refused
+            .get_or_create_owned(&[("reason", reason)])
+    }
+
+    pub fn http_request(&self, route: &str, status: u16) -> Counter {
+        self.http_requests
+            .get_or_create_owned(&[("route", route.to_string()), ("status", status.to_string())])
+    }
+
+    pub fn reload(&self, what: &'static str, ok: bool) -> Counter {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads
+            .get_or_create_owned(&[("what", what), ("result", result)])
     }
 
     pub fn refused(&self, code: ErrorCode) -> Counter {

@@ -1,4 +1,5 @@
-//! The node's TLS identity and QUIC server configuration.
+//! The node's TLS identity, reloadable, and the QUIC and HTTPS server
+//! configurations over it.
 //!
 //! A configured certificate and key (PEM) are used as is. Without them the
 //! node makes a self-signed development certificate for `localhost` and keeps
@@ -11,7 +12,12 @@ use std::{
     sync::Arc,
 };
 
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use parking_lot::RwLock;
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
 
 use crate::config::TlsConfig;
 use hexfleet_protocol::dev::{DEV_CERT_FILE, DEV_KEY_FILE, DEV_SERVER_NAME};
@@ -107,20 +113,94 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The QUIC server configuration: TLS 1.3 with ALPN `hexfleet/1`, and a
-/// transport tuned for many small, mostly idle connections.
-pub fn server_config(
-    identity: Identity,
-    transport: quinn::TransportConfig,
-) -> Result<quinn::ServerConfig, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)?;
-    crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+/// The node's certificate, as every TLS handshake sees it: QUIC's and
+/// HTTPS's. [`Certificates::reload`] swaps it for new handshakes; connections
+/// already open keep the one they started with.
+#[derive(Debug)]
+pub struct Certificates {
+    config: TlsConfig,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// Where the development certificate is, when one is used.
+    pub dev_cert: Option<PathBuf>,
+}
+
+impl Certificates {
+    pub fn load(config: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        let identity = load_or_create(config)?;
+        Ok(Arc::new(Self {
+            config: config.clone(),
+            current: RwLock::new(certified(identity.chain, identity.key)?),
+            dev_cert: identity.dev_cert,
+        }))
+    }
+
+    /// Reads the configured certificate and key again. On an error the
+    /// current ones stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let identity = load_or_create(&self.config)?;
+        *self.current.write() = certified(identity.chain, identity.key)?;
+        Ok(())
+    }
+
+    /// The files a reload reads (none for a development certificate).
+    pub fn files(&self) -> Vec<PathBuf> {
+        [&self.config.cert, &self.config.key]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// A rustls server configuration over these certificates, with `alpn`.
+    fn server(
+        self: &Arc<Self>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        crypto.alpn_protocols = alpn;
+        Ok(crypto)
+    }
+
+    /// The HTTPS (and WSS) server configuration: TLS 1.2 and 1.3, HTTP/1.1.
+    pub fn https(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+        Ok(Arc::new(
+            self.server(&versions, vec![b"http/1.1".to_vec()])?,
+        ))
+    }
+
+    /// The QUIC server configuration: TLS 1.3 with ALPN `hexfleet/1`, and a
+    /// transport tuned for many small, mostly idle connections.
+    pub fn quic(
+        self: &Arc<Self>,
+        transport: quinn::TransportConfig,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let crypto = self.server(
+            &[&rustls::version::TLS13],
+            vec![hexfleet_protocol::ALPN.to_vec()],
+        )?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().clone())
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider)?))
 }

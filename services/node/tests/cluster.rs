@@ -66,6 +66,7 @@ struct Node {
     child: Child,
     quic: SocketAddr,
     http: SocketAddr,
+    admin: SocketAddr,
     log: PathBuf,
 }
 
@@ -79,7 +80,7 @@ impl Node {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.http))
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
             .await
             .and_then(|r| r.error_for_status());
         let Ok(text) = text else { return 0.0 };
@@ -124,7 +125,7 @@ impl Cluster {
         for i in 0..count {
             // The first writes the shared certificate; the others reuse it.
             let node = cluster.spawn(&format!("n{i}"));
-            healthy(node.http).await;
+            healthy(node.admin).await;
             cluster.nodes.push(node);
         }
         cluster.converged(count).await;
@@ -132,12 +133,17 @@ impl Cluster {
     }
 
     fn spawn(&self, id: &str) -> Node {
-        let (quic, http) = (loopback(free_udp_port()), loopback(free_tcp_port()));
+        let (quic, http, admin) = (
+            loopback(free_udp_port()),
+            loopback(free_tcp_port()),
+            loopback(free_tcp_port()),
+        );
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
                 "node_id = \"{id}\"\n\
+                 [http]\ntls = false\n\
                  [cells]\nshard_res = {SHARD_RES}\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
                  [cluster]\nenabled = true\nlease_ttl = \"1500ms\"\nrenew_interval = \"500ms\"\n",
@@ -156,6 +162,7 @@ impl Cluster {
             .args(["--config", config.to_str().unwrap()])
             .args(["--quic-listen", &quic.to_string()])
             .args(["--http-listen", &http.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -166,6 +173,7 @@ impl Cluster {
             child,
             quic,
             http,
+            admin,
             log,
         }
     }
@@ -232,8 +240,17 @@ impl Cluster {
     }
 }
 
+/// GETs a public API URL with a dashboard's token.
+async fn api_get(url: String) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token(Role::Dashboard, "ops"))
+        .send()
+        .await
+}
+
 async fn live_set(http: SocketAddr) -> Option<LiveSet> {
-    let body: serde_json::Value = reqwest::get(format!("http://{http}/v1/cluster"))
+    let body: serde_json::Value = api_get(format!("http://{http}/v1/cluster"))
         .await
         .ok()?
         .json()
@@ -416,13 +433,12 @@ async fn three_nodes_on_one_redis_act_as_one() {
     every_driver_ends_on_its_owner_and_every_rider_sees_the_truth(&cluster).await;
     // Any node answers for the whole fleet.
     for node in &cluster.nodes {
-        let body: serde_json::Value =
-            reqwest::get(format!("http://{}/v1/vehicles/drv-0", node.http))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let body: serde_json::Value = api_get(format!("http://{}/v1/vehicles/drv-0", node.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if body["id"] != "drv-0" {
             let locator: Option<String> = redis::cmd("GET")
                 .arg(keys::locator(&VehicleId::new("drv-0").unwrap()))
@@ -438,7 +454,7 @@ async fn three_nodes_on_one_redis_act_as_one() {
                 cluster.logs()
             );
         }
-        let near: serde_json::Value = reqwest::get(format!(
+        let near: serde_json::Value = api_get(format!(
             "http://{}/v1/vehicles?lat={}&lon={}&radius_m=5000&limit=100",
             node.http, CENTER.0, CENTER.1
         ))
@@ -449,7 +465,7 @@ async fn three_nodes_on_one_redis_act_as_one() {
         .unwrap();
         assert_eq!(near["count"], 25, "{near}");
     }
-    let at: serde_json::Value = reqwest::get(format!(
+    let at: serde_json::Value = api_get(format!(
         "http://{}/v1/cluster?lat={}&lon={}",
         cluster.nodes[0].http, CENTER.0, CENTER.1
     ))
@@ -470,7 +486,7 @@ async fn three_nodes_on_one_redis_act_as_one() {
 /// node's `bus_delay_seconds` (fix accepted by its owner to change applied
 /// to a replica here).
 async fn bus_delay(node: &Node) -> (f64, f64) {
-    let text = reqwest::get(format!("http://{}/metrics", node.http))
+    let text = reqwest::get(format!("http://{}/metrics", node.admin))
         .await
         .unwrap()
         .text()
@@ -615,7 +631,7 @@ async fn a_driver_crossing_into_another_nodes_shard_is_handed_over_without_a_gap
         );
     }
     // Sequence numbers continue across the hand-off.
-    let stored: serde_json::Value = reqwest::get(format!("http://{}/v1/vehicles/crosser", to.http))
+    let stored: serde_json::Value = api_get(format!("http://{}/v1/vehicles/crosser", to.http))
         .await
         .unwrap()
         .json()

@@ -23,7 +23,7 @@ const SECRET: &str = "process-test-secret-0123456789";
 struct NodeProcess {
     child: Child,
     quic: SocketAddr,
-    http: SocketAddr,
+    admin: SocketAddr,
     dir: tempfile::TempDir,
 }
 
@@ -44,13 +44,18 @@ fn node_command(dir: &Path) -> Command {
 impl NodeProcess {
     fn start(redis: &RedisServer) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (quic, http) = (loopback(free_udp_port()), loopback(free_tcp_port()));
+        let (quic, http, admin) = (
+            loopback(free_udp_port()),
+            loopback(free_tcp_port()),
+            loopback(free_tcp_port()),
+        );
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
         let child = node_command(dir.path())
             .env("HEXFLEET_TOKEN_SECRET", SECRET)
             .args(["--redis-url", &redis.url()])
             .args(["--quic-listen", &quic.to_string()])
             .args(["--http-listen", &http.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -58,7 +63,7 @@ impl NodeProcess {
         Self {
             child,
             quic,
-            http,
+            admin,
             dir,
         }
     }
@@ -107,7 +112,7 @@ fn driver_token(id: &str) -> String {
 async fn sigterm_under_load_tells_clients_drains_and_writes_the_last_accepted_fixes() {
     let redis = RedisServer::start();
     let mut node = NodeProcess::start(&redis);
-    healthy(node.http).await;
+    healthy(node.admin).await;
     let connector = Connector::new(&node.cert(), dev::DEV_SERVER_NAME).unwrap();
     let report = DriverReport {
         class: VehicleClass::Economy,
@@ -183,15 +188,16 @@ fn the_public_development_secret_is_refused_beyond_loopback() {
 #[tokio::test]
 async fn a_development_node_on_loopback_starts_with_the_public_secret_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let http = loopback(free_tcp_port());
+    let admin = loopback(free_tcp_port());
     let mut child = node_command(dir.path())
         .args(["--quic-listen", &loopback(free_udp_port()).to_string()])
-        .args(["--http-listen", &http.to_string()])
+        .args(["--http-listen", &loopback(free_tcp_port()).to_string()])
+        .args(["--admin-listen", &admin.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    healthy(http).await;
+    healthy(admin).await;
     kill_process(Pid::from_child(&child), Signal::INT).unwrap();
     assert!(child.wait().unwrap().success());
 }

@@ -199,12 +199,14 @@ fn attach(established: Established, shared: &Arc<Shared>) -> Link {
 }
 
 /// Whether a connection that ended this way is worth making again: not when
-/// the node refused the driver itself.
+/// the node refused the driver itself. An expired token (`token_expired`)
+/// is the app's to refresh: it connects again with a new one.
 fn worth_retrying(e: &ClientError) -> bool {
     !matches!(
         e,
         ClientError::Refused {
             code: ErrorCode::Unauthorized
+                | ErrorCode::TokenExpired
                 | ErrorCode::UnsupportedVersion
                 | ErrorCode::Superseded
                 | ErrorCode::ProtocolViolation

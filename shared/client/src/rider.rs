@@ -334,7 +334,16 @@ async fn serve(
                         return Ended::Dropped;
                     }
                 }
-                _ => return Ended::Dropped,
+                _ => {
+                    // The node ends the push stream as it closes; why it
+                    // closes follows on the control stream.
+                    let next = tokio::time::timeout(Duration::from_secs(1), link.rx.next()).await;
+                    if let Ok(Some(Ok(ServerMsg::Error(e)))) = next {
+                        *shared.closed.lock() = Some((e.code, e.reason));
+                    }
+                    note_close(link, shared);
+                    return Ended::Dropped;
+                }
             },
             control = link.rx.next() => match control {
                 Some(Ok(ServerMsg::SubscribeError(e))) => shared.refused.lock().push(e),
@@ -348,12 +357,25 @@ async fn serve(
                 }
                 Some(Ok(_)) => {}
                 _ => {
-                    if let Some(ClientError::Refused { code, reason }) = link.conn.close_reason().map(|c| ClientError::from_close(&c)) {
-                        *shared.closed.lock() = Some((code, reason));
-                    }
+                    note_close(link, shared);
                     return Ended::Dropped;
                 }
             },
+        }
+    }
+}
+
+/// Keeps why the node closed the link, when it says (the push stream or
+/// the control stream may be the first to notice the close).
+fn note_close(link: &Link, shared: &Shared) {
+    if let Some(ClientError::Refused { code, reason }) = link
+        .conn
+        .close_reason()
+        .map(|c| ClientError::from_close(&c))
+    {
+        let mut closed = shared.closed.lock();
+        if closed.is_none() {
+            *closed = Some((code, reason));
         }
     }
 }

@@ -5,7 +5,8 @@
 //!   length-delimited on streams, bare in datagrams, with a hard size limit.
 //! - [`rider`]: what riders subscribe to and are pushed.
 //! - [`dashboard`]: what dashboards exchange over WebSocket.
-//! - [`token`]: signed, expiring tokens that bind a role to a subject.
+//! - [`token`]: JSON Web Tokens that bind a role to a subject until they
+//!   expire, and the verifier that checks them by key id.
 //! - [`bus`]: what nodes tell each other through Redis.
 
 pub mod bus;
@@ -20,9 +21,10 @@ pub use codec::{
     decode_datagram, encode_datagram, encoded_len, FrameCodec, FrameError, MAX_FRAME_LEN,
     WIRE_VERSION,
 };
+pub use jsonwebtoken::Algorithm;
 pub use messages::*;
 pub use rider::{Added, Filter, Moved, RemoveReason, Removed, RiderUpdate, Subscribe};
-pub use token::{Claims, TokenError};
+pub use token::{Claims, KeyError, SigningKey, TokenError, Verifier};
 
 /// The ALPN protocol id of hexfleet over QUIC.
 pub const ALPN: &[u8] = b"hexfleet/1";

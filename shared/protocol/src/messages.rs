@@ -131,6 +131,8 @@ pub enum ErrorCode {
     /// This node cannot serve the client's shard right now (its ownership
     /// is changing hands): reconnect, after a short backoff, to any node.
     Unavailable,
+    /// The session's token expired: connect again with a fresh one.
+    TokenExpired,
 }
 
 impl ErrorCode {
@@ -148,6 +150,7 @@ impl ErrorCode {
             Self::Superseded => 9,
             Self::RateLimited => 10,
             Self::Unavailable => 11,
+            Self::TokenExpired => 12,
         }
     }
 
@@ -166,6 +169,7 @@ impl ErrorCode {
             Self::Superseded => 4409,
             Self::RateLimited => 4429,
             Self::Unavailable => 4503,
+            Self::TokenExpired => 4401,
         }
     }
 
@@ -182,6 +186,7 @@ impl ErrorCode {
             Self::Superseded,
             Self::RateLimited,
             Self::Unavailable,
+            Self::TokenExpired,
         ]
         .into_iter()
         .find(|c| u64::from(c.close_code()) == code)
@@ -200,6 +205,7 @@ impl ErrorCode {
             Self::Superseded => "superseded",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::TokenExpired => "token_expired",
         }
     }
 }
@@ -242,10 +248,13 @@ pub enum RejectReason {
     /// `hexfleet_model::MAX_INDEXED_LAT`). Last, so the wire values of the
     /// others do not change.
     OutsideIndex,
+    /// Sent faster than the connection's fix budget (`ingest.fixes`):
+    /// dropped, not stored. Last, so the wire values of the others stay.
+    RateLimited,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         Self::Malformed,
         Self::InvalidCoordinate,
         Self::NullIsland,
@@ -256,6 +265,7 @@ impl RejectReason {
         Self::TimeBackwards,
         Self::TooFast,
         Self::OutsideIndex,
+        Self::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -270,6 +280,7 @@ impl RejectReason {
             Self::StaleSeq => "stale_seq",
             Self::TimeBackwards => "time_backwards",
             Self::TooFast => "too_fast",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

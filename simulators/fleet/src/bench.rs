@@ -173,6 +173,7 @@ struct NodeProcess {
     pid: u32,
     quic: SocketAddr,
     http: SocketAddr,
+    admin: SocketAddr,
     cert: PathBuf,
 }
 
@@ -194,7 +195,8 @@ fn start_node(redis_url: &str, dev_dir: &Path, secret: &str) -> anyhow::Result<N
         let line = line?;
         if let Some(rest) = line.strip_prefix("READY ") {
             let mut parts = rest.split(' ');
-            let (Some(quic), Some(http), Some(cert)) = (parts.next(), parts.next(), parts.next())
+            let (Some(quic), Some(http), Some(admin), Some(cert)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
             else {
                 bail!("unexpected READY line {line:?}");
             };
@@ -203,6 +205,7 @@ fn start_node(redis_url: &str, dev_dir: &Path, secret: &str) -> anyhow::Result<N
                 pid,
                 quic: quic.parse()?,
                 http: http.parse()?,
+                admin: admin.parse()?,
                 cert: cert.into(),
             });
         }
@@ -418,8 +421,8 @@ impl Bench {
         tokio::time::sleep(Duration::from_secs(1)).await;
         book.reset();
         let started = Instant::now();
-        let (accepted0, items0) = counters(&self.http, self.node.http).await?;
-        let delays0 = delay_buckets(&metrics_text(&self.http, self.node.http).await?);
+        let (accepted0, items0) = counters(&self.http, self.node.admin).await?;
+        let delays0 = delay_buckets(&metrics_text(&self.http, self.node.admin).await?);
         let sent0 = stats.sent.load(std::sync::atomic::Ordering::Relaxed);
         let nearby =
             (nearby_per_s > 0.0).then(|| self.nearby_load(scenario.bbox(), nearby_per_s, step));
@@ -430,8 +433,8 @@ impl Bench {
                 None
             }
         };
-        let (accepted1, items1) = counters(&self.http, self.node.http).await?;
-        let delays1 = delay_buckets(&metrics_text(&self.http, self.node.http).await?);
+        let (accepted1, items1) = counters(&self.http, self.node.admin).await?;
+        let delays1 = delay_buckets(&metrics_text(&self.http, self.node.admin).await?);
         let applied = book.percentiles().samples;
         let secs = started.elapsed().as_secs_f64();
         let sent = stats.sent.load(std::sync::atomic::Ordering::Relaxed) - sent0;
@@ -467,6 +470,11 @@ impl Bench {
         per_s: f64,
         duration: Duration,
     ) -> anyhow::Result<Histogram<u64>> {
+        let reader = crate::fleet::token(
+            &self.secret,
+            hexfleet_protocol::Role::Dashboard,
+            "bench-reader",
+        )?;
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / per_s));
         let end = Instant::now() + duration;
@@ -482,6 +490,7 @@ impl Bench {
             let ok = self
                 .http
                 .get(&url)
+                .bearer_auth(&reader)
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
@@ -538,12 +547,12 @@ impl Bench {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = rss_kib(self.node.pid)?;
-        let (accepted0, _) = counters(&self.http, self.node.http).await?;
+        let (accepted0, _) = counters(&self.http, self.node.admin).await?;
         dashboard_stats.reset();
         let started = Instant::now();
         tokio::time::sleep(step).await;
         let secs = started.elapsed().as_secs_f64();
-        let (accepted1, _) = counters(&self.http, self.node.http).await?;
+        let (accepted1, _) = counters(&self.http, self.node.admin).await?;
         let city = ViewSummary::of(&dashboard_stats.city, secs);
         let district = ViewSummary::of(&dashboard_stats.district, secs);
         stop.cancel();

@@ -99,6 +99,9 @@ async fn serve_node(args: ServeNodeArgs) -> anyhow::Result<()> {
     config.quic.listen = ([127, 0, 0, 1], 0).into();
     config.quic.endpoints = 2;
     config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.admin.listen = ([127, 0, 0, 1], 0).into();
+    // Loopback only: the bench measures the node, not TLS on its API.
+    config.http.tls = false;
     config.tls.dev_dir = args.dev_dir;
     config.auth.token_secret = args.token_secret;
     config.store.kind = StoreKind::Redis;
@@ -106,9 +109,10 @@ async fn serve_node(args: ServeNodeArgs) -> anyhow::Result<()> {
     let node = Node::start(config).await?;
     let cert = node.dev_cert.clone().context("a development certificate")?;
     println!(
-        "READY {} {} {}",
+        "READY {} {} {} {}",
         node.quic_addr,
         node.http_addr,
+        node.admin_addr,
         cert.display()
     );
     // The parent holds our stdin; when it ends, so do we.
@@ -218,6 +222,9 @@ struct DemoArgs {
     /// HTTP address of the embedded node.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
+    /// Admin address (metrics, probes) of the embedded node.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
     /// QUIC address of the embedded node.
     #[arg(long, default_value = "127.0.0.1:4433")]
     quic_listen: SocketAddr,
@@ -427,6 +434,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     config.quic.listen = args.quic_listen;
     config.http.listen = args.http_listen;
+    config.admin.listen = args.admin_listen;
+    // The demo runs on loopback, opened in a local browser: plain HTTP
+    // spares it a certificate warning. Production nodes serve HTTPS.
+    config.http.tls = false;
     config.auth.token_secret = args.token_secret.clone();
     if let Some(url) = &args.redis_url {
         config.store.kind = StoreKind::Redis;
@@ -467,10 +478,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("             open it in a browser; zoom out for counts over the whole city");
     println!(
-        "  try     curl 'http://{}/v1/vehicles?lat={lat:.4}&lon={lon:.4}&radius_m=2000&limit=5'",
+        "  try     curl -H 'Authorization: Bearer {dispatch}' 'http://{}/v1/vehicles?lat={lat:.4}&lon={lon:.4}&radius_m=2000&limit=5'",
         node.http_addr
     );
-    println!("          curl http://{}/metrics", node.http_addr);
+    println!("          curl http://{}/metrics", node.admin_addr);
     println!("Ctrl-C to stop.");
     let client = ClientArgs {
         nodes: vec![node.quic_addr],

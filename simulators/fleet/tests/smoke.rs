@@ -79,6 +79,8 @@ fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
             "127.0.0.1:0",
             "--quic-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .env("HEXFLEET_DEV_DIR", dir.path())
         .output()
@@ -92,7 +94,7 @@ fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
     for line in [
         "HTTP    http://127.0.0.1:",
         "dashboard  http://127.0.0.1:",
-        "/?token=hf1.dashboard.demo-dispatch.",
+        "/?token=eyJ",
         "| drivers | 20 connected of 20 |",
         "| accepted |",
         "| delta items |",

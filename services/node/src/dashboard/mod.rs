@@ -22,7 +22,7 @@ use axum::{
     Json, Router,
 };
 use hexfleet_model::CellModel;
-use hexfleet_protocol::{dashboard::Format, Claims, ErrorCode, Role};
+use hexfleet_protocol::{dashboard::Format, ErrorCode, Role};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -30,9 +30,6 @@ use crate::{
     clock, config::DashboardConfig, fanout::FanOut, metrics::Metrics, table::VehicleTable,
 };
 
-/// The largest request a dashboard may send. Requests are small (a
-/// viewport, a filter); anything larger is a broken or hostile client.
-const MAX_REQUEST_LEN: usize = 16 * 1024;
 const READ_BUFFER: usize = 4 * 1024;
 
 /// What every dashboard connection of a node shares.
@@ -43,7 +40,7 @@ pub struct Dashboards {
     pub table: Arc<VehicleTable>,
     pub config: DashboardConfig,
     pub slow_consumer_after: Duration,
-    pub token_secret: Vec<u8>,
+    pub auth: Arc<crate::auth::Auth>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     /// Where `find` looks for vehicles this node does not hold.
@@ -81,21 +78,24 @@ async fn upgrade(
     let token = params.get("token").map(String::as_str).or(bearer);
     let authorized = match token {
         None => Err("a dashboard token is required (?token=...)".to_string()),
-        Some(token) => {
-            let now = u64::try_from(clock::now_ms() / 1000).unwrap_or(0);
-            Claims::verify_for(token, Role::Dashboard, &dashboards.token_secret, now)
-                .map_err(|e| format!("dashboard token refused: {e}"))
-        }
+        Some(token) => dashboards
+            .auth
+            .verify_for(token, Role::Dashboard, clock::now_s())
+            .map_err(|e| format!("dashboard token refused: {e}")),
     };
-    ws.max_message_size(MAX_REQUEST_LEN)
-        .max_frame_size(MAX_REQUEST_LEN)
+    let max = dashboards.config.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
         // tungstenite reads through a 128 KiB buffer by default, allocated
         // per connection; requests are small.
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             match authorized {
-                Ok(_) => session::serve(socket, format, dashboards).await,
+                Ok(claims) => {
+                    let expiry = crate::session::Expiry::at(claims.expires_at);
+                    session::serve(socket, format, dashboards, expiry).await
+                }
                 Err(reason) => {
                     dashboards.metrics.dashboard_error("unauthorized").inc();
                     close_with(socket, ErrorCode::Unauthorized, reason).await;

@@ -90,7 +90,12 @@ struct Session {
 /// a dashboard panning fast must not multiply without bound.
 const MAX_REPLICATED_SHARDS: usize = 64;
 
-pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Dashboards>) {
+pub(super) async fn serve(
+    socket: WebSocket,
+    format: Format,
+    dashboards: Arc<Dashboards>,
+    expiry: crate::session::Expiry,
+) {
     dashboards.metrics.dashboards.inc();
     let (sink, mut stream) = socket.split();
     let mut session = Session {
@@ -116,6 +121,8 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
         max_density_cells: dashboards.config.max_density_cells,
     });
     let mut outcome = session.send(&hello).await;
+    let expired = expiry.passed();
+    tokio::pin!(expired);
     while outcome.is_ok() {
         let mailbox = match &session.mode {
             Mode::Vehicles { mailbox, .. } => Some(mailbox.clone()),
@@ -135,6 +142,7 @@ pub(super) async fn serve(socket: WebSocket, format: Format, dashboards: Arc<Das
                 None => Ok(()),
             },
             _ = density_timer.tick(), if in_density => session.density(false).await,
+            refusal = &mut expired => Err(End::Close(refusal.code, refusal.reason)),
             _ = dashboards.shutdown.cancelled() => Err(End::Close(ErrorCode::ShuttingDown, "the node is shutting down".into())),
         };
     }

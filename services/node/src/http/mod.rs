@@ -1,25 +1,38 @@
-//! The node's HTTP API (axum): health, metrics, vehicle queries served
-//! from the store, so they answer the same on any node of a Redis-backed
-//! cluster, and the cluster's membership and ownership (`/v1/cluster`).
+//! The node's HTTP APIs (axum).
 //!
-//! [`server`] is the listener that serves it, with its connection limits.
+//! - The public API ([`router`]): vehicle queries served from the store,
+//!   so they answer the same on any node of a Redis-backed cluster, and the
+//!   cluster's membership and ownership (`/v1/cluster`). Every request needs
+//!   `Authorization: Bearer <token>` with a role that may read positions
+//!   (`dashboard`); others get 401.
+//! - The admin API ([`admin_router`]), on its own listener: `/metrics`,
+//!   `/healthz` (details), `/livez` (the process serves: liveness) and
+//!   `/readyz` (started and not shutting down: readiness). No tokens, so
+//!   Prometheus and probes need none; keep it off the public network.
+//!
+//! [`server`] is the listener that serves them, with its limits and TLS.
 
 pub mod server;
 
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{MatchedPath, Path, Query, Request, State},
     http::{header, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
 };
 use hexfleet_model::{CellModel, Position, VehicleId, VehicleState, MAX_INDEXED_LAT};
+use hexfleet_protocol::Role;
 use serde::Serialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    auth::Auth,
+    clock,
     cluster::Cluster,
     config::HttpConfig,
     metrics::{self, Metrics},
@@ -34,6 +47,9 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     pub limits: HttpConfig,
     pub cluster: Option<Arc<Cluster>>,
+    pub auth: Arc<Auth>,
+    /// Cancelled when the node starts shutting down (`/readyz` turns 503).
+    pub shutdown: CancellationToken,
 }
 
 impl Api {
@@ -46,15 +62,74 @@ impl Api {
     }
 }
 
+/// The public API; every route needs a reader's token.
 pub fn router(api: Api) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .route("/v1/vehicles", get(nearby))
         .route("/v1/vehicles/{id}", get(vehicle))
         .route("/v1/cluster", get(cluster))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_reader))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(api)
+}
+
+/// The admin API: metrics and probes, no tokens.
+pub fn admin_router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(api)
+}
+
+/// Counts every answer by route pattern and status (`http_requests`).
+pub async fn count_requests(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    metrics
+        .http_request(&route, response.status().as_u16())
+        .inc();
+    response
+}
+
+/// Lets a request through only with `Authorization: Bearer <token>` for a
+/// role that may read positions.
+async fn require_reader(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let refused = match token {
+        None => "a token is required: Authorization: Bearer <token>".to_string(),
+        Some(token) => match api.auth.verify_for(token, Role::Dashboard, clock::now_s()) {
+            Ok(_) => return next.run(request).await,
+            Err(e) => format!("token refused: {e}"),
+        },
+    };
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, refused).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"hexfleet\""),
+    );
+    response
+}
+
+async fn readyz(State(api): State<Api>) -> Response {
+    if api.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        "ready".into_response()
+    }
 }
 
 /// An error answer: a status and a JSON body `{"error": "..."}`.
@@ -90,13 +165,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The node's health in detail. A store that does not answer makes the
+/// node `degraded`, not dead: it keeps serving live positions from memory
+/// and rewrites them when the store is back, so the status stays 200 and
+/// an orchestrator does not restart a node that is doing its job.
 async fn healthz(State(api): State<Api>) -> Response {
     let store = api.store.ping().await;
-    let status = if store.is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    api.metrics.store_up.set(i64::from(store.is_ok()));
+    let status = StatusCode::OK;
     let body = json!({
         "node": &*api.node_id,
         "status": if store.is_ok() { "ok" } else { "degraded" },

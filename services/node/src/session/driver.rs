@@ -16,21 +16,22 @@
 //! (riders keep seeing it), and the driver is told `Redirect`. A driver
 //! whose first fix lands in another node's shard is redirected at once.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use hexfleet_model::{Position, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{
     decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits, Redirect,
-    RejectReason, Rejection, RemoveReason, ServerMsg, Welcome, GOODBYE_CLOSE_CODE, MAX_FRAME_LEN,
-    MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
+    RejectReason, Rejection, RemoveReason, Role, ServerMsg, Welcome, GOODBYE_CLOSE_CODE,
+    MAX_FRAME_LEN, MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    next_message, send, Context, ControlRead, ControlWrite, Goodbye, Outcome, Refusal, Stop,
-    ERROR_FRAME_GRACE,
+    next_message, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome, Refusal,
+    Stop, ERROR_FRAME_GRACE,
 };
 use crate::{
+    budget::{RequestBudget, Verdict},
     clock,
     cluster::Cluster,
     ingest::Placed,
@@ -52,6 +53,7 @@ pub(super) async fn serve(
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
     id: VehicleId,
+    expiry: Expiry,
 ) -> Outcome {
     // A driver handed over by another node continues from what it left.
     let inherited = match &ctx.cluster {
@@ -64,7 +66,7 @@ pub(super) async fn serve(
         _ => None,
     };
     let mut session = DriverSession::start(conn, ctx, id, inherited);
-    let outcome = session.run(tx, rx).await;
+    let outcome = session.run(tx, rx, expiry).await;
     let id = session.id;
     // Forget our registration, unless a newer session already replaced it.
     let replaced = ctx
@@ -107,6 +109,8 @@ struct DriverSession<'a> {
     /// The cluster's ownership changes as of the last check of this
     /// driver's shard.
     ownership_seen: u64,
+    /// The connection's fix budget (`ingest.fixes`).
+    budget: RequestBudget,
 }
 
 impl<'a> DriverSession<'a> {
@@ -158,10 +162,16 @@ impl<'a> DriverSession<'a> {
             rejected_unsent: false,
             crossed_at: None,
             ownership_seen: 0,
+            budget: RequestBudget::new(&ctx.fix_budget, Instant::now()),
         }
     }
 
-    async fn run(&mut self, tx: &mut ControlWrite, rx: &mut ControlRead) -> Outcome {
+    async fn run(
+        &mut self,
+        tx: &mut ControlWrite,
+        rx: &mut ControlRead,
+        expiry: Expiry,
+    ) -> Outcome {
         let datagrams = self.conn.max_datagram_size().is_some();
         let welcome = ServerMsg::Welcome(Welcome {
             node: self.ctx.node_id.clone(),
@@ -177,6 +187,8 @@ impl<'a> DriverSession<'a> {
         let mut ack_tick = tokio::time::interval(self.ctx.ack_interval);
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.ctx.shutdown.clone();
+        let expired = expiry.passed();
+        tokio::pin!(expired);
         loop {
             tokio::select! {
                 datagram = self.conn.read_datagram() => match datagram {
@@ -206,6 +218,10 @@ impl<'a> DriverSession<'a> {
                     self.still_ours().await?;
                     self.send_ack(tx).await?
                 }
+                refusal = &mut expired => {
+                    let _ = tokio::time::timeout(ERROR_FRAME_GRACE, self.send_ack(tx)).await;
+                    return Err(refusal.into());
+                }
                 _ = self.superseded.cancelled() => {
                     return Err(Refusal::new(ErrorCode::Superseded, "the driver connected again").into());
                 }
@@ -230,6 +246,18 @@ impl<'a> DriverSession<'a> {
     }
 
     async fn on_fix(&mut self, fix: &Fix) -> Result<(), Stop> {
+        match self.budget.spend(Instant::now()) {
+            Verdict::Allow => {}
+            Verdict::Refuse => {
+                self.reject(fix.seq, RejectReason::RateLimited);
+                return Ok(());
+            }
+            Verdict::Close => {
+                self.ctx.ingest.metrics.rate_limited(Role::Driver).inc();
+                let why = self.ctx.fix_budget.closing("fixes");
+                return Err(Refusal::new(ErrorCode::RateLimited, why).into());
+            }
+        }
         let now = clock::now_ms();
         let valid = match self.validator.check(fix, now) {
             Ok(valid) => valid,

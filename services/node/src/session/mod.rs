@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
-    Claims, ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Redirect, Role, ServerMsg,
+    ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Redirect, Role, ServerMsg,
     PROTOCOL_VERSION, REDIRECT_CLOSE_CODE,
 };
 use tokio_util::{
@@ -27,8 +27,8 @@ use tokio_util::{
 };
 
 use crate::{
-    budget::RequestLimits, clock, cluster::Cluster, config::Config, fanout::FanOut, ingest::Ingest,
-    store::Store, validate::Limits,
+    auth::Auth, budget::RequestLimits, clock, cluster::Cluster, config::Config, fanout::FanOut,
+    ingest::Ingest, store::Store, validate::Limits,
 };
 
 /// Control frames are small and most connections idle: their buffers start
@@ -47,7 +47,7 @@ pub struct Context {
     /// The router, in a cluster: which shards are this node's.
     pub cluster: Option<Arc<Cluster>>,
     pub store: Arc<dyn Store>,
-    token_secret: Vec<u8>,
+    auth: Arc<Auth>,
     limits: Limits,
     ack_interval: Duration,
     handshake_timeout: Duration,
@@ -57,6 +57,7 @@ pub struct Context {
     max_subscribe_radius_m: f64,
     slow_consumer_after: Duration,
     rider_requests: RequestLimits,
+    fix_budget: RequestLimits,
     /// The live session of each driver. A driver that connects again closes
     /// its older connection, so one vehicle never has two writers.
     drivers: DashMap<VehicleId, (u64, CancellationToken)>,
@@ -64,8 +65,10 @@ pub struct Context {
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
+        auth: Arc<Auth>,
         ingest: Arc<Ingest>,
         fanout: Arc<FanOut>,
         cluster: Option<Arc<Cluster>>,
@@ -78,7 +81,7 @@ impl Context {
             fanout,
             cluster,
             store,
-            token_secret: config.auth.token_secret.as_bytes().to_vec(),
+            auth,
             limits: Limits::new(&config.ingest, config.store.stale_after),
             ack_interval: config.ingest.ack_interval,
             handshake_timeout: config.quic.handshake_timeout,
@@ -86,6 +89,7 @@ impl Context {
             max_subscribe_radius_m: config.riders.max_radius_m,
             slow_consumer_after: config.riders.slow_consumer_after,
             rider_requests: config.riders.requests.clone(),
+            fix_budget: config.ingest.fixes.clone(),
             drivers: DashMap::new(),
             shutdown,
         }
@@ -128,9 +132,9 @@ fn lost(e: &FrameError) -> bool {
 
 /// Why a session ends early, and what the client is told.
 #[derive(Debug)]
-struct Refusal {
-    code: ErrorCode,
-    reason: String,
+pub(crate) struct Refusal {
+    pub(crate) code: ErrorCode,
+    pub(crate) reason: String,
 }
 
 impl Refusal {
@@ -166,9 +170,15 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Serves one incoming connection to its end.
-pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
+pub async fn serve(
+    incoming: quinn::Incoming,
+    ctx: Arc<Context>,
+    mut admitted: crate::endpoint::Admitted,
+) {
     let metrics = ctx.ingest.metrics.clone();
-    let conn = match tokio::time::timeout(ctx.handshake_timeout, incoming).await {
+    let connecting = tokio::time::timeout(ctx.handshake_timeout, incoming).await;
+    admitted.handshake.done();
+    let conn = match connecting {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "QUIC handshake failed");
@@ -211,10 +221,13 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
             return;
         }
     };
-    let (role, subject) = who;
+    let (role, subject, expires_at) = who;
+    let open = metrics.sessions(role);
+    open.inc();
+    let expiry = Expiry::at(expires_at);
     let outcome = match role {
-        Role::Driver => driver::serve(&conn, &mut tx, &mut rx, &ctx, subject).await,
-        Role::Rider => rider::serve(&conn, &mut tx, &mut rx, &ctx).await,
+        Role::Driver => driver::serve(&conn, &mut tx, &mut rx, &ctx, subject, expiry).await,
+        Role::Rider => rider::serve(&conn, &mut tx, &mut rx, &ctx, expiry).await,
         Role::Dashboard => Err(Refusal::new(
             ErrorCode::BadRequest,
             "dashboards connect over WebSocket, not QUIC",
@@ -222,6 +235,32 @@ pub async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
         .into()),
     };
     ended(outcome, &conn, Some(&mut tx), &ctx).await;
+    open.dec();
+}
+
+/// When a session's token expires: the session is closed then
+/// (`token_expired`), and the client connects again with a fresh token.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expiry(tokio::time::Instant);
+
+impl Expiry {
+    /// The moment `expires_at` (Unix seconds) passes on this node's clock.
+    pub(crate) fn at(expires_at: u64) -> Self {
+        let left = (expires_at + 1).saturating_sub(clock::now_s());
+        // Far-future tokens: a year is forever for a session.
+        let left = Duration::from_secs(left.min(365 * 24 * 3600));
+        Self(tokio::time::Instant::now() + left)
+    }
+
+    /// Resolves when the token expires, with the refusal that ends the
+    /// session.
+    pub(crate) async fn passed(self) -> Refusal {
+        tokio::time::sleep_until(self.0).await;
+        Refusal::new(
+            ErrorCode::TokenExpired,
+            "the token expired: connect again with a fresh one",
+        )
+    }
 }
 
 /// Accounts for how a session ended and, when the node ends it, tells the
@@ -265,7 +304,7 @@ async fn ended(
 }
 
 /// Reads and checks `Hello`; returns who the client is.
-async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, VehicleId), Stop> {
+async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, VehicleId, u64), Stop> {
     let ClientMsg::Hello(hello) = next_message(rx).await? else {
         let refusal = Refusal::new(
             ErrorCode::ProtocolViolation,
@@ -283,9 +322,11 @@ async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, Vehicle
         );
         return Err(refusal.into());
     }
-    let claims = Claims::verify_for(&hello.token, hello.role, &ctx.token_secret, clock::now_s())
+    let claims = ctx
+        .auth
+        .verify_for(&hello.token, hello.role, clock::now_s())
         .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))?;
-    Ok((claims.role, claims.subject))
+    Ok((claims.role, claims.subject, claims.expires_at))
 }
 
 const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);

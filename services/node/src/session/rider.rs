@@ -22,7 +22,8 @@ use hexfleet_protocol::{
 use tokio_util::codec::FramedWrite;
 
 use super::{
-    lost, next_message, send, Context, ControlRead, ControlWrite, Goodbye, Outcome, Refusal, Stop,
+    lost, next_message, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome,
+    Refusal, Stop,
 };
 use crate::{
     budget::{RequestBudget, Verdict},
@@ -38,6 +39,7 @@ pub(super) async fn serve(
     tx: &mut ControlWrite,
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
+    expiry: Expiry,
 ) -> Outcome {
     let welcome = ServerMsg::Welcome(Welcome {
         node: ctx.node_id.clone(),
@@ -68,8 +70,11 @@ pub(super) async fn serve(
     }
     let mut subscribed = false;
     let mut budget = RequestBudget::new(&ctx.rider_requests, Instant::now());
+    let expired = expiry.passed();
+    tokio::pin!(expired);
     let outcome = loop {
         tokio::select! {
+            refusal = &mut expired => break Err(refusal.into()),
             msg = next_message(rx) => match msg {
                 Ok(ClientMsg::Subscribe(s)) => {
                     match subscribe(s, !subscribed, id, &mailbox, &mut budget, tx, ctx).await {

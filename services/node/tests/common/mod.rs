@@ -13,10 +13,10 @@ pub fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-/// Waits until the node at `http` answers `/healthz`.
-pub async fn healthy(http: SocketAddr) {
+/// Waits until the node whose admin listener is `admin` answers `/healthz`.
+pub async fn healthy(admin: SocketAddr) {
     eventually(WAIT, "the node answers /healthz", async || {
-        let resp = reqwest::get(format!("http://{http}/healthz")).await.ok()?;
+        let resp = reqwest::get(format!("http://{admin}/healthz")).await.ok()?;
         (resp.status() == 200).then_some(())
     })
     .await;
