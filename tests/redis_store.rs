@@ -19,7 +19,7 @@ use hexfleet_node::{
         Batch, NearbyQuery, Removal, ShardBatch, Store, Upsert,
     },
 };
-use hexfleet_protocol::{RejectReason, RemoveReason};
+use hexfleet_protocol::{RejectReason, RemoveReason, Role};
 use hexfleet_tests::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -755,5 +755,85 @@ async fn removals_staged_while_redis_refuses_writes_land_when_it_accepts_them_ag
         "an untouched vehicle stays"
     );
     drop(staying);
+    node.stop().await;
+}
+
+/// Sends SIGSTOP or SIGCONT to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_node_starts_while_redis_hangs_serves_from_memory_and_catches_up_when_it_answers() {
+    let redis = RedisServer::start();
+    preload(&redis, &[state("parked-1", BERLIN.0, BERLIN.1, 3)]).await;
+    let pid = redis.pid().unwrap();
+    signal(pid, "-STOP");
+    // Redis accepts connections (the kernel does) but answers nothing.
+    let node = TestNode::start(Some(&redis)).await;
+    let (status, body) = node.admin_json("/healthz").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("degraded")),
+        "{body}"
+    );
+    assert_eq!(node.metric("hexfleet_store_up").await, 0.0);
+
+    // Live positions flow from memory meanwhile.
+    let rider = node
+        .connector()
+        .rider(
+            node.node.quic_addr,
+            &token(Role::Rider, "r-1"),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    rider.subscribe(hexfleet_client::Subscription::around(
+        BERLIN.0, BERLIN.1, 2_000.0,
+    ));
+    let mut driver = node.driver("drv-live", available()).await;
+    driver
+        .send_fix(FixInput::at(BERLIN.0 + 0.001, BERLIN.1))
+        .await
+        .unwrap();
+    eventually(
+        WAIT,
+        "the rider sees the driver while Redis hangs",
+        async || {
+            rider
+                .view()
+                .contains_key(&VehicleId::new("drv-live").unwrap())
+                .then_some(())
+        },
+    )
+    .await;
+
+    signal(pid, "-CONT");
+    eventually(WAIT, "the node writes what it took live", async || {
+        (node.get_json("/v1/vehicles/drv-live").await.0 == 200).then_some(())
+    })
+    .await;
+    eventually(WAIT, "and holds what Redis held", async || {
+        node.node
+            .table
+            .get(&VehicleId::new("parked-1").unwrap())
+            .map(|_| ())
+    })
+    .await;
+    eventually(WAIT, "the rider sees the parked car", async || {
+        rider
+            .view()
+            .contains_key(&VehicleId::new("parked-1").unwrap())
+            .then_some(())
+    })
+    .await;
+    let (_, body) = node.admin_json("/healthz").await;
+    assert_eq!(body["status"], "ok");
+    assert_eq!(node.metric("hexfleet_store_up").await, 1.0);
     node.stop().await;
 }

@@ -131,10 +131,60 @@ async fn open_store(
     let redis = match config.kind {
         StoreKind::Memory => return Ok((Arc::new(MemoryStore::new()), None)),
         StoreKind::Redis => RedisStore::connect(&config.redis_url).await?,
-        StoreKind::RedisCluster => RedisStore::connect_cluster(&config.redis_seeds()).await?,
+        StoreKind::RedisCluster => {
+            let seeds = config.redis_seeds();
+            retrying(
+                "connecting to the Redis Cluster",
+                || RedisStore::connect_cluster(&seeds),
+                StoreError::is_transient,
+            )
+            .await?
+        }
     };
     let conn = redis.conn().clone();
     Ok((Arc::new(redis), Some(conn)))
+}
+
+/// Runs `attempt` until it succeeds or fails for good (`transient` says
+/// no), with a backoff from 100 ms to 2 s, logging each failure: what a
+/// node cannot start without (a Redis Cluster to learn slots from, a live
+/// set to join) it waits for.
+async fn retrying<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(e) if !transient(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Restores the store's vehicles once it answers, for a node that started
+/// while it did not: newer fixes already taken live win.
+async fn restore_when_the_store_answers(
+    store: Arc<dyn Store>,
+    ingest: Arc<Ingest>,
+    shutdown: CancellationToken,
+) {
+    let states = tokio::select! {
+        states = retrying("reading the store's vehicles", || store.load_all(), |_| true) => states,
+        _ = shutdown.cancelled() => return,
+    };
+    let Ok(states) = states else { return };
+    let restored = ingest.restore(states);
+    tracing::info!(
+        restored,
+        "the store answers: took over the vehicles it holds"
+    );
 }
 
 /// What this node announces to the others: its id and where clients and
@@ -273,10 +323,22 @@ impl Node {
         });
         // A single node owns everything in the store; a cluster node takes
         // over the shards it owns as it acquires their leases.
+        let mut restore_later = false;
+        metrics.store_up.set(1);
         if !clustered {
-            let restored = ingest.restore(store.load_all().await?);
-            if restored > 0 {
-                tracing::info!(restored, "took over vehicles from the store");
+            match store.load_all().await {
+                Ok(states) => {
+                    metrics.store_up.set(1);
+                    let restored = ingest.restore(states);
+                    if restored > 0 {
+                        tracing::info!(restored, "took over vehicles from the store");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the store does not answer: serving from memory; its vehicles are restored, and ours written, when it does");
+                    metrics.store_up.set(0);
+                    restore_later = true;
+                }
             }
         }
         let (endpoints, quic_addr) = bind_quic(&config, &certificates)?;
@@ -284,14 +346,20 @@ impl Node {
         let (admin_listener, admin_addr) = bind_http(config.admin.listen).await?;
         let cluster = match (clustered, redis) {
             (true, Some(conn)) => Some(
-                Cluster::join(
-                    announcement(&config, quic_addr, http_addr),
-                    conn,
-                    config.cluster.clone(),
-                    store.clone(),
-                    writer.clone(),
-                    ingest.clone(),
-                    metrics.clone(),
+                retrying(
+                    "joining the cluster",
+                    || {
+                        Cluster::join(
+                            announcement(&config, quic_addr, http_addr),
+                            conn.clone(),
+                            config.cluster.clone(),
+                            store.clone(),
+                            writer.clone(),
+                            ingest.clone(),
+                            metrics.clone(),
+                        )
+                    },
+                    ClusterError::is_transient,
                 )
                 .await?,
             ),
@@ -311,6 +379,13 @@ impl Node {
             shutdown.clone(),
         ));
         tasks.spawn(fanout.clone().run(shutdown.clone()));
+        if restore_later {
+            tasks.spawn(restore_when_the_store_answers(
+                store.clone(),
+                ingest.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let Some(cluster) = &cluster {
             tasks.spawn(cluster.clone().run(shutdown.clone()));
             let replicas = Replicas::new(store.clone(), fanout.clone(), cells, metrics.clone());

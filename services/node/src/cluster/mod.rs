@@ -79,6 +79,14 @@ pub enum ClusterError {
     IdTaken { id: String, quic: String },
 }
 
+impl ClusterError {
+    /// Whether joining again later may succeed (the store did not answer),
+    /// rather than never (the id is taken).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Store(e) if e.is_transient())
+    }
+}
+
 pub struct Cluster {
     /// This node's id (fixed; `me` carries it too, with what changes).
     id: String,

@@ -124,6 +124,9 @@ async fn require_reader(State(api): State<Api>, request: Request, next: Next) ->
     response
 }
 
+/// How long `/healthz` waits for the store's answer.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn readyz(State(api): State<Api>) -> Response {
     if api.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
@@ -170,7 +173,11 @@ impl IntoResponse for ApiError {
 /// and rewrites them when the store is back, so the status stays 200 and
 /// an orchestrator does not restart a node that is doing its job.
 async fn healthz(State(api): State<Api>) -> Response {
-    let store = api.store.ping().await;
+    // A probe must not wait on a store that hangs.
+    let store = match tokio::time::timeout(PING_TIMEOUT, api.store.ping()).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),
+    };
     api.metrics.store_up.set(i64::from(store.is_ok()));
     let status = StatusCode::OK;
     let body = json!({
@@ -179,7 +186,7 @@ async fn healthz(State(api): State<Api>) -> Response {
         "store": {
             "kind": api.store.kind(),
             "ok": store.is_ok(),
-            "error": store.err().map(|e| e.to_string()),
+            "error": store.err(),
         },
     });
     (status, Json(body)).into_response()

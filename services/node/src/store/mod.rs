@@ -133,6 +133,29 @@ pub enum StoreError {
     Bus(#[from] hexfleet_protocol::bus::BusError),
 }
 
+impl StoreError {
+    /// Whether trying again later may succeed: Redis unreachable, loading,
+    /// timing out or refusing writes, rather than a bad URL or bad data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_cluster_error()
+                    || matches!(
+                        e.kind(),
+                        ::redis::ErrorKind::Server(_)
+                            | ::redis::ErrorKind::ClusterConnectionNotFound
+                    )
+            }
+            Self::Unwritable(_) => true,
+            Self::Corrupt { .. } | Self::Encode(_) | Self::Bus(_) => false,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `memory`, `redis` or `redis-cluster`.

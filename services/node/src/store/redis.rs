@@ -142,19 +142,37 @@ pub struct RedisStore {
     conn: Conn,
 }
 
+/// How long connecting to Redis may take before the attempt fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a Redis command may take before it fails: far above any
+/// command's time (a flush is a few milliseconds), far below a stall.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl RedisStore {
     /// Connects to one Redis server. The connection reconnects by itself
     /// after a failure; commands sent meanwhile fail and are retried by the
     /// writer.
+    ///
+    /// The connection is made on first use and remade whenever it breaks,
+    /// so a node starts, and keeps serving from memory, while Redis is
+    /// down. A command gets its answer within [`RESPONSE_TIMEOUT`] or fails,
+    /// so a Redis that hangs (paused, swapping) stalls nothing for long.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
-        let conn = client.get_connection_manager().await?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Self::with(Conn::Single(conn)))
     }
 
-    /// Connects to a Redis Cluster through any of its nodes.
+    /// Connects to a Redis Cluster through any of its nodes. It must answer
+    /// once, to tell its slots; the node waits for that, retrying.
     pub async fn connect_cluster(seeds: &[String]) -> Result<Self, StoreError> {
-        let client = redis::cluster::ClusterClient::new(seeds.to_vec())?;
+        let client = redis::cluster::ClusterClient::builder(seeds.to_vec())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()?;
         let conn = client.get_async_connection().await?;
         Ok(Self::with(Conn::Cluster(conn)))
     }

@@ -201,6 +201,7 @@ impl StoreWriter {
                 .flush(store.as_ref(), fences.as_ref(), &mut pending, &mut owed)
                 .await;
             self.flushes.send_modify(|n| *n += 1);
+            self.metrics.store_up.set(i64::from(flushed.is_ok()));
             match flushed {
                 Ok(()) if failures > 0 => {
                     failures = 0;
