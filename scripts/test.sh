@@ -22,5 +22,10 @@ need_package redis-server redis-server
 need_package redis-cli redis-tools
 need_package chromium chromium
 need_package chromedriver chromium-driver
+need_package systemd-analyze systemd
+need_package python3 python3
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_package python3-venv python3-venv
 
 cargo test --workspace --locked "$@"
+# What deploy/ holds, checked by the tools made for each (see the script).
+deploy/validate.sh

@@ -191,6 +191,26 @@ pub async fn raw_connection_to(
     cert: &std::path::Path,
     window: u32,
 ) -> (quinn::Connection, RawWrite, RawRead) {
+    let config = quic_client_config(cert, window);
+    let mut endpoint =
+        quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("a client socket");
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(quic_addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (send, recv) = conn.open_bi().await.expect("a control stream");
+    (
+        conn,
+        tokio_util::codec::FramedWrite::new(send, hexfleet_protocol::FrameCodec::default()),
+        tokio_util::codec::FramedRead::new(recv, hexfleet_protocol::FrameCodec::default()),
+    )
+}
+
+/// A QUIC client configuration trusting `cert` (DER), with per-stream and
+/// per-connection receive windows of `window` bytes.
+pub fn quic_client_config(cert: &std::path::Path, window: u32) -> quinn::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(
@@ -210,20 +230,7 @@ pub async fn raw_connection_to(
     transport.receive_window(window.into());
     let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
     config.transport_config(std::sync::Arc::new(transport));
-    let mut endpoint =
-        quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("a client socket");
-    endpoint.set_default_client_config(config);
-    let conn = endpoint
-        .connect(quic_addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    let (send, recv) = conn.open_bi().await.expect("a control stream");
-    (
-        conn,
-        tokio_util::codec::FramedWrite::new(send, hexfleet_protocol::FrameCodec::default()),
-        tokio_util::codec::FramedRead::new(recv, hexfleet_protocol::FrameCodec::default()),
-    )
+    config
 }
 
 pub fn token(role: Role, id: &str) -> String {

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub handshakes_retried: Counter,
     http_requests: Family<HttpLabels, Counter>,
     pub http_connections: Gauge,
+    http_dropped: Family<Labels, Counter>,
     reloads: Family<Labels2, Counter>,
     pub store_up: Gauge,
 }
@@ -320,6 +321,12 @@ impl Metrics {
                 "Open HTTP connections on the public listener, WebSockets included",
                 Gauge::default(),
             ),
+            http_dropped: registered(
+                &mut r,
+                "http_connections_dropped",
+                "HTTP connections the node ended, by reason: header_timeout (slow or silent client), tls_handshake, tls_timeout, error",
+                Family::default(),
+            ),
             reloads: registered(
                 &mut r,
                 "reloads",
@@ -373,6 +380,10 @@ impl Metrics {
             .get_or_create_owned(&[("route", route.to_string()), ("status", status.to_string())])
     }
 
+    pub fn http_dropped(&self, reason: &'static str) -> Counter {
+        self.http_dropped.get_or_create_owned(&[("reason", reason)])
+    }
+
     pub fn reload(&self, what: &'static str, ok: bool) -> Counter {
         let result = if ok { "ok" } else { "failed" };
         self.reloads
@@ -395,6 +406,41 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_metric_the_grafana_dashboard_plots_exists() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/grafana/hexfleet.json");
+        let dashboard = std::fs::read_to_string(path).unwrap();
+        // A labelled family shows once it has a series.
+        let m = Metrics::new();
+        m.sessions(Role::Driver).inc();
+        m.connection_refused("address_limit").inc();
+        m.http_request("/v1/cluster", 200).inc();
+        m.http_dropped("header_timeout").inc();
+        m.reload("tls", true).inc();
+        m.refused(ErrorCode::SlowConsumer).inc();
+        m.rate_limited(Role::Rider).inc();
+        m.dashboard_error("slow_consumer").inc();
+        let exposed = m.render();
+        let mut plotted = 0;
+        for (at, _) in dashboard.match_indices("hexfleet_") {
+            let name: String = dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let family = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                exposed.contains(&format!("# TYPE {family} ")),
+                "the dashboard plots {name}, which the node does not expose"
+            );
+            plotted += 1;
+        }
+        assert!(plotted > 20, "{plotted} metrics plotted");
+    }
 
     #[test]
     fn rejections_are_counted_under_their_reason() {

@@ -644,61 +644,188 @@ async fn a_driver_crossing_into_another_nodes_shard_is_handed_over_without_a_gap
 async fn a_killed_nodes_vehicles_are_visible_again_to_every_rider_within_five_seconds() {
     let redis = RedisServer::start();
     let mut cluster = Cluster::start("redis", redis.url(), 3).await;
-    let fleet = standing_fleet(&cluster, 4).await;
-    // Moving: each fix a little further north, so a rider's view tells a fix
-    // sent after the kill from one before.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sent: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
-    for d in &fleet {
-        let (client, at, stop, sent, id) = (
-            d.client.clone(),
-            d.at,
-            stop.clone(),
-            sent.clone(),
-            d.id.clone(),
-        );
-        tokio::spawn(async move {
-            let mut step = 0;
-            while !stop.is_cancelled() {
-                let lat = at.0 + step as f64 * 1e-6;
-                if client
-                    .lock()
-                    .await
-                    .send_fix(FixInput::at(lat, at.1))
-                    .await
-                    .is_ok()
-                {
-                    sent.lock().insert(id.clone(), lat);
-                }
-                step += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
+    let watched = Watched::start(&cluster).await;
+    let victim = watched.busiest_owner(&cluster);
+    let at_kill = watched.sent.lock().clone();
+    let killed = Instant::now();
+    let index = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
+    let mut dead = cluster.nodes.remove(index);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    let took = watched.converged(&at_kill, killed, &cluster).await;
+    println!(
+        "failover: kill -9 to every rider converged in {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "converged only after {took:?}\n{}",
+        cluster.logs()
+    );
+    watched.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_gracefully_hands_its_shards_over_at_once_with_every_fix_written() {
+    let redis = RedisServer::start();
+    let mut cluster = Cluster::start("redis", redis.url(), 3).await;
+    let watched = Watched::start(&cluster).await;
+    let victim = watched.busiest_owner(&cluster);
+    let index = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
+    let mut leaving = cluster.nodes.remove(index);
+    // The drivers stop; what the leaving node has acknowledged by then
+    // must all be in Redis once it has stopped.
+    watched.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut acked = HashMap::new();
+    for d in &watched.fleet {
+        let client = d.client.lock().await;
+        if client.node() == leaving.quic {
+            acked.insert(d.id.clone(), client.acked_seq());
+        }
     }
-    for d in &fleet {
+    assert!(!acked.is_empty());
+    let shards: HashSet<String> = watched
+        .fleet
+        .iter()
+        .filter(|d| acked.contains_key(&d.id))
+        .map(|d| shard_of(d.at.0, d.at.1).to_string())
+        .collect();
+    let stopped = Instant::now();
+    leaving.signal(Signal::TERM);
+    // Its leases are released at once: the survivors hold its shards long
+    // before a crashed node's leases would expire (1.5 s here).
+    let survivor = cluster.nodes[0].http;
+    eventually(
+        WAIT,
+        "the survivors hold the leaving node's shards",
+        async || {
+            let live = live_set(survivor).await?;
+            let held: HashSet<&String> = live
+                .nodes
+                .values()
+                .filter(|n| n.id != victim)
+                .flat_map(|n| &n.shards)
+                .collect();
+            (!live.nodes.contains_key(&victim) && shards.iter().all(|s| held.contains(s)))
+                .then_some(())
+        },
+    )
+    .await;
+    let took = stopped.elapsed();
+    let status = tokio::task::spawn_blocking(move || (leaving.child.wait(), leaving))
+        .await
+        .unwrap();
+    assert!(status.0.unwrap().success(), "{}", status.1.log());
+    println!(
+        "graceful hand-over: SIGTERM to {} shards held by the survivors in {} ms",
+        shards.len(),
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_millis(1_500),
+        "handed over only after {took:?}\n{}",
+        cluster.logs()
+    );
+    // In-flight flushes completed: everything acknowledged is in Redis.
+    for (id, seq) in &acked {
+        let stored = stored(&redis, id).expect("stored");
+        assert_eq!(stored.seq, *seq, "{id}");
+    }
+    // Its drivers go on with the new owners: their SDK follows the redirect
+    // or reconnects through the seeds.
+    for d in watched.fleet.iter().filter(|d| acked.contains_key(&d.id)) {
+        let mut client = d.client.lock().await;
+        let seq = client
+            .send_fix(FixInput::at(d.at.0 + 1e-4, d.at.1))
+            .await
+            .unwrap();
         let owner = cluster.owner(shard_of(d.at.0, d.at.1)).quic;
-        eventually(WAIT, "each driver on its shard's owner", async || {
-            (d.client.lock().await.node() == owner).then_some(())
-        })
+        eventually(
+            WAIT,
+            "the driver on its new owner, acknowledged",
+            async || (client.node() == owner && client.acked_seq() >= seq).then_some(()),
+        )
         .await;
     }
-    let sub = Subscription::around(CENTER.0, CENTER.1, 2_500.0);
-    let ids: HashSet<String> = fleet.iter().map(|d| d.id.clone()).collect();
-    assert_eq!(expected(&fleet, &sub), ids);
-    let mut riders = Vec::new();
-    for (i, node) in cluster.nodes.iter().enumerate() {
-        riders.push(rider(&cluster, node, &format!("rider-{i}"), sub.clone()).await);
-    }
-    for r in &riders {
-        eventually(WAIT, "every rider sees the fleet", async || {
-            (r.view().len() == ids.len()).then_some(())
-        })
-        .await;
-    }
-    // Kill the node owning the most of the fleet.
-    let victim = {
-        let mut count: HashMap<&str, usize> = HashMap::new();
+}
+
+/// A moving fleet, each driver on its shard's owner, and a rider on every
+/// node watching all of it.
+struct Watched {
+    fleet: Vec<Standing>,
+    riders: Vec<RiderClient>,
+    /// The latest latitude each driver sent: each fix is a little further
+    /// north, so a view tells a fix sent after an event from one before.
+    sent: Arc<Mutex<HashMap<String, f64>>>,
+    ids: HashSet<String>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Watched {
+    async fn start(cluster: &Cluster) -> Self {
+        let fleet = standing_fleet(cluster, 4).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sent: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
         for d in &fleet {
+            let (client, at, stop, sent, id) = (
+                d.client.clone(),
+                d.at,
+                stop.clone(),
+                sent.clone(),
+                d.id.clone(),
+            );
+            tokio::spawn(async move {
+                let mut step = 0;
+                while !stop.is_cancelled() {
+                    let lat = at.0 + step as f64 * 1e-6;
+                    if client
+                        .lock()
+                        .await
+                        .send_fix(FixInput::at(lat, at.1))
+                        .await
+                        .is_ok()
+                    {
+                        sent.lock().insert(id.clone(), lat);
+                    }
+                    step += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+        for d in &fleet {
+            let owner = cluster.owner(shard_of(d.at.0, d.at.1)).quic;
+            eventually(WAIT, "each driver on its shard's owner", async || {
+                (d.client.lock().await.node() == owner).then_some(())
+            })
+            .await;
+        }
+        let sub = Subscription::around(CENTER.0, CENTER.1, 2_500.0);
+        let ids: HashSet<String> = fleet.iter().map(|d| d.id.clone()).collect();
+        assert_eq!(expected(&fleet, &sub), ids);
+        let mut riders = Vec::new();
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            riders.push(rider(cluster, node, &format!("rider-{i}"), sub.clone()).await);
+        }
+        for r in &riders {
+            eventually(WAIT, "every rider sees the fleet", async || {
+                (r.view().len() == ids.len()).then_some(())
+            })
+            .await;
+        }
+        Self {
+            fleet,
+            riders,
+            sent,
+            ids,
+            stop,
+        }
+    }
+
+    /// The node owning the most of the fleet.
+    fn busiest_owner(&self, cluster: &Cluster) -> String {
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for d in &self.fleet {
             *count
                 .entry(&cluster.owner(shard_of(d.at.0, d.at.1)).id)
                 .or_default() += 1;
@@ -709,44 +836,36 @@ async fn a_killed_nodes_vehicles_are_visible_again_to_every_rider_within_five_se
             .unwrap()
             .0
             .to_string()
-    };
-    let at_kill = sent.lock().clone();
-    let killed = Instant::now();
-    let index = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
-    let mut dead = cluster.nodes.remove(index);
-    dead.child.kill().unwrap();
-    let _ = dead.child.wait();
-    // Converged: every rider shows every vehicle at a fix sent after the
-    // kill, and nothing else.
-    let converged = |r: &RiderClient| {
-        let view = r.view();
-        view.len() == ids.len()
-            && at_kill.iter().all(|(id, lat)| {
-                view.get(&VehicleId::new(id).unwrap())
-                    .is_some_and(|v| v.lat > *lat)
-            })
-    };
-    let mut pending: Vec<&RiderClient> = riders.iter().collect();
-    while !pending.is_empty() {
-        pending.retain(|r| !converged(r));
-        assert!(
-            killed.elapsed() < Duration::from_secs(20),
-            "not converged after 20 s\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let took = killed.elapsed();
-    println!(
-        "failover: kill -9 to every rider converged in {} ms",
-        took.as_millis()
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "converged only after {took:?}\n{}",
-        cluster.logs()
-    );
-    stop.cancel();
+
+    /// How long after `since` every rider still connected shows every
+    /// vehicle at a fix sent after `before` was taken, and nothing else.
+    async fn converged(
+        &self,
+        before: &HashMap<String, f64>,
+        since: Instant,
+        cluster: &Cluster,
+    ) -> Duration {
+        let converged = |r: &RiderClient| {
+            let view = r.view();
+            view.len() == self.ids.len()
+                && before.iter().all(|(id, lat)| {
+                    view.get(&VehicleId::new(id).unwrap())
+                        .is_some_and(|v| v.lat > *lat)
+                })
+        };
+        let mut pending: Vec<&RiderClient> = self.riders.iter().collect();
+        while !pending.is_empty() {
+            pending.retain(|r| !converged(r));
+            assert!(
+                since.elapsed() < Duration::from_secs(20),
+                "not converged after 20 s\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        since.elapsed()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,31 +128,49 @@ fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig
     Arc::new(transport)
 }
 
+/// The certificates in `ca` (PEM or DER), as trust roots.
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, ClientError> {
+    let cert_err = |reason: String| ClientError::Certificate {
+        path: ca.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(ca).map_err(|e| cert_err(e.to_string()))?;
+    let certs: Vec<CertificateDer<'static>> = if bytes.starts_with(b"-----BEGIN") {
+        CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| cert_err(e.to_string()))?
+    } else {
+        vec![CertificateDer::from(bytes)]
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| cert_err(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// A TLS client configuration for a node's HTTPS API and WSS dashboards
+/// (TLS 1.2 and 1.3, HTTP/1.1), trusting the certificates in `ca`.
+pub fn https_config(ca: &Path) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 impl Connector {
     /// A connector that trusts the certificates in `ca` (PEM or DER) and
     /// expects nodes to present `server_name`.
     pub fn new(ca: &Path, server_name: &str) -> Result<Self, ClientError> {
-        let cert_err = |reason: String| ClientError::Certificate {
-            path: ca.display().to_string(),
-            reason,
-        };
-        let bytes = std::fs::read(ca).map_err(|e| cert_err(e.to_string()))?;
-        let certs: Vec<CertificateDer<'static>> = if bytes.starts_with(b"-----BEGIN") {
-            CertificateDer::pem_slice_iter(&bytes)
-                .collect::<Result<_, _>>()
-                .map_err(|e| cert_err(e.to_string()))?
-        } else {
-            vec![CertificateDer::from(bytes)]
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in certs {
-            roots.add(cert).map_err(|e| cert_err(e.to_string()))?;
-        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
+            .with_root_certificates(roots(ca)?)
             .with_no_client_auth();
         crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
@@ -202,6 +220,36 @@ impl Connector {
         .map_err(ClientError::Bind)?;
         endpoint.set_default_client_config(self.config.clone());
         Ok(slot.insert(endpoint).clone())
+    }
+
+    /// Moves every connection of this connector to a new local socket, as
+    /// a phone does going from Wi-Fi to cellular: QUIC migrates each
+    /// connection to the new address (the node validates the new path), so
+    /// sessions carry on with no reconnect. Returns the new local addresses.
+    pub fn rebind(&self) -> Result<Vec<SocketAddr>, ClientError> {
+        let endpoints = self.endpoints.lock();
+        let mut bound = Vec::new();
+        for (endpoint, unspecified) in [
+            (&endpoints.v4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+            (&endpoints.v6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
+        ] {
+            if let Some(endpoint) = endpoint {
+                let socket = client_socket(unspecified).map_err(ClientError::Bind)?;
+                endpoint.rebind(socket).map_err(ClientError::Bind)?;
+                bound.push(endpoint.local_addr().map_err(ClientError::Bind)?);
+            }
+        }
+        Ok(bound)
+    }
+
+    /// The local addresses of this connector's sockets.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let endpoints = self.endpoints.lock();
+        [&endpoints.v4, &endpoints.v6]
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.local_addr().ok())
+            .collect()
     }
 
     /// A connector that trusts the development certificate a node on this

@@ -19,6 +19,6 @@ mod connector;
 mod driver;
 mod rider;
 
-pub use connector::{ClientError, Connector};
+pub use connector::{https_config, ClientError, Connector};
 pub use driver::{DriverClient, DriverOptions, DriverStats, FixInput};
 pub use rider::{Applied, Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};

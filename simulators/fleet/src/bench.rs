@@ -522,6 +522,7 @@ impl Bench {
             count,
             Arc::new(dashboards::Target {
                 http: self.node.http,
+                tls: None,
                 token_secret: self.secret.clone(),
                 format: hexfleet_protocol::dashboard::Format::Json,
             }),

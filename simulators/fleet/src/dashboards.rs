@@ -118,6 +118,32 @@ pub struct Target {
     pub http: SocketAddr,
     pub token_secret: String,
     pub format: Format,
+    /// WSS with this TLS configuration and server name; plain WS without.
+    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The WebSocket a dashboard reads, over TLS or not.
+type Socket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// Opens `/v1/ws?{query}` on the target: WSS when it has TLS, else WS.
+async fn open(target: &Target, query: &str) -> anyhow::Result<Socket> {
+    let tcp = tokio::net::TcpStream::connect(target.http).await?;
+    tcp.set_nodelay(true)?;
+    let (url, stream): (String, Box<dyn Io>) = match &target.tls {
+        None => (format!("ws://{}/v1/ws?{query}", target.http), Box::new(tcp)),
+        Some((tls, name)) => {
+            let server = rustls::pki_types::ServerName::try_from(name.clone())?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(server, tcp)
+                .await?;
+            let url = format!("wss://{name}:{}/v1/ws?{query}", target.http.port());
+            (url, Box::new(stream))
+        }
+    };
+    Ok(tokio_tungstenite::client_async(url, stream).await?.0)
 }
 
 /// Runs `count` dashboards over `city` until `stop`.
@@ -178,8 +204,7 @@ async fn dashboard(
         Format::Json => "json",
         Format::MsgPack => "msgpack",
     };
-    let url = format!("ws://{}/v1/ws?format={format}&token={token}", target.http);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let mut ws = open(target, &format!("format={format}&token={token}")).await?;
     let view = if wide { &stats.city } else { &stats.district };
     view.connected.fetch_add(1, Ordering::Relaxed);
     let request = DashboardRequest::Viewport(Viewport {

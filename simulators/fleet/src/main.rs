@@ -137,6 +137,10 @@ struct ClientArgs {
     /// HTTP address of the node, for dashboards.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Whether the node's HTTP address speaks HTTPS/WSS (its default), with
+    /// the certificate trusted for QUIC.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    http_tls: bool,
     /// Certificate (PEM or DER) to trust; default: the node's development
     /// certificate on this machine.
     #[arg(long, env = "HEXFLEET_CA")]
@@ -365,9 +369,16 @@ async fn play(
         dashboard_stats.clone(),
         stop.clone(),
     );
+    let tls = if client.http_tls && scenario.dashboards.count > 0 {
+        let (ca, name) = trust(client);
+        Some((Arc::new(hexfleet_client::https_config(&ca)?), name))
+    } else {
+        None
+    };
     let dashboards = (scenario.dashboards.count > 0).then(|| {
         let target = Arc::new(dashboards::Target {
             http: client.http,
+            tls,
             token_secret: client.token_secret.clone(),
             format: if scenario.dashboards.msgpack {
                 Format::MsgPack
@@ -486,6 +497,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let client = ClientArgs {
         nodes: vec![node.quic_addr],
         http: node.http_addr,
+        http_tls: node.http_tls,
         ca: Some(cert.clone()),
         server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),
         token_secret: args.token_secret.clone(),

@@ -93,15 +93,18 @@ pub async fn serve(this: Listener, shutdown: CancellationToken, grace: Duration)
                         Ok(Ok(stream)) => Box::new(stream),
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            open.dropped("tls_handshake");
                             return;
                         }
                         Err(_) => {
                             tracing::debug!(%peer, "TLS handshake timed out");
+                            open.dropped("tls_timeout");
                             return;
                         }
                     }
                 }
             };
+            let metrics = open.metrics.clone();
             let io = TokioIo::new(Slotted {
                 stream: io,
                 _open: open,
@@ -117,7 +120,15 @@ pub async fn serve(this: Listener, shutdown: CancellationToken, grace: Duration)
                 }
             };
             if let Err(e) = ended {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                if let Some(m) = metrics {
+                    let reason = if e.is_timeout() {
+                        "header_timeout"
+                    } else {
+                        "error"
+                    };
+                    m.http_dropped(reason).inc();
+                }
             }
         });
     }
@@ -173,6 +184,14 @@ impl Open {
             metrics,
             _slot: slot,
             _address: address,
+        }
+    }
+}
+
+impl Open {
+    fn dropped(&self, reason: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.http_dropped(reason).inc();
         }
     }
 }

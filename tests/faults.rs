@@ -1,0 +1,214 @@
+//! Faults a node meets in production, with real sockets: a phone changing
+//! networks mid-session (QUIC connection migration), and every client of a
+//! node coming back at once (a reconnect storm after a restart).
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use hexfleet_client::{DriverOptions, FixInput, Observer, RiderOptions, Subscription};
+use hexfleet_model::{VehicleId, VehicleState};
+use hexfleet_protocol::Role;
+use hexfleet_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+const OSLO: (f64, f64) = (59.9139, 10.7522);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_view() {
+    let node = TestNode::start(None).await;
+    let delays = Arc::new(Mutex::new(Vec::<(u64, u128)>::new()));
+    let sent = Arc::new(Mutex::new(
+        std::collections::HashMap::<i64, (u64, Instant)>::new(),
+    ));
+    let observer: Observer = {
+        let (sent, delays) = (sent.clone(), delays.clone());
+        Arc::new(move |state: &VehicleState, _| {
+            let key = (state.lat * 1e7).round() as i64;
+            if let Some((step, at)) = sent.lock().unwrap().remove(&key) {
+                delays
+                    .lock()
+                    .unwrap()
+                    .push((step, at.elapsed().as_millis()));
+            }
+        })
+    };
+    let options = RiderOptions {
+        reconnect: false,
+        observer: Some(observer),
+        ..Default::default()
+    };
+    let rider = Arc::new(
+        node.connector()
+            .rider(node.node.quic_addr, &token(Role::Rider, "watcher"), options)
+            .await
+            .unwrap(),
+    );
+    let sub = rider.subscribe(Subscription::around(OSLO.0, OSLO.1, 1_000.0));
+    rider.wait_for(sub, WAIT).await.unwrap();
+
+    // The phone's own connector: its socket is what moves.
+    let phone = node.connector();
+    let mut driver = phone
+        .driver(node.node.quic_addr, &driver_token("phone"), available())
+        .await
+        .unwrap();
+    let id = VehicleId::new("phone").unwrap();
+    // Watch, every few milliseconds, that the car stays in view once seen.
+    let (seen, gaps, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let watch = {
+        let (rider, seen, gaps, done, id) = (
+            rider.clone(),
+            seen.clone(),
+            gaps.clone(),
+            done.clone(),
+            id.clone(),
+        );
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let visible = rider.view().contains_key(&id);
+                if visible {
+                    seen.store(true, Ordering::Relaxed);
+                } else if seen.load(Ordering::Relaxed) {
+                    gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let before = phone.local_addrs();
+    let (mut last, mut moved_at) = (0, 0);
+    for step in 0..100u64 {
+        if step == 50 {
+            let after = phone.rebind().unwrap();
+            assert_ne!(before, after, "the phone's address changed");
+            moved_at = step;
+        }
+        let lat = OSLO.0 + 1e-4 + step as f64 * 1e-6;
+        sent.lock()
+            .unwrap()
+            .insert((lat * 1e7).round() as i64, (step, Instant::now()));
+        last = driver.send_fix(FixInput::at(lat, OSLO.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(WAIT, "every fix acknowledged", async || {
+        (driver.acked_seq() == last).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the last fix in view", async || {
+        delays
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(step, _)| *step == 99)
+            .then_some(())
+    })
+    .await;
+    done.store(true, Ordering::Relaxed);
+    watch.await.unwrap();
+
+    assert_eq!(driver.reconnects(), 0, "the driver reconnected");
+    assert!(driver.closed_error().is_none());
+    assert_eq!(gaps.load(Ordering::Relaxed), 0, "the car left view");
+    assert_eq!(
+        node.metric("hexfleet_connections_accepted_total").await,
+        2.0
+    );
+    assert_eq!(node.metric("hexfleet_sessions_lost_total").await, 0.0);
+    let delays = delays.lock().unwrap().clone();
+    let around: Vec<u128> = delays
+        .iter()
+        .filter(|(step, _)| step.abs_diff(moved_at) <= 5)
+        .map(|(_, d)| *d)
+        .collect();
+    let worst = delays.iter().map(|(_, d)| *d).max().unwrap_or(0);
+    println!(
+        "migration: {} of 100 fixes seen by the rider; around the move {around:?} ms; worst {worst} ms",
+        delays.len()
+    );
+    // Moves that coalesce in the rider's mailbox are not seen one by one;
+    // most are.
+    assert!(delays.len() >= 80, "{} fixes seen", delays.len());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_after_a_restart_is_paced_and_everyone_is_back() {
+    const DRIVERS: usize = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestNode::start_in(dir.path(), None, |_| {}).await;
+    let quic = first.node.quic_addr;
+    let connector = first.connector();
+    let options = DriverOptions {
+        reconnect: true,
+        seeds: vec![quic],
+    };
+    let mut drivers = Vec::with_capacity(DRIVERS);
+    for chunk in 0..DRIVERS / 50 {
+        let connecting = (0..50).map(|i| {
+            let (connector, options) = (connector.clone(), options.clone());
+            async move {
+                let id = format!("storm-{}", chunk * 50 + i);
+                connector
+                    .driver_with(quic, &driver_token(&id), available(), options)
+                    .await
+                    .unwrap()
+            }
+        });
+        drivers.extend(futures_util::future::join_all(connecting).await);
+    }
+    let mut rng_lat = 0.0;
+    for d in &mut drivers {
+        rng_lat += 1e-5;
+        d.send_fix(FixInput::at(OSLO.0 + rng_lat, OSLO.1))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "all connected", async || {
+        (first.metric("hexfleet_connections").await == DRIVERS as f64).then_some(())
+    })
+    .await;
+
+    // The node restarts on the same address; every phone comes back at once.
+    first.stop().await;
+    let second = TestNode::start_in(dir.path(), None, |c| {
+        c.quic.listen = quic;
+        c.quic.retry_above_handshakes = 100;
+    })
+    .await;
+    let started = Instant::now();
+    let back = drivers.into_iter().enumerate().map(|(i, mut d)| {
+        tokio::spawn(async move {
+            let lat = OSLO.0 + (i + 1) as f64 * 1e-5 + 1e-4;
+            d.send_fix(FixInput::at(lat, OSLO.1)).await.map(|_| d)
+        })
+    });
+    let back = futures_util::future::join_all(back).await;
+    let sent = started.elapsed();
+    let failed = back.iter().filter(|r| !matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(failed, 0, "drivers that did not come back");
+    eventually(WAIT, "everyone connected to the new node", async || {
+        (second.metric("hexfleet_connections").await == DRIVERS as f64).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    let retried = second.metric("hexfleet_handshakes_retried_total").await;
+    println!(
+        "reconnect storm: {DRIVERS} drivers back in {} ms (every first fix sent within {} ms); {retried} handshakes paced with a Retry",
+        took.as_millis(),
+        sent.as_millis()
+    );
+    assert_eq!(
+        second.metric("hexfleet_connections_accepted_total").await,
+        DRIVERS as f64
+    );
+    second.stop().await;
+}
