@@ -354,7 +354,7 @@ impl Default for QuicConfig {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(5),
             max_connections_per_address: 1_000,
-            retry_above_handshakes: 1_000,
+            retry_above_handshakes: 256,
             max_handshakes: 10_000,
         }
     }

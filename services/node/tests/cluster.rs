@@ -732,21 +732,29 @@ async fn a_node_shut_down_gracefully_hands_its_shards_over_at_once_with_every_fi
         let stored = stored(&redis, id).expect("stored");
         assert_eq!(stored.seq, *seq, "{id}");
     }
-    // Its drivers go on with the new owners: their SDK follows the redirect
-    // or reconnects through the seeds.
+    // Its drivers go on with the new owners, reporting as apps do: their
+    // SDK reconnects through the seeds and follows the redirect there.
     for d in watched.fleet.iter().filter(|d| acked.contains_key(&d.id)) {
         let mut client = d.client.lock().await;
-        let seq = client
-            .send_fix(FixInput::at(d.at.0 + 1e-4, d.at.1))
-            .await
-            .unwrap();
         let owner = cluster.owner(shard_of(d.at.0, d.at.1)).quic;
-        eventually(
-            WAIT,
-            "the driver on its new owner, acknowledged",
-            async || (client.node() == owner && client.acked_seq() >= seq).then_some(()),
-        )
-        .await;
+        let deadline = Instant::now() + WAIT;
+        let mut seq = 0;
+        while !(client.node() == owner && client.acked_seq() >= seq) {
+            seq = client
+                .send_fix(FixInput::at(d.at.0 + 1e-4, d.at.1))
+                .await
+                .unwrap();
+            assert!(
+                Instant::now() < deadline,
+                "{}: on {} (owner {owner}), acked {} of {seq}, closed {:?}, reconnects {}",
+                d.id,
+                client.node(),
+                client.acked_seq(),
+                client.closed_error(),
+                client.reconnects()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -16,8 +16,9 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::store::{keys, redis::Conn, StoreError};
 
-/// Renews this node's membership and returns every live node's info.
-/// KEYS: members, nodes. ARGV: id, info (JSON), TTL in ms.
+/// Renews this node's membership and returns every live node's info; a
+/// node joining or expiring bumps the members' version.
+/// KEYS: members, nodes, version. ARGV: id, info (JSON), TTL in ms.
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -26,7 +27,10 @@ for _, id in ipairs(expired) do
   redis.call('HDEL', KEYS[2], id)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+local joined = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+if joined > 0 or #expired > 0 then
+  redis.call('INCR', KEYS[3])
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[2])
 "#;
@@ -79,6 +83,7 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<LiveSet, S
     let mut call = RENEW_SCRIPT.prepare_invoke();
     call.key(keys::MEMBERS)
         .key(keys::NODES)
+        .key(keys::MEMBERS_VERSION)
         .arg(&me.id)
         .arg(info)
         .arg(ttl_ms);
@@ -109,8 +114,18 @@ pub async fn leave(conn: &Conn, id: &str) -> Result<(), StoreError> {
     let mut pipe = redis::pipe();
     pipe.cmd("ZREM").arg(keys::MEMBERS).arg(id).ignore();
     pipe.cmd("HDEL").arg(keys::NODES).arg(id).ignore();
+    pipe.cmd("INCR").arg(keys::MEMBERS_VERSION).ignore();
     conn.query::<()>(&pipe).await?;
     Ok(())
+}
+
+/// The members' version: it changes whenever a node joins, leaves or
+/// expires.
+pub async fn version(conn: &Conn) -> Result<u64, StoreError> {
+    let v: Option<u64> = conn
+        .cmd(redis::cmd("GET").arg(keys::MEMBERS_VERSION))
+        .await?;
+    Ok(v.unwrap_or(0))
 }
 
 #[cfg(test)]

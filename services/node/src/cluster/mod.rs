@@ -105,6 +105,8 @@ pub struct Cluster {
     /// Bumped whenever what [`Cluster::owns`] answers may have changed, so
     /// sessions re-check their driver's shard only then.
     changes: AtomicU64,
+    /// The members' version as of the last read of the live set.
+    members_seen: AtomicU64,
     wake: Notify,
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
@@ -147,6 +149,7 @@ impl Cluster {
             tainted: Mutex::default(),
             held: watch::Sender::new(Shards::default()),
             changes: AtomicU64::new(0),
+            members_seen: AtomicU64::new(0),
             wake: Notify::new(),
             store,
             writer,
@@ -250,7 +253,10 @@ impl Cluster {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = renew.tick() => self.renew().await,
-                _ = acquire.tick() => self.acquire_wanted().await,
+                _ = acquire.tick() => {
+                    self.notice_members().await;
+                    self.acquire_wanted().await
+                }
                 _ = self.wake.notified() => self.acquire_wanted().await,
             }
         }
@@ -287,7 +293,22 @@ impl Cluster {
         self.held.send_replace(Arc::new(held));
     }
 
+    /// Reads the live set at once when the members' version moved (a node
+    /// joined, left or expired), rather than at the next renewal: a node
+    /// shutting down hands its shards over within one acquire tick.
+    async fn notice_members(self: &Arc<Self>) {
+        match membership::version(&self.conn).await {
+            Ok(v) if v != self.members_seen.load(Ordering::Relaxed) => self.renew().await,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the members' version"),
+        }
+    }
+
     async fn renew(self: &Arc<Self>) {
+        // Read before renewing: a change after this read is seen next time.
+        if let Ok(v) = membership::version(&self.conn).await {
+            self.members_seen.store(v, Ordering::Relaxed);
+        }
         let me = self.me.read().clone();
         let ttl = self.config.lease_ttl;
         match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {

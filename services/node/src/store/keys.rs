@@ -58,6 +58,10 @@ pub const MEMBERS: &str = "hexfleet:members:{cluster}";
 /// What each live node announces (JSON `NodeInfo`), by node id.
 pub const NODES: &str = "hexfleet:nodes:{cluster}";
 
+/// Bumped whenever a node joins, leaves or expires, so the others read the
+/// live set at once rather than at their next renewal. Same slot.
+pub const MEMBERS_VERSION: &str = "hexfleet:members-version:{cluster}";
+
 /// A driver's last state, left by the node that handed it over for the
 /// node it was handed to.
 pub fn handoff(id: &VehicleId) -> String {
