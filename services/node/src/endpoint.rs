@@ -10,6 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use crate::{
     config::QuicConfig,
@@ -200,7 +201,14 @@ pub async fn accept_loop(
             address,
             handshake: Handshaking::new(metrics.clone()),
         };
-        sessions.spawn(session::serve(incoming, ctx.clone(), admitted));
+        // Every log line of the session carries who it is.
+        let span = tracing::info_span!(
+            "session",
+            peer = %incoming.remote_address(),
+            role = tracing::field::Empty,
+            id = tracing::field::Empty,
+        );
+        sessions.spawn(session::serve(incoming, ctx.clone(), admitted).instrument(span));
     }
     let code = hexfleet_protocol::ErrorCode::ShuttingDown;
     endpoint.close(code.close_code().into(), code.as_str().as_bytes());

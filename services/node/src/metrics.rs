@@ -62,6 +62,7 @@ pub struct Metrics {
     pub subscribers: Gauge,
     pub subscribed_cells: Gauge,
     pub mailbox_coalesced: Counter,
+    pub mailbox_depth: Histogram,
     delta_items: [Counter; 3],
     pub delta_frames: Counter,
     pub delta_delay_seconds: Histogram,
@@ -259,6 +260,12 @@ impl Metrics {
                 "mailbox_coalesced",
                 "Changes folded into one already waiting in a subscriber's mailbox",
                 Counter::default(),
+            ),
+            mailbox_depth: registered(
+                &mut r,
+                "mailbox_depth",
+                "Changes waiting in a subscriber's mailbox when its writer took them: how far behind subscribers run",
+                Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             ),
             delta_items: labelled(
                 registered(&mut r, "delta_items", "Delta items sent to subscribers, by kind", Family::default()),

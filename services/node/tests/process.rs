@@ -103,6 +103,13 @@ impl Drop for NodeProcess {
     }
 }
 
+fn report() -> DriverReport {
+    DriverReport {
+        class: VehicleClass::Economy,
+        status: VehicleStatus::Available,
+    }
+}
+
 fn driver_token(id: &str) -> String {
     let expires = hexfleet_node::clock::now_s() + 3600;
     Claims::new(Role::Driver, VehicleId::new(id).unwrap(), expires).mint(SECRET.as_bytes())
@@ -114,10 +121,7 @@ async fn sigterm_under_load_tells_clients_drains_and_writes_the_last_accepted_fi
     let mut node = NodeProcess::start(&redis);
     healthy(node.admin).await;
     let connector = Connector::new(&node.cert(), dev::DEV_SERVER_NAME).unwrap();
-    let report = DriverReport {
-        class: VehicleClass::Economy,
-        status: VehicleStatus::Available,
-    };
+    let report = report();
     // 20 drivers, each sending a fix every 10 ms until the node goes away.
     let mut fleet = Vec::new();
     for i in 0..20 {
@@ -200,4 +204,107 @@ async fn a_development_node_on_loopback_starts_with_the_public_secret_and_stops_
     healthy(admin).await;
     kill_process(Pid::from_child(&child), Signal::INT).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// A self-signed certificate for localhost: the PEM files, and the DER a
+/// client trusts.
+fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (pem, key, der) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.der")),
+    );
+    std::fs::write(&pem, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&der, made.cert.der()).unwrap();
+    (pem, key, der)
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_the_token_keys_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_a, key_a, der_a) = certificate(dir.path(), "a");
+    let (cert_b, key_b, der_b) = certificate(dir.path(), "b");
+    let (cert, key, jwks) = (
+        dir.path().join("tls.pem"),
+        dir.path().join("tls.key"),
+        dir.path().join("jwks.json"),
+    );
+    std::fs::copy(&cert_a, &cert).unwrap();
+    std::fs::copy(&key_a, &key).unwrap();
+    let jwks_of = |kids: &[&str]| {
+        let keys: Vec<(&str, &[u8])> = kids.iter().map(|k| (*k, k.as_bytes())).collect();
+        hexfleet_protocol::token::hs256_jwks(&keys)
+    };
+    std::fs::write(&jwks, jwks_of(&["key-one-0123456789"])).unwrap();
+    // Only a signal reloads: the files are not watched within the test.
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[tls]\nreload_interval = \"1h\"\n").unwrap();
+    let (quic, admin) = (loopback(free_udp_port()), loopback(free_tcp_port()));
+    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    let child = node_command(dir.path())
+        .env("HEXFLEET_TOKEN_SECRET", SECRET)
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--quic-listen", &quic.to_string()])
+        .args(["--http-listen", &loopback(free_tcp_port()).to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args([
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ])
+        .args(["--jwks", jwks.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let node = NodeProcess {
+        child,
+        quic,
+        admin,
+        dir,
+    };
+    healthy(admin).await;
+    // Each connection its own driver: one driver connecting again would
+    // close its older connection.
+    let next = std::sync::atomic::AtomicU32::new(0);
+    let token = |kid: &str| {
+        let now = hexfleet_node::clock::now_s();
+        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = VehicleId::new(&format!("drv-hup-{n}")).unwrap();
+        Claims::new(Role::Driver, id, now + 600)
+            .issued(now)
+            .sign(&hexfleet_protocol::SigningKey::hs256(kid.as_bytes()).with_kid(kid))
+            .unwrap()
+    };
+    let connect = async |der: &Path, kid: &str| {
+        Connector::new(der, dev::DEV_SERVER_NAME)
+            .unwrap()
+            .driver(quic, &token(kid), report())
+            .await
+    };
+    let driver = connect(&der_a, "key-one-0123456789").await.unwrap();
+    assert!(connect(&der_a, "key-two-0123456789").await.is_err());
+
+    std::fs::copy(&cert_b, &cert).unwrap();
+    std::fs::copy(&key_b, &key).unwrap();
+    std::fs::write(
+        &jwks,
+        jwks_of(&["key-one-0123456789", "key-two-0123456789"]),
+    )
+    .unwrap();
+    node.signal(Signal::HUP);
+    eventually(WAIT, "the new certificate and key served", async || {
+        connect(&der_b, "key-two-0123456789").await.ok().map(|_| ())
+    })
+    .await;
+    assert!(
+        connect(&der_a, "key-one-0123456789").await.is_err(),
+        "the old certificate is still served"
+    );
+    // The connection made before the reload carries on.
+    assert!(driver.closed_error().is_none());
+    assert!(node.log().contains("SIGHUP"), "{}", node.log());
 }

@@ -25,6 +25,7 @@ use hexfleet_model::CellModel;
 use hexfleet_protocol::{dashboard::Format, ErrorCode, Role};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     clock, config::DashboardConfig, fanout::FanOut, metrics::Metrics, table::VehicleTable,
@@ -94,7 +95,10 @@ async fn upgrade(
             match authorized {
                 Ok(claims) => {
                     let expiry = crate::session::Expiry::at(claims.expires_at);
-                    session::serve(socket, format, dashboards, expiry).await
+                    let span = tracing::info_span!("dashboard", id = %claims.subject);
+                    session::serve(socket, format, dashboards, expiry)
+                        .instrument(span)
+                        .await
                 }
                 Err(reason) => {
                     dashboards.metrics.dashboard_error("unauthorized").inc();

@@ -138,7 +138,10 @@ pub(super) async fn serve(
                 Some(Ok(Message::Close(_)) | Err(_)) | None => Err(End::Gone),
             },
             _ = ready(mailbox.as_deref()) => match mailbox.and_then(|m| m.take()) {
-                Some(drained) => session.vehicles(drained).await,
+                Some(drained) => {
+                    dashboards.metrics.mailbox_depth.observe(drained.changes.len() as f64);
+                    session.vehicles(drained).await
+                }
                 None => Ok(()),
             },
             _ = density_timer.tick(), if in_density => session.density(false).await,

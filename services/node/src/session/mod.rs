@@ -222,6 +222,9 @@ pub async fn serve(
         }
     };
     let (role, subject, expires_at) = who;
+    tracing::Span::current()
+        .record("role", role.as_str())
+        .record("id", tracing::field::display(&subject));
     let open = metrics.sessions(role);
     open.inc();
     let expiry = Expiry::at(expires_at);

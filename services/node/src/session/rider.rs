@@ -91,6 +91,7 @@ pub(super) async fn serve(
             },
             _ = mailbox.ready() => {
                 if let Some(drained) = mailbox.take() {
+                    ctx.ingest.metrics.mailbox_depth.observe(drained.changes.len() as f64);
                     let written = tokio::time::timeout(ctx.slow_consumer_after, writer.write(drained)).await;
                     match written {
                         Ok(Ok(())) => {}

@@ -24,6 +24,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+use tracing::Instrument;
 
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use hexfleet_protocol::RemoveReason;
@@ -197,11 +198,17 @@ impl StoreWriter {
                 }
             }
             self.take_into(&mut pending);
+            // A flush with nothing to write asks the store nothing.
+            let asked = !pending.is_empty();
+            let span = tracing::debug_span!("flush", changes = pending.len());
             let flushed = self
                 .flush(store.as_ref(), fences.as_ref(), &mut pending, &mut owed)
+                .instrument(span)
                 .await;
             self.flushes.send_modify(|n| *n += 1);
-            self.metrics.store_up.set(i64::from(flushed.is_ok()));
+            if asked {
+                self.metrics.store_up.set(i64::from(flushed.is_ok()));
+            }
             match flushed {
                 Ok(()) if failures > 0 => {
                     failures = 0;
