@@ -758,6 +758,103 @@ async fn a_node_shut_down_gracefully_hands_its_shards_over_at_once_with_every_fi
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_serves_through_a_redis_outage_and_rewrites_everything_when_it_returns_empty() {
+    let mut redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 2).await;
+    let watched = Watched::start(&cluster).await;
+    let at_kill = watched.sent.lock().clone();
+    redis.kill();
+    let down = Instant::now();
+    // Past the lease TTL (1.5 s): nodes keep serving from memory. Each
+    // rider sees the vehicles its own node owns go on moving.
+    // Past the lease TTL (1.5 s): nodes keep serving from memory. Riders
+    // are on the node owning the shard they look at (the first
+    // subscription's redirect): they see that node's vehicles go on moving,
+    // and none leave their view.
+    let home = cluster.owner(shard_of(CENTER.0, CENTER.1));
+    let own: Vec<&Standing> = watched
+        .fleet
+        .iter()
+        .filter(|d| cluster.owner(shard_of(d.at.0, d.at.1)).id == home.id)
+        .collect();
+    assert!(!own.is_empty());
+    for rider in &watched.riders {
+        eventually(
+            WAIT,
+            "the riders' node's vehicles move while Redis is down",
+            async || {
+                let view = rider.view();
+                (view.len() == watched.ids.len()
+                    && own.iter().all(|d| {
+                        view.get(&VehicleId::new(&d.id).unwrap())
+                            .is_some_and(|v| v.lat > at_kill[&d.id])
+                    }))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(down.elapsed())).await;
+    for rider in &watched.riders {
+        assert_eq!(rider.view().len(), watched.ids.len(), "a vehicle left view");
+    }
+    for node in &cluster.nodes {
+        let health: serde_json::Value = reqwest::get(format!("http://{}/healthz", node.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "degraded", "{health}");
+        assert!(
+            node.metric("hexfleet_store_flush_errors_total").await > 0.0,
+            "{}: accepted {} pending {} flushes {}\n{}",
+            node.id,
+            node.metric("hexfleet_fixes_accepted_total").await,
+            node.metric("hexfleet_store_pending").await,
+            node.metric("hexfleet_store_flush_seconds_count").await,
+            node.log()
+        );
+    }
+    let outage = down.elapsed();
+
+    // Redis comes back empty: every node holds its shards again (nobody
+    // else can have written them), keeps its vehicles and writes them all.
+    redis.restart();
+    let up = Instant::now();
+    let at_restart = watched.sent.lock().clone();
+    eventually(WAIT, "every vehicle written again", async || {
+        at_restart
+            .iter()
+            .all(|(id, lat)| stored(&redis, id).is_some_and(|s| s.lat >= *lat))
+            .then_some(())
+    })
+    .await;
+    let rewritten = up.elapsed();
+    let converged = watched.converged(&at_restart, up, &cluster).await;
+    println!(
+        "redis outage of {} ms: every vehicle in the restarted Redis {} ms after it came back; every rider converged in {} ms",
+        outage.as_millis(),
+        rewritten.as_millis(),
+        converged.as_millis()
+    );
+    let mut reclaimed = 0.0;
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.metric("hexfleet_sessions_refused_total{code=\"unavailable\"}")
+                .await,
+            0.0,
+            "{} turned drivers away\n{}",
+            node.id,
+            cluster.logs()
+        );
+        reclaimed += node.metric("hexfleet_shards_reclaimed_total").await;
+    }
+    assert!(reclaimed > 0.0, "{}", cluster.logs());
+    watched.stop.cancel();
+}
+
 /// A moving fleet, each driver on its shard's owner, and a rider on every
 /// node watching all of it.
 struct Watched {

@@ -25,14 +25,33 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
 "#;
 
-/// Extends a lease still held with this value. KEYS: lease. ARGV: value,
-/// TTL ms. Returns 1, or 0 when it is no longer this holding.
+/// Extends a lease still held with this value. When the lease is gone and
+/// no holding was made since ours (the shard's epoch is not past ours), the
+/// store lost it, restarting empty or letting it lapse unseen: nobody else
+/// can have written the shard, so it is taken again, under a new epoch.
+/// KEYS: lease, epoch. ARGV: value, TTL ms, node id, our epoch. Returns the
+/// value now held (the same, or the new one), or nil when it is lost.
 const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return held
 end
-return 0
+if held then
+  return false
+end
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+if epoch > tonumber(ARGV[4]) then
+  return false
+end
+local value = ARGV[3] .. ' ' .. redis.call('INCR', KEYS[2])
+if tonumber(string.match(value, '%d+$')) <= tonumber(ARGV[4]) then
+  -- The epoch restarted with the store: keep values never seen before.
+  redis.call('SET', KEYS[2], tonumber(ARGV[4]) + 1)
+  value = ARGV[3] .. ' ' .. (tonumber(ARGV[4]) + 1)
+end
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
 "#;
 
 /// Gives a lease up, if it is still this holding. KEYS: lease. ARGV: value.
@@ -65,15 +84,45 @@ pub async fn acquire(
     Ok(conn.invoke(&call).await?)
 }
 
+/// What renewing a lease found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours, extended.
+    Renewed,
+    /// The store had lost it and nobody took it since: ours again, under
+    /// this new value.
+    Reclaimed(String),
+    /// Another holding has been made since: no longer ours.
+    Lost,
+}
+
+/// The epoch of a lease value `<node id> <epoch>`.
+fn epoch_of(value: &str) -> u64 {
+    value
+        .rsplit_once(' ')
+        .and_then(|(_, e)| e.parse().ok())
+        .unwrap_or(0)
+}
+
 pub async fn renew(
     conn: &Conn,
     shard: ShardId,
+    node: &str,
     value: &str,
     ttl: Duration,
-) -> Result<bool, StoreError> {
+) -> Result<Renewal, StoreError> {
     let mut call = RENEW_SCRIPT.prepare_invoke();
-    call.key(keys::lease(shard)).arg(value).arg(millis(ttl));
-    Ok(conn.invoke::<i64>(&call).await? == 1)
+    call.key(keys::lease(shard))
+        .key(keys::epoch(shard))
+        .arg(value)
+        .arg(millis(ttl))
+        .arg(node)
+        .arg(epoch_of(value));
+    Ok(match conn.invoke::<Option<String>>(&call).await? {
+        Some(held) if held == value => Renewal::Renewed,
+        Some(reclaimed) => Renewal::Reclaimed(reclaimed),
+        None => Renewal::Lost,
+    })
 }
 
 pub async fn release(conn: &Conn, shard: ShardId, value: &str) -> Result<bool, StoreError> {

@@ -16,7 +16,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::store::{keys, redis::Conn, StoreError};
 
-/// Renews this node's membership and returns every live node's info; a
+/// Renews this node's membership and returns whether it was absent (just
+/// joined, or the store lost it), then every live node's id and info; a
 /// node joining or expiring bumps the members' version.
 /// KEYS: members, nodes, version. ARGV: id, info (JSON), TTL in ms.
 const RENEW: &str = r#"
@@ -32,7 +33,9 @@ if joined > 0 or #expired > 0 then
   redis.call('INCR', KEYS[3])
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return redis.call('HGETALL', KEYS[2])
+local all = redis.call('HGETALL', KEYS[2])
+table.insert(all, 1, tostring(joined))
+return all
 "#;
 
 /// The info of a live node with this id, if there is one. KEYS: members,
@@ -54,6 +57,15 @@ static LIVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIVE));
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LiveSet {
     pub nodes: BTreeMap<String, NodeInfo>,
+}
+
+/// What a renewal found.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub live: LiveSet,
+    /// This node was not in the live set: it just joined, or the store lost
+    /// it (a restart) or let it lapse (this node stalled past its TTL).
+    pub was_absent: bool,
 }
 
 impl LiveSet {
@@ -78,7 +90,7 @@ pub fn weight(node: &str, shard: ShardId) -> u64 {
 }
 
 /// Renews `me` for `ttl_ms` and reads the live set.
-pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<LiveSet, StoreError> {
+pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Renewed, StoreError> {
     let info = serde_json::to_string(me).expect("NodeInfo always serializes");
     let mut call = RENEW_SCRIPT.prepare_invoke();
     call.key(keys::MEMBERS)
@@ -87,18 +99,27 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<LiveSet, S
         .arg(&me.id)
         .arg(info)
         .arg(ttl_ms);
-    let raw: BTreeMap<String, String> = conn.invoke(&call).await?;
+    let raw: Vec<String> = conn.invoke(&call).await?;
+    let was_absent = raw.first().is_some_and(|joined| joined != "0");
     let nodes = raw
-        .into_iter()
-        .filter_map(|(id, json)| match serde_json::from_str::<NodeInfo>(&json) {
-            Ok(info) => Some((id, info)),
-            Err(e) => {
-                tracing::warn!(node = %id, error = %e, "a member's info does not parse; ignored");
-                None
+        .get(1..)
+        .unwrap_or_default()
+        .chunks_exact(2)
+        .filter_map(|pair| {
+            let (id, json) = (pair[0].clone(), &pair[1]);
+            match serde_json::from_str::<NodeInfo>(json) {
+                Ok(info) => Some((id, info)),
+                Err(e) => {
+                    tracing::warn!(node = %id, error = %e, "a member's info does not parse; ignored");
+                    None
+                }
             }
         })
         .collect();
-    Ok(LiveSet { nodes })
+    Ok(Renewed {
+        live: LiveSet { nodes },
+        was_absent,
+    })
 }
 
 /// The live node using `id`, if any.

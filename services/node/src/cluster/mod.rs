@@ -23,7 +23,7 @@ pub mod replicas;
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -36,7 +36,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use self::membership::LiveSet;
+use self::{leases::Renewal, membership::LiveSet};
 use crate::{
     config::ClusterConfig,
     fanout::Shards,
@@ -107,6 +107,15 @@ pub struct Cluster {
     changes: AtomicU64,
     /// The members' version as of the last read of the live set.
     members_seen: AtomicU64,
+    /// Whether this node has been in the live set since it joined.
+    registered: AtomicBool,
+    /// Until then, no new shard is taken: the store lost the live set (it
+    /// restarted empty), and the other nodes have not all said they are
+    /// here again, so ownership computed now would be wrong.
+    settling_until: Mutex<Option<tokio::time::Instant>>,
+    /// Shards whose write was fenced: their lease is checked at once (lost
+    /// to another node, or lost by the store and taken again).
+    suspect: Mutex<HashSet<ShardId>>,
     wake: Notify,
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
@@ -135,7 +144,7 @@ impl Cluster {
             }
         }
         let ttl = config.lease_ttl.as_millis() as u64;
-        let live = membership::renew(&conn, &me, ttl).await?;
+        let live = membership::renew(&conn, &me, ttl).await?.live;
         metrics.cluster_nodes.set(live.nodes.len() as i64);
         tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
         let cluster = Arc::new(Cluster {
@@ -150,6 +159,9 @@ impl Cluster {
             held: watch::Sender::new(Shards::default()),
             changes: AtomicU64::new(0),
             members_seen: AtomicU64::new(0),
+            registered: AtomicBool::new(true),
+            settling_until: Mutex::new(None),
+            suspect: Mutex::default(),
             wake: Notify::new(),
             store,
             writer,
@@ -257,7 +269,10 @@ impl Cluster {
                     self.notice_members().await;
                     self.acquire_wanted().await
                 }
-                _ = self.wake.notified() => self.acquire_wanted().await,
+                _ = self.wake.notified() => {
+                    self.check_suspects().await;
+                    self.acquire_wanted().await
+                }
             }
         }
     }
@@ -312,7 +327,13 @@ impl Cluster {
         let me = self.me.read().clone();
         let ttl = self.config.lease_ttl;
         match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {
-            Ok(live) => {
+            Ok(membership::Renewed { live, was_absent }) => {
+                if was_absent && self.registered.load(Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the store had lost this node's membership (it restarted empty, or this node stalled): taking no new shard for {ttl:?}, until every live node has said so again"
+                    );
+                    *self.settling_until.lock() = Some(tokio::time::Instant::now() + ttl);
+                }
                 let changed = !live.same_members(&self.live.read());
                 self.metrics.cluster_nodes.set(live.nodes.len() as i64);
                 *self.live.write() = live;
@@ -329,16 +350,21 @@ impl Cluster {
             .iter()
             .map(|(s, h)| (*s, h.clone()))
             .collect();
+        let me = self.node_id();
         let renewed = join_all(
             holdings
                 .iter()
-                .map(|(shard, h)| leases::renew(&self.conn, *shard, h.value(), ttl)),
+                .map(|(shard, h)| leases::renew(&self.conn, *shard, me, h.value(), ttl)),
         )
         .await;
         for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
             match result {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Renewal::Renewed) => {}
+                Ok(Renewal::Reclaimed(value)) => {
+                    tracing::warn!(%shard, %value, "the store had lost the shard's lease (a restart?) and nobody took it since: holding it again, keeping its vehicles");
+                    self.reclaimed(shard, holding.value(), value.into());
+                }
+                Ok(Renewal::Lost) => {
                     tracing::warn!(%shard, "the shard's lease is no longer ours; stepping down");
                     self.step_down(shard, holding.value());
                 }
@@ -401,6 +427,58 @@ impl Cluster {
         self.drop_holding(shard, &value);
     }
 
+    /// Checks the leases of shards whose write was fenced: another node's
+    /// now (step down), or lost by the store with nobody holding it since
+    /// (hold it again, keep the vehicles).
+    async fn check_suspects(self: &Arc<Self>) {
+        let suspects: Vec<ShardId> = self.suspect.lock().drain().collect();
+        let me = self.node_id();
+        for shard in suspects {
+            let Some(value) = self.holdings.read().get(&shard).map(|h| h.value().clone()) else {
+                continue;
+            };
+            match leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await {
+                Ok(Renewal::Renewed) => {}
+                Ok(Renewal::Reclaimed(new)) => {
+                    tracing::warn!(%shard, value = %new, "a write found the shard's lease gone (the store restarted?) and nobody took it since: holding it again, keeping its vehicles");
+                    self.reclaimed(shard, &value, new.into());
+                }
+                Ok(Renewal::Lost) => {
+                    tracing::warn!(%shard, "the shard's lease is another node's; stepping down");
+                    self.step_down(shard, &value);
+                }
+                Err(e) => {
+                    tracing::warn!(%shard, error = %e, "checking a fenced shard's lease; trying again");
+                    self.suspect.lock().insert(shard);
+                }
+            }
+        }
+    }
+
+    /// Swaps a holding's value for the one the store now knows, so the
+    /// writer's next flush is fenced by it, and writes every vehicle of the
+    /// shard again: the store may have lost them too.
+    fn reclaimed(&self, shard: ShardId, old: &str, value: Arc<str>) {
+        {
+            let mut holdings = self.holdings.write();
+            if let Some(holding) = holdings.get_mut(&shard) {
+                if &**holding.value() == old {
+                    *holding = match holding {
+                        Holding::Held(_) => Holding::Held(value),
+                        Holding::Releasing(_) => Holding::Releasing(value),
+                    };
+                }
+            }
+        }
+        self.metrics.shards_reclaimed.inc();
+        self.changed();
+        for entry in self.ingest.table.entries() {
+            if entry.shard == shard {
+                self.writer.stage_upsert(shard, entry.state, true);
+            }
+        }
+    }
+
     /// This node lost a shard it thought it held: it writes nothing more
     /// there and forgets the shard's vehicles (the new owner has them).
     fn step_down(&self, shard: ShardId, value: &str) {
@@ -430,7 +508,23 @@ impl Cluster {
         }
     }
 
+    /// Whether new shards wait (see `settling_until`).
+    fn settling(&self) -> bool {
+        let mut until = self.settling_until.lock();
+        match *until {
+            Some(t) if tokio::time::Instant::now() < t => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
     async fn acquire_wanted(self: &Arc<Self>) {
+        if self.settling() {
+            return;
+        }
         let wanted: Vec<ShardId> = self.wanted.lock().iter().copied().collect();
         if wanted.is_empty() {
             return;
@@ -494,9 +588,9 @@ impl Fences for Cluster {
     }
 
     fn fenced(&self, shard: ShardId) {
-        let value = self.holdings.read().get(&shard).map(|h| h.value().clone());
-        if let Some(value) = value {
-            self.step_down(shard, &value);
+        if self.holdings.read().contains_key(&shard) {
+            self.suspect.lock().insert(shard);
+            self.wake.notify_one();
         }
     }
 

@@ -159,9 +159,15 @@ impl RedisStore {
     /// so a Redis that hangs (paused, swapping) stalls nothing for long.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
+        // One quick attempt per reconnection: the callers (the writer, the
+        // cluster's renewals) retry on their own schedules, and a command
+        // must fail fast while Redis is down rather than wait out a
+        // reconnection backoff.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(100));
         let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Self::with(Conn::Single(conn)))
     }
@@ -172,6 +178,8 @@ impl RedisStore {
         let client = redis::cluster::ClusterClient::builder(seeds.to_vec())
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
+            .retries(2)
+            .max_retry_wait(200)
             .build()?;
         let conn = client.get_async_connection().await?;
         Ok(Self::with(Conn::Cluster(conn)))
