@@ -18,21 +18,22 @@ redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no --dir $DIR
 RPID=$!
 sleep 0.5
 export HEXFLEET_TOKEN_SECRET=measure-secret-0123456789abcdef HEXFLEET_DEV_DIR=$DIR
-NPIDS=(); HTTPS=(); TARGETS=()
+NPIDS=(); HTTPS=(); ADMINS=(); TARGETS=()
 for i in $(seq 1 $NODES); do
-  QPORT=$(free 2); HPORT=$(free 1)
+  QPORT=$(free 2); HPORT=$(free 1); APORT=$(free 1)
   FLAGS=(); [ "$CLUSTER" = 1 ] && FLAGS=(--cluster)
   $BIN/hexfleet-node --node-id "node-$i" "${FLAGS[@]}" --redis-url redis://127.0.0.1:$RPORT \
-    --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT > $DIR/node-$i.log 2>&1 &
-  NPIDS+=($!); HTTPS+=(127.0.0.1:$HPORT); TARGETS+=(--node 127.0.0.1:$QPORT)
+    --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT --http-tls false \
+    --admin-listen 127.0.0.1:$APORT > $DIR/node-$i.log 2>&1 &
+  NPIDS+=($!); HTTPS+=(127.0.0.1:$HPORT); ADMINS+=(127.0.0.1:$APORT); TARGETS+=(--node 127.0.0.1:$QPORT)
   # The first writes the development certificate the others reuse.
-  until curl -fs http://127.0.0.1:$HPORT/healthz > /dev/null; do sleep 0.1; done
+  until curl -fs http://127.0.0.1:$APORT/healthz > /dev/null; do sleep 0.1; done
 done
 sleep 1
-$BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration 35s > $DIR/sim.log 2>&1 &
+$BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration 35s > $DIR/sim.log 2>&1 &
 SPID=$!
 cpu() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $s; }
-metric() { local s=0; for h in "${HTTPS[@]}"; do s=$(curl -s http://$h/metrics | awk -v s=$s -v m="$1" '$1 ~ "^"m {s+=$2} END{print s}'); done; echo $s; }
+metric() { local s=0; for h in "${ADMINS[@]}"; do s=$(curl -s http://$h/metrics | awk -v s=$s -v m="$1" '$1 ~ "^"m {s+=$2} END{print s}'); done; echo $s; }
 fixes() { metric 'hexfleet_fixes_accepted_total'; }
 items() { metric 'hexfleet_delta_items_total'; }
 sleep 12
@@ -40,7 +41,7 @@ n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items)
 sleep 15
 n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items)
 if [ "$NODES" -gt 1 ]; then
-  for h in "${HTTPS[@]}"; do
+  for h in "${ADMINS[@]}"; do
     curl -s http://$h/metrics | awk -v h=$h '/^hexfleet_(fixes_accepted_total|replicas|shards_held|bus_batches_total|subscribers) /{printf "%s=%s ", $1, $2} END{print "(" h ")"}'
   done
 fi
