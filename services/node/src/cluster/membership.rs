@@ -17,8 +17,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 use crate::store::{keys, redis::Conn, StoreError};
 
 /// Renews this node's membership and returns whether it was absent (just
-/// joined, or the store lost it), then every live node's id and info; a
-/// node joining or expiring bumps the members' version.
+/// joined, or the store lost it), the members' version, then every live
+/// node's id and info; a node joining or expiring bumps the version.
 /// KEYS: members, nodes, version. ARGV: id, info (JSON), TTL in ms.
 const RENEW: &str = r#"
 local t = redis.call('TIME')
@@ -35,6 +35,7 @@ end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 local all = redis.call('HGETALL', KEYS[2])
 table.insert(all, 1, tostring(joined))
+table.insert(all, 2, tostring(redis.call('GET', KEYS[3]) or '0'))
 return all
 "#;
 
@@ -66,6 +67,8 @@ pub struct Renewed {
     /// This node was not in the live set: it just joined, or the store lost
     /// it (a restart) or let it lapse (this node stalled past its TTL).
     pub was_absent: bool,
+    /// The members' version this live set is as of.
+    pub version: u64,
 }
 
 impl LiveSet {
@@ -101,8 +104,9 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Renewed, S
         .arg(ttl_ms);
     let raw: Vec<String> = conn.invoke(&call).await?;
     let was_absent = raw.first().is_some_and(|joined| joined != "0");
+    let version = raw.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     let nodes = raw
-        .get(1..)
+        .get(2..)
         .unwrap_or_default()
         .chunks_exact(2)
         .filter_map(|pair| {
@@ -119,6 +123,7 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Renewed, S
     Ok(Renewed {
         live: LiveSet { nodes },
         was_absent,
+        version,
     })
 }
 

@@ -144,7 +144,8 @@ impl Cluster {
             }
         }
         let ttl = config.lease_ttl.as_millis() as u64;
-        let live = membership::renew(&conn, &me, ttl).await?.live;
+        let renewed = membership::renew(&conn, &me, ttl).await?;
+        let (live, version) = (renewed.live, renewed.version);
         metrics.cluster_nodes.set(live.nodes.len() as i64);
         tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
         let cluster = Arc::new(Cluster {
@@ -158,7 +159,7 @@ impl Cluster {
             tainted: Mutex::default(),
             held: watch::Sender::new(Shards::default()),
             changes: AtomicU64::new(0),
-            members_seen: AtomicU64::new(0),
+            members_seen: AtomicU64::new(version),
             registered: AtomicBool::new(true),
             settling_until: Mutex::new(None),
             suspect: Mutex::default(),
@@ -320,14 +321,15 @@ impl Cluster {
     }
 
     async fn renew(self: &Arc<Self>) {
-        // Read before renewing: a change after this read is seen next time.
-        if let Ok(v) = membership::version(&self.conn).await {
-            self.members_seen.store(v, Ordering::Relaxed);
-        }
         let me = self.me.read().clone();
         let ttl = self.config.lease_ttl;
         match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {
-            Ok(membership::Renewed { live, was_absent }) => {
+            Ok(membership::Renewed {
+                live,
+                was_absent,
+                version,
+            }) => {
+                self.members_seen.store(version, Ordering::Relaxed);
                 if was_absent && self.registered.load(Ordering::Relaxed) {
                     tracing::warn!(
                         "the store had lost this node's membership (it restarted empty, or this node stalled): taking no new shard for {ttl:?}, until every live node has said so again"
