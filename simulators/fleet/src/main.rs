@@ -223,6 +223,14 @@ struct DemoArgs {
     /// Simulated riders watching the fleet.
     #[arg(long, default_value_t = 50)]
     riders: usize,
+    /// Simulated dispatch dashboards (WebSockets) watching the city.
+    #[arg(long, default_value_t = 0)]
+    dashboards: usize,
+    /// Serve HTTPS and WSS with the development certificate (a browser
+    /// warns about it), as production nodes do; default: plain HTTP on
+    /// loopback.
+    #[arg(long)]
+    https: bool,
     /// HTTP address of the embedded node.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
@@ -447,8 +455,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     config.http.listen = args.http_listen;
     config.admin.listen = args.admin_listen;
     // The demo runs on loopback, opened in a local browser: plain HTTP
-    // spares it a certificate warning. Production nodes serve HTTPS.
-    config.http.tls = false;
+    // spares it a certificate warning, unless asked for HTTPS as
+    // production nodes serve it.
+    config.http.tls = args.https;
     config.auth.token_secret = args.token_secret.clone();
     if let Some(url) = &args.redis_url {
         config.store.kind = StoreKind::Redis;
@@ -471,6 +480,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     scenario.drivers.count = args.drivers;
     scenario.riders.count = args.riders;
     scenario.riders.lifetime = Some(Duration::from_secs(60));
+    scenario.dashboards.count = args.dashboards;
     scenario.check()?;
     let (lat, lon) = scenario.bbox().center();
     println!(
@@ -479,17 +489,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  store   {}", node.store.kind());
     println!("  QUIC    {} (ALPN hexfleet/1)", node.quic_addr);
-    println!("  HTTP    http://{}", node.http_addr);
+    let scheme = if node.http_tls { "https" } else { "http" };
+    println!("  HTTP    {scheme}://{}", node.http_addr);
     let dispatch = fleet::token(&args.token_secret, Role::Dashboard, "demo-dispatch")?;
     // Street level, where every car is drawn moving; zoomed out, the city
     // shows as counts per cell.
     println!(
-        "  dashboard  http://{}/?token={dispatch}&lat={lat:.4}&lon={lon:.4}&zoom=14.5",
+        "  dashboard  {scheme}://{}/?token={dispatch}&lat={lat:.4}&lon={lon:.4}&zoom=14.5",
         node.http_addr
     );
     println!("             open it in a browser; zoom out for counts over the whole city");
     println!(
-        "  try     curl -H 'Authorization: Bearer {dispatch}' 'http://{}/v1/vehicles?lat={lat:.4}&lon={lon:.4}&radius_m=2000&limit=5'",
+        "  try     curl -k -H 'Authorization: Bearer {dispatch}' '{scheme}://{}/v1/vehicles?lat={lat:.4}&lon={lon:.4}&radius_m=2000&limit=5'",
         node.http_addr
     );
     println!("          curl http://{}/metrics", node.admin_addr);

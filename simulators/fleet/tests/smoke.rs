@@ -61,36 +61,34 @@ fn the_benchmark_runs_every_phase_and_writes_its_report() {
     }
 }
 
-#[test]
-fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
+/// Runs the demo for 4 s on free loopback ports with `args`; its stdout.
+fn demo(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = sim()
-        .args([
-            "demo",
-            "--duration",
-            "4s",
-            "--drivers",
-            "20",
-            "--riders",
-            "5",
-        ])
+        .args(["demo", "--duration", "4s"])
+        .args(args)
         .args([
             "--http-listen",
             "127.0.0.1:0",
             "--quic-listen",
             "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
         ])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .env("HEXFLEET_DEV_DIR", dir.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
+    let stdout = demo(&["--drivers", "20", "--riders", "5"]);
     for line in [
         "HTTP    http://127.0.0.1:",
         "dashboard  http://127.0.0.1:",
@@ -101,6 +99,27 @@ fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
     ] {
         assert!(stdout.contains(line), "{line} missing from:\n{stdout}");
     }
+}
+
+#[test]
+fn the_demo_over_https_serves_dashboards_over_wss() {
+    let stdout = demo(&[
+        "--drivers",
+        "20",
+        "--riders",
+        "2",
+        "--https",
+        "--dashboards",
+        "2",
+    ]);
+    for line in [
+        "HTTP    https://127.0.0.1:",
+        "| dashboards, city (counts) | 1 connected;",
+        "| dashboards, district (vehicles) | 1 connected;",
+    ] {
+        assert!(stdout.contains(line), "{line} missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("dashboard errors"), "{stdout}");
 }
 
 #[test]
