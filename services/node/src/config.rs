@@ -198,7 +198,7 @@ pub struct TlsConfig {
     pub reload_interval: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Shared secret that signs tokens (HMAC-SHA256). Set it with
@@ -382,6 +382,17 @@ impl Default for TlsConfig {
             dev_dir: hexfleet_protocol::dev::default_dev_dir(),
             reload_interval: Duration::from_secs(10),
         }
+    }
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("token_secret", &"<redacted>")
+            .field("jwks", &self.jwks)
+            .field("audience", &self.audience)
+            .finish()
     }
 }
 
