@@ -444,3 +444,34 @@ async fn https_and_wss_serve_the_configured_certificate_and_a_reload_drops_no_co
     );
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_ping_flood_is_closed_like_a_request_flood() {
+    let node = TestNode::start_with(None, |c| {
+        c.dashboard.requests.per_second = 5.0;
+        c.dashboard.requests.burst = 10;
+        c.dashboard.requests.close_after = 50;
+    })
+    .await;
+    let url = format!(
+        "ws://{}/v1/ws?token={}",
+        node.node.http_addr,
+        token(Role::Dashboard, "pinger")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut sent, deadline) = (0, std::time::Instant::now() + WAIT);
+    let closed = loop {
+        if sent < 10_000 && ws.send(Message::Ping(vec![1u8; 8].into())).await.is_ok() {
+            sent += 1;
+        }
+        match tokio::time::timeout(Duration::from_millis(1), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(None | Some(Err(_))) => break None,
+            _ if std::time::Instant::now() > deadline => break None,
+            _ => {}
+        }
+    };
+    assert_eq!(closed, Some(4429), "after {sent} pings");
+    assert!(sent < 1_000, "closed only after {sent} pings");
+    node.stop().await;
+}

@@ -133,8 +133,9 @@ pub(super) async fn serve(
             message = stream.next() => match message {
                 Some(Ok(Message::Text(text))) => session.request(Format::Json, text.as_bytes()).await,
                 Some(Ok(Message::Binary(bytes))) => session.request(Format::MsgPack, &bytes).await,
-                // Pings are answered by the socket itself.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                // Pings are answered by the socket itself, each with a pong:
+                // they share the requests' budget.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.control_frame(),
                 Some(Ok(Message::Close(_)) | Err(_)) | None => Err(End::Gone),
             },
             _ = ready(mailbox.as_deref()) => match mailbox.and_then(|m| m.take()) {
@@ -230,6 +231,20 @@ impl Session {
     /// Answers a bad request with an error event; the connection stays.
     async fn bad_request(&mut self, reason: String) -> Result<(), End> {
         self.refuse(ErrorCode::BadRequest, reason).await
+    }
+
+    /// A ping or pong costs a budget token like a request. Over budget it is
+    /// let be (the socket has answered it already), but it counts towards
+    /// closing the connection, so a ping flood ends like a request flood.
+    fn control_frame(&mut self) -> Result<(), End> {
+        match self.budget.spend(Instant::now()) {
+            Verdict::Allow | Verdict::Refuse => Ok(()),
+            Verdict::Close => {
+                self.dashboards.metrics.rate_limited(Role::Dashboard).inc();
+                let reason = self.dashboards.config.requests.closing("messages");
+                Err(End::Close(ErrorCode::RateLimited, reason))
+            }
+        }
     }
 
     async fn request(&mut self, format: Format, bytes: &[u8]) -> Result<(), End> {
