@@ -104,9 +104,15 @@ struct TokenArgs {
     /// How long the token is valid.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
-    /// The key id to put in the header (a key of the JWKS with this secret).
+    /// The key id to put in the header (a key of the node's JWKS).
     #[arg(long)]
     kid: Option<String>,
+    /// Sign with this private key (PEM) instead of the shared secret.
+    #[arg(long, requires = "alg")]
+    key: Option<PathBuf>,
+    /// The key's algorithm: RS256, RS384, RS512, PS256, ES256, ES384, EdDSA.
+    #[arg(long, requires = "key")]
+    alg: Option<hexfleet_protocol::Algorithm>,
     /// The audience claim.
     #[arg(long)]
     aud: Option<String>,
@@ -184,7 +190,13 @@ fn mint(args: &TokenArgs, secret: &str) -> anyhow::Result<String> {
     if let Some(aud) = &args.aud {
         claims = claims.for_audience(aud.clone());
     }
-    let mut key = SigningKey::hs256(secret.as_bytes());
+    let mut key = match (&args.key, args.alg) {
+        (Some(path), Some(alg)) => {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            SigningKey::from_pem(alg, &pem)?
+        }
+        _ => SigningKey::hs256(secret.as_bytes()),
+    };
     if let Some(kid) = &args.kid {
         key = key.with_kid(kid.clone());
     }

@@ -43,19 +43,25 @@ fn node_command(dir: &Path) -> Command {
 
 impl NodeProcess {
     fn start(redis: &RedisServer) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (quic, http, admin) = (
-            loopback(free_udp_port()),
-            loopback(free_tcp_port()),
-            loopback(free_tcp_port()),
-        );
+        let http = loopback(free_tcp_port());
+        Self::launch(
+            tempfile::tempdir().unwrap(),
+            http,
+            &["--redis-url", &redis.url()],
+        )
+    }
+
+    /// Starts the node on free loopback ports (HTTP on `http`), with its
+    /// files and log in `dir`, and `args` besides.
+    fn launch(dir: tempfile::TempDir, http: SocketAddr, args: &[&str]) -> Self {
+        let (quic, admin) = (loopback(free_udp_port()), loopback(free_tcp_port()));
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
         let child = node_command(dir.path())
             .env("HEXFLEET_TOKEN_SECRET", SECRET)
-            .args(["--redis-url", &redis.url()])
             .args(["--quic-listen", &quic.to_string()])
             .args(["--http-listen", &http.to_string()])
             .args(["--admin-listen", &admin.to_string()])
+            .args(args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -241,31 +247,18 @@ async fn sighup_reloads_the_certificate_and_the_token_keys_without_a_restart() {
     // Only a signal reloads: the files are not watched within the test.
     let config = dir.path().join("node.toml");
     std::fs::write(&config, "[tls]\nreload_interval = \"1h\"\n").unwrap();
-    let (quic, admin) = (loopback(free_udp_port()), loopback(free_tcp_port()));
-    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-    let child = node_command(dir.path())
-        .env("HEXFLEET_TOKEN_SECRET", SECRET)
-        .args(["--config", config.to_str().unwrap()])
-        .args(["--quic-listen", &quic.to_string()])
-        .args(["--http-listen", &loopback(free_tcp_port()).to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .args([
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ])
-        .args(["--jwks", jwks.to_str().unwrap()])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let node = NodeProcess {
-        child,
-        quic,
-        admin,
-        dir,
-    };
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--jwks",
+        jwks.to_str().unwrap(),
+    ];
+    let node = NodeProcess::launch(dir, loopback(free_tcp_port()), &args);
+    let (quic, admin) = (node.quic, node.admin);
     healthy(admin).await;
     // Each connection its own driver: one driver connecting again would
     // close its older connection.
@@ -307,4 +300,75 @@ async fn sighup_reloads_the_certificate_and_the_token_keys_without_a_restart() {
     // The connection made before the reload carries on.
     assert!(driver.closed_error().is_none());
     assert!(node.log().contains("SIGHUP"), "{}", node.log());
+}
+
+/// `hexfleet-node token` with the given arguments; the token it prints.
+fn minted(dir: &Path, args: &[&str]) -> String {
+    let out = node_command(dir)
+        .env("HEXFLEET_TOKEN_SECRET", SECRET)
+        .arg("token")
+        .args(args)
+        .output()
+        .expect("hexfleet-node token runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn tokens_minted_by_the_cli_with_a_secret_or_an_ec_key_open_the_api() {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    let dir = tempfile::tempdir().unwrap();
+    // An ES256 key pair: the private key for the CLI, the public one in the
+    // node's JWKS.
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let private = dir.path().join("ec.pem");
+    std::fs::write(&private, pair.serialize_pem()).unwrap();
+    let point = pair.public_key_raw();
+    let jwks = dir.path().join("jwks.json");
+    let set = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "ec-1",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+    }]});
+    std::fs::write(&jwks, set.to_string()).unwrap();
+    let http = loopback(free_tcp_port());
+    let args = ["--http-tls", "false", "--jwks", jwks.to_str().unwrap()];
+    let node = NodeProcess::launch(dir, http, &args);
+    let admin = node.admin;
+    healthy(admin).await;
+    let path = node.dir.path();
+    let status = async |token: &str| {
+        reqwest::Client::new()
+            .get(format!("http://{http}/v1/cluster"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let by_secret = minted(path, &["--dashboard", "ops", "--ttl", "10m"]);
+    let by_key = minted(
+        path,
+        &[
+            "--dashboard",
+            "ops",
+            "--kid",
+            "ec-1",
+            "--key",
+            private.to_str().unwrap(),
+            "--alg",
+            "ES256",
+        ],
+    );
+    assert_eq!(by_secret.split('.').count(), 3, "{by_secret}");
+    assert_eq!(status(&by_secret).await, 200);
+    assert_eq!(status(&by_key).await, 200);
+    let driver = minted(path, &["--driver", "drv-1"]);
+    assert_eq!(status(&driver).await, 401);
+    drop(node);
 }
