@@ -475,3 +475,22 @@ async fn a_websocket_ping_flood_is_closed_like_a_request_flood() {
     assert!(sent < 1_000, "closed only after {sent} pings");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_message_over_the_limit_closes_the_socket_with_a_reason() {
+    let node = TestNode::start(None).await;
+    let query = format!("token={}", token(Role::Dashboard, "big"));
+    let mut socket = dashboard::DashboardSocket::connect(&node, &query)
+        .await
+        .unwrap();
+    let big = format!(r#"{{"type":"find","id":"{}"}}"#, "x".repeat(20 * 1024));
+    socket.send_text(&big).await;
+    let (code, reason) = socket.closed().await;
+    assert_eq!(code, 1009, "{reason}");
+    assert!(
+        node.metric("hexfleet_dashboard_errors_total{reason=\"too_big\"}")
+            .await
+            >= 1.0
+    );
+    node.stop().await;
+}

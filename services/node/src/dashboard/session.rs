@@ -66,7 +66,12 @@ enum End {
     Gone,
     /// The node closes the socket, with this code and reason.
     Close(ErrorCode, String),
+    /// A message over `dashboard.max_message_bytes`: closed with 1009.
+    TooBig(String),
 }
+
+/// The WebSocket close code for a message too big to take.
+const TOO_BIG: u16 = 1009;
 
 struct Session {
     dashboards: Arc<Dashboards>,
@@ -136,6 +141,9 @@ pub(super) async fn serve(
                 // Pings are answered by the socket itself, each with a pong:
                 // they share the requests' budget.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.control_frame(),
+                // tungstenite refuses a message over the limit before reading
+                // it, with a capacity error ("Space limit exceeded").
+                Some(Err(e)) if e.to_string().contains("Space limit exceeded") => Err(End::TooBig(e.to_string())),
                 Some(Ok(Message::Close(_)) | Err(_)) | None => Err(End::Gone),
             },
             _ = ready(mailbox.as_deref()) => match mailbox.and_then(|m| m.take()) {
@@ -154,17 +162,21 @@ pub(super) async fn serve(
         dashboards.fanout.unsubscribe(session.id);
     }
     dashboards.metrics.dashboards.dec();
-    if let Err(End::Close(code, reason)) = outcome {
+    let closing = match outcome {
+        Err(End::Close(code, reason)) => Some((code.websocket_close_code(), code.as_str(), reason)),
+        Err(End::TooBig(reason)) => Some((TOO_BIG, "too_big", reason)),
+        _ => None,
+    };
+    if let Some((code, name, reason)) = closing {
         // Every close the node makes is logged and counted by its reason.
-        let name = code.as_str();
         dashboards.metrics.dashboard_error(name).inc();
-        if code == ErrorCode::Internal {
+        if name == ErrorCode::Internal.as_str() {
             tracing::warn!(code = name, %reason, "closing dashboard");
         } else {
             tracing::info!(code = name, %reason, "closing dashboard");
         }
         let frame = CloseFrame {
-            code: code.websocket_close_code(),
+            code,
             reason: reason.into(),
         };
         // The closing handshake: send ours, then read (and drop) what the
