@@ -344,6 +344,37 @@ impl Node {
         let (endpoints, quic_addr) = bind_quic(&config, &certificates)?;
         let (http_listener, http_addr) = bind_http(config.http.listen).await?;
         let (admin_listener, admin_addr) = bind_http(config.admin.listen).await?;
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        // The admin listener answers from here on: while a cluster node
+        // waits for Redis to join, probes see it live but not ready.
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let admin_api = http::Api {
+            node_id: config.node_id.as_str().into(),
+            store: store.clone(),
+            cells,
+            metrics: metrics.clone(),
+            limits: config.http.clone(),
+            cluster: None,
+            auth: auth.clone(),
+            shutdown: shutdown.clone(),
+            ready: ready.clone(),
+        };
+        let counted = axum::middleware::from_fn_with_state(metrics.clone(), http::count_requests);
+        let admin = http::server::Listener {
+            listener: admin_listener,
+            router: http::admin_router(admin_api.clone()).layer(counted.clone()),
+            max_connections: 64,
+            max_connections_per_address: 64,
+            header_timeout: config.http.header_timeout,
+            tls: None,
+            metrics: None,
+        };
+        tasks.spawn(http::server::serve(admin, shutdown.clone(), HTTP_GRACE));
+        // Should the start fail from here, the admin listener stops too.
+        let started = shutdown.clone().drop_guard();
+
         let cluster = match (clustered, redis) {
             (true, Some(conn)) => Some(
                 retrying(
@@ -366,8 +397,6 @@ impl Node {
             _ => None,
         };
 
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
         let sessions = TaskTracker::new();
         let ctx = Arc::new(session::Context::new(
             &config,
@@ -438,19 +467,12 @@ impl Node {
             clustered,
         });
         let api = http::Api {
-            node_id: config.node_id.as_str().into(),
-            store: store.clone(),
-            cells,
-            metrics: metrics.clone(),
-            limits: config.http.clone(),
             cluster: cluster.clone(),
-            auth: auth.clone(),
-            shutdown: shutdown.clone(),
+            ..admin_api
         };
-        let counted = axum::middleware::from_fn_with_state(metrics.clone(), http::count_requests);
         let router = dashboard::router(dashboards)
-            .merge(http::router(api.clone()))
-            .layer(counted.clone());
+            .merge(http::router(api))
+            .layer(counted);
         let http_tls = config.http.tls;
         let public = http::server::Listener {
             listener: http_listener,
@@ -463,17 +485,7 @@ impl Node {
                 .transpose()?,
             metrics: Some(metrics.clone()),
         };
-        let admin = http::server::Listener {
-            listener: admin_listener,
-            router: http::admin_router(api).layer(counted),
-            max_connections: 64,
-            max_connections_per_address: 64,
-            header_timeout: config.http.header_timeout,
-            tls: None,
-            metrics: None,
-        };
         tasks.spawn(http::server::serve(public, shutdown.clone(), HTTP_GRACE));
-        tasks.spawn(http::server::serve(admin, shutdown.clone(), HTTP_GRACE));
         tasks.spawn(
             reload::Reloader {
                 auth,
@@ -484,6 +496,8 @@ impl Node {
             .run(shutdown.clone()),
         );
         tasks.close();
+        started.disarm();
+        ready.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(node = %config.node_id, %quic_addr, %http_addr, %admin_addr, http_tls, store = store.kind(), "node started");
         Ok(Node {
             node_id: config.node_id,

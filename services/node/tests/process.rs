@@ -372,3 +372,44 @@ async fn tokens_minted_by_the_cli_with_a_secret_or_an_ec_key_open_the_api() {
     assert_eq!(status(&driver).await, 401);
     drop(node);
 }
+
+#[tokio::test]
+async fn a_cluster_node_started_while_redis_is_down_is_live_not_ready_and_joins_when_it_answers() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let url = redis.url();
+    let node = NodeProcess::launch(
+        tempfile::tempdir().unwrap(),
+        loopback(free_tcp_port()),
+        &["--cluster", "--redis-url", &url],
+    );
+    let probe = async |path: &str| {
+        reqwest::get(format!("http://{}{path}", node.admin))
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    };
+    eventually(WAIT, "live while waiting for Redis", async || {
+        (probe("/livez").await == Some(200)).then_some(())
+    })
+    .await;
+    assert_eq!(probe("/readyz").await, Some(503));
+
+    redis.restart();
+    eventually(WAIT, "ready once it has joined", async || {
+        (probe("/readyz").await == Some(200)).then_some(())
+    })
+    .await;
+    let connector = Connector::new(&node.cert(), dev::DEV_SERVER_NAME).unwrap();
+    let mut driver = connector
+        .driver(node.quic, &driver_token("drv-late"), report())
+        .await
+        .unwrap();
+    let seq = driver.send_fix(FixInput::at(52.52, 13.405)).await.unwrap();
+    eventually(WAIT, "its fix stored", async || {
+        stored(&redis, "drv-late")
+            .filter(|s| s.seq == seq)
+            .map(|_| ())
+    })
+    .await;
+}

@@ -7,7 +7,9 @@
 //!   (`dashboard`); others get 401.
 //! - The admin API ([`admin_router`]), on its own listener: `/metrics`,
 //!   `/healthz` (details), `/livez` (the process serves: liveness) and
-//!   `/readyz` (started and not shutting down: readiness). No tokens, so
+//!   `/readyz` (started and not shutting down: readiness). It answers from
+//!   early in the start, so a cluster node waiting for Redis is live but
+//!   not ready. No tokens, so
 //!   Prometheus and probes need none; keep it off the public network.
 //!
 //! [`server`] is the listener that serves them, with its limits and TLS.
@@ -50,6 +52,9 @@ pub struct Api {
     pub auth: Arc<Auth>,
     /// Cancelled when the node starts shutting down (`/readyz` turns 503).
     pub shutdown: CancellationToken,
+    /// Set once the node has started: a cluster node waits for Redis to
+    /// join, live but not ready.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Api {
@@ -130,6 +135,12 @@ const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 async fn readyz(State(api): State<Api>) -> Response {
     if api.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if !api.ready.load(std::sync::atomic::Ordering::Acquire) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: joining the cluster through Redis",
+        )
+            .into_response()
     } else {
         "ready".into_response()
     }
