@@ -5,13 +5,13 @@
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
 
-use hexfleet_client::{DriverOptions, FixInput, Observer, RiderOptions, Subscription};
-use hexfleet_model::{VehicleId, VehicleState};
+use hexfleet_client::{DriverOptions, FixInput, RiderOptions, Subscription};
+use hexfleet_model::VehicleId;
 use hexfleet_protocol::Role;
 use hexfleet_tests::*;
 
@@ -21,25 +21,10 @@ const OSLO: (f64, f64) = (59.9139, 10.7522);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_view() {
     let node = TestNode::start(None).await;
-    let delays = Arc::new(Mutex::new(Vec::<(u64, u128)>::new()));
-    let sent = Arc::new(Mutex::new(
-        std::collections::HashMap::<i64, (u64, Instant)>::new(),
-    ));
-    let observer: Observer = {
-        let (sent, delays) = (sent.clone(), delays.clone());
-        Arc::new(move |state: &VehicleState, _| {
-            let key = (state.lat * 1e7).round() as i64;
-            if let Some((step, at)) = sent.lock().unwrap().remove(&key) {
-                delays
-                    .lock()
-                    .unwrap()
-                    .push((step, at.elapsed().as_millis()));
-            }
-        })
-    };
+    let clock = FixClock::default();
     let options = RiderOptions {
         reconnect: false,
-        observer: Some(observer),
+        observer: Some(clock.observer()),
         ..Default::default()
     };
     let rider = Arc::new(
@@ -93,9 +78,7 @@ async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_vi
             moved_at = step;
         }
         let lat = OSLO.0 + 1e-4 + step as f64 * 1e-6;
-        sent.lock()
-            .unwrap()
-            .insert((lat * 1e7).round() as i64, (step, Instant::now()));
+        clock.sent(lat, step);
         last = driver.send_fix(FixInput::at(lat, OSLO.1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -104,9 +87,8 @@ async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_vi
     })
     .await;
     eventually(WAIT, "the last fix in view", async || {
-        delays
-            .lock()
-            .unwrap()
+        clock
+            .seen()
             .iter()
             .any(|(step, _)| *step == 99)
             .then_some(())
@@ -123,7 +105,7 @@ async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_vi
         2.0
     );
     assert_eq!(node.metric("hexfleet_sessions_lost_total").await, 0.0);
-    let delays = delays.lock().unwrap().clone();
+    let delays = clock.seen();
     let around: Vec<u128> = delays
         .iter()
         .filter(|(step, _)| step.abs_diff(moved_at) <= 5)

@@ -6,15 +6,10 @@
 //!
 //! Alone in its test binary, so the process's memory is this test's own.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use futures_util::SinkExt;
-use hexfleet_client::{FixInput, Observer, RiderOptions, Subscription};
-use hexfleet_model::VehicleState;
+use hexfleet_client::{FixInput, RiderOptions, Subscription};
 use hexfleet_protocol::{dashboard::close, ClientMsg, ErrorCode, Filter, Hello, Role, Subscribe};
 use hexfleet_tests::{dashboard::DashboardSocket, *};
 use serde_json::json;
@@ -99,22 +94,10 @@ async fn dashboard_flood(node: &Target) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
     let node = TestNode::start(None).await;
-    // Moved items carry no time: each fix is told apart by its latitude
-    // (as the wire carries it, 1e-7°), and timed from when it was sent.
-    let sent = Arc::new(Mutex::new(HashMap::<i64, Instant>::new()));
-    let delays = Arc::new(Mutex::new(Vec::<u128>::new()));
-    let observer: Observer = {
-        let (sent, delays) = (sent.clone(), delays.clone());
-        Arc::new(move |state: &VehicleState, _| {
-            let key = (state.lat * 1e7).round() as i64;
-            if let Some(at) = sent.lock().unwrap().get(&key) {
-                delays.lock().unwrap().push(at.elapsed().as_millis());
-            }
-        })
-    };
+    let clock = FixClock::default();
     let options = RiderOptions {
         reconnect: false,
-        observer: Some(observer),
+        observer: Some(clock.observer()),
         ..Default::default()
     };
     let honest = node
@@ -149,9 +132,7 @@ async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
     };
     for i in 0..150 {
         let lat = MADRID.0 + 1e-4 + i as f64 * 1e-6;
-        sent.lock()
-            .unwrap()
-            .insert((lat * 1e7).round() as i64, Instant::now());
+        clock.sent(lat, i);
         driver.send_fix(FixInput::at(lat, MADRID.1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -160,8 +141,7 @@ async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
     assert_eq!(rider_closed, Some(ErrorCode::RateLimited));
     assert_eq!(dashboard_closed, close::RATE_LIMITED);
     let grown = rss_bytes().saturating_sub(rss_before);
-    let mut delays = delays.lock().unwrap().clone();
-    delays.sort_unstable();
+    let delays = clock.sorted();
     assert!(delays.len() >= 100, "{} deltas seen", delays.len());
     let p99 = delays[delays.len() * 99 / 100];
     println!(

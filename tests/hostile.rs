@@ -13,17 +13,15 @@
 //! tests/flood.rs.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hexfleet_client::{FixInput, Observer, RiderOptions, Subscription};
-use hexfleet_model::VehicleState;
+use hexfleet_client::{FixInput, RiderOptions, Subscription};
 use hexfleet_protocol::{encode_datagram, ClientMsg, ErrorCode, Fix, Hello, Role};
 use hexfleet_tests::*;
 use tokio::io::AsyncWriteExt;
@@ -289,7 +287,7 @@ async fn during(
     target: Target,
     honest: &mut Honest,
 ) -> (String, Vec<u128>) {
-    honest.delays.lock().unwrap().clear();
+    honest.clock.clear();
     let attacker = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -306,18 +304,14 @@ async fn during(
         honest.step().await;
     }
     let outcome = attacker.join().unwrap();
-    let mut delays = honest.delays.lock().unwrap().clone();
-    delays.sort_unstable();
-    (outcome, delays)
+    (outcome, honest.clock.sorted())
 }
 
-/// An honest driver moving a car in front of an honest rider; each fix is
-/// told apart by its latitude and timed from its sending to its arrival in
-/// the rider's view.
+/// An honest driver moving a car in front of an honest rider, each fix
+/// timed from its sending to its arrival in the rider's view.
 struct Honest {
     driver: hexfleet_client::DriverClient,
-    sent: Arc<Mutex<HashMap<i64, Instant>>>,
-    delays: Arc<Mutex<Vec<u128>>>,
+    clock: FixClock,
     step: u64,
 }
 
@@ -325,10 +319,7 @@ impl Honest {
     async fn step(&mut self) {
         self.step += 1;
         let lat = LISBON.0 + 1e-4 + (self.step % 10_000) as f64 * 1e-6;
-        self.sent
-            .lock()
-            .unwrap()
-            .insert((lat * 1e7).round() as i64, Instant::now());
+        self.clock.sent(lat, self.step);
         self.driver
             .send_fix(FixInput::at(lat, LISBON.1))
             .await
@@ -351,20 +342,10 @@ async fn the_worst_clients_get_an_error_or_a_drop_counted_and_cost_the_others_no
         c.ingest.fixes.close_after = 2_000;
     })
     .await;
-    let sent = Arc::new(Mutex::new(HashMap::<i64, Instant>::new()));
-    let delays = Arc::new(Mutex::new(Vec::<u128>::new()));
-    let observer: Observer = {
-        let (sent, delays) = (sent.clone(), delays.clone());
-        Arc::new(move |state: &VehicleState, _| {
-            let key = (state.lat * 1e7).round() as i64;
-            if let Some(at) = sent.lock().unwrap().remove(&key) {
-                delays.lock().unwrap().push(at.elapsed().as_millis());
-            }
-        })
-    };
+    let clock = FixClock::default();
     let options = RiderOptions {
         reconnect: false,
-        observer: Some(observer),
+        observer: Some(clock.observer()),
         ..Default::default()
     };
     let rider = node
@@ -376,8 +357,7 @@ async fn the_worst_clients_get_an_error_or_a_drop_counted_and_cost_the_others_no
     rider.wait_for(sub, WAIT).await.unwrap();
     let mut honest = Honest {
         driver: node.driver("honest-car", available()).await,
-        sent,
-        delays,
+        clock,
         step: 0,
     };
     let target = Target {

@@ -169,6 +169,65 @@ impl TestNode {
     }
 }
 
+/// Times each fix from its sending to its arrival in a rider's view.
+/// Moved items carry no time: each fix is told apart by its latitude (as
+/// the wire carries it, 1e-7°), and tagged (e.g. with its step) by the test.
+#[derive(Clone, Default)]
+pub struct FixClock {
+    sent:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, (u64, std::time::Instant)>>>,
+    delays: std::sync::Arc<std::sync::Mutex<Vec<(u64, u128)>>>,
+}
+
+impl FixClock {
+    fn key(lat: f64) -> i64 {
+        (lat * 1e7).round() as i64
+    }
+
+    /// A fix at `lat` is sent now.
+    pub fn sent(&self, lat: f64, tag: u64) {
+        let mut sent = self.sent.lock().expect("not poisoned");
+        sent.insert(Self::key(lat), (tag, std::time::Instant::now()));
+    }
+
+    /// The rider's observer: each fix seen is timed once.
+    pub fn observer(&self) -> hexfleet_client::Observer {
+        let clock = self.clone();
+        std::sync::Arc::new(move |state: &hexfleet_model::VehicleState, _| {
+            let seen = clock
+                .sent
+                .lock()
+                .expect("not poisoned")
+                .remove(&Self::key(state.lat));
+            if let Some((tag, at)) = seen {
+                let delay = at.elapsed().as_millis();
+                clock
+                    .delays
+                    .lock()
+                    .expect("not poisoned")
+                    .push((tag, delay));
+            }
+        })
+    }
+
+    /// The delays seen so far, with their tags, in the order seen.
+    pub fn seen(&self) -> Vec<(u64, u128)> {
+        self.delays.lock().expect("not poisoned").clone()
+    }
+
+    /// The delays seen so far, in milliseconds, sorted.
+    pub fn sorted(&self) -> Vec<u128> {
+        let mut delays: Vec<u128> = self.seen().into_iter().map(|(_, d)| d).collect();
+        delays.sort_unstable();
+        delays
+    }
+
+    /// Forgets the delays seen.
+    pub fn clear(&self) {
+        self.delays.lock().expect("not poisoned").clear();
+    }
+}
+
 /// The client's side of a control stream, unchecked.
 pub type RawCodec =
     hexfleet_protocol::FrameCodec<hexfleet_protocol::ServerMsg, hexfleet_protocol::ClientMsg>;
