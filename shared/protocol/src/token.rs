@@ -125,21 +125,27 @@ impl SigningKey {
 }
 
 impl Claims {
+    /// Claims issued now (this machine's clock), until `expires_at`.
     pub fn new(role: Role, subject: VehicleId, expires_at: u64) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         Self {
             role,
             subject,
             expires_at,
-            issued_at: expires_at.saturating_sub(1),
+            issued_at: now,
             aud: None,
         }
     }
 
+    /// The same claims, issued at `at` (Unix seconds).
     pub fn issued(mut self, at: u64) -> Self {
         self.issued_at = at;
         self
     }
 
+    /// The same claims, for this audience (`aud`).
     pub fn for_audience(mut self, aud: impl Into<String>) -> Self {
         self.aud = Some(aud.into());
         self
