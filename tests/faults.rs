@@ -10,9 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hexfleet_client::{DriverOptions, FixInput, RiderOptions, Subscription};
+use hexfleet_client::{DriverOptions, FixInput};
 use hexfleet_model::VehicleId;
-use hexfleet_protocol::Role;
 use hexfleet_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -22,19 +21,7 @@ const OSLO: (f64, f64) = (59.9139, 10.7522);
 async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_view() {
     let node = TestNode::start(None).await;
     let clock = FixClock::default();
-    let options = RiderOptions {
-        reconnect: false,
-        observer: Some(clock.observer()),
-        ..Default::default()
-    };
-    let rider = Arc::new(
-        node.connector()
-            .rider(node.node.quic_addr, &token(Role::Rider, "watcher"), options)
-            .await
-            .unwrap(),
-    );
-    let sub = rider.subscribe(Subscription::around(OSLO.0, OSLO.1, 1_000.0));
-    rider.wait_for(sub, WAIT).await.unwrap();
+    let rider = Arc::new(node.timing_rider("watcher", OSLO, 1_000.0, &clock).await);
 
     // The phone's own connector: its socket is what moves.
     let phone = node.connector();

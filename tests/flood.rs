@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use hexfleet_client::{FixInput, RiderOptions, Subscription};
+use hexfleet_client::FixInput;
 use hexfleet_protocol::{dashboard::close, ClientMsg, ErrorCode, Filter, Hello, Role, Subscribe};
 use hexfleet_tests::{dashboard::DashboardSocket, *};
 use serde_json::json;
@@ -95,18 +95,7 @@ async fn dashboard_flood(node: &Target) -> u16 {
 async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
     let node = TestNode::start(None).await;
     let clock = FixClock::default();
-    let options = RiderOptions {
-        reconnect: false,
-        observer: Some(clock.observer()),
-        ..Default::default()
-    };
-    let honest = node
-        .connector()
-        .rider(node.node.quic_addr, &token(Role::Rider, "honest"), options)
-        .await
-        .unwrap();
-    let sub = honest.subscribe(Subscription::around(MADRID.0, MADRID.1, 1_000.0));
-    honest.wait_for(sub, WAIT).await.unwrap();
+    let honest = node.timing_rider("honest", MADRID, 1_000.0, &clock).await;
     let mut driver = node.driver("moving", available()).await;
     let rss_before = rss_bytes();
 

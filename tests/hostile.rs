@@ -21,7 +21,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hexfleet_client::{FixInput, RiderOptions, Subscription};
+use hexfleet_client::FixInput;
 use hexfleet_protocol::{encode_datagram, ClientMsg, ErrorCode, Fix, Hello, Role};
 use hexfleet_tests::*;
 use tokio::io::AsyncWriteExt;
@@ -343,18 +343,7 @@ async fn the_worst_clients_get_an_error_or_a_drop_counted_and_cost_the_others_no
     })
     .await;
     let clock = FixClock::default();
-    let options = RiderOptions {
-        reconnect: false,
-        observer: Some(clock.observer()),
-        ..Default::default()
-    };
-    let rider = node
-        .connector()
-        .rider(node.node.quic_addr, &token(Role::Rider, "honest"), options)
-        .await
-        .unwrap();
-    let sub = rider.subscribe(Subscription::around(LISBON.0, LISBON.1, 1_000.0));
-    rider.wait_for(sub, WAIT).await.unwrap();
+    let rider = node.timing_rider("honest", LISBON, 1_000.0, &clock).await;
     let mut honest = Honest {
         driver: node.driver("honest-car", available()).await,
         clock,

@@ -110,6 +110,34 @@ impl TestNode {
         format!("http://{}{path}", self.node.http_addr)
     }
 
+    /// A rider watching `radius_m` around a spot, its subscription taken,
+    /// that times each fix `clock` is told of (no reconnects: a test sees
+    /// its connection end).
+    pub async fn timing_rider(
+        &self,
+        id: &str,
+        at: (f64, f64),
+        radius_m: f64,
+        clock: &FixClock,
+    ) -> hexfleet_client::RiderClient {
+        let options = hexfleet_client::RiderOptions {
+            reconnect: false,
+            observer: Some(clock.observer()),
+            ..Default::default()
+        };
+        let rider = self
+            .connector()
+            .rider(self.node.quic_addr, &token(Role::Rider, id), options)
+            .await
+            .expect("the rider connects");
+        let sub = rider.subscribe(hexfleet_client::Subscription::around(at.0, at.1, radius_m));
+        rider
+            .wait_for(sub, Duration::from_secs(20))
+            .await
+            .expect("the subscription is taken");
+        rider
+    }
+
     /// The admin listener's URL for `path`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.node.admin_addr)
