@@ -18,11 +18,13 @@ redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no --dir $DIR
 RPID=$!
 sleep 0.5
 export HEXFLEET_TOKEN_SECRET=measure-secret-0123456789abcdef HEXFLEET_DEV_DIR=$DIR
+# Every simulated client comes from 127.0.0.1.
+printf '[quic]\nmax_connections_per_address = 100000\n%b' "${NODE_TOML:-}" > $DIR/node.toml
 NPIDS=(); HTTPS=(); ADMINS=(); TARGETS=()
 for i in $(seq 1 $NODES); do
   QPORT=$(free 2); HPORT=$(free 1); APORT=$(free 1)
   FLAGS=(); [ "$CLUSTER" = 1 ] && FLAGS=(--cluster)
-  $BIN/hexfleet-node --node-id "node-$i" "${FLAGS[@]}" --redis-url redis://127.0.0.1:$RPORT \
+  $BIN/hexfleet-node --config $DIR/node.toml --node-id "node-$i" "${FLAGS[@]}" --redis-url redis://127.0.0.1:$RPORT \
     --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT --http-tls false \
     --admin-listen 127.0.0.1:$APORT > $DIR/node-$i.log 2>&1 &
   NPIDS+=($!); HTTPS+=(127.0.0.1:$HPORT); ADMINS+=(127.0.0.1:$APORT); TARGETS+=(--node 127.0.0.1:$QPORT)
@@ -30,16 +32,20 @@ for i in $(seq 1 $NODES); do
   until curl -fs http://127.0.0.1:$APORT/healthz > /dev/null; do sleep 0.1; done
 done
 sleep 1
-$BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration 35s > $DIR/sim.log 2>&1 &
+$BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
 SPID=$!
 cpu() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $s; }
 metric() { local s=0; for h in "${ADMINS[@]}"; do s=$(curl -s http://$h/metrics | awk -v s=$s -v m="$1" '$1 ~ "^"m {s+=$2} END{print s}'); done; echo $s; }
 fixes() { metric 'hexfleet_fixes_accepted_total'; }
 items() { metric 'hexfleet_delta_items_total'; }
-sleep 12
-n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items)
+datagrams() { metric 'hexfleet_udp_datagrams_total'; }
+# Every UDP datagram sent on this machine (loopback: each once), a cross-check
+# for nodes that do not count their own.
+udp_out() { awk '/^Udp: [0-9]/{print $5}' /proc/net/snmp; }
+sleep ${SETTLE:-12}
+n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items); g0=$(datagrams); u0=$(udp_out)
 sleep 15
-n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items)
+n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items); g1=$(datagrams); u1=$(udp_out)
 if [ "$NODES" -gt 1 ]; then
   for h in "${ADMINS[@]}"; do
     curl -s http://$h/metrics | awk -v h=$h '/^hexfleet_(fixes_accepted_total|replicas|shards_held|bus_batches_total|subscribers) /{printf "%s=%s ", $1, $2} END{print "(" h ")"}'
@@ -49,10 +55,10 @@ wait $SPID
 NODE_EXIT=0
 for p in "${NPIDS[@]}"; do kill -TERM $p; wait $p || NODE_EXIT=$?; done
 kill $RPID; wait $RPID 2>/dev/null
-python3 - "$LABEL" $n0 $n1 $r0 $r1 $f0 $f1 $d0 $d1 $NODE_EXIT $NODES <<'PY'
+python3 - "$LABEL" $n0 $n1 $r0 $r1 $f0 $f1 $d0 $d1 $g0 $g1 $u0 $u1 $NODE_EXIT $NODES <<'PY'
 import sys
-label,n0,n1,r0,r1,f0,f1,d0,d1,ex,nodes=sys.argv[1:]
-n=(int(n1)-int(n0))*10_000; r=(int(r1)-int(r0))*10_000; f=float(f1)-float(f0); d=float(d1)-float(d0)
-print(f"{label} ({nodes} node(s)): {f/15:.0f} fixes/s, {d/15:.0f} delta items/s; nodes {n/f:.1f} us CPU/fix summed (incl. fan-out), redis {r/f:.1f} us/fix; node exit {ex}")
+label,n0,n1,r0,r1,f0,f1,d0,d1,g0,g1,u0,u1,ex,nodes=sys.argv[1:]
+n=(int(n1)-int(n0))*10_000; r=(int(r1)-int(r0))*10_000; f=float(f1)-float(f0); d=float(d1)-float(d0); g=float(g1)-float(g0); u=float(u1)-float(u0)
+print(f"{label} ({nodes} node(s)): {f/15:.0f} fixes/s, {d/15:.0f} delta items/s; nodes {n/f:.1f} us CPU/fix summed (incl. fan-out), redis {r/f:.1f} us/fix, {g/f:.2} UDP datagrams/fix (node's count), {u/f:.2} (machine's sendmsg count); node exit {ex}")
 PY
 grep -E "latency|accepted" $DIR/sim.log | head -4

@@ -18,6 +18,7 @@ use hexfleet_node::{
         writer::{StoreWriter, Unfenced},
         Batch, NearbyQuery, Removal, ShardBatch, Store, Upsert,
     },
+    table::Entry,
 };
 use hexfleet_protocol::{RejectReason, RemoveReason, Role};
 use hexfleet_tests::*;
@@ -54,6 +55,7 @@ fn placing(states: &[VehicleState]) -> Batch {
         by_shard.entry(shard_of(s)).or_default().push(Upsert {
             state: s.clone(),
             relocated: true,
+            seen: true,
         });
     }
     Batch {
@@ -156,8 +158,59 @@ async fn two_hundred_drivers_over_quic_end_up_in_redis_at_their_positions() {
     node.stop().await;
 }
 
-async fn check_nearby_against_brute_force(
+/// Asks for the vehicles within a radius, nearest first: (id, distance).
+async fn by_http(
     node: &TestNode,
+    lat: f64,
+    lon: f64,
+    radius: f64,
+    limit: usize,
+) -> Vec<(String, f64)> {
+    let (status, body) = node
+        .get_json(&format!(
+            "/v1/vehicles?lat={lat}&lon={lon}&radius_m={radius}&limit={limit}"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["distance_m"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The same, asked of a store, over every shard the circle can touch.
+async fn by_store(
+    store: &dyn Store,
+    lat: f64,
+    lon: f64,
+    radius: f64,
+    limit: usize,
+) -> Vec<(String, f64)> {
+    let center = Position::new(lat, lon).unwrap();
+    let query = NearbyQuery {
+        center,
+        radius_m: radius,
+        limit,
+        shards: CellModel::default().shards_within(center, radius),
+    };
+    store
+        .nearby(&query)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.state.id.to_string(), n.distance_m))
+        .collect()
+}
+
+async fn check_nearby_against_brute_force(
+    ask: impl AsyncFn(f64, f64, f64, usize) -> Vec<(String, f64)>,
     vehicles: &[VehicleState],
     rng: &mut StdRng,
 ) {
@@ -170,23 +223,7 @@ async fn check_nearby_against_brute_force(
             BERLIN.1 + rng.random_range(-0.3..0.3),
         );
         let radius = rng.random_range(200.0..15_000.0);
-        let (status, body) = node
-            .get_json(&format!(
-                "/v1/vehicles?lat={lat}&lon={lon}&radius_m={radius}&limit=1000"
-            ))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let got: Vec<(String, f64)> = body["vehicles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                (
-                    v["id"].as_str().unwrap().to_string(),
-                    v["distance_m"].as_f64().unwrap(),
-                )
-            })
-            .collect();
+        let got = ask(lat, lon, radius, 1000).await;
         assert!(got.windows(2).all(|w| w[0].1 <= w[1].1), "nearest first");
         let got_ids: std::collections::HashSet<&str> =
             got.iter().map(|(id, _)| id.as_str()).collect();
@@ -207,17 +244,8 @@ async fn check_nearby_against_brute_force(
             assert!((haversine_m(lat, lon, v.lat, v.lon) - d).abs() < MARGIN_M);
         }
         // A limit keeps the nearest.
-        let (_, limited) = node
-            .get_json(&format!(
-                "/v1/vehicles?lat={lat}&lon={lon}&radius_m={radius}&limit=5"
-            ))
-            .await;
-        let limited: Vec<&str> = limited["vehicles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["id"].as_str().unwrap())
-            .collect();
+        let limited = ask(lat, lon, radius, 5).await;
+        let limited: Vec<&str> = limited.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(limited.len(), got.len().min(5));
         for (i, id) in limited.iter().enumerate() {
             assert!((got[i].1 - got.iter().find(|g| g.0 == *id).unwrap().1).abs() < MARGIN_M);
@@ -225,25 +253,39 @@ async fn check_nearby_against_brute_force(
     }
 }
 
+/// What a cluster node asks Redis for the shards of other nodes.
 #[tokio::test]
-async fn the_nearby_api_matches_brute_force_haversine_on_redis() {
+async fn a_nearby_search_of_redis_matches_brute_force_haversine() {
     let redis = RedisServer::start();
-    let node = TestNode::start(Some(&redis)).await;
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
     let mut rng = StdRng::seed_from_u64(2);
     let vehicles = random_city(&mut rng, 3_000, 0.25);
-    node.node.store.apply(&placing(&vehicles)).await.unwrap();
-    check_nearby_against_brute_force(&node, &vehicles, &mut rng).await;
-    node.stop().await;
+    store.apply(&placing(&vehicles)).await.unwrap();
+    let ask = async |lat, lon, radius, limit| by_store(&store, lat, lon, radius, limit).await;
+    check_nearby_against_brute_force(ask, &vehicles, &mut rng).await;
 }
 
+/// The node's own vehicles: from its memory, whatever its store.
 #[tokio::test]
-async fn the_nearby_api_matches_brute_force_haversine_in_memory() {
-    let node = TestNode::start(None).await;
-    let mut rng = StdRng::seed_from_u64(3);
-    let vehicles = random_city(&mut rng, 3_000, 0.25);
-    node.node.store.apply(&placing(&vehicles)).await.unwrap();
-    check_nearby_against_brute_force(&node, &vehicles, &mut rng).await;
-    node.stop().await;
+async fn the_nearby_api_answers_from_memory_like_brute_force_haversine() {
+    let redis = RedisServer::start();
+    for store in [None, Some(&redis)] {
+        let node = TestNode::start(store).await;
+        let mut rng = StdRng::seed_from_u64(3);
+        let vehicles = random_city(&mut rng, 3_000, 0.25);
+        let cells = CellModel::default();
+        for v in &vehicles {
+            let (cell, shard) = cells.locate(Position::new(v.lat, v.lon).unwrap());
+            node.node.table.upsert(Entry {
+                state: v.clone(),
+                cell,
+                shard,
+            });
+        }
+        let ask = async |lat, lon, radius, limit| by_http(&node, lat, lon, radius, limit).await;
+        check_nearby_against_brute_force(ask, &vehicles, &mut rng).await;
+        node.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -374,6 +416,7 @@ fn random_workload(
             shard_batch(&mut shards, shard).upserts.push(Upsert {
                 state: s.clone(),
                 relocated,
+                seen: true,
             });
             live.insert(id, s);
         }
@@ -699,9 +742,13 @@ async fn removals_staged_while_redis_refuses_writes_land_when_it_accepts_them_ag
         .send_fix(FixInput::at(BERLIN.0 + 0.01, BERLIN.1))
         .await
         .unwrap();
-    for id in ["drv-leaving", "drv-crossing", "drv-staying"] {
+    for (id, at) in [
+        ("drv-leaving", BERLIN),
+        ("drv-crossing", before),
+        ("drv-staying", (BERLIN.0 + 0.01, BERLIN.1)),
+    ] {
         eventually(WAIT, "stored before Redis refuses writes", async || {
-            (node.get_json(&format!("/v1/vehicles/{id}")).await.0 == 200).then_some(())
+            (traces_in(&redis, shard(at), id) == [true; 3]).then_some(())
         })
         .await;
     }

@@ -40,6 +40,8 @@ pub fn test_config(redis: Option<&RedisServer>, dev_dir: &std::path::Path) -> Co
     // Plain HTTP, so tests of the API read it simply; tests/tls.rs covers
     // HTTPS and WSS, which a node serves by default.
     config.http.tls = false;
+    // Tests wait for a driver's fixes to be acknowledged: promptly.
+    config.ingest.ack_interval = std::time::Duration::from_millis(100);
     config.tls.dev_dir = dev_dir.to_path_buf();
     config.auth.token_secret = SECRET.into();
     if let Some(redis) = redis {
@@ -389,6 +391,7 @@ pub async fn preload(redis: &RedisServer, states: &[hexfleet_model::VehicleState
             .push(Upsert {
                 state: s.clone(),
                 relocated: true,
+                seen: true,
             });
     }
     let batch = Batch {

@@ -1,6 +1,8 @@
 //! The per-fix hot path, stage by stage: validation and location, the
-//! fan-out of one fix to the subscribers of its cell, and mailbox coalescing;
-//! and what a dashboard costs: its viewport's cover and its density counts.
+//! vehicle table (with its cell index), the fan-out of one fix to the
+//! subscribers of its cell, and mailbox coalescing; a nearby query answered
+//! from the table; and what a dashboard costs: its viewport's cover and its
+//! density counts.
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 
@@ -13,6 +15,7 @@ use hexfleet_node::{
     fanout::{Density, Index},
     mailbox::{Change, Mailbox},
     metrics::Metrics,
+    table::{Entry, VehicleTable},
     validate::{Limits, Validator},
 };
 use hexfleet_protocol::{Filter, Fix};
@@ -95,6 +98,84 @@ fn fan_out(c: &mut Criterion) {
                     // Moves within the cell: a `moved` for every watcher.
                     let lat = 52.52 + (step % 10) as f64 * 1e-7;
                     index.vehicle_changed(state(&vehicle, lat), cell, shard, &metrics);
+                });
+            },
+        );
+    }
+    g.finish();
+}
+
+/// A table of `n` vehicles spread over a 20 × 20 km city around Berlin.
+fn city_table(cells: &CellModel, n: u64) -> VehicleTable {
+    let table = VehicleTable::new();
+    for i in 0..n {
+        let id = VehicleId::new(&format!("v{i}")).expect("a valid id");
+        // A scatter that fills the square evenly.
+        let (u, v) = (
+            (i * 7919 % n) as f64 / n as f64,
+            (i * 104_729 % n) as f64 / n as f64,
+        );
+        let mut s = state(&id, 52.43 + 0.18 * u);
+        s.lon = 13.26 + 0.29 * v;
+        let (cell, shard) = cells.locate(s.position());
+        table.upsert(Entry {
+            state: s,
+            cell,
+            shard,
+        });
+    }
+    table
+}
+
+fn table(c: &mut Criterion) {
+    let cells = CellModel::default();
+    let table = city_table(&cells, 10_000);
+    let mut g = c.benchmark_group("vehicle table");
+    g.throughput(Throughput::Elements(1));
+    let id = VehicleId::new("v42").expect("a valid id");
+    g.bench_function("upsert, same cell (10,000 vehicles)", |b| {
+        let mut step = 0u64;
+        b.iter(|| {
+            step += 1;
+            let s = state(&id, 52.52 + (step % 10) as f64 * 1e-7);
+            let (cell, shard) = cells.locate(s.position());
+            table.upsert(black_box(Entry {
+                state: s,
+                cell,
+                shard,
+            }))
+        });
+    });
+    g.bench_function("upsert, changing cell (10,000 vehicles)", |b| {
+        let mut step = 0u64;
+        b.iter(|| {
+            step += 1;
+            // ~1 km apart: a different index cell every time.
+            let s = state(&id, 52.50 + (step % 2) as f64 * 0.01);
+            let (cell, shard) = cells.locate(s.position());
+            table.upsert(black_box(Entry {
+                state: s,
+                cell,
+                shard,
+            }))
+        });
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("nearby from memory");
+    g.throughput(Throughput::Elements(1));
+    for radius_m in [1_000.0, 5_000.0] {
+        g.bench_function(
+            format!("10 nearest within {radius_m} m among 10,000 vehicles"),
+            |b| {
+                let mut step = 0u64;
+                b.iter(|| {
+                    step += 1;
+                    let center = Position::new(52.48 + (step % 50) as f64 * 0.002, 13.40)
+                        .expect("a valid position");
+                    let found = table.nearby(&cells, black_box(center), radius_m, 10);
+                    assert!(!found.is_empty());
+                    found
                 });
             },
         );
@@ -217,5 +298,12 @@ fn dashboard(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, validate_and_locate, fan_out, mailbox, dashboard);
+criterion_group!(
+    benches,
+    validate_and_locate,
+    table,
+    fan_out,
+    mailbox,
+    dashboard
+);
 criterion_main!(benches);

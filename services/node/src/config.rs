@@ -236,7 +236,8 @@ pub struct IngestConfig {
     /// How old a fix may be when it arrives.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// How often a driver's fixes are acknowledged, at most.
+    /// How often a driver's fixes are acknowledged, at most (rejections
+    /// within a second).
     #[serde(with = "humantime_serde")]
     pub ack_interval: Duration,
     /// A driver that loses its connection stays visible this long, waiting
@@ -351,7 +352,7 @@ impl Default for QuicConfig {
             endpoints: 1,
             udp_buffer_bytes: 8 * 1024 * 1024,
             max_connections: 100_000,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(5),
             max_connections_per_address: 1_000,
             retry_above_handshakes: 256,
@@ -422,7 +423,7 @@ impl Default for IngestConfig {
             jitter_m: 50.0,
             max_future: Duration::from_secs(5),
             max_age: Duration::from_secs(30),
-            ack_interval: Duration::from_millis(100),
+            ack_interval: Duration::from_secs(30),
             offline_grace: Duration::from_secs(10),
             fixes: RequestLimits {
                 per_second: 100.0,
@@ -448,7 +449,7 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
-            flush_interval: Duration::from_millis(5),
+            flush_interval: Duration::from_millis(25),
             stale_after: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(1),
         }

@@ -6,7 +6,19 @@
 //! connection always reaches the same endpoint, and the endpoints' driver
 //! tasks spread over cores.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    io::IoSliceMut,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
+
+use prometheus_client::metrics::counter::Counter;
+use quinn::{
+    udp::{RecvMeta, Transmit},
+    AsyncUdpSocket, Runtime, UdpPoller,
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -14,6 +26,7 @@ use tracing::Instrument;
 
 use crate::{
     config::QuicConfig,
+    metrics::Metrics,
     per_address::{AddressSlot, PerAddress},
     session,
     session::Context,
@@ -77,27 +90,96 @@ fn bind_udp(
     Ok(socket.into())
 }
 
+/// A UDP socket that counts what goes through it (`udp_datagrams`,
+/// `udp_bytes`): every segment of a GSO send or GRO receive is a datagram
+/// on the wire, and each one wakes a phone's radio.
+#[derive(Debug)]
+struct Counted {
+    inner: Arc<dyn AsyncUdpSocket>,
+    /// `[received, sent]`.
+    datagrams: [Counter; 2],
+    bytes: [Counter; 2],
+}
+
+impl AsyncUdpSocket for Counted {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)?;
+        let len = transmit.contents.len();
+        let segments = transmit.segment_size.map_or(1, |s| len.div_ceil(s.max(1)));
+        self.datagrams[1].inc_by(segments as u64);
+        self.bytes[1].inc_by(len as u64);
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut TaskContext,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = self.inner.poll_recv(cx, bufs, meta);
+        if let Poll::Ready(Ok(n)) = &polled {
+            let (mut datagrams, mut bytes) = (0, 0);
+            for m in &meta[..*n] {
+                datagrams += m.len.div_ceil(m.stride.max(1)) as u64;
+                bytes += m.len as u64;
+            }
+            self.datagrams[0].inc_by(datagrams);
+            self.bytes[0].inc_by(bytes);
+        }
+        polled
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
 /// Binds `config.endpoints` endpoints on one address. Returns them and the
 /// address actually bound (port 0 becomes the chosen port).
 pub fn bind(
     config: &QuicConfig,
     server: quinn::ServerConfig,
+    metrics: &Metrics,
 ) -> Result<(Vec<quinn::Endpoint>, SocketAddr), EndpointError> {
     let shared = config.endpoints > 1;
     let mut addr = config.listen;
     let mut endpoints = Vec::with_capacity(config.endpoints);
+    let runtime = Arc::new(quinn::TokioRuntime);
     for _ in 0..config.endpoints {
         let socket = bind_udp(addr, shared, config.udp_buffer_bytes)?;
         addr = socket
             .local_addr()
             .map_err(|source| EndpointError::Bind { addr, source })?;
-        let endpoint = quinn::Endpoint::new(
+        let err = |source| EndpointError::Bind { addr, source };
+        let socket = Arc::new(Counted {
+            inner: runtime.wrap_udp_socket(socket).map_err(err)?,
+            datagrams: metrics.udp_datagrams.clone(),
+            bytes: metrics.udp_bytes.clone(),
+        });
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server.clone()),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime.clone(),
         )
-        .map_err(|source| EndpointError::Bind { addr, source })?;
+        .map_err(err)?;
         endpoints.push(endpoint);
     }
     Ok((endpoints, addr))
@@ -210,6 +292,10 @@ pub async fn accept_loop(
         );
         sessions.spawn(session::serve(incoming, ctx.clone(), admitted).instrument(span));
     }
+    // Sessions tell their clients why and acknowledge their last fixes
+    // before the endpoint closes what is left.
+    sessions.close();
+    let _ = tokio::time::timeout(crate::SESSION_DRAIN, sessions.wait()).await;
     let code = hexfleet_protocol::ErrorCode::ShuttingDown;
     endpoint.close(code.close_code().into(), code.as_str().as_bytes());
     // Let closed connections drain, so the port is free when we return.

@@ -12,7 +12,7 @@ use hexfleet_protocol::{DriverReport, RemoveReason};
 use crate::{
     fanout::FanOut,
     metrics::Metrics,
-    store::writer::StoreWriter,
+    store::{seen_due, writer::StoreWriter},
     table::{Entry, VehicleTable},
     validate::ValidFix,
 };
@@ -74,15 +74,15 @@ impl Ingest {
             shard,
         });
         self.fanout.vehicle_changed(state.clone(), cell, shard);
-        let relocated = match previous {
+        let (relocated, seen) = match previous {
             Some(p) if p.shard != shard => {
                 self.writer.stage_removal(p.shard, id.clone(), None);
-                true
+                (true, true)
             }
-            Some(_) => false,
-            None => true,
+            Some(p) => (false, seen_due(p.seen_ms, now_ms)),
+            None => (true, true),
         };
-        self.writer.stage_upsert(shard, state, relocated);
+        self.writer.stage_fix(shard, state, relocated, seen);
         self.metrics.fixes_accepted.inc();
     }
 

@@ -215,9 +215,10 @@ fn announcement(config: &Config, quic: SocketAddr, http: SocketAddr) -> NodeInfo
 fn bind_quic(
     config: &Config,
     certificates: &Arc<tls::Certificates>,
+    metrics: &metrics::Metrics,
 ) -> Result<(Vec<quinn::Endpoint>, SocketAddr), NodeError> {
     let server = certificates.quic(endpoint::transport(&config.quic)?)?;
-    Ok(endpoint::bind(&config.quic, server)?)
+    Ok(endpoint::bind(&config.quic, server, metrics)?)
 }
 
 async fn bind_http(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), NodeError> {
@@ -341,7 +342,7 @@ impl Node {
                 }
             }
         }
-        let (endpoints, quic_addr) = bind_quic(&config, &certificates)?;
+        let (endpoints, quic_addr) = bind_quic(&config, &certificates, &metrics)?;
         let (http_listener, http_addr) = bind_http(config.http.listen).await?;
         let (admin_listener, admin_addr) = bind_http(config.admin.listen).await?;
 
@@ -353,6 +354,7 @@ impl Node {
         let admin_api = http::Api {
             node_id: config.node_id.as_str().into(),
             store: store.clone(),
+            table: table.clone(),
             cells,
             metrics: metrics.clone(),
             limits: config.http.clone(),

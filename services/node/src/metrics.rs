@@ -78,6 +78,10 @@ pub struct Metrics {
     pub http_connections: Gauge,
     http_dropped: Family<Labels, Counter>,
     reloads: Family<Labels2, Counter>,
+    /// QUIC's UDP datagrams (each GSO/GRO segment counted) and bytes, by
+    /// direction: `[received, sent]`.
+    pub udp_datagrams: [Counter; 2],
+    pub udp_bytes: [Counter; 2],
     pub store_up: Gauge,
 }
 
@@ -278,6 +282,16 @@ impl Metrics {
                 registered(&mut r, "delta_items", "Delta items sent to subscribers, by kind", Family::default()),
                 "kind",
                 ["added", "moved", "removed"],
+            ),
+            udp_datagrams: labelled(
+                registered(&mut r, "udp_datagrams", "QUIC UDP datagrams, by direction (each segment of a batch counted)", Family::default()),
+                "direction",
+                ["received", "sent"],
+            ),
+            udp_bytes: labelled(
+                registered(&mut r, "udp_bytes", "QUIC UDP payload bytes, by direction", Family::default()),
+                "direction",
+                ["received", "sent"],
             ),
             delta_frames: registered(&mut r, "delta_frames", "Update frames sent to subscribers", Counter::default()),
             delta_delay_seconds: registered(

@@ -3,9 +3,19 @@
 //! It is the node's source of truth for "where is vehicle X now" and the
 //! reference the fan-out and the sweeper work from. Sharded internally
 //! (DashMap), so concurrent driver sessions do not contend on one lock.
+//!
+//! It also indexes its vehicles by index cell, so the nearby API answers for
+//! this node's shards from memory: the cells covering the circle, their
+//! vehicles, exact distances. A vehicle changes cell every few hundred
+//! metres, so keeping that index costs a fix almost nothing.
+
+use std::collections::HashSet;
 
 use dashmap::DashMap;
-use hexfleet_model::{BBox, IndexCell, ShardId, VehicleId, VehicleState};
+use h3o::CellIndex;
+use hexfleet_model::{BBox, CellModel, IndexCell, Position, ShardId, VehicleId, VehicleState};
+
+use crate::store::{nearest_first, Nearby};
 
 /// One vehicle as the node holds it: its latest state and where it is indexed.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,11 +30,17 @@ pub struct Entry {
 pub struct Previous {
     pub cell: IndexCell,
     pub shard: ShardId,
+    /// When the replaced state was seen (node clock, ms).
+    pub seen_ms: i64,
 }
 
 #[derive(Default)]
 pub struct VehicleTable {
     vehicles: DashMap<VehicleId, Entry>,
+    /// The vehicles in each index cell. Updated after `vehicles`, so for a
+    /// moment a vehicle may be listed in its old cell too: readers take the
+    /// position from `vehicles`, never from here.
+    in_cell: DashMap<CellIndex, HashSet<VehicleId>>,
 }
 
 impl VehicleTable {
@@ -34,12 +50,61 @@ impl VehicleTable {
 
     /// Inserts or replaces a vehicle's entry and says where it was before.
     pub fn upsert(&self, entry: Entry) -> Option<Previous> {
-        self.vehicles
-            .insert(entry.state.id.clone(), entry)
-            .map(|old| Previous {
-                cell: old.cell,
-                shard: old.shard,
-            })
+        let (id, cell) = (entry.state.id.clone(), entry.cell);
+        let previous = self.vehicles.insert(id.clone(), entry).map(|old| Previous {
+            cell: old.cell,
+            shard: old.shard,
+            seen_ms: old.state.seen_ms,
+        });
+        match previous {
+            Some(p) if p.cell == cell => {}
+            Some(p) => {
+                self.leave_cell(p.cell, &id);
+                self.in_cell.entry(cell.0).or_default().insert(id);
+            }
+            None => {
+                self.in_cell.entry(cell.0).or_default().insert(id);
+            }
+        }
+        previous
+    }
+
+    fn leave_cell(&self, cell: IndexCell, id: &VehicleId) {
+        self.in_cell.remove_if_mut(&cell.0, |_, ids| {
+            ids.remove(id);
+            ids.is_empty()
+        });
+    }
+
+    /// The vehicles of this table within `radius_m` of `center`, nearest
+    /// first (ties by id), at most `limit`.
+    pub fn nearby(
+        &self,
+        cells: &CellModel,
+        center: Position,
+        radius_m: f64,
+        limit: usize,
+    ) -> Vec<Nearby> {
+        let mut found = Vec::new();
+        let mut seen = HashSet::new();
+        for cell in cells.neighbourhood(center, radius_m) {
+            let Some(ids) = self.in_cell.get(&cell) else {
+                continue;
+            };
+            for id in ids.iter() {
+                let Some(entry) = self.vehicles.get(id) else {
+                    continue;
+                };
+                let distance_m = entry.state.position().distance_m(center);
+                if distance_m <= radius_m && seen.insert(id.clone()) {
+                    found.push(Nearby {
+                        state: entry.state.clone(),
+                        distance_m,
+                    });
+                }
+            }
+        }
+        nearest_first(found, limit)
     }
 
     /// Changes a vehicle's state in place (class, status) without moving it.
@@ -55,7 +120,9 @@ impl VehicleTable {
     }
 
     pub fn remove(&self, id: &VehicleId) -> Option<Entry> {
-        self.vehicles.remove(id).map(|(_, e)| e)
+        let (_, entry) = self.vehicles.remove(id)?;
+        self.leave_cell(entry.cell, id);
+        Some(entry)
     }
 
     /// Removes and returns every vehicle last heard from before `cutoff_ms`.
@@ -68,6 +135,9 @@ impl VehicleTable {
             }
             live
         });
+        for entry in &evicted {
+            self.leave_cell(entry.cell, &entry.state.id);
+        }
         evicted
     }
 
@@ -81,6 +151,9 @@ impl VehicleTable {
             }
             keep
         });
+        for entry in &removed {
+            self.leave_cell(entry.cell, &entry.state.id);
+        }
         removed
     }
 
@@ -117,5 +190,102 @@ impl VehicleTable {
 
     pub fn is_empty(&self) -> bool {
         self.vehicles.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hexfleet_model::{VehicleClass, VehicleStatus};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    use super::*;
+
+    fn state(id: &str, lat: f64, lon: f64, seen_ms: i64) -> VehicleState {
+        VehicleState {
+            id: VehicleId::new(id).unwrap(),
+            lat,
+            lon,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 1.0,
+            fix_time_ms: seen_ms,
+            seq: 1,
+            class: VehicleClass::Economy,
+            status: VehicleStatus::Available,
+            seen_ms,
+        }
+    }
+
+    /// What a nearby query must answer: every vehicle within the radius,
+    /// by a look at each one.
+    fn brute_force(
+        table: &VehicleTable,
+        center: Position,
+        radius_m: f64,
+        limit: usize,
+    ) -> Vec<Nearby> {
+        let found = table
+            .entries()
+            .into_iter()
+            .filter_map(|e| {
+                let distance_m = e.state.position().distance_m(center);
+                (distance_m <= radius_m).then_some(Nearby {
+                    state: e.state,
+                    distance_m,
+                })
+            })
+            .collect();
+        nearest_first(found, limit)
+    }
+
+    #[test]
+    fn nearby_from_the_cell_index_matches_a_look_at_every_vehicle_as_vehicles_move_and_leave() {
+        let cells = CellModel::default();
+        let table = VehicleTable::new();
+        let mut rng = StdRng::seed_from_u64(12);
+        let put = |table: &VehicleTable, s: VehicleState| {
+            let (cell, shard) = cells.locate(s.position());
+            table.upsert(Entry {
+                state: s,
+                cell,
+                shard,
+            });
+        };
+        for round in 0..40 {
+            // Vehicles arrive, move (some far, across cells and shards),
+            // sign off, go stale.
+            for i in 0..50 {
+                let id = format!("v{}", rng.random_range(0..400));
+                let (lat, lon) = (
+                    52.40 + rng.random_range(0.0..0.25),
+                    13.20 + rng.random_range(0.0..0.40),
+                );
+                put(&table, state(&id, lat, lon, round * 100 + i));
+            }
+            for _ in 0..5 {
+                table.remove(&VehicleId::new(&format!("v{}", rng.random_range(0..400))).unwrap());
+            }
+            table.evict_stale(round * 100 - 1_500);
+            for _ in 0..20 {
+                let center = Position::new(
+                    52.40 + rng.random_range(0.0..0.25),
+                    13.20 + rng.random_range(0.0..0.40),
+                )
+                .unwrap();
+                let radius_m = rng.random_range(50.0..5_000.0);
+                let limit = rng.random_range(1..60);
+                let ids = |found: Vec<Nearby>| -> Vec<String> {
+                    found.into_iter().map(|n| n.state.id.to_string()).collect()
+                };
+                assert_eq!(
+                    ids(table.nearby(&cells, center, radius_m, limit)),
+                    ids(brute_force(&table, center, radius_m, limit)),
+                    "round {round}: {radius_m} m around {center:?}, limit {limit}"
+                );
+            }
+        }
+        // Nothing left behind in the cell index by removals and moves.
+        let indexed: usize = table.in_cell.iter().map(|ids| ids.len()).sum();
+        assert_eq!(indexed, table.len());
     }
 }

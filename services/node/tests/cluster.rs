@@ -145,6 +145,7 @@ impl Cluster {
                 "node_id = \"{id}\"\n\
                  [http]\ntls = false\n\
                  [cells]\nshard_res = {SHARD_RES}\n\
+                 [ingest]\nack_interval = \"100ms\"\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
                  [cluster]\nenabled = true\nlease_ttl = \"1500ms\"\nrenew_interval = \"500ms\"\n",
                 self.store, self.redis_url
@@ -1182,6 +1183,7 @@ async fn a_write_under_a_lease_that_is_no_longer_held_lands_nothing() {
             upserts: vec![Upsert {
                 state: state.clone(),
                 relocated: true,
+                seen: true,
             }],
             removals: Vec::new(),
             fence: Some(fence.into()),

@@ -110,12 +110,15 @@ pub struct Connector {
 
 const MAX_REDIRECTS: usize = 3;
 
-/// Keep-alives keep an idle connection open (and NAT bindings fresh) well
-/// within the node's idle timeout.
-const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Keep-alives keep an idle connection open and its NAT binding fresh: the
+/// strictest NATs forget a UDP binding after 30 s. Each one wakes a phone's
+/// radio (and costs the node a packet each way), so they are as rare as the
+/// NATs allow; a moving driver's fixes keep the connection alive anyway.
+const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// A node silent this long is taken for gone, and a reconnecting client
-/// connects again (to another node, if that one died).
-const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// connects again (to another node, if that one died). More than two
+/// keep-alives, so one lost packet does not end a connection.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
 fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
@@ -125,6 +128,13 @@ fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig
     }
     // Riders receive their updates on one stream the node opens.
     transport.max_concurrent_uni_streams(1u32.into());
+    // Ask the node to acknowledge each packet as it reads it rather than on
+    // its 25 ms delayed-ACK timer: a driver reporting every second or so gets
+    // one ACK per fix either way, but the node then sends it in the wake-up
+    // that read the fix instead of waking again for the timer.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(0u32.into());
+    transport.ack_frequency_config(Some(acks));
     Arc::new(transport)
 }
 

@@ -37,6 +37,33 @@ pub struct Target {
     pub token_secret: String,
     /// Connections in handshake at once, to ramp up without a TLS storm.
     pub connect_concurrency: usize,
+    /// Handshakes started per second at most (a paced ramp), if set.
+    pub connect_per_s: Option<f64>,
+}
+
+/// Spaces handshake starts evenly: each caller takes the next free slot.
+pub struct Pacer {
+    interval: Duration,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    pub fn new(per_s: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_s.max(1e-3)),
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    pub async fn wait(&self) {
+        let at = {
+            let mut next = self.next.lock();
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 /// The kinds of deliberately bad fix, and the rejection each must get.
@@ -130,6 +157,7 @@ pub struct Crew {
     pub stats: Arc<FleetStats>,
     pub book: Arc<LatencyBook>,
     pub gate: Arc<Semaphore>,
+    pub pacer: Option<Arc<Pacer>>,
     pub storm: watch::Receiver<u64>,
     pub stop: CancellationToken,
 }
@@ -146,6 +174,7 @@ impl Crew {
             stats,
             book,
             gate: Arc::new(Semaphore::new(target.connect_concurrency.max(1))),
+            pacer: target.connect_per_s.map(|r| Arc::new(Pacer::new(r))),
             storm,
             stop,
         };
@@ -257,6 +286,12 @@ pub async fn gated<T, F: std::future::Future<Output = Result<T, hexfleet_client:
 ) -> Option<T> {
     let started;
     let connected = {
+        if let Some(pacer) = &crew.pacer {
+            tokio::select! {
+                _ = pacer.wait() => {}
+                _ = crew.stop.cancelled() => return None,
+            }
+        }
         let _permit = tokio::select! {
             permit = crew.gate.acquire() => permit.ok()?,
             _ = crew.stop.cancelled() => return None,

@@ -5,6 +5,7 @@
 //! - `demo`: an embedded node plus a simulated fleet, to see it work.
 
 mod bench;
+mod cost;
 mod dashboards;
 mod fleet;
 mod latency;
@@ -102,6 +103,9 @@ async fn serve_node(args: ServeNodeArgs) -> anyhow::Result<()> {
     config.admin.listen = ([127, 0, 0, 1], 0).into();
     // Loopback only: the bench measures the node, not TLS on its API.
     config.http.tls = false;
+    // Every simulated client comes from 127.0.0.1.
+    config.quic.max_connections_per_address = config.quic.max_connections;
+    config.http.max_connections_per_address = 100_000;
     config.tls.dev_dir = args.dev_dir;
     config.auth.token_secret = args.token_secret;
     config.store.kind = StoreKind::Redis;
@@ -154,6 +158,9 @@ struct ClientArgs {
     /// Connections in handshake at once while ramping up.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Handshakes started per second at most (a paced ramp); unpaced if unset.
+    #[arg(long)]
+    connect_rate: Option<f64>,
     /// Client ids are <prefix>-<n> (drivers) and <prefix>-rider-<n>-<k>.
     #[arg(long, default_value = "sim")]
     id_prefix: String,
@@ -356,6 +363,7 @@ async fn play(
         seeds: client.nodes.clone(),
         token_secret: client.token_secret.clone(),
         connect_concurrency: client.connect_concurrency,
+        connect_per_s: client.connect_rate,
     };
     println!(
         "hexfleet-sim: {} — {} drivers, {} riders for {:?} against {}",
@@ -513,6 +521,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),
         token_secret: args.token_secret.clone(),
         connect_concurrency: 64,
+        connect_rate: None,
         id_prefix: "demo".into(),
         json: None,
     };

@@ -27,35 +27,48 @@ fn the_benchmark_runs_every_phase_and_writes_its_report() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let number = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} in {report}"));
+    // Costs per operation come from real readings.
+    let ingest = &report["ingest"];
+    assert!(number(&ingest["window"]["fixes_per_s"]) > 0.0);
+    assert!(number(&ingest["node_us_per_fix"]) > 0.0);
+    assert!(number(&ingest["redis_us_per_fix"]) > 0.0);
+    // A fix is a datagram in, and its acknowledgement out.
+    assert!(number(&ingest["datagrams_per_fix"]) >= 1.0, "{report}");
+    assert!(number(&ingest["bytes_in_per_fix"]) > 0.0);
     assert!(
-        report["ingest"][0]["accepted_per_s"].as_f64().unwrap() > 0.0,
+        report["nearby"]["requests"].as_u64().unwrap() > 0,
         "{report}"
     );
-    assert!(report["ingest_ceiling_per_s"].as_f64().unwrap() > 0.0);
+    assert!(number(&report["nearby"]["p50_ms"]) > 0.0);
     let latency = &report["latency"][0];
-    assert!(latency["p50_ms"].as_f64().unwrap() > 0.0, "{report}");
-    assert!(latency["nearby_requests"].as_u64().unwrap() > 0);
-    assert!(report["fanout"]["node_items_per_s"].as_f64().unwrap() > 0.0);
+    assert!(number(&latency["p50_ms"]) > 0.0, "{report}");
+    assert!(number(&report["fanout"]["window"]["delta_items_per_s"]) > 0.0);
     assert_eq!(report["fanout"]["bytes_per_moved_record"], 14);
-    assert_eq!(report["idle"]["connections"], 50);
-    assert!(report["idle"]["rss_after_kib"].as_u64().unwrap() > 0);
+    let idle = &report["idle"];
+    assert_eq!(idle["connected"], 50, "{report}");
+    assert_eq!(idle["connect_errors"], 0, "{report}");
+    assert!(idle["rss_after_kib"].as_u64().unwrap() > 0);
+    assert!(number(&idle["handshake_p99_ms"]) > 0.0);
+    assert!(number(&report["capacity"]["fixes_per_core_s"]) > 0.0);
     let dashboards = &report["dashboards"];
     assert_eq!(dashboards["dashboards"], 10, "{report}");
-    assert!(
-        dashboards["city"]["items_per_s"].as_f64().unwrap() > 0.0,
-        "{report}"
-    );
+    assert!(number(&dashboards["city"]["items_per_s"]) > 0.0, "{report}");
     // Twenty drivers over a city leave most districts empty.
     assert_eq!(dashboards["district"]["connected"], 5, "{report}");
     let table = std::fs::read_to_string(&markdown).unwrap();
     for row in [
-        "ingest ceiling",
-        "end-to-end latency",
-        "nearby API",
-        "fan-out",
+        "node CPU per accepted fix",
+        "Redis CPU per fix",
+        "UDP datagrams per fix",
+        "nearby query",
+        "node CPU per delta item",
         "memory per idle driver connection",
+        "node CPU per idle connection",
+        "One core of the node",
+        "fix created → rider applied",
         "memory per dashboard",
-        "district dashboard received",
+        "district dashboard",
     ] {
         assert!(table.contains(row), "{row} missing from:\n{table}");
     }

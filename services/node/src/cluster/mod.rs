@@ -104,7 +104,7 @@ pub struct Cluster {
     held: watch::Sender<Shards>,
     /// Bumped whenever what [`Cluster::owns`] answers may have changed, so
     /// sessions re-check their driver's shard only then.
-    changes: AtomicU64,
+    changes: watch::Sender<u64>,
     /// The members' version as of the last read of the live set.
     members_seen: AtomicU64,
     /// Whether this node has been in the live set since it joined.
@@ -158,7 +158,7 @@ impl Cluster {
             wanted: Mutex::default(),
             tainted: Mutex::default(),
             held: watch::Sender::new(Shards::default()),
-            changes: AtomicU64::new(0),
+            changes: watch::Sender::new(0),
             members_seen: AtomicU64::new(version),
             registered: AtomicBool::new(true),
             settling_until: Mutex::new(None),
@@ -218,11 +218,16 @@ impl Cluster {
     /// Changes whenever ownership may have: the live set, a lease held,
     /// given up or lost.
     pub fn changes(&self) -> u64 {
-        self.changes.load(Ordering::Acquire)
+        *self.changes.borrow()
+    }
+
+    /// Wakes whoever watches it whenever [`Cluster::changes`] moves.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn changed(&self) {
-        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.changes.send_modify(|c| *c += 1);
     }
 
     /// How far a driver may go past the edge of its shard before it is

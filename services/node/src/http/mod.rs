@@ -1,8 +1,9 @@
 //! The node's HTTP APIs (axum).
 //!
-//! - The public API ([`router`]): vehicle queries served from the store,
-//!   so they answer the same on any node of a Redis-backed cluster, and the
-//!   cluster's membership and ownership (`/v1/cluster`). Every request needs
+//! - The public API ([`router`]): vehicle queries, answered from this
+//!   node's memory for the vehicles it holds and from the store for those
+//!   of other nodes, so they answer the same on any node of a Redis-backed
+//!   cluster; and the cluster's membership and ownership (`/v1/cluster`). Every request needs
 //!   `Authorization: Bearer <token>` with a role that may read positions
 //!   (`dashboard`); others get 401.
 //! - The admin API ([`admin_router`]), on its own listener: `/metrics`,
@@ -16,7 +17,10 @@
 
 pub mod server;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use axum::{
     extract::{MatchedPath, Path, Query, Request, State},
@@ -26,7 +30,7 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use hexfleet_model::{CellModel, Position, VehicleId, VehicleState, MAX_INDEXED_LAT};
+use hexfleet_model::{CellModel, Position, ShardId, VehicleId, VehicleState, MAX_INDEXED_LAT};
 use hexfleet_protocol::Role;
 use serde::Serialize;
 use serde_json::json;
@@ -38,13 +42,16 @@ use crate::{
     cluster::Cluster,
     config::HttpConfig,
     metrics::{self, Metrics},
-    store::{NearbyQuery, Store},
+    store::{nearest_first, NearbyQuery, Store},
+    table::VehicleTable,
 };
 
 #[derive(Clone)]
 pub struct Api {
     pub node_id: Arc<str>,
     pub store: Arc<dyn Store>,
+    /// This node's vehicles: the nearby API answers for its shards from it.
+    pub table: Arc<VehicleTable>,
     pub cells: CellModel,
     pub metrics: Arc<Metrics>,
     pub limits: HttpConfig,
@@ -216,6 +223,9 @@ async fn vehicle(
     Path(id): Path<String>,
 ) -> Result<Json<VehicleState>, ApiError> {
     let id = VehicleId::new(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(entry) = api.table.get(&id) {
+        return Ok(Json(entry.state));
+    }
     match api.store.vehicle(&id).await.map_err(ApiError::store)? {
         Some(state) => Ok(Json(state)),
         None => Err(ApiError::new(
@@ -283,15 +293,30 @@ async fn nearby(
             "limit must be a whole number in [1, {max_limit}]"
         )));
     }
-    let query = NearbyQuery {
-        center,
-        radius_m,
-        limit: limit as usize,
-        shards: api
-            .cells
-            .shards_within(center, radius_m + api.shard_margin_m()),
+    let limit = limit as usize;
+    // This node's own shards are answered from memory; only the shards of
+    // other nodes in a cluster (if any reach the circle) from the store.
+    let shards = api
+        .cells
+        .shards_within(center, radius_m + api.shard_margin_m());
+    let remote: Vec<ShardId> = match &api.cluster {
+        Some(cluster) => shards.into_iter().filter(|&s| !cluster.owns(s)).collect(),
+        None => Vec::new(),
     };
-    let found = api.store.nearby(&query).await.map_err(ApiError::store)?;
+    let mut found = api.table.nearby(&api.cells, center, radius_m, limit);
+    if !remote.is_empty() {
+        let query = NearbyQuery {
+            center,
+            radius_m,
+            limit,
+            shards: remote,
+        };
+        let stored = api.store.nearby(&query).await.map_err(ApiError::store)?;
+        // A vehicle handed over a moment ago may be in both.
+        let here: HashSet<VehicleId> = found.iter().map(|n| n.state.id.clone()).collect();
+        found.extend(stored.into_iter().filter(|n| !here.contains(&n.state.id)));
+        found = nearest_first(found, limit);
+    }
     let vehicles: Vec<NearbyItem> = found
         .into_iter()
         .map(|n| NearbyItem {

@@ -1,8 +1,11 @@
 //! A driver session: reads fixes from datagrams (and from the control stream
 //! as a fallback), validates each with its own [`Validator`], and hands valid
-//! ones to [`Ingest`](crate::ingest::Ingest). Every `ack_interval` it
-//! acknowledges the highest accepted sequence and lists rejections with their
-//! reasons.
+//! ones to [`Ingest`](crate::ingest::Ingest). It acknowledges the highest
+//! accepted sequence and lists rejections with their reasons at most once per
+//! `ack_interval` (at once when the last `Ack` is older than that; within a
+//! second when there are rejections): each `Ack` is a packet the phone must
+//! wake for, and acknowledge, while QUIC already acknowledges every
+//! datagram.
 //!
 //! A driver that disconnects without `Goodbye` stays visible for
 //! `offline_grace`, in case it comes back (phones lose signal); then its
@@ -18,6 +21,8 @@
 
 use std::{sync::Arc, time::Instant};
 
+use futures_util::{stream, StreamExt};
+
 use hexfleet_model::{Position, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{
     decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits, Redirect,
@@ -27,8 +32,8 @@ use hexfleet_protocol::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    next_message, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome, Refusal,
-    Stop, ERROR_FRAME_GRACE,
+    common_sources, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome, Refusal,
+    Source, Stop, ERROR_FRAME_GRACE,
 };
 use crate::{
     budget::{RequestBudget, Verdict},
@@ -37,6 +42,24 @@ use crate::{
     ingest::Placed,
     validate::{LastFix, ValidFix, Validator},
 };
+
+/// Rejections are reported this soon at most, even when the acknowledgement
+/// interval is longer: the app learns what is wrong with its fixes while it
+/// can still tell its user.
+const REJECTIONS_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What wakes a driver session.
+enum Event {
+    Datagram(Result<bytes::Bytes, quinn::ConnectionError>),
+    Control(Result<ClientMsg, Stop>),
+    /// The cluster's ownership may have changed.
+    OwnershipChanged,
+    Expired(Refusal),
+    Superseded,
+    ShuttingDown,
+}
+
+type Events<'s> = stream::SelectAll<Source<'s, Event>>;
 
 /// Where an accepted fix goes.
 enum Route {
@@ -100,6 +123,9 @@ struct DriverSession<'a> {
     /// Highest accepted sequence, and the highest already acknowledged.
     acked_seq: u64,
     ack_sent: u64,
+    /// When the last `Ack` went out (long ago at the start: the first fix
+    /// is acknowledged at once).
+    ack_sent_at: tokio::time::Instant,
     rejections: Vec<Rejection>,
     rejected_total: u64,
     rejected_unsent: bool,
@@ -151,6 +177,9 @@ impl<'a> DriverSession<'a> {
             validator: Validator::new(ctx.limits, last),
             acked_seq: seq,
             ack_sent: seq,
+            ack_sent_at: tokio::time::Instant::now()
+                .checked_sub(ctx.ack_interval)
+                .unwrap_or_else(tokio::time::Instant::now),
             conn,
             ctx,
             id,
@@ -184,19 +213,25 @@ impl<'a> DriverSession<'a> {
             },
         });
         send(tx, welcome, self.ctx).await?;
-        let mut ack_tick = tokio::time::interval(self.ctx.ack_interval);
-        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let shutdown = self.ctx.shutdown.clone();
-        let expired = expiry.passed();
-        tokio::pin!(expired);
+        let mut events = self.events(rx, expiry);
+        // Armed only while something waits to be acknowledged.
+        let ack_due = tokio::time::sleep(self.ctx.ack_interval);
+        tokio::pin!(ack_due);
+        let mut ack_armed = false;
         loop {
-            tokio::select! {
-                datagram = self.conn.read_datagram() => match datagram {
-                    Ok(bytes) => self.on_datagram(&bytes).await?,
-                    // The connection is gone (closed by the peer, timed out).
-                    Err(_) => return Err(Stop::Lost),
-                },
-                msg = next_message(rx) => match msg? {
+            let event = tokio::select! {
+                event = events.next() => event,
+                _ = &mut ack_due, if ack_armed => {
+                    ack_armed = false;
+                    self.send_ack(tx).await?;
+                    continue;
+                }
+            };
+            match event {
+                Some(Event::Datagram(Ok(bytes))) => self.on_datagram(&bytes).await?,
+                // The connection is gone (closed by the peer, timed out).
+                Some(Event::Datagram(Err(_))) | None => return Err(Stop::Lost),
+                Some(Event::Control(msg)) => match msg? {
                     ClientMsg::Fix(fix) => self.on_fix(&fix).await?,
                     ClientMsg::Driver(report) => {
                         self.report = report;
@@ -204,35 +239,103 @@ impl<'a> DriverSession<'a> {
                     }
                     ClientMsg::Goodbye => {
                         self.ctx.ingest.sign_off(&self.id, RemoveReason::Offline);
+                        // The last word on what was accepted, received
+                        // before the close (which discards unsent data).
+                        let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
+                            if self.send_ack(tx).await.is_ok() && tx.get_mut().finish().is_ok() {
+                                let _ = tx.get_mut().stopped().await;
+                            }
+                        })
+                        .await;
                         self.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
                         return Ok(Goodbye);
                     }
                     ClientMsg::Hello(_) => {
-                        return Err(Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into());
+                        return Err(
+                            Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into(),
+                        );
                     }
                     ClientMsg::Subscribe(_) => {
-                        return Err(Refusal::new(ErrorCode::ProtocolViolation, "drivers do not subscribe").into());
+                        return Err(Refusal::new(
+                            ErrorCode::ProtocolViolation,
+                            "drivers do not subscribe",
+                        )
+                        .into());
                     }
                 },
-                _ = ack_tick.tick() => {
-                    self.still_ours().await?;
-                    self.send_ack(tx).await?
-                }
-                refusal = &mut expired => {
+                Some(Event::OwnershipChanged) => self.still_ours().await?,
+                Some(Event::Expired(refusal)) => {
                     let _ = tokio::time::timeout(ERROR_FRAME_GRACE, self.send_ack(tx)).await;
                     return Err(refusal.into());
                 }
-                _ = self.superseded.cancelled() => {
-                    return Err(Refusal::new(ErrorCode::Superseded, "the driver connected again").into());
+                Some(Event::Superseded) => {
+                    return Err(
+                        Refusal::new(ErrorCode::Superseded, "the driver connected again").into(),
+                    );
                 }
-                _ = shutdown.cancelled() => {
+                Some(Event::ShuttingDown) => {
                     // The last word on what was accepted, if the client reads
                     // it promptly: the node will not wait long to stop.
                     let _ = tokio::time::timeout(ERROR_FRAME_GRACE, self.send_ack(tx)).await;
-                    return Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into());
+                    return Err(
+                        Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into(),
+                    );
+                }
+            }
+            if self.unacknowledged() && !ack_armed {
+                // At most one `Ack` per `ack_interval` (rejections within a
+                // second): at once if the last one is that old, else when
+                // the interval is up.
+                let wait = if self.rejected_unsent {
+                    self.ctx.ack_interval.min(REJECTIONS_WITHIN)
+                } else {
+                    self.ctx.ack_interval
+                };
+                let due = self.ack_sent_at + wait;
+                if due <= tokio::time::Instant::now() {
+                    self.send_ack(tx).await?;
+                } else {
+                    ack_due.as_mut().reset(due);
+                    ack_armed = true;
                 }
             }
         }
+    }
+
+    /// Everything a driver session waits for (see [`common_sources`]): a
+    /// datagram does not re-poll the control stream, the expiry or the
+    /// cancellation tokens.
+    fn events<'s>(&self, rx: &'s mut ControlRead, expiry: Expiry) -> Events<'s>
+    where
+        'a: 's,
+    {
+        let conn: &'s quinn::Connection = self.conn;
+        let superseded = self.superseded.clone().cancelled_owned();
+        let mut sources = common_sources(
+            rx,
+            expiry,
+            self.ctx,
+            Event::Control,
+            Event::Expired,
+            Event::ShuttingDown,
+        );
+        sources.push(Box::pin(stream::unfold(conn, |conn| async move {
+            Some((Event::Datagram(conn.read_datagram().await), conn))
+        })));
+        sources.push(Box::pin(stream::once(async move {
+            superseded.await;
+            Event::Superseded
+        })));
+        if let Some(cluster) = &self.ctx.cluster {
+            sources.push(Box::pin(stream::unfold(
+                cluster.watch_changes(),
+                |mut changes| async move {
+                    changes.changed().await.ok()?;
+                    Some((Event::OwnershipChanged, changes))
+                },
+            )));
+        }
+        stream::select_all(sources)
     }
 
     async fn on_datagram(&mut self, bytes: &[u8]) -> Result<(), Stop> {
@@ -374,11 +477,17 @@ impl<'a> DriverSession<'a> {
         }
     }
 
+    /// Whether something happened since the last `Ack`.
+    fn unacknowledged(&self) -> bool {
+        self.rejected_unsent || self.acked_seq != self.ack_sent
+    }
+
     /// Sends an `Ack` when something happened since the last one.
     async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
-        if !self.rejected_unsent && self.acked_seq == self.ack_sent {
+        if !self.unacknowledged() {
             return Ok(());
         }
+        self.ack_sent_at = tokio::time::Instant::now();
         let ack = ServerMsg::Ack(Ack {
             seq: self.acked_seq,
             rejected: std::mem::take(&mut self.rejections),

@@ -12,10 +12,10 @@
 mod driver;
 mod rider;
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use dashmap::DashMap;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{stream, SinkExt, Stream, StreamExt};
 use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
     ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Redirect, Role, ServerMsg,
@@ -158,6 +158,36 @@ async fn next_message(rx: &mut ControlRead) -> Result<ClientMsg, Stop> {
         Some(Err(e)) => Err(Refusal::protocol(e).into()),
         None => Err(Stop::Lost),
     }
+}
+
+/// One source of a session's wake-ups, as a stream of its events.
+type Source<'s, E> = Pin<Box<dyn Stream<Item = E> + Send + 's>>;
+
+/// What every session waits for besides its own sources: the client's
+/// control messages, the token's expiry and the node's shutdown. A session
+/// merges them with its own in a [`stream::SelectAll`], which polls a source
+/// only when it has something (a `select!` would poll every branch on every
+/// wake-up, once per fix or delta).
+fn common_sources<'s, E: Send + 's>(
+    rx: &'s mut ControlRead,
+    expiry: Expiry,
+    ctx: &Context,
+    control: fn(Result<ClientMsg, Stop>) -> E,
+    expired: fn(Refusal) -> E,
+    shutting_down: E,
+) -> Vec<Source<'s, E>> {
+    let shutdown = ctx.shutdown.clone().cancelled_owned();
+    vec![
+        Box::pin(stream::unfold(rx, move |rx| async move {
+            let msg = next_message(rx).await;
+            Some((control(msg), rx))
+        })),
+        Box::pin(stream::once(expiry.passed()).map(expired)),
+        Box::pin(stream::once(async move {
+            shutdown.await;
+            shutting_down
+        })),
+    ]
 }
 
 /// Decrements the open-connections gauge however the session ends.

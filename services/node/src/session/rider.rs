@@ -3,16 +3,20 @@
 //!
 //! The session's writer drains the rider's [`Mailbox`] whenever it is free
 //! to write, so a slow rider gets fewer, fuller updates rather than a growing
-//! queue. A write that stays blocked for `slow_consumer_after` ends the
+//! queue; a busy one lingers a millisecond first, so its frames fill. A write that stays blocked for `slow_consumer_after` ends the
 //! session with `slow_consumer`.
 //!
 //! Subscriptions are held to the connection's [`RequestBudget`], and a
 //! subscription change waiting for the fan-out is replaced by a newer one,
 //! so a flood of them costs the node a bounded amount.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use futures_util::SinkExt;
+use futures_util::{stream, SinkExt, StreamExt};
 use hexfleet_model::{Position, VehicleId};
 use hexfleet_protocol::{
     encoded_len, Added, ClientMsg, ErrorCode, FrameCodec, FrameError, Limits as WireLimits, Moved,
@@ -22,8 +26,8 @@ use hexfleet_protocol::{
 use tokio_util::codec::FramedWrite;
 
 use super::{
-    lost, next_message, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome,
-    Refusal, Stop,
+    common_sources, lost, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome,
+    Refusal, Source, Stop,
 };
 use crate::{
     budget::{RequestBudget, Verdict},
@@ -33,6 +37,48 @@ use crate::{
 };
 
 type PushWrite = FramedWrite<quinn::SendStream, FrameCodec<(), RiderUpdate>>;
+
+/// A writer that wrote less than this long ago is busy...
+const BUSY_WITHIN: Duration = Duration::from_millis(5);
+/// ...and lingers this long before its next update, so that update carries
+/// the changes of that time too: under load, fuller frames and fewer
+/// packets; an idle rider's update goes out at once.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// What wakes a rider session.
+enum Event {
+    Control(Result<ClientMsg, Stop>),
+    /// The mailbox has something.
+    Ready,
+    Expired(Refusal),
+    Closed,
+    ShuttingDown,
+}
+
+/// Everything a rider session waits for (see [`common_sources`]): a delta
+/// does not re-poll the control stream or the cancellation futures.
+fn events<'s>(
+    conn: &'s quinn::Connection,
+    rx: &'s mut ControlRead,
+    mailbox: &Arc<Mailbox>,
+    expiry: Expiry,
+    ctx: &Context,
+) -> stream::SelectAll<Source<'s, Event>> {
+    let mut sources = common_sources(
+        rx,
+        expiry,
+        ctx,
+        Event::Control,
+        Event::Expired,
+        Event::ShuttingDown,
+    );
+    sources.push(Box::pin(stream::unfold(mailbox.clone(), |m| async move {
+        m.ready().await;
+        Some((Event::Ready, m))
+    })));
+    sources.push(Box::pin(stream::once(conn.closed()).map(|_| Event::Closed)));
+    stream::select_all(sources)
+}
 
 pub(super) async fn serve(
     conn: &quinn::Connection,
@@ -70,12 +116,15 @@ pub(super) async fn serve(
     }
     let mut subscribed = false;
     let mut budget = RequestBudget::new(&ctx.rider_requests, Instant::now());
-    let expired = expiry.passed();
-    tokio::pin!(expired);
+    let mut events = events(conn, rx, &mailbox, expiry, ctx);
+    let mut last_write: Option<Instant> = None;
     let outcome = loop {
-        tokio::select! {
-            refusal = &mut expired => break Err(refusal.into()),
-            msg = next_message(rx) => match msg {
+        let Some(event) = events.next().await else {
+            break Err(Stop::Lost);
+        };
+        match event {
+            Event::Expired(refusal) => break Err(refusal.into()),
+            Event::Control(msg) => match msg {
                 Ok(ClientMsg::Subscribe(s)) => {
                     match subscribe(s, !subscribed, id, &mailbox, &mut budget, tx, ctx).await {
                         Ok(taken) => subscribed |= taken,
@@ -86,29 +135,58 @@ pub(super) async fn serve(
                     conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
                     break Ok(Goodbye);
                 }
-                Ok(_) => break Err(Refusal::new(ErrorCode::ProtocolViolation, "riders may only Subscribe or say Goodbye").into()),
+                Ok(_) => {
+                    break Err(Refusal::new(
+                        ErrorCode::ProtocolViolation,
+                        "riders may only Subscribe or say Goodbye",
+                    )
+                    .into())
+                }
                 Err(stop) => break Err(stop),
             },
-            _ = mailbox.ready() => {
+            Event::Ready => {
+                // Busy (the last update went out a moment ago): linger so
+                // this one carries more items. Idle: write at once.
+                if last_write.is_some_and(|at| at.elapsed() < BUSY_WITHIN) {
+                    tokio::time::sleep(LINGER).await;
+                }
                 if let Some(drained) = mailbox.take() {
-                    ctx.ingest.metrics.mailbox_depth.observe(drained.changes.len() as f64);
-                    let written = tokio::time::timeout(ctx.slow_consumer_after, writer.write(drained)).await;
+                    ctx.ingest
+                        .metrics
+                        .mailbox_depth
+                        .observe(drained.changes.len() as f64);
+                    let written =
+                        tokio::time::timeout(ctx.slow_consumer_after, writer.write(drained)).await;
+                    last_write = Some(Instant::now());
                     match written {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) if lost(&e) => break Err(Stop::Lost),
-                        Ok(Err(e)) => break Err(Refusal::new(
-                            ErrorCode::Internal,
-                            format!("an update could not be sent: {e}"),
-                        ).into()),
-                        Err(_) => break Err(Refusal::new(
-                            ErrorCode::SlowConsumer,
-                            format!("updates blocked for more than {:?}", ctx.slow_consumer_after),
-                        ).into()),
+                        Ok(Err(e)) => {
+                            break Err(Refusal::new(
+                                ErrorCode::Internal,
+                                format!("an update could not be sent: {e}"),
+                            )
+                            .into())
+                        }
+                        Err(_) => {
+                            break Err(Refusal::new(
+                                ErrorCode::SlowConsumer,
+                                format!(
+                                    "updates blocked for more than {:?}",
+                                    ctx.slow_consumer_after
+                                ),
+                            )
+                            .into())
+                        }
                     }
                 }
             }
-            _ = conn.closed() => break Err(Stop::Lost),
-            _ = ctx.shutdown.cancelled() => break Err(Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into()),
+            Event::Closed => break Err(Stop::Lost),
+            Event::ShuttingDown => {
+                break Err(
+                    Refusal::new(ErrorCode::ShuttingDown, "the node is shutting down").into(),
+                )
+            }
         }
     };
     if subscribed {

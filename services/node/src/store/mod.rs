@@ -28,6 +28,21 @@ pub struct Upsert {
     /// The vehicle is new to this shard (first seen, or crossed into it):
     /// the store must record where to find it by id.
     pub relocated: bool,
+    /// The last-seen index (what a sweep of the store reads) must be
+    /// written too: it is kept to [`SEEN_RESOLUTION_MS`], not to every fix.
+    pub seen: bool,
+}
+
+/// How fresh the store's last-seen index is kept: a vehicle's entry is
+/// rewritten when its fixes cross into a new period of this length (or it
+/// arrives in a shard), so a driver at 1 Hz costs the index one write per
+/// period instead of one per fix. Far below `store.stale_after`.
+pub const SEEN_RESOLUTION_MS: i64 = 5_000;
+
+/// Whether a fix seen at `now_ms`, after one seen at `before_ms`, must
+/// rewrite the last-seen index.
+pub fn seen_due(before_ms: i64, now_ms: i64) -> bool {
+    before_ms.div_euclid(SEEN_RESOLUTION_MS) != now_ms.div_euclid(SEEN_RESOLUTION_MS)
 }
 
 /// A vehicle removed from a shard.
@@ -196,7 +211,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Keeps the `limit` nearest of `found`, nearest first.
-fn nearest_first(mut found: Vec<Nearby>, limit: usize) -> Vec<Nearby> {
+pub(crate) fn nearest_first(mut found: Vec<Nearby>, limit: usize) -> Vec<Nearby> {
     found.sort_by(|a, b| {
         a.distance_m
             .total_cmp(&b.distance_m)

@@ -1,8 +1,8 @@
 //! The Redis store, on one Redis server or a Redis Cluster.
 //!
 //! A flush is one script call per shard ([`WRITE_SHARD`]): the `ZREM`/`HDEL`s
-//! of the removals, then one variadic `GEOADD`, `ZADD` (last seen) and `HSET`
-//! (state) carrying every upsert, and, in a cluster, the batch published on
+//! of the removals, then one variadic `GEOADD` and `HSET` (state) carrying
+//! every upsert and a `ZADD` (last seen) for those due one, and, in a cluster, the batch published on
 //! the shard's bus channel with the next sequence number. The shards' calls
 //! are sent concurrently on one multiplexed connection. All keys (and the
 //! channel) of a call share the shard's hash tag, so on a cluster each call
@@ -30,20 +30,24 @@ use redis::{
 
 use super::{
     keys, nearest_first, Applied, Batch, Nearby, NearbyQuery, Refused, ShardBatch, Store,
-    StoreError,
+    StoreError, Upsert,
 };
 
 /// Writes one shard's changes, fenced by its lease, and publishes them.
 ///
 /// KEYS: lease, geo, seen, state, bus seq. ARGV: the lease value the writer
 /// holds (empty: not fenced), the publish command (`SPUBLISH`, `PUBLISH` or
-/// empty), the channel, the bus body, the removal count and ids, the upsert
-/// count and five fields per upsert (lon, lat, id, seen ms, state).
+/// empty), the channel, the bus body; then three lists, each a count and its
+/// items laid out as the command takes them, so each command is
+/// `unpack(ARGV, from, to)` with no per-vehicle work in Lua: the removed
+/// ids; the upserts (lon, lat, id triples for `GEOADD`, then id, state pairs
+/// for `HSET`); the last-seen entries (ms, id pairs for `ZADD`).
 ///
 /// Returns `{seq, replies}`: the bus sequence number given (0: none) and,
 /// per command, 1 or its error as `!<error>` (`pcall`; an error nested in a
-/// reply would fail the whole call), so a refusal costs only what it carried. Commands carry at most 1,000 vehicles each, well within
-/// Lua's limit on arguments.
+/// reply would fail the whole call), so a refusal costs only what it
+/// carried. Commands carry at most 1,000 vehicles each, well within Lua's
+/// limit on arguments.
 pub const WRITE_SHARD: &str = r#"
 if ARGV[1] ~= '' then
   local held = redis.call('GET', KEYS[1])
@@ -52,15 +56,11 @@ if ARGV[1] ~= '' then
   end
 end
 local out = {}
-local function run(cmd, key, base, n, stride, fields)
-  for first = 0, n - 1, 1000 do
-    local args = {key}
-    for r = first, math.min(n, first + 1000) - 1 do
-      for _, f in ipairs(fields) do
-        args[#args + 1] = ARGV[base + r * stride + f]
-      end
-    end
-    local reply = redis.pcall(cmd, unpack(args))
+local function run(cmd, key, first, n, stride)
+  for done = 0, n - 1, 1000 do
+    local from = first + done * stride
+    local to = first + math.min(n, done + 1000) * stride - 1
+    local reply = redis.pcall(cmd, key, unpack(ARGV, from, to))
     if type(reply) == 'table' and reply.err then
       out[#out + 1] = '!' .. reply.err
     else
@@ -70,17 +70,20 @@ local function run(cmd, key, base, n, stride, fields)
 end
 local nrem = tonumber(ARGV[5])
 if nrem > 0 then
-  run('ZREM', KEYS[2], 6, nrem, 1, {0})
-  run('ZREM', KEYS[3], 6, nrem, 1, {0})
-  run('HDEL', KEYS[4], 6, nrem, 1, {0})
+  run('ZREM', KEYS[2], 6, nrem, 1)
+  run('ZREM', KEYS[3], 6, nrem, 1)
+  run('HDEL', KEYS[4], 6, nrem, 1)
 end
-local base = 6 + nrem
-local nup = tonumber(ARGV[base])
-base = base + 1
+local at = 6 + nrem
+local nup = tonumber(ARGV[at])
 if nup > 0 then
-  run('GEOADD', KEYS[2], base, nup, 5, {0, 1, 2})
-  run('ZADD', KEYS[3], base, nup, 5, {3, 2})
-  run('HSET', KEYS[4], base, nup, 5, {2, 4})
+  run('GEOADD', KEYS[2], at + 1, nup, 3)
+  run('HSET', KEYS[4], at + 1 + 3 * nup, nup, 2)
+end
+at = at + 1 + 5 * nup
+local nseen = tonumber(ARGV[at])
+if nseen > 0 then
+  run('ZADD', KEYS[3], at + 1, nseen, 2)
 end
 local seq = 0
 if ARGV[2] ~= '' then
@@ -210,7 +213,7 @@ impl RedisStore {
         sb: &ShardBatch,
         publish: Option<(&str, &[u8])>,
         removals: impl ExactSizeIterator<Item = &'a VehicleId>,
-        upserts: impl ExactSizeIterator<Item = &'a VehicleState>,
+        upserts: &[&Upsert],
     ) -> Result<ScriptInvocation<'static>, StoreError> {
         let mut call = WRITE_SCRIPT.prepare_invoke();
         call.key(keys::lease(sb.shard))
@@ -228,14 +231,54 @@ impl RedisStore {
             call.arg(id.as_str());
         }
         call.arg(upserts.len());
-        for s in upserts {
-            call.arg(s.lon)
-                .arg(s.lat)
-                .arg(s.id.as_str())
-                .arg(s.seen_ms)
-                .arg(rmp_serde::to_vec(s)?);
+        for u in upserts {
+            call.arg(u.state.lon)
+                .arg(u.state.lat)
+                .arg(u.state.id.as_str());
+        }
+        for u in upserts {
+            call.arg(u.state.id.as_str())
+                .arg(rmp_serde::to_vec(&u.state)?);
+        }
+        call.arg(upserts.iter().filter(|u| u.seen).count());
+        for u in upserts.iter().filter(|u| u.seen) {
+            call.arg(u.state.seen_ms).arg(u.state.id.as_str());
         }
         Ok(call)
+    }
+
+    /// What [`WRITE_SHARD`] does for an unfenced shard without a bus, as
+    /// plain commands; every reply comes back, errors included.
+    fn write_pipeline(sb: &ShardBatch, upserts: &[&Upsert]) -> Result<Pipeline, StoreError> {
+        const CHUNK: usize = 1000;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for chunk in sb.removals.chunks(CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+            remove_from_shard(&mut pipe, sb.shard, &ids[..]);
+        }
+        for chunk in upserts.chunks(CHUNK) {
+            let geo = pipe.cmd("GEOADD").arg(keys::geo(sb.shard));
+            for u in chunk {
+                geo.arg(u.state.lon)
+                    .arg(u.state.lat)
+                    .arg(u.state.id.as_str());
+            }
+            let state = pipe.cmd("HSET").arg(keys::state(sb.shard));
+            for u in chunk {
+                state
+                    .arg(u.state.id.as_str())
+                    .arg(rmp_serde::to_vec(&u.state)?);
+            }
+        }
+        let seen: Vec<&&Upsert> = upserts.iter().filter(|u| u.seen).collect();
+        for chunk in seen.chunks(CHUNK) {
+            let zadd = pipe.cmd("ZADD").arg(keys::seen(sb.shard));
+            for u in chunk {
+                zadd.arg(u.state.seen_ms).arg(u.state.id.as_str());
+            }
+        }
+        Ok(pipe)
     }
 
     /// The bus batch of a shard's changes.
@@ -266,16 +309,20 @@ impl RedisStore {
         let publish = sb
             .publish
             .then_some((self.publish_command(), body.as_slice()));
-        let call = Self::write_call(
-            sb,
-            publish,
-            sb.removals.iter().map(|r| &r.id),
-            sb.upserts.iter().map(|u| &u.state),
-        )?;
-        let replies = match self.conn.invoke::<(u64, Vec<Value>)>(&call).await {
-            Ok((_seq, replies)) => replies,
-            Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
-            Err(e) => return Err(e.into()),
+        let upserts: Vec<&Upsert> = sb.upserts.iter().collect();
+        let replies = if sb.fence.is_none() && publish.is_none() {
+            // Nothing to check first and nothing to publish: plain commands
+            // in one pipeline, without the script's cost per call (most of
+            // Redis's time when batches are small).
+            let pipe = Self::write_pipeline(sb, &upserts)?;
+            self.conn.query::<Vec<Value>>(&pipe).await?
+        } else {
+            let call = Self::write_call(sb, publish, sb.removals.iter().map(|r| &r.id), &upserts)?;
+            match self.conn.invoke::<(u64, Vec<Value>)>(&call).await {
+                Ok((_seq, replies)) => replies,
+                Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
+                Err(e) => return Err(e.into()),
+            }
         };
         match worst(&replies) {
             None => Ok(ShardWrite::Written(Vec::new())),
@@ -290,11 +337,11 @@ impl RedisStore {
     async fn write_shard_one_by_one(&self, sb: &ShardBatch) -> Result<ShardWrite, StoreError> {
         let mut calls = Vec::new();
         for r in &sb.removals {
-            let call = Self::write_call(sb, None, std::iter::once(&r.id), std::iter::empty())?;
+            let call = Self::write_call(sb, None, std::iter::once(&r.id), &[])?;
             calls.push(call);
         }
         for u in &sb.upserts {
-            let call = Self::write_call(sb, None, std::iter::empty(), std::iter::once(&u.state))?;
+            let call = Self::write_call(sb, None, std::iter::empty(), &[u])?;
             calls.push(call);
         }
         let results = futures_util::future::join_all(
@@ -441,18 +488,23 @@ enum Verdict {
     Retry(String),
 }
 
-/// The most serious error among the write script's replies (`!<error>`):
-/// anything to retry outweighs a refusal.
+/// The most serious error among the write script's replies (`!<error>`) or
+/// a pipeline's: anything to retry outweighs a refusal.
 fn worst(replies: &[Value]) -> Option<Verdict> {
     let mut verdict = None;
     for reply in replies {
-        let Value::BulkString(bytes) = reply else {
-            continue;
+        let error = match reply {
+            Value::BulkString(bytes) => match bytes.strip_prefix(b"!") {
+                Some(error) => String::from_utf8_lossy(error).into_owned(),
+                None => continue,
+            },
+            // A pipeline's own error replies.
+            Value::ServerError(e) => match e.details() {
+                Some(details) => format!("{} {details}", e.code()),
+                None => e.code().to_string(),
+            },
+            _ => continue,
         };
-        let Some(error) = bytes.strip_prefix(b"!") else {
-            continue;
-        };
-        let error = String::from_utf8_lossy(error).into_owned();
         let code = error.split(' ').next().unwrap_or_default();
         if matches!(code, "ERR" | "WRONGTYPE") {
             verdict.get_or_insert(Verdict::Refused(error));

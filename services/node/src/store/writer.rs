@@ -39,6 +39,7 @@ enum Change {
     Upsert {
         state: VehicleState,
         relocated: bool,
+        seen: bool,
     },
     Remove {
         gone: Option<RemoveReason>,
@@ -96,18 +97,26 @@ pub struct StoreWriter {
 }
 
 /// Folds a newer change into an older one for the same vehicle and shard.
-/// The newer wins, except that a pending relocation is not forgotten: the
-/// store must still learn where the vehicle now is.
+/// The newer wins, except that a pending relocation or last-seen write is
+/// not forgotten: the store must still learn where the vehicle now is, and
+/// when it was last seen.
 fn merge(older: Option<Change>, newer: Change) -> Change {
     match (older, newer) {
         (
             Some(Change::Upsert {
-                relocated: true, ..
+                relocated: r0,
+                seen: s0,
+                ..
             }),
-            Change::Upsert { state, .. },
+            Change::Upsert {
+                state,
+                relocated,
+                seen,
+            },
         ) => Change::Upsert {
             state,
-            relocated: true,
+            relocated: relocated || r0,
+            seen: seen || s0,
         },
         (_, newer) => newer,
     }
@@ -142,9 +151,22 @@ impl StoreWriter {
     /// Stages the latest state of a vehicle in its shard. `relocated` says
     /// the vehicle is new to this shard.
     pub fn stage_upsert(&self, shard: ShardId, state: VehicleState, relocated: bool) {
+        self.stage_fix(shard, state, relocated, true);
+    }
+
+    /// Stages a vehicle's new fix; `seen` says whether the store's
+    /// last-seen index must be written too ([`super::seen_due`]).
+    pub fn stage_fix(&self, shard: ShardId, state: VehicleState, relocated: bool, seen: bool) {
         let id = state.id.clone();
-        self.staged
-            .stage((shard, id), Change::Upsert { state, relocated });
+        let seen = seen || relocated;
+        self.staged.stage(
+            (shard, id),
+            Change::Upsert {
+                state,
+                relocated,
+                seen,
+            },
+        );
     }
 
     /// Stages a vehicle's removal from a shard; `gone` says why when it is
@@ -363,9 +385,14 @@ fn to_batch(stage: &Stage, mut fence: impl FnMut(ShardId) -> Option<Option<Arc<s
             publish: false,
         });
         match change {
-            Change::Upsert { state, relocated } => sb.upserts.push(Upsert {
+            Change::Upsert {
+                state,
+                relocated,
+                seen,
+            } => sb.upserts.push(Upsert {
                 state: state.clone(),
                 relocated: *relocated,
+                seen: *seen,
             }),
             Change::Remove { gone } => sb.removals.push(Removal {
                 id: id.clone(),
