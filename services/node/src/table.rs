@@ -9,11 +9,14 @@
 //! vehicles, exact distances. A vehicle changes cell every few hundred
 //! metres, so keeping that index costs a fix almost nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use dashmap::DashMap;
 use h3o::CellIndex;
-use hexfleet_model::{BBox, CellModel, IndexCell, Position, ShardId, VehicleId, VehicleState};
+use hexfleet_model::{
+    geodesy::{haversine_m, EARTH_RADIUS_M},
+    BBox, CellModel, IndexCell, Position, ShardId, VehicleId, VehicleState,
+};
 
 use crate::store::{nearest_first, Nearby};
 
@@ -25,6 +28,46 @@ pub struct Entry {
     pub shard: ShardId,
 }
 
+/// The latitude and longitude span that every point within a radius of a
+/// centre lies in (on the sphere, exactly): a test that rejects most
+/// candidates of a search without trigonometry.
+struct Reach {
+    lat: f64,
+    lon: f64,
+    dlat: f64,
+    /// `None` when the circle reaches a pole: every longitude.
+    dlon: Option<f64>,
+}
+
+impl Reach {
+    fn around(center: Position, radius_m: f64) -> Self {
+        let angle = radius_m / EARTH_RADIUS_M;
+        let lat = center.lat();
+        // Slightly wider than exact, for rounding.
+        let dlat = angle.to_degrees() * 1.000_001 + 1e-9;
+        let sin_dlon = angle.sin() / lat.to_radians().cos();
+        let dlon = (sin_dlon < 1.0).then(|| sin_dlon.asin().to_degrees() * 1.000_001 + 1e-9);
+        Self {
+            lat,
+            lon: center.lon(),
+            dlat,
+            dlon,
+        }
+    }
+
+    fn may_hold(&self, lat: f64, lon: f64) -> bool {
+        if (lat - self.lat).abs() > self.dlat {
+            return false;
+        }
+        let Some(dlon) = self.dlon else {
+            return true;
+        };
+        // Across the antimeridian too.
+        let d = (lon - self.lon).abs() % 360.0;
+        d.min(360.0 - d) <= dlon
+    }
+}
+
 /// What an upsert replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Previous {
@@ -34,13 +77,17 @@ pub struct Previous {
     pub seen_ms: i64,
 }
 
+/// The vehicles of one index cell, with their positions (lat, lon).
+type CellVehicles = HashMap<VehicleId, (f64, f64)>;
+
 #[derive(Default)]
 pub struct VehicleTable {
     vehicles: DashMap<VehicleId, Entry>,
-    /// The vehicles in each index cell. Updated after `vehicles`, so for a
-    /// moment a vehicle may be listed in its old cell too: readers take the
-    /// position from `vehicles`, never from here.
-    in_cell: DashMap<CellIndex, HashSet<VehicleId>>,
+    /// The vehicles in each index cell, with their positions, so a search
+    /// reads cells, not vehicles. Updated after `vehicles`: for a moment a
+    /// vehicle may be listed in its old cell too, which a search tells by
+    /// reading the vehicle's entry.
+    in_cell: DashMap<CellIndex, CellVehicles>,
 }
 
 impl VehicleTable {
@@ -51,19 +98,26 @@ impl VehicleTable {
     /// Inserts or replaces a vehicle's entry and says where it was before.
     pub fn upsert(&self, entry: Entry) -> Option<Previous> {
         let (id, cell) = (entry.state.id.clone(), entry.cell);
+        let at = (entry.state.lat, entry.state.lon);
         let previous = self.vehicles.insert(id.clone(), entry).map(|old| Previous {
             cell: old.cell,
             shard: old.shard,
             seen_ms: old.state.seen_ms,
         });
         match previous {
-            Some(p) if p.cell == cell => {}
+            Some(p) if p.cell == cell => {
+                if let Some(mut there) = self.in_cell.get_mut(&cell.0) {
+                    if let Some(position) = there.get_mut(&id) {
+                        *position = at;
+                    }
+                }
+            }
             Some(p) => {
                 self.leave_cell(p.cell, &id);
-                self.in_cell.entry(cell.0).or_default().insert(id);
+                self.in_cell.entry(cell.0).or_default().insert(id, at);
             }
             None => {
-                self.in_cell.entry(cell.0).or_default().insert(id);
+                self.in_cell.entry(cell.0).or_default().insert(id, at);
             }
         }
         previous
@@ -77,7 +131,9 @@ impl VehicleTable {
     }
 
     /// The vehicles of this table within `radius_m` of `center`, nearest
-    /// first (ties by id), at most `limit`.
+    /// first (ties by id), at most `limit`: the cells covering the circle,
+    /// a box test, then the exact distance (the one Redis uses) for what is
+    /// in the box; only the nearest `limit` are read in full.
     pub fn nearby(
         &self,
         cells: &CellModel,
@@ -85,23 +141,40 @@ impl VehicleTable {
         radius_m: f64,
         limit: usize,
     ) -> Vec<Nearby> {
-        let mut found = Vec::new();
-        let mut seen = HashSet::new();
+        let reach = Reach::around(center, radius_m);
+        let mut candidates: Vec<(f64, VehicleId)> = Vec::new();
         for cell in cells.neighbourhood(center, radius_m) {
-            let Some(ids) = self.in_cell.get(&cell) else {
+            let Some(there) = self.in_cell.get(&cell) else {
                 continue;
             };
-            for id in ids.iter() {
-                let Some(entry) = self.vehicles.get(id) else {
+            for (id, &(lat, lon)) in there.iter() {
+                if !reach.may_hold(lat, lon) {
                     continue;
-                };
-                let distance_m = entry.state.position().distance_m(center);
-                if distance_m <= radius_m && seen.insert(id.clone()) {
-                    found.push(Nearby {
-                        state: entry.state.clone(),
-                        distance_m,
-                    });
                 }
+                let distance_m = haversine_m(center.lat(), center.lon(), lat, lon);
+                if distance_m <= radius_m {
+                    candidates.push((distance_m, id.clone()));
+                }
+            }
+        }
+        candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        let mut found = Vec::with_capacity(limit.min(candidates.len()));
+        let mut taken = HashSet::new();
+        for (_, id) in candidates {
+            if found.len() == limit {
+                break;
+            }
+            // The entry is the truth: it may have moved since its cell
+            // listed it (or be listed twice while it changes cell).
+            let Some(entry) = self.vehicles.get(&id) else {
+                continue;
+            };
+            let distance_m = entry.state.position().distance_m(center);
+            if distance_m <= radius_m && taken.insert(id) {
+                found.push(Nearby {
+                    state: entry.state.clone(),
+                    distance_m,
+                });
             }
         }
         nearest_first(found, limit)
