@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Node and Redis CPU (user + system, from /proc/PID/stat) per accepted fix
-# over a 15 s steady window of `hexfleet-sim load`, against release nodes on
-# a private redis-server; loopback only, 35 s of load. Until `bench` reports
-# this itself:
+# Node and Redis CPU (user + system, from /proc/PID/stat) per accepted fix,
+# and UDP datagrams per fix, over a 15 s steady window of `hexfleet-sim load`,
+# against release nodes on a private redis-server; loopback only, 35 s of load
+# by default. `bench` measures one node this way in every phase; this script
+# also measures a cluster, and any build (A/B):
 #   cargo build --release
 #   scripts/cpu-per-fix.sh target/release now 800 10 0       # BIN_DIR LABEL DRIVERS RATE RIDERS [NODES]
 #   scripts/cpu-per-fix.sh target/release three 800 10 0 3   # a 3-node cluster, clients spread over it
+#   SETTLE=40 DURATION=60s scripts/cpu-per-fix.sh target/release big 10000 1 0   # 10,000 drivers need longer to connect
+#   NODE_TOML='[store]\nflush_interval = "5ms"\n' scripts/cpu-per-fix.sh ...   # extra node settings
 # With NODES > 1 (or CLUSTER=1) the nodes run as a cluster; CPU and fixes are
 # summed over the nodes.
 set -u
