@@ -64,6 +64,62 @@ async fn accepted_fixes_become_the_vehicles_state_and_are_acknowledged() {
     node.stop().await;
 }
 
+/// Acks are rare (each is a packet a phone wakes for): the first fix is
+/// acknowledged at once, later ones when the interval is up, a rejection
+/// within a second however long the interval.
+#[tokio::test]
+async fn fixes_are_acknowledged_at_most_once_an_interval_and_rejections_within_a_second() {
+    let node = TestNode::start_with(None, |c| {
+        c.ingest.ack_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let mut driver = node
+        .connector()
+        .driver(node.node.quic_addr, &driver_token("drv-acks"), available())
+        .await
+        .unwrap();
+    let now = now_ms();
+    driver
+        .send_raw(fix(1, now - 1_000, 52.52, 13.405))
+        .await
+        .unwrap();
+    eventually(WAIT, "the first fix acknowledged at once", async || {
+        (driver.acked_seq() == 1).then_some(())
+    })
+    .await;
+    for seq in 2..=5 {
+        driver
+            .send_raw(fix(
+                seq,
+                now - 1_000 + seq as i64,
+                52.52 + seq as f64 * 1e-5,
+                13.405,
+            ))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the node took the later fixes", async || {
+        (vehicle_seq(&node, "drv-acks").await == Some(5)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(driver.acked_seq(), 1, "no Ack before the interval is up");
+
+    // Reported within WAIT, not the hour the interval says.
+    driver.send_raw(fix(6, now, 0.0, 0.0)).await.unwrap();
+    eventually(WAIT, "the rejection reported", async || {
+        (driver.stats().rejected_total == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        driver.acked_seq(),
+        5,
+        "the Ack with the rejection says what was accepted"
+    );
+    assert_eq!(driver.stats().rejections, [(6, RejectReason::NullIsland)]);
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn every_rejection_reason_is_reported_to_the_driver_and_counted() {
     let node = TestNode::start(None).await;

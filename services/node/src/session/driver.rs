@@ -282,10 +282,10 @@ impl<'a> DriverSession<'a> {
                     );
                 }
             }
-            if self.unacknowledged() && !ack_armed {
+            if self.unacknowledged() {
                 // At most one `Ack` per `ack_interval` (rejections within a
                 // second): at once if the last one is that old, else when
-                // the interval is up.
+                // the interval is up; a rejection brings a later one closer.
                 let wait = if self.rejected_unsent {
                     self.ctx.ack_interval.min(REJECTIONS_WITHIN)
                 } else {
@@ -293,8 +293,9 @@ impl<'a> DriverSession<'a> {
                 };
                 let due = self.ack_sent_at + wait;
                 if due <= tokio::time::Instant::now() {
+                    ack_armed = false;
                     self.send_ack(tx).await?;
-                } else {
+                } else if !ack_armed || due < ack_due.deadline() {
                     ack_due.as_mut().reset(due);
                     ack_armed = true;
                 }
