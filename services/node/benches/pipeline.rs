@@ -1,5 +1,6 @@
 //! The per-fix hot path, stage by stage: validation and location, the
-//! vehicle table (with its cell index), the fan-out of one fix to the
+//! vehicle table (with its cell index), staging for the store and a shard's
+//! flush as Redis commands, the fan-out of one fix to the
 //! subscribers of its cell, and mailbox coalescing; a nearby query answered
 //! from the table; and what a dashboard costs: its viewport's cover and its
 //! density counts.
@@ -15,6 +16,7 @@ use hexfleet_node::{
     fanout::{Density, Index},
     mailbox::{Change, Mailbox},
     metrics::Metrics,
+    store::{redis::RedisStore, writer::StoreWriter, ShardBatch, Upsert},
     table::{Entry, VehicleTable},
     validate::{Limits, Validator},
 };
@@ -183,6 +185,51 @@ fn table(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the store costs the node: staging a fix for the writer, and a
+/// shard's flush as the plain commands a single node sends.
+fn store(c: &mut Criterion) {
+    let cells = CellModel::default();
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(1));
+    let writer = StoreWriter::new(Arc::new(Metrics::new()));
+    let ids: Vec<VehicleId> = (0..10_000)
+        .map(|i| VehicleId::new(&format!("v{i}")).expect("a valid id"))
+        .collect();
+    let (_, shard) = cells.locate(Position::new(52.52, 13.405).expect("a valid position"));
+    g.bench_function("stage a fix (10,000 vehicles pending)", |b| {
+        let mut step = 0usize;
+        b.iter(|| {
+            step += 1;
+            let s = state(&ids[step % ids.len()], 52.52);
+            writer.stage_fix(shard, black_box(s), false, step % 5 == 0);
+        });
+    });
+    let upserts: Vec<Upsert> = ids[..100]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Upsert {
+            state: state(id, 52.52 + i as f64 * 1e-4),
+            relocated: false,
+            seen: i % 5 == 0,
+        })
+        .collect();
+    let sb = ShardBatch {
+        shard,
+        upserts,
+        removals: Vec::new(),
+        fence: None,
+        publish: false,
+    };
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("a shard's flush of 100 vehicles as a pipeline", |b| {
+        b.iter(|| {
+            let upserts: Vec<&Upsert> = sb.upserts.iter().collect();
+            RedisStore::write_pipeline(black_box(&sb), &upserts).expect("encodable")
+        });
+    });
+    g.finish();
+}
+
 fn mailbox(c: &mut Criterion) {
     let mut g = c.benchmark_group("mailbox");
     g.throughput(Throughput::Elements(1));
@@ -302,6 +349,7 @@ criterion_group!(
     benches,
     validate_and_locate,
     table,
+    store,
     fan_out,
     mailbox,
     dashboard

@@ -248,8 +248,9 @@ impl RedisStore {
     }
 
     /// What [`WRITE_SHARD`] does for an unfenced shard without a bus, as
-    /// plain commands; every reply comes back, errors included.
-    fn write_pipeline(sb: &ShardBatch, upserts: &[&Upsert]) -> Result<Pipeline, StoreError> {
+    /// plain commands; every reply comes back, errors included. Public for
+    /// the benchmarks.
+    pub fn write_pipeline(sb: &ShardBatch, upserts: &[&Upsert]) -> Result<Pipeline, StoreError> {
         const CHUNK: usize = 1000;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
