@@ -201,7 +201,7 @@ fn store(c: &mut Criterion) {
         b.iter(|| {
             step += 1;
             let s = state(&ids[step % ids.len()], 52.52);
-            writer.stage_fix(shard, black_box(s), false, step % 5 == 0);
+            writer.stage_fix(shard, black_box(s), false, step.is_multiple_of(5));
         });
     });
     let upserts: Vec<Upsert> = ids[..100]
@@ -210,7 +210,7 @@ fn store(c: &mut Criterion) {
         .map(|(i, id)| Upsert {
             state: state(id, 52.52 + i as f64 * 1e-4),
             relocated: false,
-            seen: i % 5 == 0,
+            seen: i.is_multiple_of(5),
         })
         .collect();
     let sb = ShardBatch {
