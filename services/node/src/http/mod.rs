@@ -64,16 +64,6 @@ pub struct Api {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl Api {
-    /// How far beyond its shard a vehicle may stand (hand-off hysteresis),
-    /// so a search reaches into neighbouring shards that far.
-    fn shard_margin_m(&self) -> f64 {
-        self.cluster
-            .as_ref()
-            .map_or(0.0, |c| c.handoff_distance_m())
-    }
-}
-
 /// The public API; every route needs a reader's token.
 pub fn router(api: Api) -> Router {
     Router::new()
@@ -296,11 +286,13 @@ async fn nearby(
     let limit = limit as usize;
     // This node's own shards are answered from memory; only the shards of
     // other nodes in a cluster (if any reach the circle) from the store.
-    let shards = api
-        .cells
-        .shards_within(center, radius_m + api.shard_margin_m());
     let remote: Vec<ShardId> = match &api.cluster {
-        Some(cluster) => shards.into_iter().filter(|&s| !cluster.owns(s)).collect(),
+        Some(cluster) => api
+            .cells
+            .shards_within(center, radius_m + cluster.handoff_distance_m())
+            .into_iter()
+            .filter(|&s| !cluster.owns(s))
+            .collect(),
         None => Vec::new(),
     };
     let mut found = api.table.nearby(&api.cells, center, radius_m, limit);
