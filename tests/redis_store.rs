@@ -41,6 +41,7 @@ fn state(id: &str, lat: f64, lon: f64, seq: u64) -> VehicleState {
         class: VehicleClass::Economy,
         status: VehicleStatus::Available,
         seen_ms: now_ms(),
+        zones: Vec::new(),
     }
 }
 
@@ -67,6 +68,7 @@ fn placing(states: &[VehicleState]) -> Batch {
                 removals: vec![],
                 fence: None,
                 publish: false,
+                events: Vec::new(),
             })
             .collect(),
     }
@@ -363,6 +365,7 @@ fn shard_batch(shards: &mut HashMap<ShardId, ShardBatch>, shard: ShardId) -> &mu
         removals: vec![],
         fence: None,
         publish: false,
+        events: Vec::new(),
     })
 }
 

@@ -373,6 +373,7 @@ pub fn parked_fleet(
             class: VehicleClass::Economy,
             status: VehicleStatus::Available,
             seen_ms: now_ms(),
+            zones: Vec::new(),
         })
         .collect()
 }
@@ -403,6 +404,7 @@ pub async fn preload(redis: &RedisServer, states: &[hexfleet_model::VehicleState
                 removals: Vec::new(),
                 fence: None,
                 publish: false,
+                events: Vec::new(),
             })
             .collect(),
     };

@@ -37,6 +37,7 @@ fn state(id: &VehicleId, lat: f64) -> VehicleState {
         class: VehicleClass::Economy,
         status: VehicleStatus::Available,
         seen_ms: NOW,
+        zones: Vec::new(),
     }
 }
 
@@ -219,6 +220,7 @@ fn store(c: &mut Criterion) {
         removals: Vec::new(),
         fence: None,
         publish: false,
+        events: Vec::new(),
     };
     g.throughput(Throughput::Elements(100));
     g.bench_function("a shard's flush of 100 vehicles as a pipeline", |b| {

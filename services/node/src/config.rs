@@ -28,6 +28,7 @@ pub struct Config {
     pub dashboard: DashboardConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
+    pub zones: ZonesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +100,34 @@ impl Default for DashboardConfig {
                 close_after: 200,
             },
             max_message_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Zones (geofences): `PUT /v1/zones/{id}` and the events they raise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ZonesConfig {
+    /// The most zones the cluster holds; a new one beyond is refused.
+    pub max_zones: usize,
+    /// The most vertices one zone may have (all rings together).
+    pub max_vertices: usize,
+    /// The largest area one zone may cover, km²: its edge and inside cells
+    /// cost memory on every node.
+    pub max_area_km2: f64,
+    /// How often each node reads zone changes from the store: every node
+    /// applies a change within this (plus the tiling).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ZonesConfig {
+    fn default() -> Self {
+        Self {
+            max_zones: 20_000,
+            max_vertices: 10_000,
+            max_area_km2: 5_000.0,
+            poll_interval: Duration::from_millis(250),
         }
     }
 }
@@ -341,6 +370,7 @@ impl Default for Config {
             dashboard: DashboardConfig::default(),
             store: StoreConfig::default(),
             cluster: ClusterConfig::default(),
+            zones: ZonesConfig::default(),
         }
     }
 }
@@ -682,6 +712,7 @@ mod tests {
             format!("{:?}", file.cluster),
             format!("{:?}", builtin.cluster)
         );
+        assert_eq!(format!("{:?}", file.zones), format!("{:?}", builtin.zones));
         assert_eq!(file.node_id, builtin.node_id);
         assert_eq!(file.dev, builtin.dev);
         file.validate().unwrap();

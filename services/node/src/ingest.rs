@@ -6,15 +6,19 @@
 
 use std::sync::Arc;
 
-use hexfleet_model::{CellModel, IndexCell, Position, ShardId, VehicleId, VehicleState};
-use hexfleet_protocol::{DriverReport, RemoveReason};
+use hexfleet_model::{
+    CellModel, IndexCell, Membership, Position, ShardId, VehicleId, VehicleState, ZoneId,
+};
+use hexfleet_protocol::{zone::ZoneCause, DriverReport, RemoveReason};
 
 use crate::{
+    clock,
     fanout::FanOut,
     metrics::Metrics,
     store::{seen_due, writer::StoreWriter},
     table::{Entry, VehicleTable},
     validate::ValidFix,
+    zones::Zones,
 };
 
 pub struct Ingest {
@@ -23,6 +27,9 @@ pub struct Ingest {
     pub writer: Arc<StoreWriter>,
     pub fanout: Arc<FanOut>,
     pub metrics: Arc<Metrics>,
+    /// Zone memberships are kept here, with the state: every change of a
+    /// vehicle passes through, and its events are staged with its write.
+    pub zones: Arc<Zones>,
 }
 
 /// Where an accepted fix is indexed and stored: its index cell, and the
@@ -44,7 +51,8 @@ impl Ingest {
     }
 
     /// Applies a validated fix of vehicle `id`, as of `now_ms` (node clock),
-    /// placed as the router said.
+    /// placed as the router said. `inherited`: the zones the vehicle was in
+    /// on the node it comes from, for its first fix here.
     pub fn accept(
         &self,
         id: &VehicleId,
@@ -52,6 +60,7 @@ impl Ingest {
         report: DriverReport,
         now_ms: i64,
         placed: Placed,
+        inherited: Option<&[Membership]>,
     ) {
         let Placed { cell, shard } = placed;
         let f = &valid.fix;
@@ -67,12 +76,30 @@ impl Ingest {
             class: report.class,
             status: report.status,
             seen_ms: now_ms,
+            zones: Vec::new(),
         };
-        let previous = self.table.upsert(Entry {
-            state: state.clone(),
-            cell,
-            shard,
-        });
+        let mut events = Vec::new();
+        let mut kept = None;
+        let previous = self
+            .table
+            .upsert_with(Entry { state, cell, shard }, |old, new| {
+                let had = match old {
+                    Some(old) => old.state.zones.as_slice(),
+                    None => inherited.unwrap_or_default(),
+                };
+                new.state.zones = self.zones.update(
+                    had,
+                    &new.state,
+                    cell.0,
+                    now_ms,
+                    ZoneCause::Moved,
+                    &mut events,
+                );
+                kept = Some(new.state.clone());
+            });
+        // `upsert_with` always prepares the entry.
+        let Some(state) = kept else { return };
+        self.writer.stage_events(shard, events);
         self.fanout.vehicle_changed(state.clone(), cell, shard);
         let (relocated, seen) = match previous {
             Some(p) if p.shard != shard => {
@@ -90,12 +117,25 @@ impl Ingest {
     /// vehicle with no accepted fix yet has no state to change; the report
     /// applies from its first fix.
     pub fn report(&self, id: &VehicleId, report: DriverReport, now_ms: i64) {
+        let mut events = Vec::new();
         let updated = self.table.update(id, |state| {
             state.class = report.class;
             state.status = report.status;
             state.seen_ms = now_ms;
+            // A zone's filter may see the vehicle differently now.
+            let had = std::mem::take(&mut state.zones);
+            let (cell, _) = self.cells.locate(state.position());
+            state.zones = self.zones.update(
+                &had,
+                state,
+                cell.0,
+                now_ms,
+                ZoneCause::Reported,
+                &mut events,
+            );
         });
         if let Some(entry) = updated {
+            self.writer.stage_events(entry.shard, events);
             self.fanout
                 .vehicle_changed(entry.state.clone(), entry.cell, entry.shard);
             self.writer.stage_upsert(entry.shard, entry.state, false);
@@ -105,6 +145,8 @@ impl Ingest {
     /// The vehicle is gone (signed off, or offline for too long).
     pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) {
         if let Some(entry) = self.table.remove(id) {
+            let events = Zones::leave_all(&entry.state, clock::now_ms(), ZoneCause::SignedOff);
+            self.writer.stage_events(entry.shard, events);
             self.writer
                 .stage_removal(entry.shard, id.clone(), Some(reason));
             self.fanout.vehicle_removed(id.clone(), reason, entry.shard);
@@ -152,7 +194,10 @@ impl Ingest {
     /// many.
     pub fn evict_stale(&self, cutoff_ms: i64) -> usize {
         let evicted = self.table.evict_stale(cutoff_ms);
+        let now_ms = clock::now_ms();
         for entry in &evicted {
+            let events = Zones::leave_all(&entry.state, now_ms, ZoneCause::Stale);
+            self.writer.stage_events(entry.shard, events);
             let id = entry.state.id.clone();
             let reason = RemoveReason::Stale;
             self.writer
@@ -162,6 +207,49 @@ impl Ingest {
         self.metrics.vehicles_evicted.inc_by(evicted.len() as u64);
         self.metrics.vehicles.set(self.table.len() as i64);
         evicted.len()
+    }
+
+    /// Zones changed (created, changed, deleted): the vehicles that were in
+    /// one or can be in one now get their memberships again, with events.
+    /// Returns how many vehicles were looked at.
+    pub fn rezone(&self, changed: &[ZoneId]) -> usize {
+        if changed.is_empty() {
+            return 0;
+        }
+        let index = self.zones.current();
+        let mut candidates = std::collections::HashSet::new();
+        self.table.each(|state| {
+            if state.zones.iter().any(|m| changed.contains(&m.zone)) {
+                candidates.insert(state.id.clone());
+            }
+        });
+        let res = self.cells.index_res();
+        for zone in changed.iter().filter_map(|id| index.get(id)) {
+            for state in self.table.in_cells(zone.cells(res), |_| true) {
+                candidates.insert(state.id);
+            }
+        }
+        let now_ms = clock::now_ms();
+        for id in &candidates {
+            let mut events = Vec::new();
+            let updated = self.table.update(id, |state| {
+                let had = std::mem::take(&mut state.zones);
+                let (cell, _) = self.cells.locate(state.position());
+                state.zones = self.zones.update(
+                    &had,
+                    state,
+                    cell.0,
+                    now_ms,
+                    ZoneCause::ZoneChanged,
+                    &mut events,
+                );
+            });
+            if let Some(entry) = updated.filter(|_| !events.is_empty()) {
+                self.writer.stage_events(entry.shard, events);
+                self.writer.stage_upsert(entry.shard, entry.state, false);
+            }
+        }
+        candidates.len()
     }
 
     /// Loads vehicles a store already holds (a node taking over its shards),

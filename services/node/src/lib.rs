@@ -46,6 +46,7 @@ pub mod sweeper;
 pub mod table;
 pub mod tls;
 pub mod validate;
+pub mod zones;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -245,7 +246,12 @@ async fn write_until_sessions_end(
         Some(cluster) => cluster.clone(),
         None => Arc::new(Unfenced),
     };
-    let writing = tokio::spawn(writer.run(store, fences, flush_interval, stop.clone()));
+    let writing = tokio::spawn(writer.clone().run(
+        store.clone(),
+        fences,
+        flush_interval,
+        stop.clone(),
+    ));
     shutdown.cancelled().await;
     sessions.close();
     if tokio::time::timeout(SESSION_DRAIN, sessions.wait())
@@ -259,6 +265,12 @@ async fn write_until_sessions_end(
     }
     stop.cancel();
     let _ = writing.await;
+    // The last flush's zone events, to the stream before the leases go.
+    for shard in writer.take_outboxes() {
+        if let Err(e) = store.relay_zone_events(shard).await {
+            tracing::warn!(%shard, error = %e, "relaying the last zone events; the shard's next owner will");
+        }
+    }
     // Written: the leases can go, and the others take the shards over.
     if let Some(cluster) = cluster {
         cluster.leave().await;
@@ -315,12 +327,22 @@ impl Node {
             transit_grace: config.ingest.offline_grace,
         });
         let fanout = Arc::new(FanOut::with_reach(metrics.clone(), reach));
+        let zones = Arc::new(zones::Zones::new(
+            cells.index_res(),
+            zones::ZoneLimits {
+                max_vertices: config.zones.max_vertices,
+                max_area_km2: config.zones.max_area_km2,
+            },
+            config.zones.max_zones,
+            metrics.clone(),
+        ));
         let ingest = Arc::new(Ingest {
             cells,
             table: table.clone(),
             writer: writer.clone(),
             fanout: fanout.clone(),
             metrics: metrics.clone(),
+            zones: zones.clone(),
         });
         // A single node owns everything in the store; a cluster node takes
         // over the shards it owns as it acquires their leases.
@@ -362,6 +384,8 @@ impl Node {
             auth: auth.clone(),
             shutdown: shutdown.clone(),
             ready: ready.clone(),
+            zones: zones.clone(),
+            ingest: ingest.clone(),
         };
         let counted = axum::middleware::from_fn_with_state(metrics.clone(), http::count_requests);
         let admin = http::server::Listener {
@@ -444,13 +468,39 @@ impl Node {
             sessions.clone(),
             shutdown.clone(),
         ));
+        tasks.spawn(zones::sync::follow_zones(
+            store.clone(),
+            zones.clone(),
+            ingest.clone(),
+            config.zones.poll_interval,
+            shutdown.clone(),
+        ));
+        tasks.spawn(zones::sync::relay_events(
+            store.clone(),
+            writer.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(zones::sync::show_events(
+            store.clone(),
+            zones.clone(),
+            shutdown.clone(),
+        ));
+        if cluster.is_some() {
+            tasks.spawn(zones::sync::share_counts(
+                store.clone(),
+                ingest.clone(),
+                config.node_id.clone(),
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(rewrite_after_outages(
             writer,
             table.clone(),
             shutdown.clone(),
         ));
         let sweeper = Arc::new(Sweeper {
-            ingest,
+            ingest: ingest.clone(),
             stale_after: config.store.stale_after,
             interval: config.store.sweep_interval,
         });
@@ -467,6 +517,9 @@ impl Node {
             shutdown: shutdown.clone(),
             store: store.clone(),
             clustered,
+            zones: zones.clone(),
+            ingest,
+            cluster: cluster.clone(),
         });
         let api = http::Api {
             cluster: cluster.clone(),

@@ -192,6 +192,7 @@ mod tests {
             class: VehicleClass::Economy,
             status: VehicleStatus::Available,
             seen_ms: 0,
+            zones: Vec::new(),
         }
     }
 

@@ -83,6 +83,13 @@ pub struct Metrics {
     pub udp_datagrams: [Counter; 2],
     pub udp_bytes: [Counter; 2],
     pub store_up: Gauge,
+    pub zones: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub zone_cells: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub zone_tests: Counter,
+    zone_events: Family<Labels2, Counter>,
+    pub zone_event_delay_seconds: Histogram,
+    pub zone_events_dropped: Counter,
+    pub zone_relay_errors: Counter,
 }
 
 /// The kinds of delta item, as counted.
@@ -367,6 +374,43 @@ impl Metrics {
                 "1 while the store answers, 0 while it does not (the node keeps serving from memory)",
                 Gauge::default(),
             ),
+            zones: registered(&mut r, "zones", "Zones this node applies", Gauge::default()),
+            zone_cells: registered(
+                &mut r,
+                "zone_cells",
+                "Cells the zone index holds (edge cells, and compacted inside cells)",
+                Gauge::default(),
+            ),
+            zone_tests: registered(
+                &mut r,
+                "zone_tests",
+                "Exact point-in-polygon tests made for fixes in zones' edge cells",
+                Counter::default(),
+            ),
+            zone_events: registered(
+                &mut r,
+                "zone_events",
+                "Zone events this node moved to the event stream, by event and cause (summed over the nodes: each event once)",
+                Family::default(),
+            ),
+            zone_event_delay_seconds: registered(
+                &mut r,
+                "zone_event_delay_seconds",
+                "From the fix (or change) that caused a zone event to the event in the stream",
+                Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            ),
+            zone_events_dropped: registered(
+                &mut r,
+                "zone_events_dropped",
+                "Zone events dropped: too many waiting for the store, or their shard had passed to another node (which recounts)",
+                Counter::default(),
+            ),
+            zone_relay_errors: registered(
+                &mut r,
+                "zone_relay_errors",
+                "Failed attempts to move events from a shard's outbox to the stream (retried)",
+                Counter::default(),
+            ),
             registry: r,
         }
     }
@@ -410,6 +454,12 @@ impl Metrics {
 
     pub fn http_dropped(&self, reason: &'static str) -> Counter {
         self.http_dropped.get_or_create_owned(&[("reason", reason)])
+    }
+
+    /// Zone events moved to the stream, by event and cause.
+    pub fn zone_event(&self, event: &'static str, cause: &'static str) -> Counter {
+        self.zone_events
+            .get_or_create_owned(&[("event", event), ("cause", cause)])
     }
 
     pub fn reload(&self, what: &'static str, ok: bool) -> Counter {

@@ -97,13 +97,35 @@ impl VehicleTable {
 
     /// Inserts or replaces a vehicle's entry and says where it was before.
     pub fn upsert(&self, entry: Entry) -> Option<Previous> {
+        self.upsert_with(entry, |_, _| {})
+    }
+
+    /// Inserts or replaces a vehicle's entry, which `prepare` completes
+    /// from the entry it replaces (under the vehicle's lock, so two changes
+    /// of one vehicle never both start from the same old entry).
+    pub fn upsert_with(
+        &self,
+        mut entry: Entry,
+        prepare: impl FnOnce(Option<&Entry>, &mut Entry),
+    ) -> Option<Previous> {
         let (id, cell) = (entry.state.id.clone(), entry.cell);
         let at = (entry.state.lat, entry.state.lon);
-        let previous = self.vehicles.insert(id.clone(), entry).map(|old| Previous {
-            cell: old.cell,
-            shard: old.shard,
-            seen_ms: old.state.seen_ms,
-        });
+        let previous = match self.vehicles.entry(id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(mut held) => {
+                prepare(Some(held.get()), &mut entry);
+                let old = held.insert(entry);
+                Some(Previous {
+                    cell: old.cell,
+                    shard: old.shard,
+                    seen_ms: old.state.seen_ms,
+                })
+            }
+            dashmap::mapref::entry::Entry::Vacant(free) => {
+                prepare(None, &mut entry);
+                free.insert(entry);
+                None
+            }
+        };
         match previous {
             Some(p) if p.cell == cell => {
                 if let Some(mut there) = self.in_cell.get_mut(&cell.0) {
@@ -186,6 +208,36 @@ impl VehicleTable {
         let mut entry = self.vehicles.get_mut(id)?;
         f(&mut entry.state);
         Some(entry.clone())
+    }
+
+    /// The states of the vehicles in `cells` that `keep` keeps.
+    pub fn in_cells(
+        &self,
+        cells: impl IntoIterator<Item = CellIndex>,
+        mut keep: impl FnMut(&VehicleState) -> bool,
+    ) -> Vec<VehicleState> {
+        let mut found = Vec::new();
+        let mut seen = HashSet::new();
+        for cell in cells {
+            let Some(there) = self.in_cell.get(&cell) else {
+                continue;
+            };
+            for id in there.keys() {
+                if let Some(entry) = self.vehicles.get(id) {
+                    if keep(&entry.state) && seen.insert(id.clone()) {
+                        found.push(entry.state.clone());
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Runs `f` on every vehicle's state, in no order.
+    pub fn each(&self, mut f: impl FnMut(&VehicleState)) {
+        for entry in self.vehicles.iter() {
+            f(&entry.state);
+        }
     }
 
     pub fn get(&self, id: &VehicleId) -> Option<Entry> {
@@ -286,6 +338,7 @@ mod tests {
             class: VehicleClass::Economy,
             status: VehicleStatus::Available,
             seen_ms,
+            zones: Vec::new(),
         }
     }
 

@@ -1192,6 +1192,7 @@ async fn a_write_under_a_lease_that_is_no_longer_held_lands_nothing() {
         class: VehicleClass::Economy,
         status: VehicleStatus::Available,
         seen_ms: 1,
+        zones: Vec::new(),
     };
     let batch = |fence: &str| Batch {
         shards: vec![ShardBatch {
@@ -1204,6 +1205,7 @@ async fn a_write_under_a_lease_that_is_no_longer_held_lands_nothing() {
             removals: Vec::new(),
             fence: Some(fence.into()),
             publish: true,
+            events: Vec::new(),
         }],
     };
     // An earlier holding of the lease: refused, nothing written.

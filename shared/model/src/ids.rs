@@ -75,6 +75,58 @@ impl fmt::Debug for VehicleId {
     }
 }
 
+/// The longest zone id accepted (the same rules as a vehicle id: it is
+/// embedded in URLs, Redis stream entries and logs).
+pub const MAX_ZONE_ID_LEN: usize = MAX_VEHICLE_ID_LEN;
+
+/// An operator's zone (a geofence): an airport queue, a service area.
+/// The same characters as a [`VehicleId`], 1 to 64 of them.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ZoneId(Arc<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid zone id: must be 1 to {MAX_ZONE_ID_LEN} characters of A-Z a-z 0-9 - _ :")]
+pub struct InvalidZoneId;
+
+impl ZoneId {
+    pub fn new(id: &str) -> Result<Self, InvalidZoneId> {
+        // The rules of a vehicle id, checked in one place.
+        VehicleId::new(id)
+            .map(|v| Self(v.0))
+            .map_err(|_| InvalidZoneId)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ZoneId {
+    type Error = InvalidZoneId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(&s)
+    }
+}
+
+impl From<ZoneId> for String {
+    fn from(id: ZoneId) -> Self {
+        id.0.to_string()
+    }
+}
+
+impl fmt::Display for ZoneId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ZoneId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ZoneId({})", self.0)
+    }
+}
+
 /// The cell a fix is indexed in, at the index resolution (default 9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IndexCell(pub CellIndex);

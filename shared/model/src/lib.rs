@@ -15,8 +15,8 @@ pub mod vehicle;
 pub mod viewport;
 
 pub use cells::{CellModel, CellModelError};
-pub use ids::{IndexCell, InvalidVehicleId, ShardId, VehicleId};
+pub use ids::{IndexCell, InvalidVehicleId, InvalidZoneId, ShardId, VehicleId, ZoneId};
 pub use vehicle::{
-    Position, PositionError, VehicleClass, VehicleState, VehicleStatus, MAX_INDEXED_LAT,
+    Membership, Position, PositionError, VehicleClass, VehicleState, VehicleStatus, MAX_INDEXED_LAT,
 };
 pub use viewport::{BBox, BBoxError, ViewportCover};

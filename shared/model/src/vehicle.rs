@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::VehicleId;
+use crate::{VehicleId, ZoneId};
 
 /// The highest latitude, north or south, that hexfleet indexes. Redis's geo
 /// index (like every Web Mercator map) holds latitudes only within
@@ -145,6 +145,21 @@ pub struct VehicleState {
     /// When a node last heard from the vehicle (Unix milliseconds, node
     /// clock). Staleness is judged on this, not on the device's clock.
     pub seen_ms: i64,
+    /// The zones the vehicle is in, by zone id, each with when it entered.
+    /// Kept with the state so that whichever node holds the vehicle next
+    /// (a hand-off, a failover) continues from it: an entry is announced
+    /// once. Last, and left out when empty, so states stored before zones
+    /// existed still decode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<Membership>,
+}
+
+/// A vehicle's presence in a zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub zone: ZoneId,
+    /// When it entered (node clock, Unix ms): its place in the zone's queue.
+    pub entered_ms: i64,
 }
 
 impl VehicleState {

@@ -8,6 +8,7 @@
 //! - [`token`]: JSON Web Tokens that bind a role to a subject until they
 //!   expire, and the verifier that checks them by key id.
 //! - [`bus`]: what nodes tell each other through Redis.
+//! - [`zone`]: entries into and exits from operators' zones.
 
 pub mod bus;
 pub mod codec;
@@ -16,6 +17,7 @@ pub mod dev;
 pub mod messages;
 pub mod rider;
 pub mod token;
+pub mod zone;
 
 pub use codec::{
     decode_datagram, encode_datagram, encoded_len, FrameCodec, FrameError, MAX_FRAME_LEN,

@@ -573,6 +573,8 @@ impl Cluster {
         self.wanted.lock().remove(&shard);
         self.tainted.lock().remove(&shard);
         let taken = self.ingest.take_over(shard, states);
+        // Zone events its last holder wrote but did not relay.
+        self.writer.relay(shard);
         self.metrics.shards_taken_over.inc();
         tracing::info!(%shard, vehicles = taken, "took the shard over");
         self.publish_held();

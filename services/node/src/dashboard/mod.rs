@@ -49,6 +49,10 @@ pub struct Dashboards {
     /// In a cluster, a dashboard showing counts has the shards under its
     /// viewport replicated here.
     pub clustered: bool,
+    /// Zones drawn on the map, with their counts, queues and events.
+    pub zones: Arc<crate::zones::Zones>,
+    pub ingest: Arc<crate::ingest::Ingest>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 pub fn router(dashboards: Arc<Dashboards>) -> Router {

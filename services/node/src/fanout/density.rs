@@ -127,6 +127,7 @@ mod tests {
             class: VehicleClass::ALL[i % VehicleClass::ALL.len()],
             status,
             seen_ms: 0,
+            zones: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@
 //! [`server`] is the listener that serves them, with its limits and TLS.
 
 pub mod server;
+mod zones;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -62,6 +63,9 @@ pub struct Api {
     /// Set once the node has started: a cluster node waits for Redis to
     /// join, live but not ready.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    pub zones: Arc<crate::zones::Zones>,
+    /// Where zone changes re-place the vehicles this node holds.
+    pub ingest: Arc<crate::ingest::Ingest>,
 }
 
 /// The public API; every route needs a reader's token.
@@ -70,6 +74,12 @@ pub fn router(api: Api) -> Router {
         .route("/v1/vehicles", get(nearby))
         .route("/v1/vehicles/{id}", get(vehicle))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/zones", get(zones::list))
+        .route(
+            "/v1/zones/{id}",
+            get(zones::get).put(zones::put).delete(zones::delete),
+        )
+        .route("/v1/zones/{id}/vehicles", get(zones::vehicles))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_reader))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(api)

@@ -78,17 +78,33 @@ pub(super) async fn serve(
     id: VehicleId,
     expiry: Expiry,
 ) -> Outcome {
-    // A driver handed over by another node continues from what it left.
-    let inherited = match &ctx.cluster {
+    // A driver handed over by another node continues from what it left;
+    // one whose node died, from its last state written (its zones: an
+    // entry is announced once, whichever node holds the vehicle).
+    let (inherited, zones) = match &ctx.cluster {
         Some(_) if ctx.ingest.table.get(&id).is_none() => {
-            ctx.store.handed_over(&id).await.unwrap_or_else(|e| {
+            let handed = ctx.store.handed_over(&id).await.unwrap_or_else(|e| {
                 tracing::warn!(vehicle = %id, error = %e, "reading a handed-over driver's state");
                 None
-            })
+            });
+            let zones = match &handed {
+                Some(state) => Some(state.zones.clone()),
+                None => ctx
+                    .store
+                    .vehicle(&id)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(vehicle = %id, error = %e, "reading a driver's last state");
+                        None
+                    })
+                    .map(|state| state.zones),
+            };
+            (handed, zones)
         }
-        _ => None,
+        _ => (None, None),
     };
     let mut session = DriverSession::start(conn, ctx, id, inherited);
+    session.inherited_zones = zones;
     let outcome = session.run(tx, rx, expiry).await;
     let id = session.id;
     // Forget our registration, unless a newer session already replaced it.
@@ -120,6 +136,9 @@ struct DriverSession<'a> {
     superseded: CancellationToken,
     validator: Validator,
     report: DriverReport,
+    /// The zones the vehicle was in on the node it comes from (or as last
+    /// written), for its first fix here.
+    inherited_zones: Option<Vec<hexfleet_model::Membership>>,
     /// Highest accepted sequence, and the highest already acknowledged.
     acked_seq: u64,
     ack_sent: u64,
@@ -187,6 +206,7 @@ impl<'a> DriverSession<'a> {
             superseded,
             report,
             rejections: Vec::new(),
+            inherited_zones: None,
             rejected_total: 0,
             rejected_unsent: false,
             crossed_at: None,
@@ -378,9 +398,15 @@ impl<'a> DriverSession<'a> {
                 away => return self.leave(cluster, away, true).await,
             },
         };
-        self.ctx
-            .ingest
-            .accept(&self.id, &valid, self.report, now, placed);
+        let inherited = self.inherited_zones.take();
+        self.ctx.ingest.accept(
+            &self.id,
+            &valid,
+            self.report,
+            now,
+            placed,
+            inherited.as_deref(),
+        );
         self.acked_seq = valid.fix.seq;
         Ok(())
     }

@@ -77,6 +77,35 @@ pub fn locator(id: &VehicleId) -> String {
     format!("hexfleet:loc:{{{id}}}")
 }
 
+/// A shard's zone events not yet moved to [`ZONE_EVENTS`] (a stream, in
+/// the shard's slot, so an event is written with the state it records).
+pub fn outbox(shard: ShardId) -> String {
+    format!("hexfleet:outbox:{{{shard}}}")
+}
+
+/// Every zone event, for backends (consumer groups): a stream of entries
+/// with the fields of `ZoneEvent::fields`. The zone keys share a slot.
+pub const ZONE_EVENTS: &str = "hexfleet:{zones}:events";
+
+/// Per shard, the last outbox entry moved to [`ZONE_EVENTS`], so none is
+/// moved twice.
+pub const ZONE_RELAYED: &str = "hexfleet:{zones}:relayed";
+
+/// The zones' GeoJSON Features, by zone id.
+pub const ZONE_DEFS: &str = "hexfleet:{zones}:defs";
+
+/// Each zone's version (its last change; deleted zones stay, without a
+/// Feature), so a node reads only what changed.
+pub const ZONE_VERSIONS: &str = "hexfleet:{zones}:versions";
+
+/// The zones' version counter.
+pub const ZONE_VERSION: &str = "hexfleet:{zones}:version";
+
+/// A node's live zone counts, expiring with the node.
+pub fn zone_counts(node: &str) -> String {
+    format!("hexfleet:{{zones}}:counts:{node}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,20 @@
 //! The in-process store: the embedded default for a single node. It keeps
 //! the same per-shard layout as Redis so both answer alike.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
 
 use async_trait::async_trait;
-use hexfleet_model::{ShardId, VehicleId, VehicleState};
+use hexfleet_model::{ShardId, VehicleId, VehicleState, ZoneId};
+use hexfleet_protocol::zone::ZoneEvent;
 use parking_lot::RwLock;
 
-use super::{nearest_first, Applied, Batch, Nearby, NearbyQuery, Store, StoreError};
+use super::{
+    nearest_first, Applied, Batch, Nearby, NearbyQuery, Store, StoreError, ZoneChanges,
+    ZONE_STREAM_LEN,
+};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -19,6 +26,13 @@ struct Inner {
     shards: HashMap<ShardId, HashMap<VehicleId, VehicleState>>,
     locator: HashMap<VehicleId, ShardId>,
     handed_over: HashMap<VehicleId, VehicleState>,
+    outboxes: HashMap<ShardId, Vec<ZoneEvent>>,
+    /// The zone event stream: (sequence, event), the newest last.
+    stream: VecDeque<(u64, ZoneEvent)>,
+    stream_seq: u64,
+    /// Zones by id: (version, Feature; `None` once deleted).
+    zones: BTreeMap<ZoneId, (u64, Option<String>)>,
+    zones_version: u64,
 }
 
 impl MemoryStore {
@@ -55,6 +69,13 @@ impl Store for MemoryStore {
             if vehicles.is_empty() {
                 shards.remove(&sb.shard);
             }
+        }
+        for sb in batch.shards.iter().filter(|sb| !sb.events.is_empty()) {
+            inner
+                .outboxes
+                .entry(sb.shard)
+                .or_default()
+                .extend(sb.events.iter().cloned());
         }
         // Memory holds any valid state, and is never shared by a cluster.
         Ok(Applied::default())
@@ -122,5 +143,110 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn relay_zone_events(&self, shard: ShardId) -> Result<Vec<ZoneEvent>, StoreError> {
+        let mut inner = self.inner.write();
+        let events = inner.outboxes.remove(&shard).unwrap_or_default();
+        for event in &events {
+            inner.stream_seq += 1;
+            let seq = inner.stream_seq;
+            inner.stream.push_back((seq, event.clone()));
+            if inner.stream.len() > ZONE_STREAM_LEN {
+                inner.stream.pop_front();
+            }
+        }
+        Ok(events)
+    }
+
+    async fn zone_events(
+        &self,
+        cursor: Option<&str>,
+        count: usize,
+    ) -> Result<(String, Vec<ZoneEvent>), StoreError> {
+        let inner = self.inner.read();
+        let Some(after) = cursor.and_then(|c| c.parse::<u64>().ok()) else {
+            return Ok((inner.stream_seq.to_string(), Vec::new()));
+        };
+        let events: Vec<(u64, ZoneEvent)> = inner
+            .stream
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .take(count)
+            .cloned()
+            .collect();
+        let cursor = events.last().map_or(after, |(seq, _)| *seq);
+        Ok((
+            cursor.to_string(),
+            events.into_iter().map(|(_, e)| e).collect(),
+        ))
+    }
+
+    async fn put_zone(
+        &self,
+        id: &ZoneId,
+        feature: &str,
+        max_zones: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut inner = self.inner.write();
+        let live = inner.zones.values().filter(|(_, f)| f.is_some()).count();
+        let exists = inner.zones.get(id).is_some_and(|(_, f)| f.is_some());
+        if !exists && live >= max_zones {
+            return Ok(None);
+        }
+        inner.zones_version += 1;
+        let version = inner.zones_version;
+        inner
+            .zones
+            .insert(id.clone(), (version, Some(feature.to_string())));
+        Ok(Some(version))
+    }
+
+    async fn delete_zone(&self, id: &ZoneId) -> Result<bool, StoreError> {
+        let mut inner = self.inner.write();
+        if !inner.zones.get(id).is_some_and(|(_, f)| f.is_some()) {
+            return Ok(false);
+        }
+        inner.zones_version += 1;
+        let version = inner.zones_version;
+        inner.zones.insert(id.clone(), (version, None));
+        Ok(true)
+    }
+
+    async fn zone_changes(&self, since: u64) -> Result<ZoneChanges, StoreError> {
+        let inner = self.inner.read();
+        Ok(ZoneChanges {
+            version: inner.zones_version,
+            zones: inner
+                .zones
+                .iter()
+                .filter(|(_, (version, _))| *version > since)
+                .map(|(id, (_, feature))| (id.clone(), feature.clone()))
+                .collect(),
+        })
+    }
+
+    async fn put_zone_counts(
+        &self,
+        _node: &str,
+        _counts: &[u8],
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // One node, which counts its own.
+        Ok(())
+    }
+
+    async fn zone_counts(&self, _nodes: &[String]) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn shards(&self) -> Result<Vec<ShardId>, StoreError> {
+        let inner = self.inner.read();
+        Ok(inner
+            .shards
+            .keys()
+            .chain(inner.outboxes.keys())
+            .copied()
+            .collect())
     }
 }

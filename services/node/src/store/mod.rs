@@ -18,8 +18,8 @@ pub mod writer;
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use hexfleet_model::{Position, ShardId, VehicleId, VehicleState};
-use hexfleet_protocol::RemoveReason;
+use hexfleet_model::{Position, ShardId, VehicleId, VehicleState, ZoneId};
+use hexfleet_protocol::{zone::ZoneEvent, RemoveReason};
 
 /// A vehicle written to a shard.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +44,10 @@ pub const SEEN_RESOLUTION_MS: i64 = 5_000;
 pub fn seen_due(before_ms: i64, now_ms: i64) -> bool {
     before_ms.div_euclid(SEEN_RESOLUTION_MS) != now_ms.div_euclid(SEEN_RESOLUTION_MS)
 }
+
+/// How many zone events the stream keeps (Redis trims it to about this
+/// many, `MAXLEN ~`): consumers that fall further behind miss the oldest.
+pub const ZONE_STREAM_LEN: usize = 100_000;
 
 /// A vehicle removed from a shard.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +75,10 @@ pub struct ShardBatch {
     pub fence: Option<Arc<str>>,
     /// Publish the changes on the shard's bus channel, for other nodes.
     pub publish: bool,
+    /// Zone events of the shard's vehicles, in order: written to the
+    /// shard's outbox in the same atomic write as the states that record
+    /// them, or not at all.
+    pub events: Vec<ZoneEvent>,
 }
 
 /// What a flush did besides writing.
@@ -93,7 +101,7 @@ impl Batch {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.upserts.len() + s.removals.len())
+            .map(|s| s.upserts.len() + s.removals.len() + s.events.len())
             .sum()
     }
 
@@ -208,6 +216,58 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Moves a shard's pending zone events from its outbox to the event
+    /// stream, each exactly once however many nodes try at once, and
+    /// returns those it moved.
+    async fn relay_zone_events(&self, shard: ShardId) -> Result<Vec<ZoneEvent>, StoreError>;
+
+    /// The zone events in the stream after `cursor` (`None`: from its
+    /// current end), at most `count`, and the cursor to read on from.
+    async fn zone_events(
+        &self,
+        cursor: Option<&str>,
+        count: usize,
+    ) -> Result<(String, Vec<ZoneEvent>), StoreError>;
+
+    /// Creates or replaces a zone (its GeoJSON Feature, already checked),
+    /// unless that would make more than `max_zones`. Returns the zones'
+    /// new version, or `None` when there are too many zones.
+    async fn put_zone(
+        &self,
+        id: &ZoneId,
+        feature: &str,
+        max_zones: usize,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Deletes a zone; `false` when there was none.
+    async fn delete_zone(&self, id: &ZoneId) -> Result<bool, StoreError>;
+
+    /// The zones changed since version `since` (`None`: deleted), and the
+    /// version they bring the reader to.
+    async fn zone_changes(&self, since: u64) -> Result<ZoneChanges, StoreError>;
+
+    /// Leaves this node's live zone counts for the others, for `ttl`.
+    async fn put_zone_counts(
+        &self,
+        node: &str,
+        counts: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// The zone counts the given nodes left (those still fresh).
+    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// Every shard that ever held a vehicle.
+    async fn shards(&self) -> Result<Vec<ShardId>, StoreError>;
+}
+
+/// What changed among the zones since a version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ZoneChanges {
+    pub version: u64,
+    /// Each changed zone's GeoJSON Feature, or `None` when it was deleted.
+    pub zones: Vec<(ZoneId, Option<String>)>,
 }
 
 /// Keeps the `limit` nearest of `found`, nearest first.

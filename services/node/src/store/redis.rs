@@ -21,8 +21,11 @@ use std::{collections::HashMap, sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
-use hexfleet_model::{ShardId, VehicleId, VehicleState};
-use hexfleet_protocol::bus::{ShardChanges, ShardRemoval};
+use hexfleet_model::{ShardId, VehicleId, VehicleState, ZoneId};
+use hexfleet_protocol::{
+    bus::{ShardChanges, ShardRemoval},
+    zone::ZoneEvent,
+};
 use redis::{
     aio::ConnectionManager, cluster_async::ClusterConnection, FromRedisValue, Pipeline, Script,
     ScriptInvocation, ToRedisArgs, Value,
@@ -30,18 +33,20 @@ use redis::{
 
 use super::{
     keys, nearest_first, Applied, Batch, Nearby, NearbyQuery, Refused, ShardBatch, Store,
-    StoreError, Upsert,
+    StoreError, Upsert, ZoneChanges,
 };
 
 /// Writes one shard's changes, fenced by its lease, and publishes them.
 ///
-/// KEYS: lease, geo, seen, state, bus seq. ARGV: the lease value the writer
-/// holds (empty: not fenced), the publish command (`SPUBLISH`, `PUBLISH` or
-/// empty), the channel, the bus body; then three lists, each a count and its
-/// items laid out as the command takes them, so each command is
-/// `unpack(ARGV, from, to)` with no per-vehicle work in Lua: the removed
-/// ids; the upserts (lon, lat, id triples for `GEOADD`, then id, state pairs
-/// for `HSET`); the last-seen entries (ms, id pairs for `ZADD`).
+/// KEYS: lease, geo, seen, state, bus seq, zone event outbox. ARGV: the
+/// lease value the writer holds (empty: not fenced), the publish command
+/// (`SPUBLISH`, `PUBLISH` or empty), the channel, the bus body; then four
+/// lists, each a count and its items laid out as the command takes them, so
+/// each command is `unpack(ARGV, from, to)` with no per-vehicle work in Lua:
+/// the removed ids; the upserts (lon, lat, id triples for `GEOADD`, then id,
+/// state pairs for `HSET`); the last-seen entries (ms, id pairs for `ZADD`);
+/// the zone events (six field, value pairs each for `XADD`), which land
+/// with the states that record them or not at all.
 ///
 /// Returns `{seq, replies}`: the bus sequence number given (0: none) and,
 /// per command, 1 or its error as `!<error>` (`pcall`; an error nested in a
@@ -85,6 +90,12 @@ local nseen = tonumber(ARGV[at])
 if nseen > 0 then
   run('ZADD', KEYS[3], at + 1, nseen, 2)
 end
+at = at + 1 + 2 * nseen
+local nev = tonumber(ARGV[at])
+for k = 0, nev - 1 do
+  local from = at + 1 + k * 12
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', unpack(ARGV, from, from + 11))
+end
 local seq = 0
 if ARGV[2] ~= '' then
   seq = redis.call('INCR', KEYS[5])
@@ -98,6 +109,78 @@ return {seq, out}
 const SNAPSHOT_SHARD: &str = r#"
 return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HGETALL', KEYS[1])}
 "#;
+
+/// Moves a shard's outbox entries to the zone event stream, skipping those
+/// already moved: the relay may run twice (a retry, two nodes while a shard
+/// changes hands), the stream gets each entry once.
+///
+/// KEYS: the event stream, the relayed marks. ARGV: the shard, the stream's
+/// length bound, the entry count, then per entry its outbox id and twelve
+/// field/value strings. Returns the outbox ids moved.
+const RELAY_EVENTS: &str = r#"
+local function after(a, b)
+  local a1, a2 = string.match(a, '(%d+)-(%d+)')
+  local b1, b2 = string.match(b, '(%d+)-(%d+)')
+  a1, a2, b1, b2 = tonumber(a1), tonumber(a2), tonumber(b1), tonumber(b2)
+  return a1 > b1 or (a1 == b1 and a2 > b2)
+end
+local last = redis.call('HGET', KEYS[2], ARGV[1]) or '0-0'
+local moved = {}
+local n = tonumber(ARGV[3])
+for k = 0, n - 1 do
+  local at = 4 + k * 13
+  local id = ARGV[at]
+  if after(id, last) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, at + 1, at + 12))
+    last = id
+    moved[#moved + 1] = id
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], last)
+return moved
+"#;
+
+/// Creates or replaces a zone, unless there would be too many.
+/// KEYS: defs, versions, version counter. ARGV: id, Feature, max zones.
+/// Returns the new version, or -1.
+const PUT_ZONE: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return -1
+end
+local v = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], v, ARGV[1])
+return v
+"#;
+
+/// Deletes a zone (its version stays, without a Feature: a tombstone).
+/// KEYS as [`PUT_ZONE`]. ARGV: id. Returns the new version, or 0.
+const DELETE_ZONE: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+local v = redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[2], v, ARGV[1])
+return v
+"#;
+
+/// Up to 500 zones changed since a version, oldest change first, with their
+/// Features (false: deleted). KEYS: defs, versions. ARGV: the version.
+const ZONE_CHANGES: &str = r#"
+local page = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, 500)
+local out = {}
+for i = 1, #page, 2 do
+  out[#out + 1] = page[i]
+  out[#out + 1] = page[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[1], page[i]) or ''
+end
+return out
+"#;
+
+static RELAY_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELAY_EVENTS));
+static PUT_ZONE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PUT_ZONE));
+static DELETE_ZONE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(DELETE_ZONE));
+static ZONE_CHANGES_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ZONE_CHANGES));
 
 static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(WRITE_SHARD));
 static SNAPSHOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SNAPSHOT_SHARD));
@@ -214,13 +297,15 @@ impl RedisStore {
         publish: Option<(&str, &[u8])>,
         removals: impl ExactSizeIterator<Item = &'a VehicleId>,
         upserts: &[&Upsert],
+        events: &[ZoneEvent],
     ) -> Result<ScriptInvocation<'static>, StoreError> {
         let mut call = WRITE_SCRIPT.prepare_invoke();
         call.key(keys::lease(sb.shard))
             .key(keys::geo(sb.shard))
             .key(keys::seen(sb.shard))
             .key(keys::state(sb.shard))
-            .key(keys::bus_seq(sb.shard));
+            .key(keys::bus_seq(sb.shard))
+            .key(keys::outbox(sb.shard));
         let (command, body) = publish.unwrap_or(("", b""));
         call.arg(sb.fence.as_deref().unwrap_or(""))
             .arg(command)
@@ -243,6 +328,12 @@ impl RedisStore {
         call.arg(upserts.iter().filter(|u| u.seen).count());
         for u in upserts.iter().filter(|u| u.seen) {
             call.arg(u.state.seen_ms).arg(u.state.id.as_str());
+        }
+        call.arg(events.len());
+        for event in events {
+            for (field, value) in event.fields() {
+                call.arg(field).arg(value);
+            }
         }
         Ok(call)
     }
@@ -311,14 +402,15 @@ impl RedisStore {
             .publish
             .then_some((self.publish_command(), body.as_slice()));
         let upserts: Vec<&Upsert> = sb.upserts.iter().collect();
-        let replies = if sb.fence.is_none() && publish.is_none() {
+        let replies = if sb.fence.is_none() && publish.is_none() && sb.events.is_empty() {
             // Nothing to check first and nothing to publish: plain commands
             // in one pipeline, without the script's cost per call (most of
             // Redis's time when batches are small).
             let pipe = Self::write_pipeline(sb, &upserts)?;
             self.conn.query::<Vec<Value>>(&pipe).await?
         } else {
-            let call = Self::write_call(sb, publish, sb.removals.iter().map(|r| &r.id), &upserts)?;
+            let removals = sb.removals.iter().map(|r| &r.id);
+            let call = Self::write_call(sb, publish, removals, &upserts, &sb.events)?;
             match self.conn.invoke::<(u64, Vec<Value>)>(&call).await {
                 Ok((_seq, replies)) => replies,
                 Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
@@ -336,13 +428,22 @@ impl RedisStore {
     /// refuses are reported, and whatever of theirs did land is removed, so
     /// no vehicle is left half-written.
     async fn write_shard_one_by_one(&self, sb: &ShardBatch) -> Result<ShardWrite, StoreError> {
+        // The events first, on their own: they are never what Redis refuses.
+        if !sb.events.is_empty() {
+            let call = Self::write_call(sb, None, std::iter::empty(), &[], &sb.events)?;
+            match self.conn.invoke::<(u64, Vec<Value>)>(&call).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
+                Err(e) => return Err(e.into()),
+            }
+        }
         let mut calls = Vec::new();
         for r in &sb.removals {
-            let call = Self::write_call(sb, None, std::iter::once(&r.id), &[])?;
+            let call = Self::write_call(sb, None, std::iter::once(&r.id), &[], &[])?;
             calls.push(call);
         }
         for u in &sb.upserts {
-            let call = Self::write_call(sb, None, std::iter::empty(), &[u])?;
+            let call = Self::write_call(sb, None, std::iter::empty(), &[u], &[])?;
             calls.push(call);
         }
         let results = futures_util::future::join_all(
@@ -516,6 +617,43 @@ fn worst(replies: &[Value]) -> Option<Verdict> {
     verdict
 }
 
+/// How many outbox entries one relay call moves.
+const RELAY_BATCH: usize = 500;
+
+/// A stream entry: its id and its field/value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The entries of an `XRANGE` reply.
+fn stream_entries(reply: Value) -> Vec<StreamEntry> {
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(parts) = entry else {
+                return None;
+            };
+            let [id, Value::Array(fields)] = parts.as_slice() else {
+                return None;
+            };
+            let pairs = fields
+                .chunks_exact(2)
+                .filter_map(|kv| match (&kv[0], &kv[1]) {
+                    (k, Value::BulkString(v)) => Some((text(k)?, v.clone())),
+                    _ => None,
+                })
+                .collect();
+            Some((text(id)?, pairs))
+        })
+        .collect()
+}
+
 fn decode(id: &str, bytes: &[u8]) -> Result<VehicleState, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         id: id.to_string(),
@@ -655,6 +793,184 @@ impl Store for RedisStore {
             .filter_map(|s| s.parse::<ShardId>().ok())
             .map(|shard| self.load_shard(shard));
         Ok(try_join_all(loads).await?.into_iter().flatten().collect())
+    }
+
+    async fn relay_zone_events(&self, shard: ShardId) -> Result<Vec<ZoneEvent>, StoreError> {
+        let raw: Value = self
+            .conn
+            .cmd(
+                redis::cmd("XRANGE")
+                    .arg(keys::outbox(shard))
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(RELAY_BATCH),
+            )
+            .await?;
+        let entries = stream_entries(raw);
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = RELAY_SCRIPT.prepare_invoke();
+        call.key(keys::ZONE_EVENTS)
+            .key(keys::ZONE_RELAYED)
+            .arg(shard.to_string())
+            .arg(super::ZONE_STREAM_LEN)
+            .arg(entries.len());
+        for (id, fields) in &entries {
+            call.arg(id.as_str());
+            // Six pairs, as written; an entry with others is not ours.
+            for k in 0..6 {
+                match fields.get(k) {
+                    Some((name, value)) => call.arg(name.as_str()).arg(value.as_slice()),
+                    None => call.arg("").arg(""),
+                };
+            }
+        }
+        let moved: Vec<String> = self.conn.invoke(&call).await?;
+        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+        self.conn
+            .cmd::<()>(redis::cmd("XDEL").arg(keys::outbox(shard)).arg(&ids))
+            .await?;
+        let moved: std::collections::HashSet<String> = moved.into_iter().collect();
+        Ok(entries
+            .iter()
+            .filter(|(id, _)| moved.contains(id))
+            .filter_map(|(id, fields)| {
+                ZoneEvent::from_fields(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                    .inspect_err(|e| tracing::warn!(%shard, id, error = %e, "an outbox entry does not decode"))
+                    .ok()
+            })
+            .collect())
+    }
+
+    async fn zone_events(
+        &self,
+        cursor: Option<&str>,
+        count: usize,
+    ) -> Result<(String, Vec<ZoneEvent>), StoreError> {
+        let Some(cursor) = cursor else {
+            let raw: Value = self
+                .conn
+                .cmd(
+                    redis::cmd("XREVRANGE")
+                        .arg(keys::ZONE_EVENTS)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1),
+                )
+                .await?;
+            let last = stream_entries(raw).pop().map(|(id, _)| id);
+            return Ok((last.unwrap_or_else(|| "0-0".to_string()), Vec::new()));
+        };
+        let raw: Value = self
+            .conn
+            .cmd(
+                redis::cmd("XRANGE")
+                    .arg(keys::ZONE_EVENTS)
+                    .arg(format!("({cursor}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        let entries = stream_entries(raw);
+        let next = entries
+            .last()
+            .map_or_else(|| cursor.to_string(), |(id, _)| id.clone());
+        let events = entries
+            .iter()
+            .filter_map(|(_, fields)| {
+                ZoneEvent::from_fields(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).ok()
+            })
+            .collect();
+        Ok((next, events))
+    }
+
+    async fn put_zone(
+        &self,
+        id: &ZoneId,
+        feature: &str,
+        max_zones: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut call = PUT_ZONE_SCRIPT.prepare_invoke();
+        call.key(keys::ZONE_DEFS)
+            .key(keys::ZONE_VERSIONS)
+            .key(keys::ZONE_VERSION)
+            .arg(id.as_str())
+            .arg(feature)
+            .arg(max_zones);
+        let version: i64 = self.conn.invoke(&call).await?;
+        Ok(u64::try_from(version).ok())
+    }
+
+    async fn delete_zone(&self, id: &ZoneId) -> Result<bool, StoreError> {
+        let mut call = DELETE_ZONE_SCRIPT.prepare_invoke();
+        call.key(keys::ZONE_DEFS)
+            .key(keys::ZONE_VERSIONS)
+            .key(keys::ZONE_VERSION)
+            .arg(id.as_str());
+        let version: u64 = self.conn.invoke(&call).await?;
+        Ok(version > 0)
+    }
+
+    async fn zone_changes(&self, since: u64) -> Result<ZoneChanges, StoreError> {
+        let mut call = ZONE_CHANGES_SCRIPT.prepare_invoke();
+        call.key(keys::ZONE_DEFS)
+            .key(keys::ZONE_VERSIONS)
+            .arg(since);
+        let flat: Vec<String> = self.conn.invoke(&call).await?;
+        let mut changes = ZoneChanges {
+            version: since,
+            zones: Vec::new(),
+        };
+        for triple in flat.chunks_exact(3) {
+            let Ok(id) = ZoneId::new(&triple[0]) else {
+                tracing::warn!(id = %triple[0], "a stored zone has an invalid id; skipped");
+                continue;
+            };
+            changes.version = changes.version.max(triple[1].parse().unwrap_or(since));
+            let feature = Some(triple[2].clone()).filter(|f| !f.is_empty());
+            changes.zones.push((id, feature));
+        }
+        Ok(changes)
+    }
+
+    async fn put_zone_counts(
+        &self,
+        node: &str,
+        counts: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.conn
+            .cmd::<()>(
+                redis::cmd("SET")
+                    .arg(keys::zone_counts(node))
+                    .arg(counts)
+                    .arg("PX")
+                    .arg(ttl_ms),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Vec<u8>>, StoreError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = nodes.iter().map(|n| keys::zone_counts(n)).collect();
+        let raw: Vec<Option<Vec<u8>>> = self.conn.cmd(redis::cmd("MGET").arg(&keys)).await?;
+        Ok(raw.into_iter().flatten().collect())
+    }
+
+    async fn shards(&self) -> Result<Vec<ShardId>, StoreError> {
+        let raw: Vec<String> = self
+            .conn
+            .cmd(redis::cmd("SMEMBERS").arg(keys::SHARDS))
+            .await?;
+        Ok(raw.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

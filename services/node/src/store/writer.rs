@@ -27,7 +27,7 @@ use std::{
 use tracing::Instrument;
 
 use hexfleet_model::{ShardId, VehicleId, VehicleState};
-use hexfleet_protocol::RemoveReason;
+use hexfleet_protocol::{zone::ZoneEvent, RemoveReason};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,13 @@ enum Change {
 }
 
 type Stage = HashMap<(ShardId, VehicleId), Change>;
+
+/// Zone events waiting for their shard's next write, in order.
+type Events = HashMap<ShardId, Vec<ZoneEvent>>;
+
+/// The most zone events kept while the store cannot be written; beyond it
+/// new ones are dropped, and counted (`zone_events_dropped`).
+const MAX_PENDING_EVENTS: usize = 100_000;
 
 /// Whether and how this node may write a shard now.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +101,11 @@ pub struct StoreWriter {
     flushes: watch::Sender<u64>,
     /// Shards whose changes must not be written (the lease was lost).
     discarded: parking_lot::Mutex<HashSet<ShardId>>,
+    /// Zone events staged since the last flush took them.
+    events: parking_lot::Mutex<(Events, usize)>,
+    /// Shards whose outbox holds events to relay, and who hears of them.
+    outboxes: parking_lot::Mutex<HashSet<ShardId>>,
+    outboxes_written: Notify,
 }
 
 /// Folds a newer change into an older one for the same vehicle and shard.
@@ -130,7 +142,47 @@ impl StoreWriter {
             recovered: Notify::new(),
             flushes: watch::Sender::new(0),
             discarded: Default::default(),
+            events: Default::default(),
+            outboxes: Default::default(),
+            outboxes_written: Notify::new(),
         }
+    }
+
+    /// Stages zone events of vehicles in `shard`, in order: they are
+    /// written with the shard's next write.
+    pub fn stage_events(&self, shard: ShardId, events: Vec<ZoneEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut staged = self.events.lock();
+        let (by_shard, count) = &mut *staged;
+        if *count + events.len() > MAX_PENDING_EVENTS {
+            self.metrics.zone_events_dropped.inc_by(events.len() as u64);
+            tracing::warn!(
+                dropped = events.len(),
+                "too many zone events waiting for the store; dropped"
+            );
+            return;
+        }
+        *count += events.len();
+        by_shard.entry(shard).or_default().extend(events);
+    }
+
+    /// Asks for a shard's outbox to be relayed (it may hold events another
+    /// node wrote before this one took the shard).
+    pub fn relay(&self, shard: ShardId) {
+        self.outboxes.lock().insert(shard);
+        self.outboxes_written.notify_one();
+    }
+
+    /// The shards whose outbox has events to relay, taken.
+    pub fn take_outboxes(&self) -> HashSet<ShardId> {
+        std::mem::take(&mut *self.outboxes.lock())
+    }
+
+    /// Notified when an outbox was written.
+    pub fn outboxes_written(&self) -> &Notify {
+        &self.outboxes_written
     }
 
     /// Drops every change to `shard` staged so far: this node lost its
@@ -182,13 +234,21 @@ impl StoreWriter {
         &self.recovered
     }
 
-    /// Moves everything staged into `stage`, newer over older, less what
-    /// was discarded.
-    fn take_into(&self, stage: &mut Stage) {
+    /// Moves everything staged into `stage` (newer over older) and
+    /// `events` (after older ones), less what was discarded.
+    fn take_into(&self, stage: &mut Stage, events: &mut Events) {
         self.staged.take_into(stage);
+        {
+            let mut staged = self.events.lock();
+            staged.1 = 0;
+            for (shard, mut new) in staged.0.drain() {
+                events.entry(shard).or_default().append(&mut new);
+            }
+        }
         let discarded = std::mem::take(&mut *self.discarded.lock());
         if !discarded.is_empty() {
             stage.retain(|(shard, _), _| !discarded.contains(shard));
+            events.retain(|shard, _| !discarded.contains(shard));
         }
     }
 
@@ -204,14 +264,15 @@ impl StoreWriter {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = Stage::new();
+        let mut events = Events::new();
         let mut owed = OwedLocators::default();
         let mut failures = 0u32;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.cancelled() => {
-                    self.take_into(&mut pending);
-                    let flushed = self.flush(store.as_ref(), fences.as_ref(), &mut pending, &mut owed).await;
+                    self.take_into(&mut pending, &mut events);
+                    let flushed = self.flush(store.as_ref(), fences.as_ref(), &mut pending, &mut events, &mut owed).await;
                     if let Err(e) = flushed {
                         tracing::warn!(error = %e, lost = pending.len(), "final flush failed");
                     }
@@ -219,12 +280,18 @@ impl StoreWriter {
                     return;
                 }
             }
-            self.take_into(&mut pending);
+            self.take_into(&mut pending, &mut events);
             // A flush with nothing to write asks the store nothing.
-            let asked = !pending.is_empty();
+            let asked = !pending.is_empty() || !events.is_empty();
             let span = tracing::debug_span!("flush", changes = pending.len());
             let flushed = self
-                .flush(store.as_ref(), fences.as_ref(), &mut pending, &mut owed)
+                .flush(
+                    store.as_ref(),
+                    fences.as_ref(),
+                    &mut pending,
+                    &mut events,
+                    &mut owed,
+                )
                 .instrument(span)
                 .await;
             self.flushes.send_modify(|n| *n += 1);
@@ -256,10 +323,11 @@ impl StoreWriter {
         store: &dyn Store,
         fences: &dyn Fences,
         pending: &mut Stage,
+        events: &mut Events,
         owed: &mut OwedLocators,
     ) -> Result<(), super::StoreError> {
         owed.settle(pending);
-        let batch = self.to_batch(pending, fences);
+        let batch = self.to_batch(pending, events, fences);
         self.metrics.store_pending.set(pending.len() as u64);
         if batch.is_empty() {
             return Ok(());
@@ -276,6 +344,17 @@ impl StoreWriter {
         // (even if the lease arrived meanwhile: it goes in the next flush).
         let written: HashSet<ShardId> = batch.shards.iter().map(|sb| sb.shard).collect();
         pending.retain(|(shard, _), _| !written.contains(shard));
+        events.retain(|shard, _| !written.contains(shard));
+        let outboxes: Vec<ShardId> = batch
+            .shards
+            .iter()
+            .filter(|sb| !sb.events.is_empty() && !applied.fenced.contains(&sb.shard))
+            .map(|sb| sb.shard)
+            .collect();
+        if !outboxes.is_empty() {
+            self.outboxes.lock().extend(outboxes);
+            self.outboxes_written.notify_one();
+        }
         for r in applied.refused {
             self.refused(r, owed);
         }
@@ -290,7 +369,7 @@ impl StoreWriter {
     /// The batch of what may be written now: changes to shards whose lease
     /// is being acquired stay in `pending`, changes to shards another node
     /// owns are dropped.
-    fn to_batch(&self, pending: &mut Stage, fences: &dyn Fences) -> Batch {
+    fn to_batch(&self, pending: &mut Stage, events: &mut Events, fences: &dyn Fences) -> Batch {
         let mut verdicts: HashMap<ShardId, Fence> = HashMap::new();
         let mut verdict = |shard: ShardId| {
             verdicts
@@ -304,8 +383,16 @@ impl StoreWriter {
         if dropped > 0 {
             self.metrics.store_foreign_dropped.inc_by(dropped as u64);
         }
+        events.retain(|shard, lost| {
+            let foreign = verdict(*shard) == Fence::Foreign;
+            if foreign {
+                // The shard's new owner recounts from the last state written.
+                self.metrics.zone_events_dropped.inc_by(lost.len() as u64);
+            }
+            !foreign
+        });
         let publish = fences.publishes();
-        let mut batch = to_batch(pending, |shard| match verdict(shard) {
+        let mut batch = to_batch(pending, events, |shard| match verdict(shard) {
             Fence::Unfenced => Some(None),
             Fence::Held(lease) => Some(Some(lease)),
             Fence::Awaiting | Fence::Foreign => None,
@@ -366,10 +453,18 @@ impl OwedLocators {
 
 /// The changes of `stage` to shards `fence` gives a lease for (`Some`), by
 /// shard.
-fn to_batch(stage: &Stage, mut fence: impl FnMut(ShardId) -> Option<Option<Arc<str>>>) -> Batch {
+fn to_batch(
+    stage: &Stage,
+    events: &Events,
+    mut fence: impl FnMut(ShardId) -> Option<Option<Arc<str>>>,
+) -> Batch {
     let mut shards: HashMap<ShardId, ShardBatch> = HashMap::new();
     let mut fences: HashMap<ShardId, Option<Option<Arc<str>>>> = HashMap::new();
-    for ((shard, id), change) in stage {
+    let changes = stage
+        .iter()
+        .map(|((shard, id), change)| (shard, Some((id, change))));
+    let outboxes = events.keys().map(|shard| (shard, None));
+    for (shard, change) in changes.chain(outboxes) {
         let Some(lease) = fences
             .entry(*shard)
             .or_insert_with(|| fence(*shard))
@@ -383,7 +478,11 @@ fn to_batch(stage: &Stage, mut fence: impl FnMut(ShardId) -> Option<Option<Arc<s
             removals: Vec::new(),
             fence: lease,
             publish: false,
+            events: events.get(shard).cloned().unwrap_or_default(),
         });
+        let Some((id, change)) = change else {
+            continue;
+        };
         match change {
             Change::Upsert {
                 state,
@@ -424,6 +523,7 @@ mod tests {
             class: VehicleClass::Economy,
             status: VehicleStatus::Available,
             seen_ms: 0,
+            zones: Vec::new(),
         }
     }
 
@@ -439,8 +539,8 @@ mod tests {
         }
         w.stage_upsert(shard(), state("v2", 1), true);
         let mut stage = Stage::new();
-        w.take_into(&mut stage);
-        let batch = to_batch(&stage, |_| Some(None));
+        w.take_into(&mut stage, &mut Events::new());
+        let batch = to_batch(&stage, &Events::new(), |_| Some(None));
         assert_eq!(batch.len(), 2);
         let v1 = batch.shards[0]
             .upserts
@@ -492,12 +592,12 @@ mod tests {
         w.stage_upsert(shard(), state("v1", 1), true);
         w.stage_upsert(other, state("v2", 1), true);
         let (mut pending, mut owed) = (Stage::new(), OwedLocators::default());
-        w.take_into(&mut pending);
-        w.flush(&store, &fences, &mut pending, &mut owed)
+        w.take_into(&mut pending, &mut Events::new());
+        w.flush(&store, &fences, &mut pending, &mut Events::new(), &mut owed)
             .await
             .unwrap();
         assert_eq!(pending.len(), 1, "v1 waits for its lease");
-        w.flush(&store, &fences, &mut pending, &mut owed)
+        w.flush(&store, &fences, &mut pending, &mut Events::new(), &mut owed)
             .await
             .unwrap();
         assert!(pending.is_empty());
@@ -510,15 +610,15 @@ mod tests {
         let w = StoreWriter::new(Arc::new(Metrics::new()));
         w.stage_upsert(shard(), state("v1", 1), true);
         let mut failed = Stage::new();
-        w.take_into(&mut failed);
+        w.take_into(&mut failed, &mut Events::new());
         // The flush of `failed` failed; meanwhile the vehicle went away.
         w.stage_removal(
             shard(),
             VehicleId::new("v1").unwrap(),
             Some(RemoveReason::Offline),
         );
-        w.take_into(&mut failed);
-        let batch = to_batch(&failed, |_| Some(None));
+        w.take_into(&mut failed, &mut Events::new());
+        let batch = to_batch(&failed, &Events::new(), |_| Some(None));
         assert_eq!(batch.shards[0].upserts, vec![]);
         assert_eq!(batch.shards[0].removals.len(), 1);
     }

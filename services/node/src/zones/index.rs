@@ -1,0 +1,221 @@
+//! Zones on the cell index: which zones a fix's cell can be in, and whether
+//! it needs an exact test.
+//!
+//! Each zone is tiled with h3o's polygon tiler at the index resolution
+//! ([`ContainmentMode::Covers`]: every cell the polygon touches, each marked
+//! when wholly inside). A cell wholly inside needs no test, *unless* it
+//! borders a cell that is not: h3o's cell edges are straight on the
+//! gnomonic projection, and the polygon's are straight in longitude and
+//! latitude, so near the edge the two disagree by up to a millimetre. The
+//! ring of cells around every edge cell (covered or not) is therefore
+//! tested exactly with `geo`, which is what makes membership exactly `geo`'s
+//! point-in-polygon everywhere, while a fix deep inside or far outside costs
+//! one hash lookup per resolution in use. Cells wholly inside are stored
+//! compacted, so a large zone costs memory for its edge, not its area.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use geo::{Contains, Point};
+use h3o::{
+    geom::{ContainmentMode, TilerBuilder},
+    CellIndex, Resolution,
+};
+use hexfleet_model::{VehicleClass, VehicleStatus, ZoneId};
+
+use super::spec::{ZoneError, ZoneSpec};
+
+/// A zone with its cover.
+#[derive(Debug)]
+pub struct Zone {
+    pub spec: ZoneSpec,
+    /// Cells where a point may be in or out: tested exactly.
+    edge: Vec<CellIndex>,
+    /// Cells wholly inside, compacted (coarser where whole parents are).
+    inside: Vec<CellIndex>,
+}
+
+impl Zone {
+    /// Tiles a zone at the index resolution.
+    pub fn new(spec: ZoneSpec, res: Resolution) -> Result<Self, ZoneError> {
+        let mut tiler = TilerBuilder::new(res)
+            .containment_mode(ContainmentMode::Covers)
+            .disable_transmeridian_heuristic()
+            .build();
+        for polygon in &spec.geometry.0 {
+            tiler
+                .add(polygon.clone())
+                .map_err(|e| ZoneError::Invalid(e.to_string()))?;
+        }
+        let mut whole = HashSet::new();
+        let mut touched = HashSet::new();
+        for cell in tiler.into_annotated_coverage() {
+            if cell.is_fully_contained {
+                whole.insert(cell.cell);
+            } else {
+                touched.insert(cell.cell);
+            }
+        }
+        // A cell can be partly in one polygon and wholly in another.
+        touched.retain(|c| !whole.contains(c));
+        let mut edge: HashSet<CellIndex> = HashSet::new();
+        for cell in &touched {
+            edge.extend(cell.grid_disk::<Vec<_>>(1));
+        }
+        let mut inside: Vec<CellIndex> = whole.into_iter().filter(|c| !edge.contains(c)).collect();
+        inside.sort_unstable();
+        CellIndex::compact(&mut inside).map_err(|e| ZoneError::Invalid(e.to_string()))?;
+        let mut edge: Vec<CellIndex> = edge.into_iter().collect();
+        edge.sort_unstable();
+        Ok(Self { spec, edge, inside })
+    }
+
+    pub fn id(&self) -> &ZoneId {
+        &self.spec.id
+    }
+
+    /// Exactly: is the point (lat, lon) in the zone's polygon?
+    pub fn contains(&self, lat: f64, lon: f64) -> bool {
+        self.spec.geometry.contains(&Point::new(lon, lat))
+    }
+
+    pub fn admits(&self, class: VehicleClass, status: VehicleStatus) -> bool {
+        self.spec.filter.matches(class, status)
+    }
+
+    /// Every index cell a vehicle in the zone can be in.
+    pub fn cells(&self, res: Resolution) -> impl Iterator<Item = CellIndex> + '_ {
+        self.edge
+            .iter()
+            .copied()
+            .chain(self.inside.iter().flat_map(move |c| c.children(res)))
+    }
+
+    /// How many cells (edge, and compacted inside) the index holds for it.
+    pub fn cover_len(&self) -> usize {
+        self.edge.len() + self.inside.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Test {
+    Inside,
+    Exact,
+}
+
+/// Every zone, by the cells it covers. Built whole when zones change (from
+/// zones already tiled), read by every fix.
+#[derive(Debug)]
+pub struct ZoneIndex {
+    zones: HashMap<ZoneId, Arc<Zone>>,
+    by_cell: HashMap<CellIndex, Vec<(Arc<Zone>, Test)>>,
+    /// The resolutions `by_cell` holds cells at, finest first.
+    resolutions: Vec<Resolution>,
+    res: Resolution,
+}
+
+impl ZoneIndex {
+    pub fn new(res: Resolution) -> Self {
+        Self {
+            zones: HashMap::new(),
+            by_cell: HashMap::new(),
+            resolutions: Vec::new(),
+            res,
+        }
+    }
+
+    pub fn build(zones: HashMap<ZoneId, Arc<Zone>>, res: Resolution) -> Self {
+        let mut by_cell: HashMap<CellIndex, Vec<(Arc<Zone>, Test)>> = HashMap::new();
+        let mut resolutions = HashSet::new();
+        for zone in zones.values() {
+            for &cell in &zone.edge {
+                by_cell
+                    .entry(cell)
+                    .or_default()
+                    .push((zone.clone(), Test::Exact));
+            }
+            for &cell in &zone.inside {
+                resolutions.insert(cell.resolution());
+                by_cell
+                    .entry(cell)
+                    .or_default()
+                    .push((zone.clone(), Test::Inside));
+            }
+            if !zone.edge.is_empty() {
+                resolutions.insert(res);
+            }
+        }
+        let mut resolutions: Vec<Resolution> = resolutions.into_iter().collect();
+        resolutions.sort_unstable_by(|a, b| b.cmp(a));
+        Self {
+            zones,
+            by_cell,
+            resolutions,
+            res,
+        }
+    }
+
+    pub fn zones(&self) -> &HashMap<ZoneId, Arc<Zone>> {
+        &self.zones
+    }
+
+    pub fn get(&self, id: &ZoneId) -> Option<&Arc<Zone>> {
+        self.zones.get(id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.zones.is_empty()
+    }
+
+    pub fn resolution(&self) -> Resolution {
+        self.res
+    }
+
+    /// The zones a vehicle at (lat, lon), indexed in `cell`, of this class
+    /// and status, is in; pushed to `found` (each once), with how many
+    /// exact tests it took.
+    pub fn containing<'a>(
+        &'a self,
+        cell: CellIndex,
+        lat: f64,
+        lon: f64,
+        class: VehicleClass,
+        status: VehicleStatus,
+        found: &mut Vec<&'a Arc<Zone>>,
+    ) -> usize {
+        let mut tests = 0;
+        for &res in &self.resolutions {
+            let key = if res == self.res {
+                cell
+            } else {
+                match cell.parent(res) {
+                    Some(parent) => parent,
+                    None => continue,
+                }
+            };
+            let Some(entries) = self.by_cell.get(&key) else {
+                continue;
+            };
+            for (zone, test) in entries {
+                if !zone.admits(class, status) {
+                    continue;
+                }
+                let inside = match test {
+                    Test::Inside => true,
+                    Test::Exact => {
+                        tests += 1;
+                        zone.contains(lat, lon)
+                    }
+                };
+                // A zone has one entry per cell, and a cell is edge or
+                // inside (at one resolution): no zone is found twice.
+                if inside {
+                    found.push(zone);
+                }
+            }
+        }
+        tests
+    }
+}

@@ -1,0 +1,242 @@
+//! The tasks that keep zones moving between the store and the node.
+//!
+//! - [`follow_zones`]: reads the zones changed since the version this node
+//!   has (every `zones.poll_interval`), tiles them off the runtime's
+//!   threads, applies them, and gives the vehicles in them their
+//!   memberships again.
+//! - [`relay_events`]: moves events from the shards' outboxes to the
+//!   stream, right after a flush wrote them, and sweeps every shard now and
+//!   then for what a node that died left behind.
+//! - [`show_events`]: reads the stream on, for this node's dashboards: every
+//!   node shows every event, whichever node wrote it.
+//! - [`share_counts`]: in a cluster, leaves this node's live counts per zone
+//!   in the store for the others.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use hexfleet_model::ZoneId;
+use tokio_util::sync::CancellationToken;
+
+use super::{tally, Zone, ZoneSpec, Zones};
+use crate::{clock, ingest::Ingest, metrics::Metrics, store::writer::StoreWriter, store::Store};
+
+/// Follows the store's zones until shutdown.
+pub async fn follow_zones(
+    store: Arc<dyn Store>,
+    zones: Arc<Zones>,
+    ingest: Arc<Ingest>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut version = 0;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        // Pages until caught up, so a thousand zones put at once apply in
+        // one pass.
+        loop {
+            let changes = match store.zone_changes(version).await {
+                Ok(changes) => changes,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading zone changes; retrying");
+                    break;
+                }
+            };
+            if changes.zones.is_empty() {
+                break;
+            }
+            version = changes.version;
+            let res = ingest.cells.index_res();
+            let limits = zones.limits;
+            let tiled = tokio::task::spawn_blocking(move || {
+                changes
+                    .zones
+                    .into_iter()
+                    .map(|(id, feature)| {
+                        let zone = feature.and_then(|f| tile(&id, &f, limits, res));
+                        (id, zone)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let Ok(tiled) = tiled else {
+                tracing::error!("tiling zones failed");
+                break;
+            };
+            let changed = zones.apply(tiled);
+            if !changed.is_empty() {
+                let looked = ingest.rezone(&changed);
+                tracing::info!(
+                    zones = changed.len(),
+                    vehicles = looked,
+                    version,
+                    "zones changed"
+                );
+            }
+        }
+    }
+}
+
+/// A stored zone, parsed and tiled; `None` (logged) if it no longer passes,
+/// which only a hand-edited store or a tightened limit can cause.
+fn tile(
+    id: &ZoneId,
+    feature: &str,
+    limits: super::ZoneLimits,
+    res: h3o::Resolution,
+) -> Option<Arc<Zone>> {
+    let zone = ZoneSpec::parse(id.clone(), feature.as_bytes(), limits)
+        .and_then(|spec| Zone::new(spec, res));
+    match zone {
+        Ok(zone) => Some(Arc::new(zone)),
+        Err(e) => {
+            tracing::warn!(zone = %id, error = %e, "a stored zone is not valid here; ignored");
+            None
+        }
+    }
+}
+
+/// How often every shard's outbox is looked at, for events a node that
+/// stopped left there.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Moves zone events from the shards' outboxes to the stream until
+/// shutdown (and once more after).
+pub async fn relay_events(
+    store: Arc<dyn Store>,
+    writer: Arc<StoreWriter>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = writer.outboxes_written().notified() => false,
+            _ = sweep.tick() => {
+                match store.shards().await {
+                    Ok(shards) => shards.into_iter().for_each(|s| writer.relay(s)),
+                    Err(e) => tracing::debug!(error = %e, "listing shards to sweep their outboxes"),
+                }
+                false
+            }
+            _ = shutdown.cancelled() => true,
+        };
+        for shard in writer.take_outboxes() {
+            match store.relay_zone_events(shard).await {
+                Ok(events) => {
+                    let now = clock::now_ms();
+                    for e in &events {
+                        metrics.zone_event(e.event.as_str(), e.cause.as_str()).inc();
+                        let waited = now.saturating_sub(e.at_ms).max(0);
+                        metrics
+                            .zone_event_delay_seconds
+                            .observe(waited as f64 / 1e3);
+                    }
+                }
+                Err(e) => {
+                    metrics.zone_relay_errors.inc();
+                    tracing::warn!(%shard, error = %e, "relaying zone events; retrying");
+                    // Left in the outbox: the next sweep moves them.
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// How often the stream is read for dashboards.
+const SHOW_EVERY: Duration = Duration::from_millis(100);
+
+/// Reads the event stream on and shows each event to this node's
+/// dashboards, until shutdown.
+pub async fn show_events(store: Arc<dyn Store>, zones: Arc<Zones>, shutdown: CancellationToken) {
+    let mut cursor: Option<String> = None;
+    let mut ticker = tokio::time::interval(SHOW_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        loop {
+            match store.zone_events(cursor.as_deref(), 1000).await {
+                Ok((next, events)) => {
+                    let more = events.len() == 1000;
+                    cursor = Some(next);
+                    for event in events {
+                        zones.publish(event);
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading zone events");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Live counts per zone, by status.
+pub type ZoneCounts = HashMap<ZoneId, super::StatusTally>;
+
+/// How often a node shares its counts, and how long they last.
+pub const COUNTS_EVERY: Duration = Duration::from_secs(1);
+const COUNTS_TTL: Duration = Duration::from_secs(3);
+
+/// This node's counts, from its own vehicles.
+pub fn local_counts(ingest: &Ingest) -> ZoneCounts {
+    let mut states = Vec::new();
+    ingest.table.each(|s| {
+        if !s.zones.is_empty() {
+            states.push(s.clone());
+        }
+    });
+    tally(&states)
+}
+
+/// Leaves this node's counts in the store every second, until shutdown.
+pub async fn share_counts(
+    store: Arc<dyn Store>,
+    ingest: Arc<Ingest>,
+    node: String,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(COUNTS_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let counts = local_counts(&ingest);
+        let Ok(bytes) = rmp_serde::to_vec(&counts) else {
+            continue;
+        };
+        if let Err(e) = store.put_zone_counts(&node, &bytes, COUNTS_TTL).await {
+            tracing::debug!(error = %e, "sharing zone counts");
+        }
+    }
+}
+
+/// Adds counts another node shared to `into`.
+pub fn add_counts(into: &mut ZoneCounts, bytes: &[u8]) {
+    let Ok(counts) = rmp_serde::from_slice::<ZoneCounts>(bytes) else {
+        tracing::warn!("a node's shared zone counts do not decode");
+        return;
+    };
+    for (zone, tally) in counts {
+        let mine = into.entry(zone).or_default();
+        for (a, b) in mine.iter_mut().zip(tally) {
+            *a += b;
+        }
+    }
+}
