@@ -246,3 +246,213 @@ pub fn tally<'a>(
     }
     counts
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use geo::{Contains, LineString, MultiPolygon, Point, Polygon};
+    use hexfleet_model::{CellModel, Position, VehicleClass, VehicleId};
+    use hexfleet_protocol::Filter;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    use super::*;
+
+    const LIMITS: ZoneLimits = ZoneLimits {
+        max_vertices: 1_000,
+        max_area_km2: 500.0,
+    };
+
+    /// A star-shaped ring around (lat, lon): concave, simple.
+    fn star(rng: &mut StdRng, lat: f64, lon: f64, r_min_m: f64, r_max_m: f64) -> LineString<f64> {
+        let n = rng.random_range(5..30);
+        let mut coords: Vec<(f64, f64)> = (0..n)
+            .map(|i| {
+                let a = i as f64 / n as f64 * std::f64::consts::TAU;
+                let r = rng.random_range(r_min_m..r_max_m);
+                let dlat = r * a.sin() / 111_320.0;
+                let dlon = r * a.cos() / (111_320.0 * lat.to_radians().cos());
+                (lon + dlon, lat + dlat)
+            })
+            .collect();
+        coords.push(coords[0]);
+        LineString::from(coords)
+    }
+
+    fn random_zone(rng: &mut StdRng, i: usize, lat: f64, lon: f64) -> Arc<Zone> {
+        let r = rng.random_range(150.0..3_000.0);
+        let exterior = star(rng, lat, lon, 0.4 * r, r);
+        let holes = if rng.random_bool(0.4) {
+            vec![star(rng, lat, lon, 0.05 * r, 0.3 * r)]
+        } else {
+            Vec::new()
+        };
+        let filter = if i % 4 == 0 {
+            Filter {
+                classes: Vec::new(),
+                statuses: vec![VehicleStatus::Available],
+            }
+        } else {
+            Filter::any()
+        };
+        let spec = ZoneSpec {
+            id: ZoneId::new(&format!("z{i}")).unwrap(),
+            name: format!("zone {i}"),
+            kind: "test".into(),
+            filter,
+            geometry: MultiPolygon::new(vec![Polygon::new(exterior, holes)]),
+            area_km2: 0.0,
+        };
+        // Through the one gate, as the API does.
+        let spec = ZoneSpec::parse(
+            spec.id.clone(),
+            spec.to_feature().to_string().as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        Arc::new(Zone::new(spec, CellModel::default().index_res()).unwrap())
+    }
+
+    /// The zones a vehicle is in, by a look at every zone's polygon.
+    fn brute_force(zones: &ZoneIndex, state: &VehicleState) -> BTreeSet<ZoneId> {
+        zones
+            .zones()
+            .values()
+            .filter(|z| z.admits(state.class, state.status))
+            .filter(|z| z.spec.geometry.contains(&Point::new(state.lon, state.lat)))
+            .map(|z| z.id().clone())
+            .collect()
+    }
+
+    #[test]
+    fn memberships_and_events_match_a_point_in_polygon_replay_of_every_move() {
+        let cells = CellModel::default();
+        let mut rng = StdRng::seed_from_u64(13);
+        let zones = Zones::new(cells.index_res(), LIMITS, 1_000, Arc::new(Metrics::new()));
+        // Around a city (zones cross shard edges: shards are ~8 km across)
+        // and around a pentagon, where cells have five neighbours.
+        let pentagon = Resolution::Nine
+            .pentagons()
+            .map(h3o::LatLng::from)
+            .find(|p| p.lat().abs() < 60.0)
+            .unwrap();
+        let areas = [(52.52, 13.40), (pentagon.lat(), pentagon.lng())];
+        let mut tiled = Vec::new();
+        for i in 0..60 {
+            let (lat, lon) = areas[i % 2];
+            let (lat, lon) = (
+                lat + rng.random_range(-0.1..0.1),
+                lon + rng.random_range(-0.1..0.1),
+            );
+            let zone = random_zone(&mut rng, i, lat, lon);
+            tiled.push((zone.id().clone(), Some(zone)));
+        }
+        zones.apply(tiled);
+        let index = zones.current();
+        let mut vehicles: Vec<VehicleState> = (0..300)
+            .map(|i| {
+                let (lat, lon) = areas[i % 2];
+                VehicleState {
+                    id: VehicleId::new(&format!("v{i}")).unwrap(),
+                    lat: lat + rng.random_range(-0.12..0.12),
+                    lon: lon + rng.random_range(-0.12..0.12),
+                    heading_deg: 0.0,
+                    speed_mps: 0.0,
+                    accuracy_m: 5.0,
+                    fix_time_ms: 0,
+                    seq: 0,
+                    class: VehicleClass::Economy,
+                    status: VehicleStatus::Available,
+                    seen_ms: 0,
+                    zones: Vec::new(),
+                }
+            })
+            .collect();
+        let (mut entered, mut exited, mut checked) = (0, 0, 0);
+        for step in 0..200 {
+            let now_ms = step as i64 * 1_000;
+            for v in vehicles.iter_mut() {
+                // Mostly small moves (through edge cells), some jumps, and
+                // status changes that filtered zones see.
+                let metres = if rng.random_bool(0.05) { 5_000.0 } else { 150.0 };
+                v.lat += rng.random_range(-metres..metres) / 111_320.0;
+                v.lon += rng.random_range(-metres..metres) / 70_000.0;
+                if rng.random_bool(0.05) {
+                    v.status = VehicleStatus::ALL[rng.random_range(0..3)];
+                }
+                let before: BTreeSet<ZoneId> = v.zones.iter().map(|m| m.zone.clone()).collect();
+                let (cell, _) = cells.locate(Position::new(v.lat, v.lon).unwrap());
+                let mut events = Vec::new();
+                let had = std::mem::take(&mut v.zones);
+                v.zones = zones.update(&had, v, cell.0, now_ms, ZoneCause::Moved, &mut events);
+                let after: BTreeSet<ZoneId> = v.zones.iter().map(|m| m.zone.clone()).collect();
+                assert_eq!(after, brute_force(&index, v), "step {step}: {v:?}");
+                let mut expected: Vec<(ZoneEventKind, ZoneId)> = before
+                    .difference(&after)
+                    .map(|z| (ZoneEventKind::Exited, z.clone()))
+                    .chain(after.difference(&before).map(|z| (ZoneEventKind::Entered, z.clone())))
+                    .collect();
+                let mut got: Vec<(ZoneEventKind, ZoneId)> =
+                    events.iter().map(|e| (e.event, e.zone.clone())).collect();
+                expected.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.as_str().cmp(b.0.as_str())));
+                got.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.as_str().cmp(b.0.as_str())));
+                assert_eq!(got, expected, "step {step}: events of {}", v.id);
+                for e in &events {
+                    assert_eq!(e.vehicle.zones, v.zones, "an event carries the state after it");
+                }
+                // Staying keeps the time of entry (the queue's order).
+                for m in &v.zones {
+                    if before.contains(&m.zone) {
+                        assert!(m.entered_ms < now_ms);
+                    } else {
+                        assert_eq!(m.entered_ms, now_ms);
+                    }
+                }
+                entered += got.iter().filter(|e| e.0 == ZoneEventKind::Entered).count();
+                exited += got.iter().filter(|e| e.0 == ZoneEventKind::Exited).count();
+                checked += 1;
+            }
+        }
+        println!("{checked} moves, {entered} entries, {exited} exits");
+        assert!(entered > 500 && exited > 500, "the test moved vehicles across zones: {entered} in, {exited} out");
+    }
+
+    #[test]
+    fn a_deleted_zone_lets_its_vehicles_out_with_that_cause() {
+        let cells = CellModel::default();
+        let zones = Zones::new(cells.index_res(), LIMITS, 10, Arc::new(Metrics::new()));
+        let square = serde_json::json!({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
+            [13.39, 52.51], [13.41, 52.51], [13.41, 52.53], [13.39, 52.53], [13.39, 52.51]
+        ]]}});
+        let spec = ZoneSpec::parse(ZoneId::new("sq").unwrap(), square.to_string().as_bytes(), LIMITS).unwrap();
+        let zone = Arc::new(Zone::new(spec, cells.index_res()).unwrap());
+        let id = zone.id().clone();
+        zones.apply(vec![(id.clone(), Some(zone))]);
+        let mut state = VehicleState {
+            id: VehicleId::new("v").unwrap(),
+            lat: 52.52,
+            lon: 13.40,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 5.0,
+            fix_time_ms: 0,
+            seq: 0,
+            class: VehicleClass::Economy,
+            status: VehicleStatus::Available,
+            seen_ms: 0,
+            zones: Vec::new(),
+        };
+        let (cell, _) = cells.locate(state.position());
+        let mut events = Vec::new();
+        state.zones = zones.update(&[], &state, cell.0, 1, ZoneCause::Moved, &mut events);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event, ZoneEventKind::Entered);
+        zones.apply(vec![(id.clone(), None)]);
+        let mut events = Vec::new();
+        let had = std::mem::take(&mut state.zones);
+        state.zones = zones.update(&had, &state, cell.0, 2, ZoneCause::ZoneChanged, &mut events);
+        assert!(state.zones.is_empty());
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].event, events[0].cause), (ZoneEventKind::Exited, ZoneCause::ZoneDeleted));
+    }
+}

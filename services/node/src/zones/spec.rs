@@ -3,7 +3,9 @@
 //! [`ZoneSpec::parse`] is the one gate: every refusal says why, and a spec
 //! that exists is valid.
 
-use geo::{Coord, GeodesicArea, LineString, MultiPolygon, Polygon, Validation};
+use geo::{
+    orient::Direction, Coord, GeodesicArea, LineString, MultiPolygon, Orient, Polygon, Validation,
+};
 use geojson::{Feature, GeometryValue};
 use hexfleet_model::{ZoneId, MAX_INDEXED_LAT};
 use hexfleet_protocol::Filter;
@@ -127,7 +129,12 @@ impl ZoneSpec {
         if east - west > 180.0 {
             return Err(ZoneError::Antimeridian { span: east - west });
         }
-        let area_km2 = geometry.geodesic_area_unsigned() / 1e6;
+        // Rings wound as the area wants them (GeoJSON senders often wind
+        // holes like exteriors), or a hole would count as the rest of Earth.
+        let area_km2 = geometry
+            .orient(Direction::Default)
+            .geodesic_area_unsigned()
+            / 1e6;
         if area_km2 > limits.max_area_km2 {
             return Err(ZoneError::TooLarge {
                 area_km2,
