@@ -374,7 +374,11 @@ mod tests {
             for v in vehicles.iter_mut() {
                 // Mostly small moves (through edge cells), some jumps, and
                 // status changes that filtered zones see.
-                let metres = if rng.random_bool(0.05) { 5_000.0 } else { 150.0 };
+                let metres = if rng.random_bool(0.05) {
+                    5_000.0
+                } else {
+                    150.0
+                };
                 v.lat += rng.random_range(-metres..metres) / 111_320.0;
                 v.lon += rng.random_range(-metres..metres) / 70_000.0;
                 if rng.random_bool(0.05) {
@@ -390,7 +394,11 @@ mod tests {
                 let mut expected: Vec<(ZoneEventKind, ZoneId)> = before
                     .difference(&after)
                     .map(|z| (ZoneEventKind::Exited, z.clone()))
-                    .chain(after.difference(&before).map(|z| (ZoneEventKind::Entered, z.clone())))
+                    .chain(
+                        after
+                            .difference(&before)
+                            .map(|z| (ZoneEventKind::Entered, z.clone())),
+                    )
                     .collect();
                 let mut got: Vec<(ZoneEventKind, ZoneId)> =
                     events.iter().map(|e| (e.event, e.zone.clone())).collect();
@@ -398,7 +406,10 @@ mod tests {
                 got.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.as_str().cmp(b.0.as_str())));
                 assert_eq!(got, expected, "step {step}: events of {}", v.id);
                 for e in &events {
-                    assert_eq!(e.vehicle.zones, v.zones, "an event carries the state after it");
+                    assert_eq!(
+                        e.vehicle.zones, v.zones,
+                        "an event carries the state after it"
+                    );
                 }
                 // Staying keeps the time of entry (the queue's order).
                 for m in &v.zones {
@@ -414,7 +425,10 @@ mod tests {
             }
         }
         println!("{checked} moves, {entered} entries, {exited} exits");
-        assert!(entered > 500 && exited > 500, "the test moved vehicles across zones: {entered} in, {exited} out");
+        assert!(
+            entered > 500 && exited > 500,
+            "the test moved vehicles across zones: {entered} in, {exited} out"
+        );
     }
 
     #[test]
@@ -424,7 +438,12 @@ mod tests {
         let square = serde_json::json!({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
             [13.39, 52.51], [13.41, 52.51], [13.41, 52.53], [13.39, 52.53], [13.39, 52.51]
         ]]}});
-        let spec = ZoneSpec::parse(ZoneId::new("sq").unwrap(), square.to_string().as_bytes(), LIMITS).unwrap();
+        let spec = ZoneSpec::parse(
+            ZoneId::new("sq").unwrap(),
+            square.to_string().as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
         let zone = Arc::new(Zone::new(spec, cells.index_res()).unwrap());
         let id = zone.id().clone();
         zones.apply(vec![(id.clone(), Some(zone))]);
@@ -453,6 +472,9 @@ mod tests {
         state.zones = zones.update(&had, &state, cell.0, 2, ZoneCause::ZoneChanged, &mut events);
         assert!(state.zones.is_empty());
         assert_eq!(events.len(), 1);
-        assert_eq!((events[0].event, events[0].cause), (ZoneEventKind::Exited, ZoneCause::ZoneDeleted));
+        assert_eq!(
+            (events[0].event, events[0].cause),
+            (ZoneEventKind::Exited, ZoneCause::ZoneDeleted)
+        );
     }
 }

@@ -131,10 +131,7 @@ impl ZoneSpec {
         }
         // Rings wound as the area wants them (GeoJSON senders often wind
         // holes like exteriors), or a hole would count as the rest of Earth.
-        let area_km2 = geometry
-            .orient(Direction::Default)
-            .geodesic_area_unsigned()
-            / 1e6;
+        let area_km2 = geometry.orient(Direction::Default).geodesic_area_unsigned() / 1e6;
         if area_km2 > limits.max_area_km2 {
             return Err(ZoneError::TooLarge {
                 area_km2,
