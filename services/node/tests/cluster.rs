@@ -1217,3 +1217,200 @@ async fn a_write_under_a_lease_that_is_no_longer_held_lands_nothing() {
     assert!(applied.fenced.is_empty());
     assert_eq!(stored(&redis, "fenced"), Some(state));
 }
+
+/// A zone's entries and exits in the event stream, read through a
+/// consumer group as a backend does: (vehicle, event, cause).
+struct ZoneBackend {
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl ZoneBackend {
+    async fn join(url: &str) -> Self {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys::ZONE_EVENTS)
+            .arg("backend")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        Self { conn }
+    }
+
+    async fn read(&mut self) -> Vec<(String, String, String)> {
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("backend")
+            .arg("c")
+            .arg("STREAMS")
+            .arg(keys::ZONE_EVENTS)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        let mut events = Vec::new();
+        let redis::Value::Array(streams) = reply else {
+            return events;
+        };
+        for stream in streams {
+            let redis::Value::Array(parts) = stream else {
+                continue;
+            };
+            let Some(redis::Value::Array(entries)) = parts.get(1) else {
+                continue;
+            };
+            for entry in entries {
+                let redis::Value::Array(entry) = entry else {
+                    continue;
+                };
+                let Some(redis::Value::Array(fields)) = entry.get(1) else {
+                    continue;
+                };
+                let field = |name: &str| {
+                    fields
+                        .chunks_exact(2)
+                        .find(|kv| text(&kv[0]) == name)
+                        .map(|kv| text(&kv[1]))
+                        .unwrap_or_default()
+                };
+                events.push((field("vehicle"), field("event"), field("cause")));
+            }
+        }
+        events
+    }
+}
+
+/// A 32-gon of `radius_m` around a point, as a GeoJSON Feature.
+fn round_zone(center: (f64, f64), radius_m: f64) -> serde_json::Value {
+    let ring: Vec<[f64; 2]> = (0..=32)
+        .map(|i| {
+            let a = (i % 32) as f64 / 32.0 * std::f64::consts::TAU;
+            let lat = center.0 + radius_m * a.sin() / 111_320.0;
+            let lon = center.1 + radius_m * a.cos() / (111_320.0 * center.0.to_radians().cos());
+            [lon, lat]
+        })
+        .collect();
+    serde_json::json!({"type": "Feature", "properties": {"kind": "venue"},
+        "geometry": {"type": "Polygon", "coordinates": [ring]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_in_a_zone_enters_once_across_a_hand_off_and_a_failover() {
+    let redis = RedisServer::start();
+    let mut cluster = Cluster::start("redis", redis.url(), 2).await;
+    let mut backend = ZoneBackend::join(&redis.url()).await;
+    let (home, away, crossing, far) = boundary(&cluster);
+    let (from, to) = (
+        cluster.owner(home).id.clone(),
+        cluster.owner(away).id.clone(),
+    );
+    // A zone astride the shard edge: the driver enters it on one node, is
+    // handed to the other inside it, and that node dies under it.
+    let put = reqwest::Client::new()
+        .put(format!(
+            "http://{}/v1/zones/stadium",
+            cluster.by_id(&to).http
+        ))
+        .bearer_auth(token(Role::Dashboard, "ops"))
+        .body(round_zone(crossing, 350.0).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        put.status().as_u16(),
+        201,
+        "{}",
+        put.text().await.unwrap_or_default()
+    );
+    for node in &cluster.nodes {
+        eventually(WAIT, "every node has the zone", async || {
+            let r = api_get(format!("http://{}/v1/zones/stadium", node.http))
+                .await
+                .ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        })
+        .await;
+    }
+    let at = |m: f64| towards(crossing, far, m);
+    let mut d = driver(&cluster, cluster.by_id(&from).quic, "fan").await;
+    // From 400 m before the edge (outside the zone) to 330 m past it: in
+    // at -350 m, handed over at +250 m.
+    let mut m = -400.0;
+    while m <= 330.0 {
+        let p = at(m);
+        d.send_fix(FixInput::at(p.0, p.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m += 6.0;
+    }
+    let inside = at(330.0);
+    eventually(WAIT, "handed to the other node", async || {
+        d.send_fix(FixInput::at(inside.0, inside.1)).await.ok()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (d.node() == cluster.by_id(&to).quic).then_some(())
+    })
+    .await;
+    let mut seen = Vec::new();
+    eventually(WAIT, "the entry in the stream", async || {
+        seen.extend(backend.read().await);
+        (!seen.is_empty()).then_some(())
+    })
+    .await;
+    // kill -9 the node that holds it now; it stays inside, reporting.
+    let index = cluster.nodes.iter().position(|n| n.id == to).unwrap();
+    let mut dead = cluster.nodes.remove(index);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    let survivor = cluster.by_id(&from);
+    let fan = VehicleId::new("fan").unwrap();
+    eventually(
+        WAIT,
+        "the survivor holds the vehicle in the zone",
+        async || {
+            d.send_fix(FixInput::at(inside.0, inside.1)).await.ok()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let queue: serde_json::Value = api_get(format!(
+                "http://{}/v1/zones/stadium/vehicles",
+                survivor.http
+            ))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+            let here = queue["vehicles"]["available"][0]["id"] == fan.as_str();
+            (d.node() == survivor.quic && here).then_some(())
+        },
+    )
+    .await;
+    // Out the far side: one exit.
+    let mut m = 330.0;
+    while m <= 420.0 {
+        let p = at(m);
+        d.send_fix(FixInput::at(p.0, p.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m += 6.0;
+    }
+    eventually(WAIT, "the exit in the stream", async || {
+        seen.extend(backend.read().await);
+        (seen.len() >= 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    seen.extend(backend.read().await);
+    let expected = [
+        (
+            "fan".to_string(),
+            "entered".to_string(),
+            "moved".to_string(),
+        ),
+        ("fan".to_string(), "exited".to_string(), "moved".to_string()),
+    ];
+    assert_eq!(seen, expected, "{}", cluster.logs());
+}

@@ -87,17 +87,15 @@ pub(super) async fn serve(
                 tracing::warn!(vehicle = %id, error = %e, "reading a handed-over driver's state");
                 None
             });
-            let zones = match &handed {
-                Some(state) => Some(state.zones.clone()),
-                None => ctx
-                    .store
-                    .vehicle(&id)
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(vehicle = %id, error = %e, "reading a driver's last state");
-                        None
-                    })
-                    .map(|state| state.zones),
+            let stored = ctx.store.vehicle(&id).await.unwrap_or_else(|e| {
+                tracing::warn!(vehicle = %id, error = %e, "reading a driver's last state");
+                None
+            });
+            // The newer of the two: a hand-over note outlives the hand-over.
+            let zones = match (&handed, stored) {
+                (Some(h), Some(s)) if s.seq > h.seq => Some(s.zones),
+                (Some(h), _) => Some(h.zones.clone()),
+                (None, s) => s.map(|s| s.zones),
             };
             (handed, zones)
         }
