@@ -287,7 +287,7 @@ mod tests {
         } else {
             Vec::new()
         };
-        let filter = if i % 4 == 0 {
+        let filter = if i.is_multiple_of(4) {
             Filter {
                 classes: Vec::new(),
                 statuses: vec![VehicleStatus::Available],
