@@ -303,3 +303,100 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
     client.close().await.unwrap();
     again.stop().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_draws_zones_with_their_counts_queue_and_flashes() {
+    // A car here drives into the zone faster than any would.
+    let node = TestNode::start_with(None, |c| c.ingest.max_speed_mps = 1.0e6).await;
+    // A depot over the grid's first two rows (16 vehicles), wide enough to
+    // hold them as they creep east.
+    let depot = json!({"type": "Feature", "properties": {"name": "Depot", "kind": "depot"},
+    "geometry": {"type": "Polygon", "coordinates": [[
+        [13.39, 52.5135], [13.45, 52.5135], [13.45, 52.5175], [13.39, 52.5175], [13.39, 52.5135]
+    ]]}});
+    let put = node
+        .http
+        .put(node.url("/v1/zones/depot"))
+        .bearer_auth(token(Role::Dashboard, "operator"))
+        .body(depot.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 201);
+    let stop = CancellationToken::new();
+    let fleet = moving_fleet(&node, stop.clone()).await;
+    eventually(WAIT, "the fleet is live", async || {
+        (node.node.table.len() == FLEET).then_some(())
+    })
+    .await;
+    let chromedriver = ChromeDriver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromedriver.browser(profile.path()).await;
+    let page = node.url(&format!("/?token={}", token(Role::Dashboard, "browser")));
+    client.goto(&page).await.unwrap();
+    // Drawn on the map, listed with its live count.
+    eventually(WAIT, "the depot drawn and counted", async || {
+        let drawn = js(
+            &client,
+            "document.getElementById('zone-list').dataset.drawn",
+        )
+        .await;
+        let listed = js(
+            &client,
+            "(document.querySelector('#zone-list li[data-zone=depot]') || {}).textContent || ''",
+        )
+        .await;
+        let listed = listed.as_str().unwrap_or_default().to_string();
+        (drawn == json!("1") && listed.contains("Depot") && listed.contains("16 ·")).then_some(())
+    })
+    .await;
+    // Selected: its queue, in order of entry.
+    client
+        .find(Locator::Css("#zone-list li[data-zone=depot]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(WAIT, "the depot's queue", async || {
+        let n = js(
+            &client,
+            "document.querySelectorAll('#queue-list li').length",
+        )
+        .await;
+        let title = text(&client, "queue-zone").await;
+        (n == json!(16) && title == "Depot").then_some(())
+    })
+    .await;
+    // A car drives in: the map flashes, the count goes up.
+    let mut late = node.driver("late-car", available()).await;
+    late.send_fix(FixInput::at(52.525, 13.40)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.send_fix(FixInput::at(52.5165, 13.40)).await.unwrap();
+    eventually(WAIT, "a flash and a new count", async || {
+        let flashes = js(
+            &client,
+            "document.getElementById('zone-list').dataset.flashes",
+        )
+        .await;
+        let flashes: u64 = flashes.as_str().and_then(|f| f.parse().ok()).unwrap_or(0);
+        let listed = js(
+            &client,
+            "(document.querySelector('#zone-list li[data-zone=depot]') || {}).textContent || ''",
+        )
+        .await;
+        (flashes >= 1 && listed.as_str().unwrap_or_default().contains("17 ·")).then_some(())
+    })
+    .await;
+    let png = client.screenshot().await.unwrap();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("dashboard-browser-zones.png"), png).unwrap();
+    stop.cancel();
+    let _ = fleet.await;
+    client.close().await.unwrap();
+    node.stop().await;
+}

@@ -4,6 +4,9 @@
 // sends their outlines, and sends either every vehicle (snapshot, then
 // added / moved / removed) or per-cell counts when the view is wide. The page
 // projects, draws and keeps its view in sync; it needs no H3 library.
+// Zones near the view come with their outlines and live counts; vehicles
+// entering and leaving them flash on the map, and the side panel lists the
+// zones and the queue of the one selected.
 "use strict";
 
 const STATUS_COLOURS = {
@@ -51,6 +54,11 @@ let selectedState = null; // its state from `find`, until it is in view
 let following = null; // id the map follows
 let dirty = true;
 let live = false; // connected: otherwise what is drawn may be out of date
+const zones = new Map(); // id -> {id, name, kind, polygons, counts}
+let flashes = []; // {lat, lon, event, until}
+let flashCount = 0;
+let selectedZone = null;
+const FLASH_MS = 1500;
 
 // ----------------------------------------------------------- projection --
 
@@ -279,6 +287,29 @@ function handle(m) {
     case "found":
       found(m);
       break;
+    case "zones":
+      zones.clear();
+      for (const z of m.zones) zones.set(z.id, z);
+      showZones();
+      dirty = true;
+      break;
+    case "zone_counts":
+      for (const c of m.zones) {
+        const z = zones.get(c.zone);
+        if (z) z.counts = c;
+      }
+      showZones();
+      dirty = true;
+      break;
+    case "zone_event":
+      flashCount += 1;
+      $("zone-list").dataset.flashes = String(flashCount);
+      flashes.push({ lat: m.lat, lon: m.lon, event: m.event, until: performance.now() + FLASH_MS });
+      dirty = true;
+      break;
+    case "queue":
+      showQueue(m);
+      break;
     case "error":
       notice(m.reason);
       break;
@@ -456,6 +487,122 @@ function drawCells() {
   }
 }
 
+function zoneTotal(z) {
+  return z.counts.available + z.counts.on_trip + z.counts.off_duty;
+}
+
+function drawZones() {
+  let drawn = 0;
+  ctx.font = "12px system-ui, sans-serif";
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  for (const z of zones.values()) {
+    ctx.beginPath();
+    let sx = 0, sy = 0, n = 0;
+    for (const polygon of z.polygons) {
+      polygon.forEach((ring, r) => {
+        ring.forEach(([lat, lon], i) => {
+          const p = toScreen(lat, lon);
+          if (i === 0) ctx.moveTo(p.x, p.y);
+          else ctx.lineTo(p.x, p.y);
+          if (r === 0) { sx += p.x; sy += p.y; n += 1; }
+        });
+        ctx.closePath();
+      });
+    }
+    const chosen = z.id === selectedZone;
+    ctx.fillStyle = chosen ? "rgba(240, 180, 41, 0.22)" : "rgba(122, 72, 196, 0.12)";
+    ctx.fill("evenodd");
+    ctx.strokeStyle = chosen ? "#d99a06" : "rgba(122, 72, 196, 0.8)";
+    ctx.lineWidth = chosen ? 3 : 2;
+    ctx.stroke();
+    drawn += 1;
+    if (n > 0) {
+      ctx.fillStyle = "#3b2466";
+      ctx.fillText(`${z.name} · ${zoneTotal(z)}`, sx / n, sy / n);
+    }
+  }
+  $("zone-list").dataset.drawn = String(drawn);
+}
+
+function drawFlashes() {
+  const now = performance.now();
+  flashes = flashes.filter((f) => f.until > now);
+  for (const f of flashes) {
+    const left = (f.until - now) / FLASH_MS;
+    const p = toScreen(f.lat, f.lon);
+    ctx.beginPath();
+    ctx.arc(p.x, p.y, 8 + 22 * (1 - left), 0, 2 * Math.PI);
+    ctx.strokeStyle = f.event === "entered" ? `rgba(26, 156, 74, ${left})` : `rgba(214, 47, 47, ${left})`;
+    ctx.lineWidth = 3;
+    ctx.stroke();
+  }
+  // Flashes fade: keep drawing while any is on.
+  if (flashes.length > 0) dirty = true;
+}
+
+function zoneLine(z) {
+  return `${zoneTotal(z)} · ${z.counts.available} free`;
+}
+
+function showZones() {
+  const list = $("zone-list");
+  const items = [...zones.values()].sort((a, b) => a.name.localeCompare(b.name));
+  // The same zones as listed: update the lines in place (a click on one
+  // must not land on a line just replaced).
+  const listed = [...list.children].map((li) => li.dataset.zone);
+  if (listed.length === items.length && items.every((z, i) => listed[i] === z.id)) {
+    items.forEach((z, i) => {
+      const li = list.children[i];
+      li.className = z.id === selectedZone ? "selected" : "";
+      li.querySelector(".n").textContent = zoneLine(z);
+    });
+    return;
+  }
+  list.replaceChildren();
+  if (items.length === 0) {
+    const li = document.createElement("li");
+    li.className = "empty";
+    li.textContent = "no zones near the view";
+    list.append(li);
+  }
+  for (const z of items) {
+    const li = document.createElement("li");
+    li.dataset.zone = z.id;
+    li.className = z.id === selectedZone ? "selected" : "";
+    const name = document.createElement("span");
+    name.textContent = `${z.name} (${z.kind})`;
+    const n = document.createElement("span");
+    n.className = "n";
+    n.textContent = zoneLine(z);
+    li.append(name, n);
+    li.addEventListener("click", () => {
+      selectedZone = selectedZone === z.id ? null : z.id;
+      send({ type: "queue", zone: selectedZone || "" });
+      $("queue").hidden = selectedZone === null;
+      showZones();
+      dirty = true;
+    });
+    list.append(li);
+  }
+}
+
+function showQueue(m) {
+  if (m.zone !== selectedZone) return;
+  const z = zones.get(m.zone);
+  $("queue-zone").textContent = z ? z.name : m.zone;
+  const list = $("queue-list");
+  list.replaceChildren();
+  for (const v of m.vehicles) {
+    const li = document.createElement("li");
+    const waited = Math.max(0, Math.round((Date.now() + serverClockOffset - v.entered_ms) / 1000));
+    li.textContent = `${v.id} — ${v.status.replace("_", " ")}, ${waited}s`;
+    li.dataset.vehicle = v.id;
+    list.append(li);
+  }
+  $("queue").hidden = false;
+}
+
 function drawVehicles() {
   let drawn = 0;
   let digest = 0;
@@ -537,12 +684,14 @@ function render() {
     ctx.fillRect(0, 0, map.width, map.height);
     drawTiles();
     drawCells();
+    drawZones();
     let drawnTotals = null;
     if (view.mode === "vehicles") drawnTotals = drawVehicles();
     else {
       $("rendered-count").textContent = "0";
       $("rendered-count").dataset.count = "0";
     }
+    drawFlashes();
     drawScale();
     updateTotals(drawnTotals);
     // How long a frame takes to draw, for whoever measures the page.

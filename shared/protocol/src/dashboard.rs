@@ -84,6 +84,9 @@ pub enum DashboardRequest {
     Filter { id: u32, filter: Filter },
     /// Where is this vehicle, wherever it is?
     Find { id: String },
+    /// The queue of this zone (its vehicles in order of entry), now and
+    /// then as it changes; an empty id stops it.
+    Queue { zone: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +115,70 @@ pub enum DashboardEvent {
     Density(DensityUpdate),
     Found(Found),
     Error(DashboardError),
+    /// The zones near the viewport, drawn on the map (sent at the start,
+    /// when the viewport moves and when zones change).
+    Zones(ZonesShown),
+    /// Live counts of the zones shown, those that changed.
+    ZoneCounts(ZoneCountsUpdate),
+    /// A vehicle entered or left a zone shown.
+    ZoneEvent(ZoneFlash),
+    /// The queue of the zone asked for.
+    Queue(ZoneQueue),
+}
+
+/// Zones to draw. Replaces those shown before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZonesShown {
+    pub zones: Vec<ZoneShape>,
+    /// More zones are near the viewport than a dashboard is sent.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneShape {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    /// Polygons, each as rings (the exterior, then holes) of `[lat, lon]`.
+    pub polygons: Vec<Vec<Vec<[f64; 2]>>>,
+    pub counts: StatusCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneCountsUpdate {
+    pub zones: Vec<ZoneCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneCount {
+    pub zone: String,
+    #[serde(flatten)]
+    pub counts: StatusCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneFlash {
+    pub zone: String,
+    pub event: crate::zone::ZoneEventKind,
+    pub cause: crate::zone::ZoneCause,
+    pub vehicle: String,
+    pub lat: f64,
+    pub lon: f64,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneQueue {
+    pub zone: String,
+    /// In order of entry, earliest first.
+    pub vehicles: Vec<QueuedVehicle>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedVehicle {
+    pub id: String,
+    pub status: VehicleStatus,
+    pub entered_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

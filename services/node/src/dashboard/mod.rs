@@ -8,6 +8,7 @@
 
 mod page;
 mod session;
+mod zones;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -12,23 +12,28 @@ use std::{collections::HashSet, sync::Arc, time::Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 use h3o::CellIndex;
-use hexfleet_model::{VehicleId, ViewportCover};
+use hexfleet_model::{VehicleId, ViewportCover, ZoneId};
 use hexfleet_protocol::{
     dashboard::{
         CellCount, CellOutline, DashboardError, DashboardEvent, DashboardMoved, DashboardRemoved,
         DashboardRequest, DensityUpdate, Format, Found, Hello, Outlines, StatusCounts,
         VehicleUpdate, View, ViewMode, Viewport, MAX_ZOOM,
     },
+    zone::ZoneEvent,
     ErrorCode, Filter, Role,
 };
 
-use super::Dashboards;
+use super::{zones::ZoneWatch, Dashboards};
 use crate::{
     budget::{RequestBudget, Verdict},
     clock,
     fanout::SubscriberId,
     mailbox::{frames, Delta, Drained, Mailbox},
     metrics::DeltaKind,
+    zones::{
+        sync::{ZoneCounts, COUNTS_EVERY},
+        view,
+    },
 };
 
 /// Items per message. The WebSocket keeps a write buffer as large as the
@@ -86,6 +91,7 @@ struct Session {
     shown: HashSet<VehicleId>,
     outlined: HashSet<CellIndex>,
     budget: RequestBudget,
+    zones: ZoneWatch,
 }
 
 /// A dashboard showing counts over more shards than this sees only those of
@@ -114,7 +120,12 @@ pub(super) async fn serve(
         shown: HashSet::new(),
         outlined: HashSet::new(),
         budget: RequestBudget::new(&dashboards.config.requests, Instant::now()),
+        zones: ZoneWatch::default(),
     };
+    let mut zones_changed = dashboards.zones.watch_changes();
+    let mut zone_events = dashboards.zones.subscribe_events();
+    let mut zone_timer = tokio::time::interval(COUNTS_EVERY);
+    zone_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut density_timer = tokio::time::interval(dashboards.config.density_interval);
     density_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hello = DashboardEvent::Hello(Hello {
@@ -154,6 +165,15 @@ pub(super) async fn serve(
                 None => Ok(()),
             },
             _ = density_timer.tick(), if in_density => session.density(false).await,
+            _ = zones_changed.changed() => session.send_zones().await,
+            event = zone_events.recv() => match event {
+                Ok(event) => session.zone_event(&event).await,
+                // A dashboard that fell behind misses some flashes: the
+                // counts that follow are right.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Ok(()),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => Err(End::Gone),
+            },
+            _ = zone_timer.tick() => session.zone_counts().await,
             refusal = &mut expired => Err(End::Close(refusal.code, refusal.reason)),
             _ = dashboards.shutdown.cancelled() => Err(End::Close(ErrorCode::ShuttingDown, "the node is shutting down".into())),
         };
@@ -278,6 +298,7 @@ impl Session {
             Ok(DashboardRequest::Viewport(viewport)) => self.viewport(viewport).await,
             Ok(DashboardRequest::Filter { id, filter }) => self.filter(id, filter).await,
             Ok(DashboardRequest::Find { id }) => self.find(id).await,
+            Ok(DashboardRequest::Queue { zone }) => self.follow_queue(zone).await,
             Err(e) => self.bad_request(e.to_string()).await,
         }
     }
@@ -295,6 +316,8 @@ impl Session {
         if let Some(filter) = viewport.filter {
             self.filter = filter;
         }
+        self.zones.bbox = Some(viewport.bbox);
+        self.send_zones().await?;
         let (cells, bbox) = (self.dashboards.cells, viewport.bbox);
         let (max_vehicle_cells, max_density_cells) = (
             self.dashboards.config.max_vehicle_cells,
@@ -377,6 +400,84 @@ impl Session {
             // Every count may change: a fresh snapshot.
             Mode::Density { .. } => self.density(true).await,
         }
+    }
+
+    /// The counts of the whole fleet's zones, shared by the node's
+    /// dashboards (computed once a second at most).
+    async fn fleet_zone_counts(&self) -> Arc<ZoneCounts> {
+        let d = &self.dashboards;
+        view::shared_counts(&d.zones, &d.ingest, d.store.as_ref(), d.cluster.as_deref())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "zone counts for a dashboard");
+                Arc::default()
+            })
+    }
+
+    /// Draws the zones near the viewport (none before one is set).
+    async fn send_zones(&mut self) -> Result<(), End> {
+        let index = self.dashboards.zones.current();
+        if index.is_empty() && self.zones.bbox.is_none() {
+            return Ok(());
+        }
+        let counts = self.fleet_zone_counts().await;
+        let shown = self.zones.shapes(&index, &counts);
+        self.send(&DashboardEvent::Zones(shown)).await
+    }
+
+    async fn zone_event(&mut self, event: &ZoneEvent) -> Result<(), End> {
+        match self.zones.flash(event) {
+            Some(flash) => self.send(&DashboardEvent::ZoneEvent(flash)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Counts that changed, and the followed queue.
+    async fn zone_counts(&mut self) -> Result<(), End> {
+        if self.dashboards.zones.current().is_empty() {
+            return Ok(());
+        }
+        let counts = self.fleet_zone_counts().await;
+        if let Some(update) = self.zones.changed_counts(&counts) {
+            self.send(&DashboardEvent::ZoneCounts(update)).await?;
+        }
+        self.send_queue().await
+    }
+
+    async fn follow_queue(&mut self, zone: String) -> Result<(), End> {
+        if zone.is_empty() {
+            self.zones.queue = None;
+            return Ok(());
+        }
+        match ZoneId::new(&zone) {
+            Ok(id) if self.dashboards.zones.current().get(&id).is_some() => {
+                self.zones.queue = Some(id);
+                self.send_queue().await
+            }
+            Ok(id) => self.bad_request(format!("queue: no zone {id}")).await,
+            Err(e) => self.bad_request(format!("queue: {e}")).await,
+        }
+    }
+
+    async fn send_queue(&mut self) -> Result<(), End> {
+        let Some(id) = self.zones.queue.clone() else {
+            return Ok(());
+        };
+        let Some(zone) = self.dashboards.zones.current().get(&id).cloned() else {
+            self.zones.queue = None;
+            return Ok(());
+        };
+        let d = &self.dashboards;
+        let states =
+            match view::queue(&d.ingest, d.store.as_ref(), d.cluster.as_deref(), &zone).await {
+                Ok(states) => states,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a zone's queue for a dashboard");
+                    return Ok(());
+                }
+            };
+        let queue = super::zones::queue(&id, &states);
+        self.send(&DashboardEvent::Queue(queue)).await
     }
 
     async fn find(&mut self, id: String) -> Result<(), End> {

@@ -18,7 +18,7 @@ use std::{
     sync::Arc,
 };
 
-use geo::{Contains, Point};
+use geo::{BoundingRect, Contains, Point, Rect};
 use h3o::{
     geom::{ContainmentMode, TilerBuilder},
     CellIndex, Resolution,
@@ -31,6 +31,8 @@ use super::spec::{ZoneError, ZoneSpec};
 #[derive(Debug)]
 pub struct Zone {
     pub spec: ZoneSpec,
+    /// The box around it (x: longitude, y: latitude).
+    pub bounds: Option<Rect<f64>>,
     /// Cells where a point may be in or out: tested exactly.
     edge: Vec<CellIndex>,
     /// Cells wholly inside, compacted (coarser where whole parents are).
@@ -69,7 +71,12 @@ impl Zone {
         CellIndex::compact(&mut inside).map_err(|e| ZoneError::Invalid(e.to_string()))?;
         let mut edge: Vec<CellIndex> = edge.into_iter().collect();
         edge.sort_unstable();
-        Ok(Self { spec, edge, inside })
+        Ok(Self {
+            bounds: spec.geometry.bounding_rect(),
+            spec,
+            edge,
+            inside,
+        })
     }
 
     pub fn id(&self) -> &ZoneId {

@@ -50,6 +50,9 @@ pub struct Zones {
     changed: watch::Sender<u64>,
     /// Events as the stream has them, for this node's dashboards.
     events: broadcast::Sender<Arc<ZoneEvent>>,
+    /// The fleet's counts, computed at most once a second for everyone
+    /// who shows them.
+    counts: parking_lot::Mutex<Option<(std::time::Instant, Arc<sync::ZoneCounts>)>>,
 }
 
 /// Counts by status, as [`VehicleStatus::ALL`] orders them.
@@ -69,7 +72,21 @@ impl Zones {
             metrics,
             changed: watch::Sender::new(0),
             events: broadcast::channel(EVENTS_BUFFER).0,
+            counts: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// The counts computed less than a second ago, if any.
+    pub fn fresh_counts(&self) -> Option<Arc<sync::ZoneCounts>> {
+        let cached = self.counts.lock();
+        cached
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < sync::COUNTS_EVERY)
+            .map(|(_, counts)| counts.clone())
+    }
+
+    pub fn keep_counts(&self, counts: Arc<sync::ZoneCounts>) {
+        *self.counts.lock() = Some((std::time::Instant::now(), counts));
     }
 
     /// The zones now (a snapshot: later changes do not show in it).

@@ -39,6 +39,21 @@ pub async fn counts(
     Ok(counts)
 }
 
+/// [`counts`], computed at most once a second for all who ask.
+pub async fn shared_counts(
+    zones: &super::Zones,
+    ingest: &Ingest,
+    store: &dyn Store,
+    cluster: Option<&Cluster>,
+) -> Result<std::sync::Arc<ZoneCounts>, StoreError> {
+    if let Some(counts) = zones.fresh_counts() {
+        return Ok(counts);
+    }
+    let counts = std::sync::Arc::new(counts(ingest, store, cluster).await?);
+    zones.keep_counts(counts.clone());
+    Ok(counts)
+}
+
 /// The vehicles in a zone, in order of entry (earliest first; a vehicle
 /// that left and came back is behind those that stayed).
 pub async fn queue(
