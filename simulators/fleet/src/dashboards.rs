@@ -122,14 +122,14 @@ pub struct Target {
     pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
 }
 
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// The WebSocket a dashboard reads, over TLS or not.
-type Socket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+pub type Socket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 /// Opens `/v1/ws?{query}` on the target: WSS when it has TLS, else WS.
-async fn open(target: &Target, query: &str) -> anyhow::Result<Socket> {
+pub async fn open(target: &Target, query: &str) -> anyhow::Result<Socket> {
     let tcp = tokio::net::TcpStream::connect(target.http).await?;
     tcp.set_nodelay(true)?;
     let (url, stream): (String, Box<dyn Io>) = match &target.tls {

@@ -3,7 +3,11 @@
 //! - `load`: a fleet described by flags against a running node.
 //! - `run SCENARIO.toml`: a scenario file against a running node.
 //! - `demo`: an embedded node plus a simulated fleet, to see it work.
+//! - `airport`: drivers queueing in an airport zone, the events the node
+//!   shows checked against what they did.
+//! - `bench`: the standard benchmark.
 
+mod airport;
 mod bench;
 mod cost;
 mod dashboards;
@@ -59,6 +63,9 @@ enum Command {
     /// The standard benchmark: starts Redis (unless --redis-url) and a node,
     /// measures ingest, latency, fan-out, memory and the nearby API.
     Bench(BenchArgs),
+    /// An airport zone with drivers queueing in it: the events the node
+    /// shows a dashboard are checked against what the drivers did.
+    Airport(AirportArgs),
     /// Run a node for `bench` in a process of its own (internal).
     #[command(hide = true)]
     ServeNode(ServeNodeArgs),
@@ -78,6 +85,118 @@ struct BenchArgs {
     /// Write the markdown table (e.g. BENCHMARKS.md).
     #[arg(long)]
     markdown: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AirportArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Drivers coming to the airport (one QUIC connection each).
+    #[arg(long, default_value_t = 40)]
+    drivers: usize,
+    /// The airport's waiting area: LAT,LON of its centre.
+    #[arg(long, default_value = "52.3667,13.5033")]
+    at: String,
+    /// The longest a driver waits in the queue before going on.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The airport's size and the drives to it, against the default
+    /// (a waiting area of 800 × 500 m, drivers from 700 m away).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Start a node in this process (in-memory store, or --redis-url)
+    /// instead of using --node and --http.
+    #[arg(long)]
+    embedded: bool,
+    /// The embedded node's Redis.
+    #[arg(long, env = "HEXFLEET_REDIS_URL")]
+    redis_url: Option<String>,
+}
+
+/// Plays the airport scenario; fails when what the node said differs from
+/// what the drivers did.
+async fn airport(args: AirportArgs) -> anyhow::Result<()> {
+    let center = args
+        .at
+        .split_once(',')
+        .and_then(|(lat, lon)| Some((lat.trim().parse().ok()?, lon.trim().parse().ok()?)))
+        .context("--at must be LAT,LON")?;
+    let options = airport::Options {
+        drivers: args.drivers,
+        center,
+        max_wait: args.max_wait,
+        seed: args.seed,
+        scale: args.scale,
+    };
+    anyhow::ensure!(
+        args.scale.is_finite() && (0.1..=10.0).contains(&args.scale),
+        "--scale must be within 0.1 and 10"
+    );
+    let mut embedded = None;
+    let target = if args.embedded {
+        let mut config = Config {
+            node_id: "airport".into(),
+            ..Config::default()
+        };
+        config.quic.listen = ([127, 0, 0, 1], 0).into();
+        config.http.listen = ([127, 0, 0, 1], 0).into();
+        config.admin.listen = ([127, 0, 0, 1], 0).into();
+        config.http.tls = false;
+        config.auth.token_secret = args.client.token_secret.clone();
+        if let Some(url) = &args.redis_url {
+            config.store.kind = StoreKind::Redis;
+            config.store.redis_url = url.clone();
+        }
+        let node = Node::start(config)
+            .await
+            .context("starting the embedded node")?;
+        let ca = node.dev_cert.clone().context("a development certificate")?;
+        let target = airport::Target {
+            quic: node.quic_addr,
+            http: node.http_addr,
+            http_tls: None,
+            ca,
+            server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),
+            token_secret: args.client.token_secret.clone(),
+        };
+        embedded = Some(node);
+        target
+    } else {
+        let (ca, server_name) = trust(&args.client);
+        let http_tls = if args.client.http_tls {
+            Some((
+                Arc::new(hexfleet_client::https_config(&ca)?),
+                server_name.clone(),
+            ))
+        } else {
+            None
+        };
+        airport::Target {
+            quic: args.client.nodes[0],
+            http: args.client.http,
+            http_tls,
+            ca,
+            server_name,
+            token_secret: args.client.token_secret.clone(),
+        }
+    };
+    let summary = airport::run(options, target).await;
+    if let Some(node) = embedded {
+        node.shutdown(Duration::from_secs(5)).await;
+    }
+    let summary = summary?;
+    summary.print();
+    if let Some(path) = &args.client.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    anyhow::ensure!(
+        summary.ok,
+        "the node's zone events differ from what the drivers did"
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -591,5 +710,6 @@ async fn main() -> anyhow::Result<()> {
             .map(|_| ())
         }
         Command::ServeNode(args) => serve_node(args).await,
+        Command::Airport(args) => airport(args).await,
     }
 }

@@ -148,3 +148,41 @@ fn a_scenario_file_that_does_not_parse_is_refused_clearly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_airport_scenario_checks_every_zone_event_against_what_the_drivers_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("airport.json");
+    let out = sim()
+        .args([
+            "airport",
+            "--embedded",
+            "--drivers",
+            "10",
+            "--max-wait",
+            "3s",
+        ])
+        .args(["--scale", "0.4", "--json"])
+        .arg(&json)
+        .env("HEXFLEET_DEV_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["drivers"], 10);
+    // Every driver enters at least once; those that left or signed off exit.
+    assert!(summary["entered"].as_u64().unwrap() >= 10, "{summary}");
+    assert_eq!(summary["entered"], summary["expected_entered"]);
+    assert_eq!(summary["exited"], summary["expected_exited"]);
+    assert!(
+        !summary["queue_listed"].as_array().unwrap().is_empty(),
+        "{summary}"
+    );
+}
