@@ -216,7 +216,6 @@ impl Ingest {
         if changed.is_empty() {
             return 0;
         }
-        let index = self.zones.current();
         let mut candidates = std::collections::HashSet::new();
         self.table.each(|state| {
             if state.zones.iter().any(|m| changed.contains(&m.zone)) {
@@ -224,7 +223,7 @@ impl Ingest {
             }
         });
         let res = self.cells.index_res();
-        for zone in changed.iter().filter_map(|id| index.get(id)) {
+        for zone in changed.iter().filter_map(|id| self.zones.get(id)) {
             for state in self.table.in_cells(zone.cells(res), |_| true) {
                 candidates.insert(state.id);
             }

@@ -364,6 +364,15 @@ impl Node {
                 }
             }
         }
+        // The zones before any fix: a vehicle restored inside a zone must
+        // not find it missing. A store that does not answer yet leaves the
+        // memberships as stored until it does.
+        let mut zones_version = 0;
+        if let Err(e) =
+            zones::sync::catch_up(store.as_ref(), &zones, &ingest, &mut zones_version).await
+        {
+            tracing::warn!(error = %e, "reading the zones; memberships stand as stored until the store answers");
+        }
         let (endpoints, quic_addr) = bind_quic(&config, &certificates, &metrics)?;
         let (http_listener, http_addr) = bind_http(config.http.listen).await?;
         let (admin_listener, admin_addr) = bind_http(config.admin.listen).await?;
@@ -472,6 +481,7 @@ impl Node {
             store.clone(),
             zones.clone(),
             ingest.clone(),
+            zones_version,
             config.zones.poll_interval,
             shutdown.clone(),
         ));

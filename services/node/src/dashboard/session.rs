@@ -416,12 +416,11 @@ impl Session {
 
     /// Draws the zones near the viewport (none before one is set).
     async fn send_zones(&mut self) -> Result<(), End> {
-        let index = self.dashboards.zones.current();
-        if index.is_empty() && self.zones.bbox.is_none() {
+        if self.dashboards.zones.is_empty() && self.zones.bbox.is_none() {
             return Ok(());
         }
         let counts = self.fleet_zone_counts().await;
-        let shown = self.zones.shapes(&index, &counts);
+        let shown = self.zones.shapes(&self.dashboards.zones.read(), &counts);
         self.send(&DashboardEvent::Zones(shown)).await
     }
 
@@ -434,7 +433,7 @@ impl Session {
 
     /// Counts that changed, and the followed queue.
     async fn zone_counts(&mut self) -> Result<(), End> {
-        if self.dashboards.zones.current().is_empty() {
+        if self.dashboards.zones.is_empty() {
             return Ok(());
         }
         let counts = self.fleet_zone_counts().await;
@@ -450,7 +449,7 @@ impl Session {
             return Ok(());
         }
         match ZoneId::new(&zone) {
-            Ok(id) if self.dashboards.zones.current().get(&id).is_some() => {
+            Ok(id) if self.dashboards.zones.get(&id).is_some() => {
                 self.zones.queue = Some(id);
                 self.send_queue().await
             }
@@ -463,7 +462,7 @@ impl Session {
         let Some(id) = self.zones.queue.clone() else {
             return Ok(());
         };
-        let Some(zone) = self.dashboards.zones.current().get(&id).cloned() else {
+        let Some(zone) = self.dashboards.zones.get(&id) else {
             self.zones.queue = None;
             return Ok(());
         };

@@ -89,7 +89,7 @@ pub(super) async fn put(
             ),
         ));
     }
-    let existed = api.zones.current().get(zone.id()).is_some();
+    let existed = api.zones.get(zone.id()).is_some();
     let changed = api
         .zones
         .apply(vec![(zone.id().clone(), Some(zone.clone()))]);
@@ -105,9 +105,8 @@ pub(super) async fn put(
 }
 
 pub(super) async fn list(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
-    let index = api.zones.current();
     let counts = counts(&api).await?;
-    let mut zones: Vec<&Arc<Zone>> = index.zones().values().collect();
+    let mut zones: Vec<Arc<Zone>> = api.zones.read().zones().values().cloned().collect();
     zones.sort_by(|a, b| a.id().cmp(b.id()));
     let features: Vec<Value> = zones.iter().map(|z| feature(z, &counts)).collect();
     Ok(Json(
@@ -117,9 +116,7 @@ pub(super) async fn list(State(api): State<Api>) -> Result<Json<Value>, ApiError
 
 fn known(api: &Api, id: &ZoneId) -> Result<Arc<Zone>, ApiError> {
     api.zones
-        .current()
         .get(id)
-        .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no zone {id}")))
 }
 

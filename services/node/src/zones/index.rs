@@ -112,13 +112,16 @@ enum Test {
     Exact,
 }
 
-/// Every zone, by the cells it covers. Built whole when zones change (from
-/// zones already tiled), read by every fix.
+/// Every zone, by the cells it covers. Changed in place, one zone at a time
+/// (a change costs the cells of the zone changed, not of all zones), read
+/// by every fix.
 #[derive(Debug)]
 pub struct ZoneIndex {
     zones: HashMap<ZoneId, Arc<Zone>>,
     by_cell: HashMap<CellIndex, Vec<(Arc<Zone>, Test)>>,
-    /// The resolutions `by_cell` holds cells at, finest first.
+    /// How many cells `by_cell` holds at each resolution...
+    per_resolution: [usize; 16],
+    /// ...and so the resolutions a fix looks up, finest first.
     resolutions: Vec<Resolution>,
     res: Resolution,
 }
@@ -128,40 +131,63 @@ impl ZoneIndex {
         Self {
             zones: HashMap::new(),
             by_cell: HashMap::new(),
+            per_resolution: [0; 16],
             resolutions: Vec::new(),
             res,
         }
     }
 
-    pub fn build(zones: HashMap<ZoneId, Arc<Zone>>, res: Resolution) -> Self {
-        let mut by_cell: HashMap<CellIndex, Vec<(Arc<Zone>, Test)>> = HashMap::new();
-        let mut resolutions = HashSet::new();
-        for zone in zones.values() {
-            for &cell in &zone.edge {
-                by_cell
-                    .entry(cell)
-                    .or_default()
-                    .push((zone.clone(), Test::Exact));
-            }
-            for &cell in &zone.inside {
-                resolutions.insert(cell.resolution());
-                by_cell
-                    .entry(cell)
-                    .or_default()
-                    .push((zone.clone(), Test::Inside));
-            }
-            if !zone.edge.is_empty() {
-                resolutions.insert(res);
+    fn cells_of(zone: &Zone) -> impl Iterator<Item = (CellIndex, Test)> + '_ {
+        zone.edge
+            .iter()
+            .map(|c| (*c, Test::Exact))
+            .chain(zone.inside.iter().map(|c| (*c, Test::Inside)))
+    }
+
+    /// Adds a zone, or replaces the one with its id.
+    pub fn insert(&mut self, zone: Arc<Zone>) {
+        self.remove(zone.id());
+        for (cell, test) in Self::cells_of(&zone) {
+            self.per_resolution[u8::from(cell.resolution()) as usize] += 1;
+            self.by_cell
+                .entry(cell)
+                .or_default()
+                .push((zone.clone(), test));
+        }
+        self.zones.insert(zone.id().clone(), zone);
+        self.resolutions_changed();
+    }
+
+    /// Removes a zone; `false` if there was none.
+    pub fn remove(&mut self, id: &ZoneId) -> bool {
+        let Some(zone) = self.zones.remove(id) else {
+            return false;
+        };
+        for (cell, _) in Self::cells_of(&zone) {
+            let slot = &mut self.per_resolution[u8::from(cell.resolution()) as usize];
+            *slot = slot.saturating_sub(1);
+            if let Some(entries) = self.by_cell.get_mut(&cell) {
+                entries.retain(|(z, _)| z.id() != id);
+                if entries.is_empty() {
+                    self.by_cell.remove(&cell);
+                }
             }
         }
-        let mut resolutions: Vec<Resolution> = resolutions.into_iter().collect();
-        resolutions.sort_unstable_by(|a, b| b.cmp(a));
-        Self {
-            zones,
-            by_cell,
-            resolutions,
-            res,
-        }
+        self.resolutions_changed();
+        true
+    }
+
+    fn resolutions_changed(&mut self) {
+        self.resolutions = (0..16u8)
+            .rev()
+            .filter(|r| self.per_resolution[*r as usize] > 0)
+            .filter_map(|r| Resolution::try_from(r).ok())
+            .collect();
+    }
+
+    /// Cells held (edge cells, and compacted inside cells).
+    pub fn cells(&self) -> usize {
+        self.per_resolution.iter().sum()
     }
 
     pub fn zones(&self) -> &HashMap<ZoneId, Arc<Zone>> {

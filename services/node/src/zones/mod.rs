@@ -42,7 +42,7 @@ const EVENTS_BUFFER: usize = 4096;
 
 /// The zones this node knows, and what it needs to keep memberships.
 pub struct Zones {
-    index: RwLock<Arc<ZoneIndex>>,
+    index: RwLock<ZoneIndex>,
     pub limits: ZoneLimits,
     pub max_zones: usize,
     metrics: Arc<Metrics>,
@@ -50,6 +50,10 @@ pub struct Zones {
     changed: watch::Sender<u64>,
     /// Events as the stream has them, for this node's dashboards.
     events: broadcast::Sender<Arc<ZoneEvent>>,
+    /// Whether the store's zones have been read once. Until then a
+    /// vehicle's memberships stand as stored: a zone not known yet is not
+    /// a zone deleted.
+    loaded: std::sync::atomic::AtomicBool,
     /// The fleet's counts, computed at most once a second for everyone
     /// who shows them.
     counts: parking_lot::Mutex<Option<(std::time::Instant, Arc<sync::ZoneCounts>)>>,
@@ -66,14 +70,24 @@ impl Zones {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            index: RwLock::new(Arc::new(ZoneIndex::new(res))),
+            index: RwLock::new(ZoneIndex::new(res)),
             limits,
             max_zones,
             metrics,
             changed: watch::Sender::new(0),
             events: broadcast::channel(EVENTS_BUFFER).0,
             counts: parking_lot::Mutex::new(None),
+            loaded: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn mark_loaded(&self) {
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The counts computed less than a second ago, if any.
@@ -89,9 +103,17 @@ impl Zones {
         *self.counts.lock() = Some((std::time::Instant::now(), counts));
     }
 
-    /// The zones now (a snapshot: later changes do not show in it).
-    pub fn current(&self) -> Arc<ZoneIndex> {
-        self.index.read().clone()
+    /// Reads the zones (briefly: no waiting while holding them).
+    pub fn read(&self) -> parking_lot::RwLockReadGuard<'_, ZoneIndex> {
+        self.index.read()
+    }
+
+    pub fn get(&self, id: &ZoneId) -> Option<Arc<Zone>> {
+        self.index.read().get(id).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.read().is_empty()
     }
 
     pub fn watch_changes(&self) -> watch::Receiver<u64> {
@@ -111,14 +133,10 @@ impl Zones {
     /// Applies zones created, changed (`Some`) or deleted (`None`), already
     /// tiled; returns the ids whose zone changed.
     pub fn apply(&self, changes: Vec<(ZoneId, Option<Arc<Zone>>)>) -> Vec<ZoneId> {
-        if changes.is_empty() {
-            return Vec::new();
-        }
         let mut index = self.index.write();
-        let mut zones = index.zones().clone();
         let mut changed = Vec::with_capacity(changes.len());
         for (id, zone) in changes {
-            let differs = match (&zone, zones.get(&id)) {
+            let differs = match (&zone, index.get(&id)) {
                 (Some(new), Some(old)) => new.spec != old.spec,
                 (None, None) => false,
                 _ => true,
@@ -127,21 +145,19 @@ impl Zones {
                 continue;
             }
             match zone {
-                Some(zone) => zones.insert(id.clone(), zone),
-                None => zones.remove(&id),
-            };
+                Some(zone) => index.insert(zone),
+                None => {
+                    index.remove(&id);
+                }
+            }
             changed.push(id);
         }
-        if changed.is_empty() {
-            return changed;
-        }
-        let res = index.resolution();
-        let cells: usize = zones.values().map(|z| z.cover_len()).sum();
-        *index = Arc::new(ZoneIndex::build(zones, res));
         self.metrics.zones.set(index.zones().len() as i64);
-        self.metrics.zone_cells.set(cells as i64);
+        self.metrics.zone_cells.set(index.cells() as i64);
         drop(index);
-        self.changed.send_modify(|n| *n += 1);
+        if !changed.is_empty() {
+            self.changed.send_modify(|n| *n += 1);
+        }
         changed
     }
 
@@ -161,6 +177,9 @@ impl Zones {
         let index = self.index.read();
         if index.is_empty() && had.is_empty() {
             return Vec::new();
+        }
+        if !self.is_loaded() {
+            return had.to_vec();
         }
         let mut found = Vec::new();
         let tests = index.containing(
@@ -346,6 +365,7 @@ mod tests {
         let cells = CellModel::default();
         let mut rng = StdRng::seed_from_u64(13);
         let zones = Zones::new(cells.index_res(), LIMITS, 1_000, Arc::new(Metrics::new()));
+        zones.mark_loaded();
         // Around a city (zones cross shard edges: shards are ~8 km across)
         // and around a pentagon, where cells have five neighbours.
         let pentagon = Resolution::Nine
@@ -365,7 +385,7 @@ mod tests {
             tiled.push((zone.id().clone(), Some(zone)));
         }
         zones.apply(tiled);
-        let index = zones.current();
+        let index = zones.read();
         let mut vehicles: Vec<VehicleState> = (0..300)
             .map(|i| {
                 let (lat, lon) = areas[i % 2];
@@ -452,6 +472,7 @@ mod tests {
     fn a_deleted_zone_lets_its_vehicles_out_with_that_cause() {
         let cells = CellModel::default();
         let zones = Zones::new(cells.index_res(), LIMITS, 10, Arc::new(Metrics::new()));
+        zones.mark_loaded();
         let square = serde_json::json!({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
             [13.39, 52.51], [13.41, 52.51], [13.41, 52.53], [13.39, 52.53], [13.39, 52.51]
         ]]}});

@@ -20,15 +20,16 @@ use tokio_util::sync::CancellationToken;
 use super::{tally, Zone, ZoneSpec, Zones};
 use crate::{clock, ingest::Ingest, metrics::Metrics, store::writer::StoreWriter, store::Store};
 
-/// Follows the store's zones until shutdown.
+/// Follows the store's zones until shutdown, from `version` (what
+/// [`catch_up`] reached at the start).
 pub async fn follow_zones(
     store: Arc<dyn Store>,
     zones: Arc<Zones>,
     ingest: Arc<Ingest>,
+    mut version: u64,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut version = 0;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -36,47 +37,52 @@ pub async fn follow_zones(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        // Pages until caught up, so a thousand zones put at once apply in
-        // one pass.
-        loop {
-            let changes = match store.zone_changes(version).await {
-                Ok(changes) => changes,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading zone changes; retrying");
-                    break;
-                }
-            };
-            if changes.zones.is_empty() {
-                break;
-            }
-            version = changes.version;
-            let res = ingest.cells.index_res();
-            let limits = zones.limits;
-            let tiled = tokio::task::spawn_blocking(move || {
-                changes
-                    .zones
-                    .into_iter()
-                    .map(|(id, feature)| {
-                        let zone = feature.and_then(|f| tile(&id, &f, limits, res));
-                        (id, zone)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            let Ok(tiled) = tiled else {
-                tracing::error!("tiling zones failed");
-                break;
-            };
-            let changed = zones.apply(tiled);
-            if !changed.is_empty() {
-                let looked = ingest.rezone(&changed);
-                tracing::info!(
-                    zones = changed.len(),
-                    vehicles = looked,
-                    version,
-                    "zones changed"
-                );
-            }
+        if let Err(e) = catch_up(store.as_ref(), &zones, &ingest, &mut version).await {
+            tracing::warn!(error = %e, "reading zone changes; retrying");
+        }
+    }
+}
+
+/// Applies every zone change since `version` (paging, so a thousand zones
+/// put at once apply in one pass), tiled off the runtime's threads, and
+/// gives the vehicles in changed zones their memberships again. Once it has
+/// succeeded, the zones are known ([`Zones::mark_loaded`]).
+pub async fn catch_up(
+    store: &dyn Store,
+    zones: &Zones,
+    ingest: &Ingest,
+    version: &mut u64,
+) -> Result<(), crate::store::StoreError> {
+    loop {
+        let changes = store.zone_changes(*version).await?;
+        if changes.zones.is_empty() {
+            zones.mark_loaded();
+            return Ok(());
+        }
+        *version = changes.version;
+        let res = ingest.cells.index_res();
+        let limits = zones.limits;
+        let tiled = tokio::task::spawn_blocking(move || {
+            changes
+                .zones
+                .into_iter()
+                .map(|(id, feature)| {
+                    let zone = feature.and_then(|f| tile(&id, &f, limits, res));
+                    (id, zone)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| crate::store::StoreError::Unwritable(format!("tiling zones: {e}")))?;
+        let changed = zones.apply(tiled);
+        if !changed.is_empty() && zones.is_loaded() {
+            let looked = ingest.rezone(&changed);
+            tracing::info!(
+                zones = changed.len(),
+                vehicles = looked,
+                version = *version,
+                "zones changed"
+            );
         }
     }
 }
