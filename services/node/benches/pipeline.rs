@@ -2,8 +2,9 @@
 //! vehicle table (with its cell index), staging for the store and a shard's
 //! flush as Redis commands, the fan-out of one fix to the
 //! subscribers of its cell, and mailbox coalescing; a nearby query answered
-//! from the table; and what a dashboard costs: its viewport's cover and its
-//! density counts.
+//! from the table; what a dashboard costs: its viewport's cover and its
+//! density counts; and what zones cost a fix, with 0, 100 and 10,000 zones
+//! over a city.
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 
@@ -347,6 +348,123 @@ fn dashboard(c: &mut Criterion) {
     g.finish();
 }
 
+/// `n` star-shaped zones (radius 150–600 m, some with a hole) over a
+/// city of 40 × 33 km, as operators draw venues, depots and airports.
+fn city_zones(n: usize, cells: &CellModel) -> Vec<Arc<hexfleet_node::zones::Zone>> {
+    use geo::{LineString, MultiPolygon, Polygon};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(42);
+    let ring = |rng: &mut StdRng, lat: f64, lon: f64, r0: f64, r1: f64| {
+        let k = rng.random_range(6..24);
+        let mut coords: Vec<(f64, f64)> = (0..k)
+            .map(|i| {
+                let a = i as f64 / k as f64 * std::f64::consts::TAU;
+                let r = rng.random_range(r0..r1);
+                (lon + r * a.cos() / 67_800.0, lat + r * a.sin() / 111_320.0)
+            })
+            .collect();
+        coords.push(coords[0]);
+        LineString::from(coords)
+    };
+    (0..n)
+        .map(|i| {
+            let (lat, lon) = (rng.random_range(52.35..52.65), rng.random_range(13.1..13.7));
+            let r = rng.random_range(150.0..600.0);
+            let exterior = ring(&mut rng, lat, lon, 0.5 * r, r);
+            let holes = if i % 5 == 0 {
+                vec![ring(&mut rng, lat, lon, 0.05 * r, 0.3 * r)]
+            } else {
+                Vec::new()
+            };
+            let spec = hexfleet_node::zones::ZoneSpec {
+                id: hexfleet_model::ZoneId::new(&format!("z{i}")).unwrap(),
+                name: format!("zone {i}"),
+                kind: "venue".into(),
+                filter: Filter::any(),
+                geometry: MultiPolygon::new(vec![Polygon::new(exterior, holes)]),
+                area_km2: 0.0,
+            };
+            Arc::new(hexfleet_node::zones::Zone::new(spec, cells.index_res()).unwrap())
+        })
+        .collect()
+}
+
+fn zones(c: &mut Criterion) {
+    use hexfleet_node::zones::{ZoneLimits, Zones};
+    use hexfleet_protocol::zone::ZoneCause;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let cells = CellModel::default();
+    let limits = ZoneLimits {
+        max_vertices: 10_000,
+        max_area_km2: 5_000.0,
+    };
+    let all = city_zones(10_000, &cells);
+    // Vehicles driving about the city: 4,096 positions, each 100 m on
+    // from the last, in turn.
+    let mut rng = StdRng::seed_from_u64(7);
+    let (mut lat, mut lon): (f64, f64) = (52.5, 13.4);
+    let moves: Vec<(f64, f64, h3o::CellIndex)> = (0..4096)
+        .map(|_| {
+            lat = (lat + rng.random_range(-0.0009..0.0009)).clamp(52.35, 52.65);
+            lon = (lon + rng.random_range(-0.0015..0.0015)).clamp(13.1, 13.7);
+            let (cell, _) = cells.locate(Position::new(lat, lon).unwrap());
+            (lat, lon, cell.0)
+        })
+        .collect();
+    let mut g = c.benchmark_group("zones");
+    g.throughput(Throughput::Elements(1));
+    for n in [0, 100, 10_000] {
+        let zones = Zones::new(cells.index_res(), limits, 20_000, Arc::new(Metrics::new()));
+        zones.mark_loaded();
+        zones.apply(
+            all.iter()
+                .take(n)
+                .map(|z| (z.id().clone(), Some(z.clone())))
+                .collect(),
+        );
+        let id = VehicleId::new("v").unwrap();
+        let mut vehicle = state(&id, 52.5);
+        let mut i = 0;
+        let mut events = Vec::new();
+        g.bench_function(
+            BenchmarkId::new("memberships of a moving vehicle", n),
+            |b| {
+                b.iter(|| {
+                    let (lat, lon, cell) = moves[i % moves.len()];
+                    i += 1;
+                    (vehicle.lat, vehicle.lon) = (lat, lon);
+                    let had = std::mem::take(&mut vehicle.zones);
+                    vehicle.zones =
+                        zones.update(&had, &vehicle, cell, NOW, ZoneCause::Moved, &mut events);
+                    events.clear();
+                })
+            },
+        );
+    }
+    let zones = Zones::new(cells.index_res(), limits, 20_000, Arc::new(Metrics::new()));
+    zones.apply(
+        all.iter()
+            .map(|z| (z.id().clone(), Some(z.clone())))
+            .collect(),
+    );
+    let feature = all[0].spec.to_feature().to_string();
+    g.bench_function("put one zone among 10,000: parse, tile, index", |b| {
+        b.iter(|| {
+            let spec = hexfleet_node::zones::ZoneSpec::parse(
+                all[0].id().clone(),
+                feature.as_bytes(),
+                limits,
+            )
+            .unwrap();
+            let zone = Arc::new(hexfleet_node::zones::Zone::new(spec, cells.index_res()).unwrap());
+            // Replacing it with itself changes nothing: out, then in.
+            zones.apply(vec![(zone.id().clone(), None)]);
+            black_box(zones.apply(vec![(zone.id().clone(), Some(zone))]));
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     validate_and_locate,
@@ -354,6 +472,7 @@ criterion_group!(
     store,
     fan_out,
     mailbox,
-    dashboard
+    dashboard,
+    zones
 );
 criterion_main!(benches);

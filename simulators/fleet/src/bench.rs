@@ -30,10 +30,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use hexfleet_client::Connector;
 use hexfleet_testkit::RedisServer;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +69,9 @@ pub struct Sizes {
     pub idle: (usize, f64, f64),
     /// (drivers, rate, dashboards): half watch the city, half a district.
     pub dashboards: (usize, f64, usize),
+    /// Zones over the city, each count an ingest window at the ingest
+    /// phase's load.
+    pub zones: Vec<usize>,
     pub redis_benchmark_requests: usize,
 }
 
@@ -84,6 +88,7 @@ impl Sizes {
             fanout: (500, 4.0, 300),
             idle: (50_000, 50.0, 500.0),
             dashboards: (2_000, 1.0, 2_000),
+            zones: vec![100, 10_000],
             redis_benchmark_requests: 2_000_000,
         }
     }
@@ -99,6 +104,7 @@ impl Sizes {
             fanout: (20, 5.0, 10),
             idle: (50, 50.0, 200.0),
             dashboards: (20, 2.0, 10),
+            zones: vec![10],
             redis_benchmark_requests: 20_000,
         }
     }
@@ -116,7 +122,29 @@ pub struct Report {
     pub latency: Vec<LatencyStep>,
     pub dashboards: DashboardStep,
     pub idle: IdleStep,
+    pub zones: Vec<ZonesCost>,
     pub capacity: Capacity,
+}
+
+/// Ingest with zones over the city.
+#[derive(Debug, Serialize)]
+pub struct ZonesCost {
+    pub zones: usize,
+    /// Cells the node's zone index holds.
+    pub zone_cells: f64,
+    pub window: Window,
+    pub node_us_per_fix: f64,
+    pub redis_us_per_fix: f64,
+    /// Entries and exits per second (each fix's crossings).
+    pub events_per_s: f64,
+    /// Exact point-in-polygon tests per fix.
+    pub tests_per_fix: f64,
+    /// From the fix that caused an event to the event in the stream
+    /// (the node's histogram: bucket bounds).
+    pub event_p50_ms: f64,
+    pub event_p99_ms: f64,
+    /// Putting the zones: how long, over HTTP, one at a time.
+    pub put_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -335,8 +363,22 @@ fn redis_geoadd_rate(port: u16, requests: usize) -> Option<f64> {
 /// The cumulative buckets of the node's delta delay histogram: (upper
 /// bound in seconds, count).
 fn delay_buckets(text: &str) -> Vec<(f64, f64)> {
+    buckets(text, "hexfleet_delta_delay_seconds")
+}
+
+/// A counter's value (summed over its labels) in a metrics text.
+fn counter(text: &str, name: &str) -> f64 {
     text.lines()
-        .filter_map(|l| l.strip_prefix("hexfleet_delta_delay_seconds_bucket{le=\""))
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The cumulative buckets of one of the node's histograms.
+fn buckets(text: &str, histogram: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{histogram}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
             let le = if le == "+Inf" {
@@ -622,6 +664,105 @@ impl Bench {
         })
     }
 
+    /// Puts `n` zones over the city, then an ingest window at the ingest
+    /// phase's load: what zones add to a fix, and how soon an event is in
+    /// the stream.
+    async fn zones(
+        &self,
+        n: usize,
+        (drivers, rate): (usize, f64),
+        sizes: &Sizes,
+    ) -> anyhow::Result<ZonesCost> {
+        let scenario = self.scenario("zones", drivers, rate, 0);
+        let put_s = self.put_zones(n, scenario.bbox()).await?;
+        let running = self.launch(scenario, None, Duration::from_secs(180)).await;
+        let before = metrics_text(&self.http, self.node.admin).await?;
+        let (window, _) = self.window(sizes.window, None).await?;
+        let after = metrics_text(&self.http, self.node.admin).await?;
+        running.finish(&self.node.quic.to_string()).await?;
+        let (d0, d1) = (
+            buckets(&before, "hexfleet_zone_event_delay_seconds"),
+            buckets(&after, "hexfleet_zone_event_delay_seconds"),
+        );
+        let delta = |name: &str| counter(&after, name) - counter(&before, name);
+        let fixes = window.fixes_per_s * window.secs;
+        let cost = ZonesCost {
+            zones: n,
+            zone_cells: counter(&after, "hexfleet_zone_cells"),
+            node_us_per_fix: window.node_us_per_fix(),
+            redis_us_per_fix: window.redis_us_per_fix(),
+            events_per_s: delta("hexfleet_zone_events_total") / window.secs,
+            tests_per_fix: delta("hexfleet_zone_tests_total") / fixes.max(1.0),
+            event_p50_ms: bucket_quantile_ms(&d0, &d1, 0.5),
+            event_p99_ms: bucket_quantile_ms(&d0, &d1, 0.99),
+            put_s,
+            window,
+        };
+        eprintln!(
+            "bench: {n} zones: node {:.1} µs/fix, {:.0} events/s, event p99 {:.1} ms",
+            cost.node_us_per_fix, cost.events_per_s, cost.event_p99_ms
+        );
+        Ok(cost)
+    }
+
+    /// Puts zones `z0`… up to `n` (star-shaped, 150–600 m across, over the
+    /// city), eight requests at a time; waits until the node applies them.
+    async fn put_zones(&self, n: usize, city: crate::movement::BBox) -> anyhow::Result<f64> {
+        let operator = crate::fleet::token(
+            &self.secret,
+            hexfleet_protocol::Role::Dashboard,
+            "bench-ops",
+        )?;
+        let started = Instant::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+        let bodies: Vec<(usize, String)> = (0..n)
+            .map(|i| {
+                let lat = rng.random_range(city.min_lat..city.max_lat);
+                let lon = rng.random_range(city.min_lon..city.max_lon);
+                let r = rng.random_range(150.0..600.0);
+                let k = rng.random_range(6..24);
+                let mut ring: Vec<[f64; 2]> = (0..k)
+                    .map(|j| {
+                        let a = j as f64 / k as f64 * std::f64::consts::TAU;
+                        let r = rng.random_range(0.5 * r..r);
+                        let dlon = r * a.cos() / (111_320.0 * lat.to_radians().cos());
+                        [lon + dlon, lat + r * a.sin() / 111_320.0]
+                    })
+                    .collect();
+                ring.push(ring[0]);
+                let body = serde_json::json!({"type": "Feature", "properties": {"kind": "venue"},
+                    "geometry": {"type": "Polygon", "coordinates": [ring]}});
+                (i, body.to_string())
+            })
+            .collect();
+        let mut puts = futures_util::stream::iter(bodies)
+            .map(|(i, body)| {
+                let request = self
+                    .http
+                    .put(format!("http://{}/v1/zones/z{i}", self.node.http))
+                    .bearer_auth(&operator)
+                    .body(body);
+                async move { request.send().await.and_then(|r| r.error_for_status()) }
+            })
+            .buffer_unordered(8);
+        while let Some(put) = puts.next().await {
+            put.context("putting a zone")?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while counter(
+            &metrics_text(&self.http, self.node.admin).await?,
+            "hexfleet_zones",
+        ) < n as f64
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the node did not apply {n} zones"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
     /// Queries the nearby API at a steady rate for `duration`.
     async fn nearby_load(
         &self,
@@ -893,6 +1034,13 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     eprintln!("bench: {} idle driver connections", sizes.idle.0);
     let idle = bench.idle(sizes.idle, &sizes, us_per_fix).await?;
 
+    // Last: the zones stay.
+    let mut zones = Vec::new();
+    for &n in &sizes.zones {
+        eprintln!("bench: ingest under {n} zones");
+        zones.push(bench.zones(n, sizes.ingest, &sizes).await?);
+    }
+
     let per_core = |us: Option<f64>| us.filter(|&us| us > 0.0).map(|us| 1e6 / us);
     let capacity = Capacity {
         fixes_per_core_s: per_core(Some(ingest.node_us_per_fix)),
@@ -915,6 +1063,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         latency,
         dashboards,
         idle,
+        zones,
         capacity,
     };
     let markdown = report.markdown();
@@ -1053,6 +1202,26 @@ impl Report {
             line(format!(
                 "| a dashboard on the {name} | {:.1} KB/s, {:.1} bytes per item; {:.0} items/s over {} dashboards |",
                 v.bytes_per_s / 1e3, v.bytes_per_item, v.items_per_s, v.connected
+            ));
+        }
+        line(String::new());
+        line("## Zones".into());
+        line(String::new());
+        line(format!(
+            "Ingest at the ingest phase's load ({} drivers at {} Hz) with zones over the city (star-shaped, 150–600 m across, put one at a time over HTTP).",
+            self.ingest.drivers, self.ingest.rate_hz
+        ));
+        line(String::new());
+        line("| zones | node CPU per fix | Redis CPU per fix | exact tests per fix | events/s | fix → event in the stream | index cells | put, over HTTP |".into());
+        line("|---|---|---|---|---|---|---|---|".into());
+        line(format!(
+            "| 0 | {:.1} µs | {:.1} µs | 0 | 0 | | 0 | |",
+            self.ingest.node_us_per_fix, self.ingest.redis_us_per_fix
+        ));
+        for z in &self.zones {
+            line(format!(
+                "| {} | {:.1} µs | {:.1} µs | {:.2} | {:.0} | p50 ≤ {:.1} ms, p99 ≤ {:.1} ms | {:.0} | {:.1} s |",
+                z.zones, z.node_us_per_fix, z.redis_us_per_fix, z.tests_per_fix, z.events_per_s, z.event_p50_ms, z.event_p99_ms, z.zone_cells, z.put_s
             ));
         }
         let raw = self

@@ -51,6 +51,10 @@ fn the_benchmark_runs_every_phase_and_writes_its_report() {
     assert!(idle["rss_after_kib"].as_u64().unwrap() > 0);
     assert!(number(&idle["handshake_p99_ms"]) > 0.0);
     assert!(number(&report["capacity"]["fixes_per_core_s"]) > 0.0);
+    let zones = &report["zones"][0];
+    assert_eq!(zones["zones"], 10, "{report}");
+    assert!(number(&zones["node_us_per_fix"]) > 0.0, "{report}");
+    assert!(number(&zones["zone_cells"]) > 0.0, "{report}");
     let dashboards = &report["dashboards"];
     assert_eq!(dashboards["dashboards"], 10, "{report}");
     assert!(number(&dashboards["city"]["items_per_s"]) > 0.0, "{report}");
@@ -69,6 +73,7 @@ fn the_benchmark_runs_every_phase_and_writes_its_report() {
         "fix created → rider applied",
         "memory per dashboard",
         "district dashboard",
+        "fix → event in the stream",
     ] {
         assert!(table.contains(row), "{row} missing from:\n{table}");
     }
