@@ -9,6 +9,8 @@
 #   scripts/cpu-per-fix.sh target/release three 800 10 0 3   # a 3-node cluster, clients spread over it
 #   SETTLE=40 DURATION=60s scripts/cpu-per-fix.sh target/release big 10000 1 0   # 10,000 drivers need longer to connect
 #   NODE_TOML='[store]\nflush_interval = "5ms"\n' scripts/cpu-per-fix.sh ...   # extra node settings
+#   ZONES=10000 scripts/cpu-per-fix.sh target/release zones 10000 1 0   # zones over the city first
+#   PERF=1 ...   # also `perf record` the (first) node over the window, to target/perf-<LABEL>.data
 # With NODES > 1 (or CLUSTER=1) the nodes run as a cluster; CPU and fixes are
 # summed over the nodes.
 set -u
@@ -35,6 +37,28 @@ for i in $(seq 1 $NODES); do
   until curl -fs http://127.0.0.1:$APORT/healthz > /dev/null; do sleep 0.1; done
 done
 sleep 1
+if [ "${ZONES:-0}" -gt 0 ]; then
+  # Star-shaped zones 150-600 m across over the simulator's city (Berlin),
+  # as bench puts them; the node applies them before the load starts.
+  TOKEN=$($BIN/hexfleet-node token --dashboard zone-ops)
+  python3 - "${HTTPS[0]}" "$TOKEN" "$ZONES" <<'PY'
+import json, math, random, sys, urllib.request
+http, token, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(7)
+for i in range(n):
+    lat, lon = rng.uniform(52.38, 52.62), rng.uniform(13.20, 13.62)
+    r, k = rng.uniform(150, 600), rng.randrange(6, 24)
+    ring = []
+    for j in range(k):
+        a, d = j / k * 2 * math.pi, rng.uniform(0.5 * r, r)
+        ring.append([lon + d * math.sin(a) / (111320 * math.cos(math.radians(lat))), lat + d * math.cos(a) / 111320])
+    ring.append(ring[0])
+    body = json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}).encode()
+    req = urllib.request.Request(f"http://{http}/v1/zones/z{i}", data=body, method="PUT",
+                                 headers={"Authorization": f"Bearer {token}"})
+    urllib.request.urlopen(req).read()
+PY
+fi
 $BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
 SPID=$!
 cpu() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $s; }
@@ -47,7 +71,11 @@ datagrams() { metric 'hexfleet_udp_datagrams_total'; }
 udp_out() { awk '/^Udp: [0-9]/{print $5}' /proc/net/snmp; }
 sleep ${SETTLE:-12}
 n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items); g0=$(datagrams); u0=$(udp_out)
-sleep 15
+if [ "${PERF:-0}" = 1 ]; then
+  perf record -e cpu-clock -F 999 -g -p ${NPIDS[0]} -o target/perf-$LABEL.data -- sleep 15 > /dev/null 2>&1
+else
+  sleep 15
+fi
 n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items); g1=$(datagrams); u1=$(udp_out)
 if [ "$NODES" -gt 1 ]; then
   for h in "${ADMINS[@]}"; do

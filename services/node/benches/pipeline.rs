@@ -355,12 +355,14 @@ fn city_zones(n: usize, cells: &CellModel) -> Vec<Arc<hexfleet_node::zones::Zone
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(42);
     let ring = |rng: &mut StdRng, lat: f64, lon: f64, r0: f64, r1: f64| {
+        use geo::Destination;
         let k = rng.random_range(6..24);
         let mut coords: Vec<(f64, f64)> = (0..k)
             .map(|i| {
-                let a = i as f64 / k as f64 * std::f64::consts::TAU;
+                let bearing = i as f64 / k as f64 * 360.0;
                 let r = rng.random_range(r0..r1);
-                (lon + r * a.cos() / 67_800.0, lat + r * a.sin() / 111_320.0)
+                let p = geo::Haversine.destination(geo::Point::new(lon, lat), bearing, r);
+                (p.x(), p.y())
             })
             .collect();
         coords.push(coords[0]);
@@ -433,9 +435,16 @@ fn zones(c: &mut Criterion) {
                     let (lat, lon, cell) = moves[i % moves.len()];
                     i += 1;
                     (vehicle.lat, vehicle.lon) = (lat, lon);
-                    let had = std::mem::take(&mut vehicle.zones);
-                    vehicle.zones =
-                        zones.update(&had, &vehicle, cell, NOW, ZoneCause::Moved, &mut events);
+                    let mut held = std::mem::take(&mut vehicle.zones);
+                    zones.update(
+                        &mut held,
+                        &vehicle,
+                        cell,
+                        NOW,
+                        ZoneCause::Moved,
+                        &mut events,
+                    );
+                    vehicle.zones = held;
                     events.clear();
                 })
             },

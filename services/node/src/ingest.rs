@@ -83,18 +83,19 @@ impl Ingest {
         let previous = self
             .table
             .upsert_with(Entry { state, cell, shard }, |old, new| {
-                let had = match old {
-                    Some(old) => old.state.zones.as_slice(),
-                    None => inherited.unwrap_or_default(),
+                let mut zones = match old {
+                    Some(old) => std::mem::take(&mut old.state.zones),
+                    None => inherited.map(<[_]>::to_vec).unwrap_or_default(),
                 };
-                new.state.zones = self.zones.update(
-                    had,
+                self.zones.update(
+                    &mut zones,
                     &new.state,
                     cell.0,
                     now_ms,
                     ZoneCause::Moved,
                     &mut events,
                 );
+                new.state.zones = zones;
                 kept = Some(new.state.clone());
             });
         // `upsert_with` always prepares the entry.
@@ -123,16 +124,17 @@ impl Ingest {
             state.status = report.status;
             state.seen_ms = now_ms;
             // A zone's filter may see the vehicle differently now.
-            let had = std::mem::take(&mut state.zones);
+            let mut zones = std::mem::take(&mut state.zones);
             let (cell, _) = self.cells.locate(state.position());
-            state.zones = self.zones.update(
-                &had,
+            self.zones.update(
+                &mut zones,
                 state,
                 cell.0,
                 now_ms,
                 ZoneCause::Reported,
                 &mut events,
             );
+            state.zones = zones;
         });
         if let Some(entry) = updated {
             self.writer.stage_events(entry.shard, events);
@@ -232,16 +234,17 @@ impl Ingest {
         for id in &candidates {
             let mut events = Vec::new();
             let updated = self.table.update(id, |state| {
-                let had = std::mem::take(&mut state.zones);
+                let mut zones = std::mem::take(&mut state.zones);
                 let (cell, _) = self.cells.locate(state.position());
-                state.zones = self.zones.update(
-                    &had,
+                self.zones.update(
+                    &mut zones,
                     state,
                     cell.0,
                     now_ms,
                     ZoneCause::ZoneChanged,
                     &mut events,
                 );
+                state.zones = zones;
             });
             if let Some(entry) = updated.filter(|_| !events.is_empty()) {
                 self.writer.stage_events(entry.shard, events);

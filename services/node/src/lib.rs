@@ -488,6 +488,7 @@ impl Node {
         tasks.spawn(zones::sync::relay_events(
             store.clone(),
             writer.clone(),
+            cluster.clone(),
             metrics.clone(),
             shutdown.clone(),
         ));

@@ -30,7 +30,9 @@ pub struct Entry {
 
 /// The latitude and longitude span that every point within a radius of a
 /// centre lies in (on the sphere, exactly): a test that rejects most
-/// candidates of a search without trigonometry.
+/// candidates of a search without trigonometry. Written here rather than
+/// taken from `geo` (which has no such bound): it must hold on the sphere
+/// Redis measures on, the one [`haversine_m`] uses.
 struct Reach {
     lat: f64,
     lon: f64,
@@ -102,17 +104,18 @@ impl VehicleTable {
 
     /// Inserts or replaces a vehicle's entry, which `prepare` completes
     /// from the entry it replaces (under the vehicle's lock, so two changes
-    /// of one vehicle never both start from the same old entry).
+    /// of one vehicle never both start from the same old entry; it may take
+    /// what it needs out of the old one, which is dropped).
     pub fn upsert_with(
         &self,
         mut entry: Entry,
-        prepare: impl FnOnce(Option<&Entry>, &mut Entry),
+        prepare: impl FnOnce(Option<&mut Entry>, &mut Entry),
     ) -> Option<Previous> {
         let (id, cell) = (entry.state.id.clone(), entry.cell);
         let at = (entry.state.lat, entry.state.lon);
         let previous = match self.vehicles.entry(id.clone()) {
             dashmap::mapref::entry::Entry::Occupied(mut held) => {
-                prepare(Some(held.get()), &mut entry);
+                prepare(Some(held.get_mut()), &mut entry);
                 let old = held.insert(entry);
                 Some(Previous {
                     cell: old.cell,

@@ -191,14 +191,12 @@ mod tests {
 
     fn random_point_within(rng: &mut StdRng, center: Position, radius_m: f64) -> Position {
         // Uniform over bearing and (area-uniform) distance, on the sphere.
-        let d = radius_m * rng.random::<f64>().sqrt() / crate::geodesy::EARTH_RADIUS_M;
-        let bearing = rng.random::<f64>() * std::f64::consts::TAU;
-        let (lat1, lon1) = (center.lat().to_radians(), center.lon().to_radians());
-        let lat2 = (lat1.sin() * d.cos() + lat1.cos() * d.sin() * bearing.cos()).asin();
-        let lon2 =
-            lon1 + (bearing.sin() * d.sin() * lat1.cos()).atan2(d.cos() - lat1.sin() * lat2.sin());
-        let lon2 = (lon2.to_degrees() + 540.0) % 360.0 - 180.0;
-        Position::new(lat2.to_degrees(), lon2).unwrap()
+        use geo::Destination;
+        let d = radius_m * rng.random::<f64>().sqrt();
+        let bearing = rng.random::<f64>() * 360.0;
+        let origin = geo::Point::new(center.lon(), center.lat());
+        let p = crate::geodesy::REDIS_SPHERE.destination(origin, bearing, d);
+        Position::new(p.y(), p.x()).unwrap()
     }
 
     #[test]

@@ -2,18 +2,22 @@
 //!
 //! One radius is used everywhere, Redis's own (`GEODIST`, `GEOSEARCH`), so that
 //! the memory store, the Redis store and any brute-force check agree on which
-//! vehicle is inside a radius.
+//! vehicle is inside a radius. The formula is `geo`'s haversine; only the
+//! radius is ours (`geo::Haversine` uses the GRS80 mean radius, 6,371,008.8 m,
+//! which would put a vehicle 28 cm inside a 100 m radius here and outside
+//! it in Redis).
+
+use geo::{Distance, HaversineMeasure, Point};
 
 /// Earth radius in metres as Redis's geo commands use it.
 pub const EARTH_RADIUS_M: f64 = 6_372_797.560_856;
 
+/// The sphere Redis measures on.
+pub const REDIS_SPHERE: HaversineMeasure = HaversineMeasure::new(EARTH_RADIUS_M);
+
 /// Great-circle distance in metres between two points given in degrees.
 pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
-    let dp = p2 - p1;
-    let dl = (lon2 - lon1).to_radians();
-    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    2.0 * EARTH_RADIUS_M * a.sqrt().min(1.0).asin()
+    REDIS_SPHERE.distance(Point::new(lon1, lat1), Point::new(lon2, lat2))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
+use geo::{Destination, Distance, Haversine, Point};
 use hexfleet_client::{Connector, DriverClient, FixInput};
 use hexfleet_model::{BBox as ViewBox, VehicleClass, VehicleStatus};
 use hexfleet_protocol::{
@@ -42,7 +43,6 @@ const AWAY_M: f64 = 700.0;
 /// plausible maximum).
 const FIX_EVERY: Duration = Duration::from_millis(500);
 const SPEED_MPS: f64 = 50.0;
-const METRES_PER_DEG: f64 = 111_320.0;
 /// Arrivals this close may be queued either way (the node times an entry
 /// when the fix arrives, the simulator when it sends it).
 const QUEUE_TIE: Duration = Duration::from_millis(50);
@@ -93,14 +93,13 @@ struct Area {
 }
 
 impl Area {
-    fn around((lat, lon): (f64, f64), scale: f64) -> Self {
-        let dlat = scale * HALF_NS_M / METRES_PER_DEG;
-        let dlon = scale * HALF_EW_M / (METRES_PER_DEG * lat.to_radians().cos());
+    fn around(center: (f64, f64), scale: f64) -> Self {
+        let (ns, ew) = (scale * HALF_NS_M, scale * HALF_EW_M);
         Self {
-            south: lat - dlat,
-            north: lat + dlat,
-            west: lon - dlon,
-            east: lon + dlon,
+            south: offset(center, -ns, 0.0).0,
+            north: offset(center, ns, 0.0).0,
+            west: offset(center, 0.0, -ew).1,
+            east: offset(center, 0.0, ew).1,
         }
     }
 
@@ -118,17 +117,15 @@ impl Area {
     }
 }
 
+/// The point `north_m` north and `east_m` east of (lat, lon), on the sphere.
 fn offset((lat, lon): (f64, f64), north_m: f64, east_m: f64) -> (f64, f64) {
-    (
-        lat + north_m / METRES_PER_DEG,
-        lon + east_m / (METRES_PER_DEG * lat.to_radians().cos()),
-    )
+    let bearing = east_m.atan2(north_m).to_degrees();
+    let to = Haversine.destination(Point::new(lon, lat), bearing, north_m.hypot(east_m));
+    (to.y(), to.x())
 }
 
 fn distance_m(a: (f64, f64), b: (f64, f64)) -> f64 {
-    let dn = (b.0 - a.0) * METRES_PER_DEG;
-    let de = (b.1 - a.1) * METRES_PER_DEG * a.0.to_radians().cos();
-    (dn * dn + de * de).sqrt()
+    Haversine.distance(Point::new(a.1, a.0), Point::new(b.1, b.0))
 }
 
 /// One driver's plan: when it starts, its waypoints, waits, and ending.

@@ -723,10 +723,11 @@ impl Bench {
                 let k = rng.random_range(6..24);
                 let mut ring: Vec<[f64; 2]> = (0..k)
                     .map(|j| {
-                        let a = j as f64 / k as f64 * std::f64::consts::TAU;
+                        use geo::Destination;
+                        let bearing = j as f64 / k as f64 * 360.0;
                         let r = rng.random_range(0.5 * r..r);
-                        let dlon = r * a.cos() / (111_320.0 * lat.to_radians().cos());
-                        [lon + dlon, lat + r * a.sin() / 111_320.0]
+                        let p = geo::Haversine.destination(geo::Point::new(lon, lat), bearing, r);
+                        [p.x(), p.y()]
                     })
                     .collect();
                 ring.push(ring[0]);

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use geo::Destination as _;
 use hexfleet_client::{Applied, Connector, RiderOptions, RiderStats, Subscription};
 use hexfleet_protocol::Role;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -137,8 +138,8 @@ pub async fn ride(
             tokio::select! {
                 _ = walk.tick(), if walking => {
                     let step = WALK_MPS * RESUBSCRIBE_EVERY.as_secs_f64();
-                    lat += step * bearing.cos() / METRES_PER_DEGREE;
-                    lon += step * bearing.sin() / (METRES_PER_DEGREE * lat.to_radians().cos());
+                    let to = geo::Haversine.destination(geo::Point::new(lon, lat), bearing.to_degrees(), step);
+                    (lat, lon) = (to.y(), to.x());
                     client.subscribe(Subscription::around(lat, lon, plan.radius_m));
                 }
                 changed = storm.changed() => {

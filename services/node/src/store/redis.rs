@@ -484,6 +484,58 @@ impl RedisStore {
         Ok(ShardWrite::Written(refused))
     }
 
+    /// Moves up to [`RELAY_BATCH`] entries of a shard's outbox to the event
+    /// stream; returns how many it read and the events it moved.
+    async fn relay_page(&self, shard: ShardId) -> Result<(usize, Vec<ZoneEvent>), StoreError> {
+        let raw: Value = self
+            .conn
+            .cmd(
+                redis::cmd("XRANGE")
+                    .arg(keys::outbox(shard))
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(RELAY_BATCH),
+            )
+            .await?;
+        let entries = stream_entries(raw);
+        if entries.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let mut call = RELAY_SCRIPT.prepare_invoke();
+        call.key(keys::ZONE_EVENTS)
+            .key(keys::ZONE_RELAYED)
+            .arg(shard.to_string())
+            .arg(super::ZONE_STREAM_LEN)
+            .arg(entries.len());
+        for (id, fields) in &entries {
+            call.arg(id.as_str());
+            // Six pairs, as written; an entry with others is not ours.
+            for k in 0..6 {
+                match fields.get(k) {
+                    Some((name, value)) => call.arg(name.as_str()).arg(value.as_slice()),
+                    None => call.arg("").arg(""),
+                };
+            }
+        }
+        let moved: Vec<String> = self.conn.invoke(&call).await?;
+        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+        self.conn
+            .cmd::<()>(redis::cmd("XDEL").arg(keys::outbox(shard)).arg(&ids))
+            .await?;
+        let moved: std::collections::HashSet<String> = moved.into_iter().collect();
+        let events = entries
+            .iter()
+            .filter(|(id, _)| moved.contains(id))
+            .filter_map(|(id, fields)| {
+                ZoneEvent::from_fields(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                    .inspect_err(|e| tracing::warn!(%shard, id, error = %e, "an outbox entry does not decode"))
+                    .ok()
+            })
+            .collect();
+        Ok((entries.len(), events))
+    }
+
     /// Locators live in their own slots: on a cluster each is its own
     /// command; on one server they share a pipeline. They change only when a
     /// vehicle appears, crosses a shard or is forgotten.
@@ -796,52 +848,15 @@ impl Store for RedisStore {
     }
 
     async fn relay_zone_events(&self, shard: ShardId) -> Result<Vec<ZoneEvent>, StoreError> {
-        let raw: Value = self
-            .conn
-            .cmd(
-                redis::cmd("XRANGE")
-                    .arg(keys::outbox(shard))
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(RELAY_BATCH),
-            )
-            .await?;
-        let entries = stream_entries(raw);
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut call = RELAY_SCRIPT.prepare_invoke();
-        call.key(keys::ZONE_EVENTS)
-            .key(keys::ZONE_RELAYED)
-            .arg(shard.to_string())
-            .arg(super::ZONE_STREAM_LEN)
-            .arg(entries.len());
-        for (id, fields) in &entries {
-            call.arg(id.as_str());
-            // Six pairs, as written; an entry with others is not ours.
-            for k in 0..6 {
-                match fields.get(k) {
-                    Some((name, value)) => call.arg(name.as_str()).arg(value.as_slice()),
-                    None => call.arg("").arg(""),
-                };
+        let mut moved = Vec::new();
+        // A page at a time, until the outbox is empty.
+        loop {
+            let (read, page) = self.relay_page(shard).await?;
+            moved.extend(page);
+            if read < RELAY_BATCH {
+                return Ok(moved);
             }
         }
-        let moved: Vec<String> = self.conn.invoke(&call).await?;
-        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
-        self.conn
-            .cmd::<()>(redis::cmd("XDEL").arg(keys::outbox(shard)).arg(&ids))
-            .await?;
-        let moved: std::collections::HashSet<String> = moved.into_iter().collect();
-        Ok(entries
-            .iter()
-            .filter(|(id, _)| moved.contains(id))
-            .filter_map(|(id, fields)| {
-                ZoneEvent::from_fields(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                    .inspect_err(|e| tracing::warn!(%shard, id, error = %e, "an outbox entry does not decode"))
-                    .ok()
-            })
-            .collect())
     }
 
     async fn zone_events(

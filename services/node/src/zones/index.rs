@@ -3,14 +3,16 @@
 //!
 //! Each zone is tiled with h3o's polygon tiler at the index resolution
 //! ([`ContainmentMode::Covers`]: every cell the polygon touches, each marked
-//! when wholly inside). A cell wholly inside needs no test, *unless* it
-//! borders a cell that is not: h3o's cell edges are straight on the
-//! gnomonic projection, and the polygon's are straight in longitude and
-//! latitude, so near the edge the two disagree by up to a millimetre. The
-//! ring of cells around every edge cell (covered or not) is therefore
-//! tested exactly with `geo`, which is what makes membership exactly `geo`'s
-//! point-in-polygon everywhere, while a fix deep inside or far outside costs
-//! one hash lookup per resolution in use. Cells wholly inside are stored
+//! when wholly inside). A cell wholly inside needs no test; a cell the
+//! polygon's edge crosses is tested exactly with `geo`. One more kind of
+//! cell is tested exactly: a neighbour of an edge cell that comes within
+//! [`EDGE_MARGIN_DEG`] of the edge without touching it. h3o's cell edges are
+//! straight on the gnomonic projection, the polygon's in longitude and
+//! latitude; the two disagree by up to a millimetre, so such a cell may hold
+//! a sliver on the other side. With it, membership is exactly `geo`'s
+//! point-in-polygon everywhere (the tests replay random moves against
+//! brute force), while a fix deep inside or away from every edge costs one
+//! hash lookup per resolution in use. Cells wholly inside are stored
 //! compacted, so a large zone costs memory for its edge, not its area.
 
 use std::{
@@ -18,7 +20,7 @@ use std::{
     sync::Arc,
 };
 
-use geo::{BoundingRect, Contains, Point, Rect};
+use geo::{BoundingRect, Contains, Distance, Euclidean, LineString, Point, Rect};
 use h3o::{
     geom::{ContainmentMode, TilerBuilder},
     CellIndex, Resolution,
@@ -33,6 +35,8 @@ pub struct Zone {
     pub spec: ZoneSpec,
     /// The box around it (x: longitude, y: latitude).
     pub bounds: Option<Rect<f64>>,
+    /// No filter: every vehicle counts.
+    any_vehicle: bool,
     /// Cells where a point may be in or out: tested exactly.
     edge: Vec<CellIndex>,
     /// Cells wholly inside, compacted (coarser where whole parents are).
@@ -62,9 +66,31 @@ impl Zone {
         }
         // A cell can be partly in one polygon and wholly in another.
         touched.retain(|c| !whole.contains(c));
-        let mut edge: HashSet<CellIndex> = HashSet::new();
+        let rings: Vec<&LineString<f64>> = spec
+            .geometry
+            .0
+            .iter()
+            .flat_map(|p| std::iter::once(p.exterior()).chain(p.interiors()))
+            .collect();
+        let near_edge = |cell: CellIndex| {
+            let outline: LineString<f64> = cell
+                .boundary()
+                .iter()
+                .chain(cell.boundary().iter().take(1))
+                .map(|v| (v.lng(), v.lat()))
+                .collect();
+            rings
+                .iter()
+                .any(|ring| Euclidean.distance(*ring, &outline) < EDGE_MARGIN_DEG)
+        };
+        let mut edge: HashSet<CellIndex> = touched.clone();
+        let mut looked = HashSet::new();
         for cell in &touched {
-            edge.extend(cell.grid_disk::<Vec<_>>(1));
+            for next in cell.grid_disk::<Vec<_>>(1) {
+                if !touched.contains(&next) && looked.insert(next) && near_edge(next) {
+                    edge.insert(next);
+                }
+            }
         }
         let mut inside: Vec<CellIndex> = whole.into_iter().filter(|c| !edge.contains(c)).collect();
         inside.sort_unstable();
@@ -73,6 +99,7 @@ impl Zone {
         edge.sort_unstable();
         Ok(Self {
             bounds: spec.geometry.bounding_rect(),
+            any_vehicle: spec.filter.classes.is_empty() && spec.filter.statuses.is_empty(),
             spec,
             edge,
             inside,
@@ -83,13 +110,17 @@ impl Zone {
         &self.spec.id
     }
 
-    /// Exactly: is the point (lat, lon) in the zone's polygon?
+    /// Exactly: is the point (lat, lon) in the zone's polygon? (Its box
+    /// first: most points tested near a small zone are outside it.)
     pub fn contains(&self, lat: f64, lon: f64) -> bool {
-        self.spec.geometry.contains(&Point::new(lon, lat))
+        let in_box = self.bounds.is_some_and(|b| {
+            lon >= b.min().x && lon <= b.max().x && lat >= b.min().y && lat <= b.max().y
+        });
+        in_box && self.spec.geometry.contains(&Point::new(lon, lat))
     }
 
     pub fn admits(&self, class: VehicleClass, status: VehicleStatus) -> bool {
-        self.spec.filter.matches(class, status)
+        self.any_vehicle || self.spec.filter.matches(class, status)
     }
 
     /// Every index cell a vehicle in the zone can be in.
@@ -105,6 +136,11 @@ impl Zone {
         self.edge.len() + self.inside.len()
     }
 }
+
+/// How near the edge a cell that does not touch it must come to be tested
+/// exactly: about 10 cm, a hundred times what h3o's and `geo`'s edges can
+/// disagree by.
+const EDGE_MARGIN_DEG: f64 = 1e-6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Test {
@@ -206,9 +242,9 @@ impl ZoneIndex {
         self.res
     }
 
-    /// The zones a vehicle at (lat, lon), indexed in `cell`, of this class
-    /// and status, is in; pushed to `found` (each once), with how many
-    /// exact tests it took.
+    /// Calls `found` with each zone a vehicle at (lat, lon), indexed in
+    /// `cell`, of this class and status, is in (each once); returns how
+    /// many exact tests it took.
     pub fn containing<'a>(
         &'a self,
         cell: CellIndex,
@@ -216,7 +252,7 @@ impl ZoneIndex {
         lon: f64,
         class: VehicleClass,
         status: VehicleStatus,
-        found: &mut Vec<&'a Arc<Zone>>,
+        mut found: impl FnMut(&'a Arc<Zone>),
     ) -> usize {
         let mut tests = 0;
         for &res in &self.resolutions {
@@ -245,7 +281,7 @@ impl ZoneIndex {
                 // A zone has one entry per cell, and a cell is edge or
                 // inside (at one resolution): no zone is found twice.
                 if inside {
-                    found.push(zone);
+                    found(zone);
                 }
             }
         }

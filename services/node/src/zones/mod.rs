@@ -124,6 +124,11 @@ impl Zones {
         self.events.subscribe()
     }
 
+    /// Whether any dashboard of this node watches events.
+    pub fn has_listeners(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
     /// Shows an event from the stream to this node's dashboards.
     pub fn publish(&self, event: ZoneEvent) {
         // No dashboard listening is fine.
@@ -161,82 +166,76 @@ impl Zones {
         changed
     }
 
-    /// A vehicle's memberships now that its state is `state` (indexed in
-    /// `cell`), given those it had: entries keep their time, new ones are
-    /// timed `now_ms`. Each change is pushed to `events` (with the state
-    /// after it) as caused by `cause`, or by the zone's deletion.
+    /// Brings a vehicle's memberships `zones` up to its state `state`
+    /// (indexed in `cell`; `state.zones` is not read): entries keep their
+    /// time, new ones are timed `now_ms`. Each change is pushed to `events`
+    /// (with the state after it) as caused by `cause`, or by the zone's
+    /// deletion. Allocates nothing when nothing changes, as for most fixes.
     pub fn update(
         &self,
-        had: &[Membership],
+        zones: &mut Vec<Membership>,
         state: &VehicleState,
         cell: CellIndex,
         now_ms: i64,
         cause: ZoneCause,
         events: &mut Vec<ZoneEvent>,
-    ) -> Vec<Membership> {
+    ) {
         let index = self.index.read();
-        if index.is_empty() && had.is_empty() {
-            return Vec::new();
+        if index.is_empty() && zones.is_empty() || !self.is_loaded() {
+            return;
         }
-        if !self.is_loaded() {
-            return had.to_vec();
-        }
-        let mut found = Vec::new();
-        let tests = index.containing(
-            cell,
-            state.lat,
-            state.lon,
-            state.class,
-            state.status,
-            &mut found,
-        );
+        let (lat, lon, class, status) = (state.lat, state.lon, state.class, state.status);
+        // First a look without keeping anything: the same zones as before?
+        let (mut count, mut same) = (0, true);
+        let tests = index.containing(cell, lat, lon, class, status, |zone| {
+            count += 1;
+            same &= zones.iter().any(|m| &m.zone == zone.id());
+        });
         if tests > 0 {
             self.metrics.zone_tests.inc_by(tests as u64);
         }
-        if found.is_empty() && had.is_empty() {
-            return Vec::new();
+        if same && count == zones.len() {
+            return;
         }
-        let mut now: Vec<Membership> = found
-            .iter()
-            .map(|zone| Membership {
+        let mut now: Vec<Membership> = Vec::with_capacity(count);
+        index.containing(cell, lat, lon, class, status, |zone| {
+            now.push(Membership {
                 zone: zone.id().clone(),
-                entered_ms: had
+                entered_ms: zones
                     .iter()
                     .find(|m| &m.zone == zone.id())
                     .map_or(now_ms, |m| m.entered_ms),
-            })
-            .collect();
+            });
+        });
         now.sort_by(|a, b| a.zone.cmp(&b.zone));
-        let exited: Vec<(&ZoneId, ZoneCause)> = had
+        let had = std::mem::replace(zones, now);
+        let after = VehicleState {
+            zones: zones.clone(),
+            ..state.clone()
+        };
+        for m in had
             .iter()
-            .filter(|m| !now.iter().any(|n| n.zone == m.zone))
-            .map(|m| {
-                let cause = if index.get(&m.zone).is_some() {
-                    cause
-                } else {
-                    ZoneCause::ZoneDeleted
-                };
-                (&m.zone, cause)
-            })
-            .collect();
-        let entered: Vec<&ZoneId> = now
+            .filter(|m| !zones.iter().any(|n| n.zone == m.zone))
+        {
+            let cause = if index.get(&m.zone).is_some() {
+                cause
+            } else {
+                ZoneCause::ZoneDeleted
+            };
+            events.push(event(ZoneEventKind::Exited, &m.zone, cause, now_ms, &after));
+        }
+        for n in zones
             .iter()
             .filter(|n| !had.iter().any(|m| m.zone == n.zone))
-            .map(|n| &n.zone)
-            .collect();
-        if !exited.is_empty() || !entered.is_empty() {
-            let after = VehicleState {
-                zones: now.clone(),
-                ..state.clone()
-            };
-            for (zone, cause) in exited {
-                events.push(event(ZoneEventKind::Exited, zone, cause, now_ms, &after));
-            }
-            for zone in entered {
-                events.push(event(ZoneEventKind::Entered, zone, cause, now_ms, &after));
-            }
+        {
+            events.push(event(
+                ZoneEventKind::Entered,
+                &n.zone,
+                cause,
+                now_ms,
+                &after,
+            ));
         }
-        now
     }
 
     /// The events of a vehicle that is gone (signed off, evicted): it
@@ -301,14 +300,14 @@ mod tests {
 
     /// A star-shaped ring around (lat, lon): concave, simple.
     fn star(rng: &mut StdRng, lat: f64, lon: f64, r_min_m: f64, r_max_m: f64) -> LineString<f64> {
+        use geo::Destination;
         let n = rng.random_range(5..30);
         let mut coords: Vec<(f64, f64)> = (0..n)
             .map(|i| {
-                let a = i as f64 / n as f64 * std::f64::consts::TAU;
+                let bearing = i as f64 / n as f64 * 360.0;
                 let r = rng.random_range(r_min_m..r_max_m);
-                let dlat = r * a.sin() / 111_320.0;
-                let dlon = r * a.cos() / (111_320.0 * lat.to_radians().cos());
-                (lon + dlon, lat + dlat)
+                let p = geo::Haversine.destination(Point::new(lon, lat), bearing, r);
+                (p.x(), p.y())
             })
             .collect();
         coords.push(coords[0]);
@@ -424,8 +423,9 @@ mod tests {
                 let before: BTreeSet<ZoneId> = v.zones.iter().map(|m| m.zone.clone()).collect();
                 let (cell, _) = cells.locate(Position::new(v.lat, v.lon).unwrap());
                 let mut events = Vec::new();
-                let had = std::mem::take(&mut v.zones);
-                v.zones = zones.update(&had, v, cell.0, now_ms, ZoneCause::Moved, &mut events);
+                let mut held = std::mem::take(&mut v.zones);
+                zones.update(&mut held, v, cell.0, now_ms, ZoneCause::Moved, &mut events);
+                v.zones = held;
                 let after: BTreeSet<ZoneId> = v.zones.iter().map(|m| m.zone.clone()).collect();
                 assert_eq!(after, brute_force(&index, v), "step {step}: {v:?}");
                 let mut expected: Vec<(ZoneEventKind, ZoneId)> = before
@@ -501,13 +501,23 @@ mod tests {
         };
         let (cell, _) = cells.locate(state.position());
         let mut events = Vec::new();
-        state.zones = zones.update(&[], &state, cell.0, 1, ZoneCause::Moved, &mut events);
+        let mut held = Vec::new();
+        zones.update(&mut held, &state, cell.0, 1, ZoneCause::Moved, &mut events);
+        state.zones = held;
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event, ZoneEventKind::Entered);
         zones.apply(vec![(id.clone(), None)]);
         let mut events = Vec::new();
-        let had = std::mem::take(&mut state.zones);
-        state.zones = zones.update(&had, &state, cell.0, 2, ZoneCause::ZoneChanged, &mut events);
+        let mut held = std::mem::take(&mut state.zones);
+        zones.update(
+            &mut held,
+            &state,
+            cell.0,
+            2,
+            ZoneCause::ZoneChanged,
+            &mut events,
+        );
+        state.zones = held;
         assert!(state.zones.is_empty());
         assert_eq!(events.len(), 1);
         assert_eq!(

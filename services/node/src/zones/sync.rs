@@ -14,11 +14,14 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use hexfleet_model::ZoneId;
+use hexfleet_model::{ShardId, ZoneId};
 use tokio_util::sync::CancellationToken;
 
 use super::{tally, Zone, ZoneSpec, Zones};
-use crate::{clock, ingest::Ingest, metrics::Metrics, store::writer::StoreWriter, store::Store};
+use crate::{
+    clock, cluster::Cluster, ingest::Ingest, metrics::Metrics, store::writer::StoreWriter,
+    store::Store,
+};
 
 /// Follows the store's zones until shutdown, from `version` (what
 /// [`catch_up`] reached at the start).
@@ -115,6 +118,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub async fn relay_events(
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -124,8 +128,10 @@ pub async fn relay_events(
         let stopping = tokio::select! {
             _ = writer.outboxes_written().notified() => false,
             _ = sweep.tick() => {
+                // This node's shards: each outbox is swept by its owner.
+                let owned = |s: &ShardId| cluster.as_ref().is_none_or(|c| c.owns(*s));
                 match store.shards().await {
-                    Ok(shards) => shards.into_iter().for_each(|s| writer.relay(s)),
+                    Ok(shards) => shards.into_iter().filter(owned).for_each(|s| writer.relay(s)),
                     Err(e) => tracing::debug!(error = %e, "listing shards to sweep their outboxes"),
                 }
                 false
@@ -170,6 +176,11 @@ pub async fn show_events(store: Arc<dyn Store>, zones: Arc<Zones>, shutdown: Can
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
+        }
+        // Nobody watching: nothing to read; whoever comes sees from then on.
+        if !zones.has_listeners() {
+            cursor = None;
+            continue;
         }
         loop {
             match store.zone_events(cursor.as_deref(), 1000).await {
