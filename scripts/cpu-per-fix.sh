@@ -72,7 +72,7 @@ udp_out() { awk '/^Udp: [0-9]/{print $5}' /proc/net/snmp; }
 sleep ${SETTLE:-12}
 n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items); g0=$(datagrams); u0=$(udp_out)
 if [ "${PERF:-0}" = 1 ]; then
-  perf record -e cpu-clock -F 999 -g -p ${NPIDS[0]} -o target/perf-$LABEL.data -- sleep 15 > /dev/null 2>&1
+  perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p ${NPIDS[0]} -o target/perf-$LABEL.data -- sleep 15 > /dev/null 2>&1
 else
   sleep 15
 fi

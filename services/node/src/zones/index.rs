@@ -148,13 +148,42 @@ enum Test {
     Exact,
 }
 
+/// A zone as a cell lists it: what a fix needs to rule it out (its box,
+/// whether it filters) without reading the zone itself, so the entries of
+/// a busy cell stay in a few cache lines.
+#[derive(Debug)]
+struct CellEntry {
+    zone: Arc<Zone>,
+    test: Test,
+    any_vehicle: bool,
+    /// west, south, east, north
+    bounds: [f64; 4],
+}
+
+impl CellEntry {
+    fn new(zone: &Arc<Zone>, test: Test) -> Self {
+        let bounds = zone
+            .bounds
+            .map_or([0.0; 4], |b| [b.min().x, b.min().y, b.max().x, b.max().y]);
+        Self {
+            zone: zone.clone(),
+            test,
+            any_vehicle: zone.any_vehicle,
+            bounds,
+        }
+    }
+}
+
+/// Cell ids are well-spread 64-bit integers: a fast hash does.
+type CellMap<V> = HashMap<CellIndex, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
+
 /// Every zone, by the cells it covers. Changed in place, one zone at a time
 /// (a change costs the cells of the zone changed, not of all zones), read
 /// by every fix.
 #[derive(Debug)]
 pub struct ZoneIndex {
     zones: HashMap<ZoneId, Arc<Zone>>,
-    by_cell: HashMap<CellIndex, Vec<(Arc<Zone>, Test)>>,
+    by_cell: CellMap<Vec<CellEntry>>,
     /// How many cells `by_cell` holds at each resolution...
     per_resolution: [usize; 16],
     /// ...and so the resolutions a fix looks up, finest first.
@@ -166,7 +195,7 @@ impl ZoneIndex {
     pub fn new(res: Resolution) -> Self {
         Self {
             zones: HashMap::new(),
-            by_cell: HashMap::new(),
+            by_cell: CellMap::default(),
             per_resolution: [0; 16],
             resolutions: Vec::new(),
             res,
@@ -188,7 +217,7 @@ impl ZoneIndex {
             self.by_cell
                 .entry(cell)
                 .or_default()
-                .push((zone.clone(), test));
+                .push(CellEntry::new(&zone, test));
         }
         self.zones.insert(zone.id().clone(), zone);
         self.resolutions_changed();
@@ -203,7 +232,7 @@ impl ZoneIndex {
             let slot = &mut self.per_resolution[u8::from(cell.resolution()) as usize];
             *slot = slot.saturating_sub(1);
             if let Some(entries) = self.by_cell.get_mut(&cell) {
-                entries.retain(|(z, _)| z.id() != id);
+                entries.retain(|e| e.zone.id() != id);
                 if entries.is_empty() {
                     self.by_cell.remove(&cell);
                 }
@@ -267,21 +296,22 @@ impl ZoneIndex {
             let Some(entries) = self.by_cell.get(&key) else {
                 continue;
             };
-            for (zone, test) in entries {
-                if !zone.admits(class, status) {
-                    continue;
-                }
-                let inside = match test {
+            for entry in entries {
+                let inside = match entry.test {
                     Test::Inside => true,
                     Test::Exact => {
+                        let [west, south, east, north] = entry.bounds;
+                        if lon < west || lon > east || lat < south || lat > north {
+                            continue;
+                        }
                         tests += 1;
-                        zone.contains(lat, lon)
+                        entry.zone.spec.geometry.contains(&Point::new(lon, lat))
                     }
                 };
                 // A zone has one entry per cell, and a cell is edge or
                 // inside (at one resolution): no zone is found twice.
-                if inside {
-                    found(zone);
+                if inside && (entry.any_vehicle || entry.zone.admits(class, status)) {
+                    found(&entry.zone);
                 }
             }
         }
