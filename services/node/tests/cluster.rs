@@ -424,7 +424,140 @@ async fn every_driver_ends_on_its_owner_and_every_rider_sees_the_truth(cluster: 
             );
         }
     }
+    a_zone_over_the_fleet_counts_it_once_on_every_node(cluster, &fleet).await;
     stop.cancel();
+}
+
+/// A zone put over the whole standing fleet, whose vehicles are held by
+/// every node: each vehicle enters it once (in the stream), and every node
+/// answers the same counts and queue.
+async fn a_zone_over_the_fleet_counts_it_once_on_every_node(cluster: &Cluster, fleet: &[Standing]) {
+    let (lat, lon) = CENTER;
+    let ring = [
+        [lon - 0.03, lat - 0.02],
+        [lon + 0.03, lat - 0.02],
+        [lon + 0.03, lat + 0.02],
+        [lon - 0.03, lat + 0.02],
+        [lon - 0.03, lat - 0.02],
+    ];
+    let zone = serde_json::json!({"type": "Feature", "properties": {"kind": "district"},
+        "geometry": {"type": "Polygon", "coordinates": [ring]}});
+    let put = Instant::now();
+    let answer = reqwest::Client::new()
+        .put(format!(
+            "http://{}/v1/zones/district",
+            cluster.nodes[0].http
+        ))
+        .bearer_auth(token(Role::Dashboard, "ops"))
+        .body(zone.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 201);
+    for node in &cluster.nodes {
+        eventually(WAIT, "the zone on every node", async || {
+            let r = api_get(format!("http://{}/v1/zones/district", node.http))
+                .await
+                .ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        })
+        .await;
+    }
+    println!(
+        "a zone put on one node applied on all {} in {:?}",
+        cluster.nodes.len(),
+        put.elapsed()
+    );
+    for node in &cluster.nodes {
+        eventually(
+            WAIT,
+            "every node counts the whole fleet in the zone",
+            async || {
+                let zone: serde_json::Value =
+                    api_get(format!("http://{}/v1/zones/district", node.http))
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                let queue: serde_json::Value =
+                    api_get(format!("http://{}/v1/zones/district/vehicles", node.http))
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                let counted = zone["properties"]["counts"]["total"] == fleet.len();
+                let queued = queue["counts"]["total"] == fleet.len();
+                (counted && queued).then_some(())
+            },
+        )
+        .await;
+    }
+    let entered = eventually(WAIT, "an entry per vehicle in the stream", async || {
+        let events = zone_stream(cluster).await;
+        (events.len() >= fleet.len()).then_some(events)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = zone_stream(cluster).await;
+    assert_eq!(events.len(), entered.len(), "no more events: {events:?}");
+    let mut vehicles: Vec<&str> = events.iter().map(|(v, _, _)| v.as_str()).collect();
+    vehicles.sort();
+    vehicles.dedup();
+    assert_eq!(
+        vehicles.len(),
+        fleet.len(),
+        "one event per vehicle: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|(_, event, cause)| event == "entered" && cause == "zone_changed"),
+        "{events:?}"
+    );
+}
+
+/// Every zone event in the stream: (vehicle, event, cause).
+async fn zone_stream(cluster: &Cluster) -> Vec<(String, String, String)> {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(keys::ZONE_EVENTS).arg("-").arg("+");
+    let reply: redis::Value = if cluster.store == "redis-cluster" {
+        let seeds: Vec<&str> = cluster.redis_url.split(',').collect();
+        let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+        let mut conn = client.get_async_connection().await.unwrap();
+        cmd.query_async(&mut conn).await.unwrap()
+    } else {
+        let client = redis::Client::open(cluster.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut conn).await.unwrap()
+    };
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        _ => String::new(),
+    };
+    let redis::Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let redis::Value::Array(entry) = entry else {
+                return None;
+            };
+            let redis::Value::Array(fields) = entry.get(1)? else {
+                return None;
+            };
+            let field = |name: &str| {
+                fields
+                    .chunks_exact(2)
+                    .find(|kv| text(&kv[0]) == name)
+                    .map(|kv| text(&kv[1]))
+                    .unwrap_or_default()
+            };
+            Some((field("vehicle"), field("event"), field("cause")))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
