@@ -376,22 +376,45 @@ mod tests {
         let mut tiled = Vec::new();
         for i in 0..60 {
             let (lat, lon) = areas[i % 2];
+            // Around the pentagon, closer: its own cell in several zones.
+            let spread = if i % 2 == 1 { 0.02 } else { 0.1 };
             let (lat, lon) = (
-                lat + rng.random_range(-0.1..0.1),
-                lon + rng.random_range(-0.1..0.1),
+                lat + rng.random_range(-spread..spread),
+                lon + rng.random_range(-spread..spread),
             );
             let zone = random_zone(&mut rng, i, lat, lon);
             tiled.push((zone.id().clone(), Some(zone)));
         }
         zones.apply(tiled);
         let index = zones.read();
+        // The cases the test is for are there: zones across shard edges,
+        // and zones over a pentagon's cells.
+        let res = cells.index_res();
+        let across = index
+            .zones()
+            .values()
+            .filter(|z| {
+                let shards: std::collections::HashSet<_> = z
+                    .cells(res)
+                    .map(|c| cells.shard_of(hexfleet_model::IndexCell(c)))
+                    .collect();
+                shards.len() > 1
+            })
+            .count();
+        let on_pentagon = index
+            .zones()
+            .values()
+            .filter(|z| z.cells(res).any(|c| c.is_pentagon()))
+            .count();
+        assert!(across >= 10, "{across} zones cross a shard edge");
+        assert!(on_pentagon >= 1, "{on_pentagon} zones hold the pentagon");
         let mut vehicles: Vec<VehicleState> = (0..300)
             .map(|i| {
                 let (lat, lon) = areas[i % 2];
                 VehicleState {
                     id: VehicleId::new(&format!("v{i}")).unwrap(),
-                    lat: lat + rng.random_range(-0.12..0.12),
-                    lon: lon + rng.random_range(-0.12..0.12),
+                    lat: lat + rng.random_range(-0.05..0.05),
+                    lon: lon + rng.random_range(-0.05..0.05),
                     heading_deg: 0.0,
                     speed_mps: 0.0,
                     accuracy_m: 5.0,
