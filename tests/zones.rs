@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hexfleet_client::{DriverClient, FixInput};
 use hexfleet_model::{VehicleClass, VehicleStatus};
+use hexfleet_node::store::redis::zone_events_in;
 use hexfleet_protocol::{
     zone::{ZoneCause, ZoneEvent, ZoneEventKind},
     DriverReport, Role,
@@ -92,41 +93,7 @@ impl Backend {
             .query_async(&mut self.conn)
             .await
             .unwrap();
-        let mut events = Vec::new();
-        // RESP2: [[stream, [[id, [k, v, ...]], ...]]]; nil when none.
-        let redis::Value::Array(streams) = reply else {
-            return events;
-        };
-        for stream in streams {
-            let redis::Value::Array(parts) = stream else {
-                continue;
-            };
-            let Some(redis::Value::Array(entries)) = parts.get(1) else {
-                continue;
-            };
-            for entry in entries {
-                let redis::Value::Array(entry) = entry else {
-                    continue;
-                };
-                let Some(redis::Value::Array(fields)) = entry.get(1) else {
-                    continue;
-                };
-                let pairs: Vec<(String, Vec<u8>)> = fields
-                    .chunks_exact(2)
-                    .filter_map(|kv| match (&kv[0], &kv[1]) {
-                        (redis::Value::BulkString(k), redis::Value::BulkString(v)) => {
-                            Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let event =
-                    ZoneEvent::from_fields(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                        .expect("a stream entry is a zone event");
-                events.push(event);
-            }
-        }
-        events
+        zone_events_in(reply)
     }
 
     /// Reads until `n` events came (and a little longer, to catch extras).

@@ -124,17 +124,7 @@ impl Ingest {
             state.status = report.status;
             state.seen_ms = now_ms;
             // A zone's filter may see the vehicle differently now.
-            let mut zones = std::mem::take(&mut state.zones);
-            let (cell, _) = self.cells.locate(state.position());
-            self.zones.update(
-                &mut zones,
-                state,
-                cell.0,
-                now_ms,
-                ZoneCause::Reported,
-                &mut events,
-            );
-            state.zones = zones;
+            self.rezone_state(state, now_ms, ZoneCause::Reported, &mut events);
         });
         if let Some(entry) = updated {
             self.writer.stage_events(entry.shard, events);
@@ -234,17 +224,7 @@ impl Ingest {
         for id in &candidates {
             let mut events = Vec::new();
             let updated = self.table.update(id, |state| {
-                let mut zones = std::mem::take(&mut state.zones);
-                let (cell, _) = self.cells.locate(state.position());
-                self.zones.update(
-                    &mut zones,
-                    state,
-                    cell.0,
-                    now_ms,
-                    ZoneCause::ZoneChanged,
-                    &mut events,
-                );
-                state.zones = zones;
+                self.rezone_state(state, now_ms, ZoneCause::ZoneChanged, &mut events);
             });
             if let Some(entry) = updated.filter(|_| !events.is_empty()) {
                 self.writer.stage_events(entry.shard, events);
@@ -252,6 +232,21 @@ impl Ingest {
             }
         }
         candidates.len()
+    }
+
+    /// Brings a vehicle's memberships up to its state where it stands.
+    fn rezone_state(
+        &self,
+        state: &mut VehicleState,
+        now_ms: i64,
+        cause: ZoneCause,
+        events: &mut Vec<hexfleet_protocol::zone::ZoneEvent>,
+    ) {
+        let mut zones = std::mem::take(&mut state.zones);
+        let (cell, _) = self.cells.locate(state.position());
+        self.zones
+            .update(&mut zones, state, cell.0, now_ms, cause, events);
+        state.zones = zones;
     }
 
     /// Loads vehicles a store already holds (a node taking over its shards),

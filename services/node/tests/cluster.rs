@@ -532,32 +532,7 @@ async fn zone_stream(cluster: &Cluster) -> Vec<(String, String, String)> {
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         cmd.query_async(&mut conn).await.unwrap()
     };
-    let text = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        _ => String::new(),
-    };
-    let redis::Value::Array(entries) = reply else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|entry| {
-            let redis::Value::Array(entry) = entry else {
-                return None;
-            };
-            let redis::Value::Array(fields) = entry.get(1)? else {
-                return None;
-            };
-            let field = |name: &str| {
-                fields
-                    .chunks_exact(2)
-                    .find(|kv| text(&kv[0]) == name)
-                    .map(|kv| text(&kv[1]))
-                    .unwrap_or_default()
-            };
-            Some((field("vehicle"), field("event"), field("cause")))
-        })
-        .collect()
+    described(reply)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1384,40 +1359,19 @@ impl ZoneBackend {
             .query_async(&mut self.conn)
             .await
             .unwrap();
-        let text = |v: &redis::Value| match v {
-            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-            _ => String::new(),
-        };
-        let mut events = Vec::new();
-        let redis::Value::Array(streams) = reply else {
-            return events;
-        };
-        for stream in streams {
-            let redis::Value::Array(parts) = stream else {
-                continue;
-            };
-            let Some(redis::Value::Array(entries)) = parts.get(1) else {
-                continue;
-            };
-            for entry in entries {
-                let redis::Value::Array(entry) = entry else {
-                    continue;
-                };
-                let Some(redis::Value::Array(fields)) = entry.get(1) else {
-                    continue;
-                };
-                let field = |name: &str| {
-                    fields
-                        .chunks_exact(2)
-                        .find(|kv| text(&kv[0]) == name)
-                        .map(|kv| text(&kv[1]))
-                        .unwrap_or_default()
-                };
-                events.push((field("vehicle"), field("event"), field("cause")));
-            }
-        }
-        events
+        described(reply)
     }
+}
+
+/// Zone events as (vehicle, event, cause).
+fn described(reply: redis::Value) -> Vec<(String, String, String)> {
+    hexfleet_node::store::redis::zone_events_in(reply)
+        .into_iter()
+        .map(|e| {
+            let (event, cause) = (e.event.as_str().to_string(), e.cause.as_str().to_string());
+            (e.vehicle.id.to_string(), event, cause)
+        })
+        .collect()
 }
 
 /// A 32-gon of `radius_m` around a point, as a GeoJSON Feature.

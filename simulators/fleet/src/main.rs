@@ -144,14 +144,8 @@ async fn airport(args: AirportArgs) -> anyhow::Result<()> {
         config.http.listen = ([127, 0, 0, 1], 0).into();
         config.admin.listen = ([127, 0, 0, 1], 0).into();
         config.http.tls = false;
-        config.auth.token_secret = args.client.token_secret.clone();
-        if let Some(url) = &args.redis_url {
-            config.store.kind = StoreKind::Redis;
-            config.store.redis_url = url.clone();
-        }
-        let node = Node::start(config)
-            .await
-            .context("starting the embedded node")?;
+        let node =
+            start_embedded(config, &args.client.token_secret, args.redis_url.as_ref()).await?;
         let ca = node.dev_cert.clone().context("a development certificate")?;
         let target = airport::Target {
             quic: node.quic_addr,
@@ -573,6 +567,23 @@ fn trust(client: &ClientArgs) -> (PathBuf, String) {
     )
 }
 
+/// Starts a node in this process, its tokens signed with `token_secret`,
+/// on Redis at `redis_url` if given, else on the in-memory store.
+async fn start_embedded(
+    mut config: Config,
+    token_secret: &str,
+    redis_url: Option<&String>,
+) -> anyhow::Result<Node> {
+    config.auth.token_secret = token_secret.to_string();
+    if let Some(url) = redis_url {
+        config.store.kind = StoreKind::Redis;
+        config.store.redis_url = url.clone();
+    }
+    Node::start(config)
+        .await
+        .context("starting the embedded node")
+}
+
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut config = Config {
         node_id: "demo".into(),
@@ -585,14 +596,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // spares it a certificate warning, unless asked for HTTPS as
     // production nodes serve it.
     config.http.tls = args.https;
-    config.auth.token_secret = args.token_secret.clone();
-    if let Some(url) = &args.redis_url {
-        config.store.kind = StoreKind::Redis;
-        config.store.redis_url = url.clone();
-    }
-    let node = Node::start(config)
-        .await
-        .context("starting the embedded node")?;
+    let node = start_embedded(config, &args.token_secret, args.redis_url.as_ref()).await?;
     let cert = node
         .dev_cert
         .clone()

@@ -706,6 +706,46 @@ fn stream_entries(reply: Value) -> Vec<StreamEntry> {
         .collect()
 }
 
+/// The zone events in a reply to `XRANGE`, or to `XREAD`/`XREADGROUP`
+/// (entries by stream), in order; entries that are not zone events are
+/// skipped. Public for the tests and tools that read the stream as a
+/// backend does.
+pub fn zone_events_in(reply: Value) -> Vec<ZoneEvent> {
+    let by_stream = |item: &Value| match item {
+        Value::Array(parts) => matches!(
+            parts.as_slice(),
+            [_, Value::Array(entries)] if entries.iter().all(|e| matches!(e, Value::Array(_)))
+                && !entries.is_empty()
+        ),
+        _ => false,
+    };
+    let entries: Vec<StreamEntry> = match reply {
+        Value::Array(items) if items.iter().all(by_stream) && !items.is_empty() => items
+            .into_iter()
+            .flat_map(|item| match item {
+                Value::Array(mut parts) => stream_entries(parts.swap_remove(1)),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams
+            .into_iter()
+            .flat_map(|(_, entries)| stream_entries(entries))
+            .collect(),
+        reply => stream_entries(reply),
+    };
+    events_of(&entries)
+}
+
+/// The zone events among stream entries.
+fn events_of(entries: &[StreamEntry]) -> Vec<ZoneEvent> {
+    entries
+        .iter()
+        .filter_map(|(_, fields)| {
+            ZoneEvent::from_fields(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).ok()
+        })
+        .collect()
+}
+
 fn decode(id: &str, bytes: &[u8]) -> Result<VehicleState, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         id: id.to_string(),
@@ -894,13 +934,7 @@ impl Store for RedisStore {
         let next = entries
             .last()
             .map_or_else(|| cursor.to_string(), |(id, _)| id.clone());
-        let events = entries
-            .iter()
-            .filter_map(|(_, fields)| {
-                ZoneEvent::from_fields(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).ok()
-            })
-            .collect();
-        Ok((next, events))
+        Ok((next, events_of(&entries)))
     }
 
     async fn put_zone(

@@ -348,6 +348,23 @@ mod tests {
         Arc::new(Zone::new(spec, CellModel::default().index_res()).unwrap())
     }
 
+    fn vehicle(id: &str, lat: f64, lon: f64) -> VehicleState {
+        VehicleState {
+            id: VehicleId::new(id).unwrap(),
+            lat,
+            lon,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 5.0,
+            fix_time_ms: 0,
+            seq: 0,
+            class: VehicleClass::Economy,
+            status: VehicleStatus::Available,
+            seen_ms: 0,
+            zones: Vec::new(),
+        }
+    }
+
     /// The zones a vehicle is in, by a look at every zone's polygon.
     fn brute_force(zones: &ZoneIndex, state: &VehicleState) -> BTreeSet<ZoneId> {
         zones
@@ -411,20 +428,8 @@ mod tests {
         let mut vehicles: Vec<VehicleState> = (0..300)
             .map(|i| {
                 let (lat, lon) = areas[i % 2];
-                VehicleState {
-                    id: VehicleId::new(&format!("v{i}")).unwrap(),
-                    lat: lat + rng.random_range(-0.05..0.05),
-                    lon: lon + rng.random_range(-0.05..0.05),
-                    heading_deg: 0.0,
-                    speed_mps: 0.0,
-                    accuracy_m: 5.0,
-                    fix_time_ms: 0,
-                    seq: 0,
-                    class: VehicleClass::Economy,
-                    status: VehicleStatus::Available,
-                    seen_ms: 0,
-                    zones: Vec::new(),
-                }
+                let (dlat, dlon) = (rng.random_range(-0.05..0.05), rng.random_range(-0.05..0.05));
+                vehicle(&format!("v{i}"), lat + dlat, lon + dlon)
             })
             .collect();
         let (mut entered, mut exited, mut checked) = (0, 0, 0);
@@ -508,20 +513,7 @@ mod tests {
         let zone = Arc::new(Zone::new(spec, cells.index_res()).unwrap());
         let id = zone.id().clone();
         zones.apply(vec![(id.clone(), Some(zone))]);
-        let mut state = VehicleState {
-            id: VehicleId::new("v").unwrap(),
-            lat: 52.52,
-            lon: 13.40,
-            heading_deg: 0.0,
-            speed_mps: 0.0,
-            accuracy_m: 5.0,
-            fix_time_ms: 0,
-            seq: 0,
-            class: VehicleClass::Economy,
-            status: VehicleStatus::Available,
-            seen_ms: 0,
-            zones: Vec::new(),
-        };
+        let mut state = vehicle("v", 52.52, 13.40);
         let (cell, _) = cells.locate(state.position());
         let mut events = Vec::new();
         let mut held = Vec::new();
