@@ -162,6 +162,17 @@ async fn text(client: &Client, id: &str) -> String {
     .to_string()
 }
 
+/// Saves what the page shows to `target/<name>`.
+async fn screenshot(client: &Client, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join(name), png).unwrap();
+}
+
 /// Clicks the page's zoom-out button `times` times.
 async fn zoom_out(client: &Client, times: usize) {
     for _ in 0..times {
@@ -249,13 +260,7 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
         (count == FLEET as u64).then_some(())
     })
     .await;
-    let png = client.screenshot().await.unwrap();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    std::fs::create_dir_all(&target).unwrap();
-    std::fs::write(target.join("dashboard-browser.png"), png).unwrap();
+    screenshot(&client, "dashboard-browser.png").await;
 
     // Zoomed out to the region: counts per cell, shaded, same totals.
     zoom_out(&client, 4).await;
@@ -270,8 +275,7 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
         (synced == json!("true") && density && all).then_some(())
     })
     .await;
-    let png = client.screenshot().await.unwrap();
-    std::fs::write(target.join("dashboard-browser-density.png"), png).unwrap();
+    screenshot(&client, "dashboard-browser-density.png").await;
 
     // The node goes away: the page says so and keeps trying; a node on the
     // same address takes over and the page is live again, with its view.
@@ -388,13 +392,7 @@ async fn the_dashboard_draws_zones_with_their_counts_queue_and_flashes() {
         (flashes >= 1 && listed.as_str().unwrap_or_default().contains("17 ·")).then_some(())
     })
     .await;
-    let png = client.screenshot().await.unwrap();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    std::fs::create_dir_all(&target).unwrap();
-    std::fs::write(target.join("dashboard-browser-zones.png"), png).unwrap();
+    screenshot(&client, "dashboard-browser-zones.png").await;
     stop.cancel();
     let _ = fleet.await;
     client.close().await.unwrap();

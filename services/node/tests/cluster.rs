@@ -250,13 +250,13 @@ async fn api_get(url: String) -> reqwest::Result<reqwest::Response> {
         .await
 }
 
+/// GETs a public API URL with a dashboard's token; its JSON body, if any.
+async fn api_json(url: String) -> Option<serde_json::Value> {
+    api_get(url).await.ok()?.json().await.ok()
+}
+
 async fn live_set(http: SocketAddr) -> Option<LiveSet> {
-    let body: serde_json::Value = api_get(format!("http://{http}/v1/cluster"))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let body = api_json(format!("http://{http}/v1/cluster")).await?;
     let nodes: Vec<NodeInfo> = serde_json::from_value(body["nodes"].clone()).ok()?;
     Some(LiveSet {
         nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
@@ -473,20 +473,9 @@ async fn a_zone_over_the_fleet_counts_it_once_on_every_node(cluster: &Cluster, f
             WAIT,
             "every node counts the whole fleet in the zone",
             async || {
-                let zone: serde_json::Value =
-                    api_get(format!("http://{}/v1/zones/district", node.http))
-                        .await
-                        .ok()?
-                        .json()
-                        .await
-                        .ok()?;
-                let queue: serde_json::Value =
-                    api_get(format!("http://{}/v1/zones/district/vehicles", node.http))
-                        .await
-                        .ok()?
-                        .json()
-                        .await
-                        .ok()?;
+                let zone = api_json(format!("http://{}/v1/zones/district", node.http)).await?;
+                let queue =
+                    api_json(format!("http://{}/v1/zones/district/vehicles", node.http)).await?;
                 let counted = zone["properties"]["counts"]["total"] == fleet.len();
                 let queued = queue["counts"]["total"] == fleet.len();
                 (counted && queued).then_some(())
@@ -1462,15 +1451,11 @@ async fn a_vehicle_in_a_zone_enters_once_across_a_hand_off_and_a_failover() {
         async || {
             d.send_fix(FixInput::at(inside.0, inside.1)).await.ok()?;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let queue: serde_json::Value = api_get(format!(
+            let queue = api_json(format!(
                 "http://{}/v1/zones/stadium/vehicles",
                 survivor.http
             ))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+            .await?;
             let here = queue["vehicles"]["available"][0]["id"] == fan.as_str();
             (d.node() == survivor.quic && here).then_some(())
         },
