@@ -29,6 +29,9 @@ use crate::zones::{
     StatusTally, Zone, ZoneSpec,
 };
 
+/// How long a `PUT` waits for its turn to be checked and tiled.
+const TILING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn zone_id(raw: &str) -> Result<ZoneId, ApiError> {
     ZoneId::new(raw).map_err(|e| ApiError::bad_request(e.to_string()))
 }
@@ -67,7 +70,18 @@ pub(super) async fn put(
     let id = zone_id(&id)?;
     let limits = api.zones.limits;
     let res = api.cells.index_res();
-    // Validation and tiling cost up to milliseconds: off the runtime.
+    // Validation and tiling cost up to a second for the largest zone: off
+    // the runtime, and a few at a time.
+    let _turn = tokio::time::timeout(TILING_WAIT, api.zones.tiling.acquire())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy checking other zones: try again",
+            )
+        })?;
     let tiled = tokio::task::spawn_blocking(move || {
         ZoneSpec::parse(id, &body, limits).and_then(|spec| Zone::new(spec, res))
     })

@@ -241,8 +241,26 @@ impl StoreWriter {
         {
             let mut staged = self.events.lock();
             staged.1 = 0;
+            // Kept across failed flushes too: bounded as a whole.
+            let mut held: usize = events.values().map(Vec::len).sum();
+            let mut dropped = 0;
             for (shard, mut new) in staged.0.drain() {
-                events.entry(shard).or_default().append(&mut new);
+                let room = MAX_PENDING_EVENTS.saturating_sub(held);
+                if new.len() > room {
+                    dropped += new.len() - room;
+                    new.truncate(room);
+                }
+                held += new.len();
+                if !new.is_empty() {
+                    events.entry(shard).or_default().append(&mut new);
+                }
+            }
+            if dropped > 0 {
+                self.metrics.zone_events_dropped.inc_by(dropped as u64);
+                tracing::warn!(
+                    dropped,
+                    "too many zone events waiting for the store; dropped"
+                );
             }
         }
         let discarded = std::mem::take(&mut *self.discarded.lock());
@@ -603,6 +621,37 @@ mod tests {
         assert!(pending.is_empty());
         let v1 = store.vehicle(&VehicleId::new("v1").unwrap()).await.unwrap();
         assert_eq!(v1.map(|s| s.seq), Some(1), "written, with its locator");
+    }
+
+    #[test]
+    fn zone_events_waiting_through_failed_flushes_are_bounded_and_the_rest_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let w = StoreWriter::new(metrics.clone());
+        let event = |i: usize| ZoneEvent {
+            event: hexfleet_protocol::zone::ZoneEventKind::Entered,
+            zone: hexfleet_model::ZoneId::new("z").unwrap(),
+            cause: hexfleet_protocol::zone::ZoneCause::Moved,
+            at_ms: i as i64,
+            vehicle: state("v1", 1),
+        };
+        // Every flush fails: what waits is kept, and more keeps coming.
+        let (mut failed, mut events) = (Stage::new(), Events::new());
+        for round in 0..3 {
+            let batch: Vec<ZoneEvent> = (0..MAX_PENDING_EVENTS / 2 + 10).map(event).collect();
+            w.stage_events(shard(), batch);
+            w.take_into(&mut failed, &mut events);
+            let held: usize = events.values().map(Vec::len).sum();
+            assert!(held <= MAX_PENDING_EVENTS, "round {round}: {held} held");
+        }
+        let held: usize = events.values().map(Vec::len).sum();
+        assert_eq!(held, MAX_PENDING_EVENTS);
+        let staged = 3 * (MAX_PENDING_EVENTS / 2 + 10);
+        assert_eq!(
+            metrics.zone_events_dropped.get(),
+            (staged - MAX_PENDING_EVENTS) as u64
+        );
+        // The oldest are kept, in order.
+        assert_eq!(events[&shard()][0].at_ms, 0);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub use self::{
     spec::{ZoneError, ZoneLimits, ZoneSpec},
 };
 
+/// Zone changes an API checks and tiles at once.
+const TILING_AT_ONCE: usize = 2;
+
 /// How many events dashboards may lag behind before they miss some.
 const EVENTS_BUFFER: usize = 4096;
 
@@ -50,6 +53,10 @@ pub struct Zones {
     changed: watch::Sender<u64>,
     /// Events as the stream has them, for this node's dashboards.
     events: broadcast::Sender<Arc<ZoneEvent>>,
+    /// Zone changes checked and tiled at once, at most: a big zone takes
+    /// up to a second of a core, and a flood of them must not take them
+    /// all.
+    pub tiling: tokio::sync::Semaphore,
     /// Whether the store's zones have been read once. Until then a
     /// vehicle's memberships stand as stored: a zone not known yet is not
     /// a zone deleted.
@@ -78,6 +85,7 @@ impl Zones {
             events: broadcast::channel(EVENTS_BUFFER).0,
             counts: parking_lot::Mutex::new(None),
             loaded: std::sync::atomic::AtomicBool::new(false),
+            tiling: tokio::sync::Semaphore::new(TILING_AT_ONCE),
         }
     }
 
