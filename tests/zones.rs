@@ -2,7 +2,7 @@
 //! with reasons, vehicles entering and leaving make exactly one event each
 //! in the stream (read as a backend does, with a consumer group), the
 //! queue keeps the order of entry, and changing or deleting a zone under
-//! its vehicles says so.
+//! its vehicles, signing off or being evicted inside one, says so.
 
 use std::time::Duration;
 
@@ -357,6 +357,16 @@ async fn entries_and_exits_are_in_the_stream_once_each_and_the_queue_keeps_their
     assert_eq!(backend.expect(0).await, owned(&[]));
     let (_, queue) = node.get_json("/v1/zones/ber/vehicles").await;
     assert_eq!(queue["counts"]["total"], 1, "{queue}");
+    // Not heard from past `stale_after`: evicted, and out of the zone.
+    let later = now_ms() + 120_000;
+    assert_eq!(node.node.sweep_now(later), 1);
+    assert_eq!(
+        backend.expect(1).await,
+        owned(&[("cab-a", ZoneEventKind::Exited, "ber", ZoneCause::Stale)])
+    );
+    let (_, queue) = node.get_json("/v1/zones/ber/vehicles").await;
+    assert_eq!(queue["counts"]["total"], 0, "{queue}");
+    a.abandon();
     node.stop().await;
 }
 
