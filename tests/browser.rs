@@ -133,6 +133,38 @@ async fn moving_fleet(node: &TestNode, stop: CancellationToken) -> tokio::task::
     })
 }
 
+/// A fleet moving on a node, and the dashboard page open on it.
+struct PageOnFleet {
+    stop: CancellationToken,
+    fleet: tokio::task::JoinHandle<()>,
+    client: Client,
+    _chromedriver: ChromeDriver,
+    _profile: tempfile::TempDir,
+}
+
+/// Starts a moving fleet on `node`, waits until it is live, and opens the
+/// dashboard page on it in a fresh Chromium.
+async fn page_on_fleet(node: &TestNode) -> PageOnFleet {
+    let stop = CancellationToken::new();
+    let fleet = moving_fleet(node, stop.clone()).await;
+    eventually(WAIT, "the fleet is live", async || {
+        (node.node.table.len() == FLEET).then_some(())
+    })
+    .await;
+    let chromedriver = ChromeDriver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromedriver.browser(profile.path()).await;
+    let page = node.url(&format!("/?token={}", token(Role::Dashboard, "browser")));
+    client.goto(&page).await.unwrap();
+    PageOnFleet {
+        stop,
+        fleet,
+        client,
+        _chromedriver: chromedriver,
+        _profile: profile,
+    }
+}
+
 /// Evaluates a JavaScript expression in the page.
 async fn js(client: &Client, expression: &str) -> Value {
     client
@@ -189,18 +221,13 @@ async fn zoom_out(client: &Client, times: usize) {
 #[tokio::test]
 async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
     let node = TestNode::start(None).await;
-    let stop = CancellationToken::new();
-    let fleet = moving_fleet(&node, stop.clone()).await;
-    eventually(WAIT, "the fleet is live", async || {
-        (node.node.table.len() == FLEET).then_some(())
-    })
-    .await;
-
-    let chromedriver = ChromeDriver::start();
-    let profile = tempfile::tempdir().unwrap();
-    let client = chromedriver.browser(profile.path()).await;
-    let page = node.url(&format!("/?token={}", token(Role::Dashboard, "browser")));
-    client.goto(&page).await.unwrap();
+    let PageOnFleet {
+        stop,
+        fleet,
+        client,
+        _chromedriver,
+        _profile,
+    } = page_on_fleet(&node).await;
 
     // The page fits the fleet on connect and draws every vehicle.
     let (_, first_digest) = eventually(WAIT, "every vehicle drawn", async || {
@@ -327,17 +354,13 @@ async fn the_dashboard_draws_zones_with_their_counts_queue_and_flashes() {
         .await
         .unwrap();
     assert_eq!(put.status().as_u16(), 201);
-    let stop = CancellationToken::new();
-    let fleet = moving_fleet(&node, stop.clone()).await;
-    eventually(WAIT, "the fleet is live", async || {
-        (node.node.table.len() == FLEET).then_some(())
-    })
-    .await;
-    let chromedriver = ChromeDriver::start();
-    let profile = tempfile::tempdir().unwrap();
-    let client = chromedriver.browser(profile.path()).await;
-    let page = node.url(&format!("/?token={}", token(Role::Dashboard, "browser")));
-    client.goto(&page).await.unwrap();
+    let PageOnFleet {
+        stop,
+        fleet,
+        client,
+        _chromedriver,
+        _profile,
+    } = page_on_fleet(&node).await;
     // Drawn on the map, listed with its live count.
     eventually(WAIT, "the depot drawn and counted", async || {
         let drawn = js(
