@@ -11,6 +11,7 @@
 #   NODE_TOML='[store]\nflush_interval = "5ms"\n' scripts/cpu-per-fix.sh ...   # extra node settings
 #   ZONES=10000 scripts/cpu-per-fix.sh target/release zones 10000 1 0   # zones over the city first
 #   PERF=1 ...   # also `perf record` the (first) node over the window, to target/perf-<LABEL>.data
+#   SCENARIO=simulators/scenarios/fan-out.toml scripts/cpu-per-fix.sh target/release f 0 0 0   # play a scenario file instead (DRIVERS RATE RIDERS unused)
 # With NODES > 1 (or CLUSTER=1) the nodes run as a cluster; CPU and fixes are
 # summed over the nodes.
 set -u
@@ -59,24 +60,29 @@ for i in range(n):
     urllib.request.urlopen(req).read()
 PY
 fi
-$BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
+if [ -n "${SCENARIO:-}" ]; then
+  $BIN/hexfleet-sim run "$SCENARIO" "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
+else
+  $BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
+fi
 SPID=$!
 cpu() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $s; }
 metric() { local s=0; for h in "${ADMINS[@]}"; do s=$(curl -s http://$h/metrics | awk -v s=$s -v m="$1" '$1 ~ "^"m {s+=$2} END{print s}'); done; echo $s; }
 fixes() { metric 'hexfleet_fixes_accepted_total'; }
 items() { metric 'hexfleet_delta_items_total'; }
+frames() { metric 'hexfleet_delta_frames_total'; }
 datagrams() { metric 'hexfleet_udp_datagrams_total'; }
 # Every UDP datagram sent on this machine (loopback: each once), a cross-check
 # for nodes that do not count their own.
 udp_out() { awk '/^Udp: [0-9]/{print $5}' /proc/net/snmp; }
 sleep ${SETTLE:-12}
-n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items); g0=$(datagrams); u0=$(udp_out)
+n0=$(cpu "${NPIDS[@]}"); r0=$(cpu $RPID); f0=$(fixes); d0=$(items); e0=$(frames); g0=$(datagrams); u0=$(udp_out)
 if [ "${PERF:-0}" = 1 ]; then
   perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p ${NPIDS[0]} -o target/perf-$LABEL.data -- sleep 15 > /dev/null 2>&1
 else
   sleep 15
 fi
-n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items); g1=$(datagrams); u1=$(udp_out)
+n1=$(cpu "${NPIDS[@]}"); r1=$(cpu $RPID); f1=$(fixes); d1=$(items); e1=$(frames); g1=$(datagrams); u1=$(udp_out)
 if [ "$NODES" -gt 1 ]; then
   for h in "${ADMINS[@]}"; do
     curl -s http://$h/metrics | awk -v h=$h '/^hexfleet_(fixes_accepted_total|replicas|shards_held|bus_batches_total|subscribers) /{printf "%s=%s ", $1, $2} END{print "(" h ")"}'
@@ -86,10 +92,10 @@ wait $SPID
 NODE_EXIT=0
 for p in "${NPIDS[@]}"; do kill -TERM $p; wait $p || NODE_EXIT=$?; done
 kill $RPID; wait $RPID 2>/dev/null
-python3 - "$LABEL" $n0 $n1 $r0 $r1 $f0 $f1 $d0 $d1 $g0 $g1 $u0 $u1 $NODE_EXIT $NODES <<'PY'
+python3 - "$LABEL" $n0 $n1 $r0 $r1 $f0 $f1 $d0 $d1 $g0 $g1 $u0 $u1 $NODE_EXIT $NODES $e0 $e1 <<'PY'
 import sys
-label,n0,n1,r0,r1,f0,f1,d0,d1,g0,g1,u0,u1,ex,nodes=sys.argv[1:]
-n=(int(n1)-int(n0))*10_000; r=(int(r1)-int(r0))*10_000; f=float(f1)-float(f0); d=float(d1)-float(d0); g=float(g1)-float(g0); u=float(u1)-float(u0)
-print(f"{label} ({nodes} node(s)): {f/15:.0f} fixes/s, {d/15:.0f} delta items/s; nodes {n/f:.1f} us CPU/fix summed (incl. fan-out), redis {r/f:.1f} us/fix, {g/f:.2} UDP datagrams/fix (node's count), {u/f:.2} (machine's sendmsg count); node exit {ex}")
+label,n0,n1,r0,r1,f0,f1,d0,d1,g0,g1,u0,u1,ex,nodes,e0,e1=sys.argv[1:]
+n=(int(n1)-int(n0))*10_000; r=(int(r1)-int(r0))*10_000; f=float(f1)-float(f0); d=float(d1)-float(d0); g=float(g1)-float(g0); u=float(u1)-float(u0); e=float(e1)-float(e0)
+print(f"{label} ({nodes} node(s)): {f/15:.0f} fixes/s, {d/15:.0f} delta items/s in {e/15:.0f} frames/s; node {n/15/1e6:.3f} cores; nodes {n/f:.1f} us CPU/fix summed (incl. fan-out), redis {r/f:.1f} us/fix, {g/f:.2} UDP datagrams/fix (node's count), {u/f:.2} (machine's sendmsg count); node exit {ex}")
 PY
 grep -E "latency|accepted" $DIR/sim.log | head -4

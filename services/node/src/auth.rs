@@ -15,10 +15,10 @@
 //! | `rider` | subscribe | no | no |
 //! | `dashboard` | no | watch | read |
 
-use std::{path::PathBuf, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use hexfleet_protocol::{Claims, KeyError, Role, TokenError, Verifier};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::AuthConfig;
 
@@ -33,17 +33,41 @@ pub enum AuthError {
     Keys { path: PathBuf, source: KeyError },
 }
 
+/// Tokens verified lately, at most this many: past it the list starts over.
+const VERIFIED_MAX: usize = 4096;
+
 #[derive(Debug)]
 pub struct Auth {
     config: AuthConfig,
-    current: RwLock<Arc<Verifier>>,
+    current: RwLock<Arc<Keys>>,
+}
+
+/// The keys, and the tokens they verified lately. An HTTP reader presents
+/// the same token with every request, and checking its signature again
+/// (decoding, JSON, HMAC) cost about as much as the nearby search itself.
+/// A token is found by its whole text; its expiry and role are checked
+/// every time. New keys start with an empty list, so a key that is removed
+/// stops its tokens at once.
+#[derive(Debug)]
+struct Keys {
+    verifier: Verifier,
+    verified: Mutex<HashMap<Box<str>, Claims>>,
+}
+
+impl Keys {
+    fn new(verifier: Verifier) -> Arc<Self> {
+        Arc::new(Self {
+            verifier,
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
 }
 
 impl Auth {
     pub fn load(config: &AuthConfig) -> Result<Self, AuthError> {
         Ok(Self {
             config: config.clone(),
-            current: RwLock::new(Arc::new(build(config)?)),
+            current: RwLock::new(Keys::new(build(config)?)),
         })
     }
 
@@ -52,8 +76,12 @@ impl Auth {
     pub fn reload(&self) -> Result<Vec<String>, AuthError> {
         let verifier = build(&self.config)?;
         let kids = verifier.kids();
-        *self.current.write() = Arc::new(verifier);
+        *self.current.write() = Keys::new(verifier);
         Ok(kids)
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.current.read().clone()
     }
 
     /// The files a reload reads.
@@ -63,8 +91,19 @@ impl Auth {
 
     /// Checks a token presented for `role`, as of `now` (Unix seconds).
     pub fn verify_for(&self, token: &str, role: Role, now: u64) -> Result<Claims, TokenError> {
-        let verifier = self.current.read().clone();
-        verifier.verify_for(token, role, now)
+        let keys = self.keys();
+        let known = keys.verified.lock().get(token).cloned();
+        if let Some(claims) = known.filter(|c| c.expires_at >= now) {
+            return claims.held_by(role);
+        }
+        let claims = keys.verifier.verify(token, now)?;
+        let mut verified = keys.verified.lock();
+        if verified.len() >= VERIFIED_MAX {
+            verified.clear();
+        }
+        verified.insert(token.into(), claims.clone());
+        drop(verified);
+        claims.held_by(role)
     }
 }
 
@@ -82,4 +121,77 @@ fn build(config: &AuthConfig) -> Result<Verifier, AuthError> {
         })?;
     }
     Ok(verifier)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use hexfleet_model::VehicleId;
+    use hexfleet_protocol::{token::hs256_jwks, SigningKey};
+
+    use super::*;
+
+    #[test]
+    fn a_token_verified_before_is_still_checked_for_expiry_role_and_its_key() {
+        let mut jwks = tempfile::NamedTempFile::new().unwrap();
+        jwks.write_all(hs256_jwks(&[("k1", b"first-secret-0123456789")]).as_bytes())
+            .unwrap();
+        let config = AuthConfig {
+            token_secret: "default-secret-0123456789".into(),
+            jwks: Some(jwks.path().to_path_buf()),
+            audience: None,
+        };
+        let auth = Auth::load(&config).unwrap();
+        let id = VehicleId::new("reader").unwrap();
+        let key = SigningKey::hs256(b"first-secret-0123456789").with_kid("k1");
+        let token = Claims::new(Role::Dashboard, id, 1_000).sign(&key).unwrap();
+
+        for _ in 0..2 {
+            assert_eq!(
+                auth.verify_for(&token, Role::Dashboard, 900)
+                    .unwrap()
+                    .expires_at,
+                1_000
+            );
+        }
+        assert!(auth.keys().verified.lock().contains_key(token.as_str()));
+        assert!(matches!(
+            auth.verify_for(&token, Role::Driver, 900),
+            Err(TokenError::WrongRole { .. })
+        ));
+        assert_eq!(
+            auth.verify_for(&token, Role::Dashboard, 1_001),
+            Err(TokenError::Expired)
+        );
+        assert!(auth.verify_for(&token, Role::Dashboard, 900).is_ok());
+
+        // The key is removed: its tokens are refused at once.
+        std::fs::write(
+            jwks.path(),
+            hs256_jwks(&[("k2", b"second-secret-0123456789")]),
+        )
+        .unwrap();
+        auth.reload().unwrap();
+        assert!(matches!(
+            auth.verify_for(&token, Role::Dashboard, 900),
+            Err(TokenError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn the_verified_tokens_are_bounded() {
+        let config = AuthConfig {
+            token_secret: "default-secret-0123456789".into(),
+            jwks: None,
+            audience: None,
+        };
+        let auth = Auth::load(&config).unwrap();
+        for i in 0..VERIFIED_MAX + 10 {
+            let id = VehicleId::new(&format!("r{i}")).unwrap();
+            let token = Claims::new(Role::Rider, id, 1_000).mint(config.token_secret.as_bytes());
+            auth.verify_for(&token, Role::Rider, 900).unwrap();
+        }
+        assert!(auth.keys().verified.lock().len() <= VERIFIED_MAX);
+    }
 }

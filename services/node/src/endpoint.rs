@@ -32,6 +32,10 @@ use crate::{
     session::Context,
 };
 
+/// Peers acknowledge every this many packets the node sends them (or after
+/// their delayed-ACK timer).
+const ACK_EVERY: u32 = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     #[error("binding UDP {addr}: {source}")]
@@ -58,6 +62,14 @@ pub fn transport(config: &QuicConfig) -> Result<quinn::TransportConfig, Endpoint
     t.send_window(256 * 1024);
     t.datagram_receive_buffer_size(Some(64 * 1024));
     t.datagram_send_buffer_size(16 * 1024);
+    // A busy rider gets an update every millisecond or two and would
+    // acknowledge every second one, each ACK a packet its radio sends and
+    // the node decrypts and processes. Ask peers to acknowledge every
+    // `ACK_EVERY` packets, or after their delayed-ACK timer (25 ms): a
+    // sparse view is acknowledged as before.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold((ACK_EVERY - 1).into());
+    t.ack_frequency_config(Some(acks));
     Ok(t)
 }
 

@@ -125,6 +125,17 @@ impl SigningKey {
 }
 
 impl Claims {
+    /// These claims, if they are a `role`'s.
+    pub fn held_by(self, role: Role) -> Result<Self, TokenError> {
+        if self.role != role {
+            return Err(TokenError::WrongRole {
+                token: self.role.as_str(),
+                claimed: role.as_str(),
+            });
+        }
+        Ok(self)
+    }
+
     /// Claims issued now (this machine's clock), until `expires_at`.
     pub fn new(role: Role, subject: VehicleId, expires_at: u64) -> Self {
         let now = std::time::SystemTime::now()
@@ -286,14 +297,7 @@ impl Verifier {
 
     /// Verifies a token presented by a client that says it has `role`.
     pub fn verify_for(&self, token: &str, role: Role, now: u64) -> Result<Claims, TokenError> {
-        let claims = self.verify(token, now)?;
-        if claims.role != role {
-            return Err(TokenError::WrongRole {
-                token: claims.role.as_str(),
-                claimed: role.as_str(),
-            });
-        }
-        Ok(claims)
+        self.verify(token, now)?.held_by(role)
     }
 }
 

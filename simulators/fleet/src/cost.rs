@@ -37,7 +37,15 @@ const USER_HZ: f64 = 100.0;
 /// Redis's own CPU time (user + system, all threads), in microseconds, from
 /// `INFO cpu`: works for any Redis, not only one this process started.
 pub async fn redis_cpu_us(redis: &redis::Client) -> anyhow::Result<f64> {
-    let mut conn = redis.get_multiplexed_async_connection().await?;
+    // Under the heaviest phases the machine is full and Redis busy: wait
+    // longer than the client's defaults (1 s to connect, 0.5 s to answer).
+    let patient = Some(std::time::Duration::from_secs(10));
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(patient)
+        .set_response_timeout(patient);
+    let mut conn = redis
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
     let field = |name: &str| -> f64 {
         info.lines()

@@ -241,7 +241,7 @@ impl Session {
             Format::MsgPack => Message::Binary(bytes.into()),
         };
         let after = self.dashboards.slow_consumer_after;
-        match tokio::time::timeout(after, self.sink.send(message)).await {
+        match crate::clock::timeout_if_blocked(after, self.sink.send(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => Err(End::Close(

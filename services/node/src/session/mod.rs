@@ -404,7 +404,7 @@ async fn close(
 /// updates, rather than holding its session forever.
 async fn send(tx: &mut ControlWrite, msg: ServerMsg, ctx: &Context) -> Result<(), Stop> {
     let after = ctx.slow_consumer_after;
-    match tokio::time::timeout(after, tx.send(msg)).await {
+    match crate::clock::timeout_if_blocked(after, tx.send(msg)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if lost(&e) => Err(Stop::Lost),
         Ok(Err(e)) => Err(Refusal::new(

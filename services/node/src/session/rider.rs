@@ -3,7 +3,7 @@
 //!
 //! The session's writer drains the rider's [`Mailbox`] whenever it is free
 //! to write, so a slow rider gets fewer, fuller updates rather than a growing
-//! queue; a busy one lingers a millisecond first, so its frames fill. A write that stays blocked for `slow_consumer_after` ends the
+//! queue; a busy one lingers two milliseconds first, so its frames fill. A write that stays blocked for `slow_consumer_after` ends the
 //! session with `slow_consumer`.
 //!
 //! Subscriptions are held to the connection's [`RequestBudget`], and a
@@ -43,7 +43,7 @@ const BUSY_WITHIN: Duration = Duration::from_millis(5);
 /// ...and lingers this long before its next update, so that update carries
 /// the changes of that time too: under load, fuller frames and fewer
 /// packets; an idle rider's update goes out at once.
-const LINGER: Duration = Duration::from_millis(1);
+const LINGER: Duration = Duration::from_millis(2);
 
 /// What wakes a rider session.
 enum Event {
@@ -155,8 +155,11 @@ pub(super) async fn serve(
                         .metrics
                         .mailbox_depth
                         .observe(drained.changes.len() as f64);
-                    let written =
-                        tokio::time::timeout(ctx.slow_consumer_after, writer.write(drained)).await;
+                    let written = crate::clock::timeout_if_blocked(
+                        ctx.slow_consumer_after,
+                        writer.write(drained),
+                    )
+                    .await;
                     last_write = Some(Instant::now());
                     match written {
                         Ok(Ok(())) => {}
