@@ -223,7 +223,10 @@ impl FixClock {
     /// The rider's observer: each fix seen is timed once.
     pub fn observer(&self) -> hexfleet_client::Observer {
         let clock = self.clone();
-        std::sync::Arc::new(move |state: &hexfleet_model::VehicleState, _| {
+        std::sync::Arc::new(move |state: &hexfleet_model::VehicleState, how| {
+            if matches!(how, hexfleet_client::Applied::Removed(_)) {
+                return;
+            }
             let seen = clock
                 .sent
                 .lock()

@@ -537,6 +537,7 @@ impl Node {
             ..admin_api
         };
         let router = dashboard::router(dashboards)
+            .merge(session::router(ctx.clone()))
             .merge(http::router(api))
             .layer(counted);
         let http_tls = config.http.tls;

@@ -33,6 +33,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub connections_accepted: Counter,
+    pub websocket_sessions: Counter,
     refused: Family<Labels, Counter>,
     pub sessions_lost: Counter,
     pub sessions_goodbye: Counter,
@@ -128,11 +129,22 @@ impl Metrics {
         // Fields are registered in the order written, which is the order
         // /metrics lists them in.
         Self {
-            connections: registered(&mut r, "connections", "Open QUIC connections", Gauge::default()),
+            connections: registered(
+                &mut r,
+                "connections",
+                "Open driver and rider connections (QUIC, or WebSocket where UDP is blocked)",
+                Gauge::default(),
+            ),
             connections_accepted: registered(
                 &mut r,
                 "connections_accepted",
-                "QUIC connections that completed the handshake",
+                "Driver and rider connections accepted: QUIC handshakes completed and WebSockets opened",
+                Counter::default(),
+            ),
+            websocket_sessions: registered(
+                &mut r,
+                "websocket_sessions",
+                "Driver and rider connections over WebSocket, from clients whose UDP is blocked",
                 Counter::default(),
             ),
             refused: registered(

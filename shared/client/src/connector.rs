@@ -1,24 +1,32 @@
 //! The client side of a QUIC endpoint: TLS trust, ALPN, transport settings,
 //! and the `Hello` handshake every role shares. One `Connector` serves many
 //! connections (the simulator puts hundreds of drivers on one).
+//!
+//! Where UDP is blocked (some corporate Wi-Fi, some carriers), QUIC never
+//! connects: after [`Connector::with_fallback`]'s short timeout the
+//! connector opens the same session over a WebSocket on the node's HTTPS
+//! port, and remembers, per network ([`Connector::set_network`]), that
+//! WebSocket worked, so the next connections go there at once. Once that
+//! memory expires QUIC is tried first again.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
-    sync::Arc,
-    time::Duration,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
 };
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hexfleet_protocol::{
-    dev, ClientMsg, ErrorCode, FrameCodec, FrameError, Hello, Role, ServerMsg, Welcome,
-    PROTOCOL_VERSION, REDIRECT_CLOSE_CODE,
+    dev, ClientMsg, ErrorCode, FrameError, Hello, Redirect, Role, ServerMsg, Welcome,
+    PROTOCOL_VERSION,
 };
+use quinn::Runtime;
 use rustls::pki_types::{pem::PemObject, CertificateDer};
-use tokio_util::codec::{FramedRead, FramedWrite};
 
-pub(crate) type ControlRead = FramedRead<quinn::RecvStream, FrameCodec<ServerMsg, ClientMsg>>;
-pub(crate) type ControlWrite = FramedWrite<quinn::SendStream, FrameCodec<ServerMsg, ClientMsg>>;
+use crate::transport::{quic_control, CloseAs, Conn, CountedSocket, Transport, UdpStats, WsConn};
+pub(crate) use crate::transport::{ControlRead, ControlWrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -42,6 +50,8 @@ pub enum ClientError {
     Datagram(#[from] quinn::SendDatagramError),
     #[error("writing to the control stream: {0}")]
     Write(#[from] quinn::WriteError),
+    #[error("WebSocket: {0}")]
+    WebSocket(String),
     #[error("too many redirects")]
     TooManyRedirects,
     #[error("timed out")]
@@ -65,7 +75,7 @@ impl ClientError {
 
 /// A session the node welcomed.
 pub(crate) struct Established {
-    pub conn: quinn::Connection,
+    pub conn: Conn,
     pub tx: ControlWrite,
     pub rx: ControlRead,
     pub welcome: Welcome,
@@ -100,13 +110,47 @@ struct Endpoints {
     v6: Option<quinn::Endpoint>,
 }
 
+/// Which transports a connector uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportPolicy {
+    /// QUIC, falling back to WebSocket where UDP is blocked (the default).
+    Auto,
+    QuicOnly,
+    WebSocketOnly,
+}
+
+/// What a connector learned about the networks it was on.
+struct Routes {
+    /// The node's HTTPS address for a QUIC address, where it is not the
+    /// same address (as the nodes of a cluster say in their redirects).
+    https: HashMap<SocketAddr, SocketAddr>,
+    /// The network the device is on now, as the app names it.
+    network: String,
+    /// Networks where QUIC did not connect and WebSocket did, until when.
+    websocket_until: HashMap<String, Instant>,
+}
+
 #[derive(Clone)]
 pub struct Connector {
     config: quinn::ClientConfig,
     endpoints: Arc<parking_lot::Mutex<Endpoints>>,
     server_name: String,
     timeout: Duration,
+    /// TLS for the WebSocket fallback (HTTP/1.1 over TLS 1.2 or 1.3).
+    https: Arc<rustls::ClientConfig>,
+    policy: TransportPolicy,
+    quic_timeout: Duration,
+    remember_for: Duration,
+    routes: Arc<parking_lot::Mutex<Routes>>,
+    udp: Arc<UdpStats>,
 }
+
+/// How long QUIC has to connect before the WebSocket is tried: a handshake
+/// takes one round trip, and a lost first packet is resent after about a
+/// second.
+pub const DEFAULT_QUIC_TIMEOUT: Duration = Duration::from_millis(2_000);
+/// How long a network where only WebSocket worked is remembered as such.
+pub const DEFAULT_REMEMBER_FOR: Duration = Duration::from_secs(10 * 60);
 
 const MAX_REDIRECTS: usize = 3;
 
@@ -162,14 +206,32 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, ClientError> {
 /// A TLS client configuration for a node's HTTPS API and WSS dashboards
 /// (TLS 1.2 and 1.3, HTTP/1.1), trusting the certificates in `ca`.
 pub fn https_config(ca: &Path) -> Result<rustls::ClientConfig, ClientError> {
+    https_with_roots(roots(ca)?)
+}
+
+fn https_with_roots(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca)?)
+        .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Whether a failed QUIC attempt looks like a network that drops UDP (no
+/// answer at all), rather than a node that answered.
+fn udp_looks_blocked(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Timeout
+            | ClientError::Bind(_)
+            | ClientError::Connect(_)
+            | ClientError::Connection(
+                quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset
+            )
+    )
 }
 
 impl Connector {
@@ -177,10 +239,12 @@ impl Connector {
     /// expects nodes to present `server_name`.
     pub fn new(ca: &Path, server_name: &str) -> Result<Self, ClientError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = roots(ca)?;
+        let https = Arc::new(https_with_roots(roots.clone())?);
         let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Tls(e.to_string()))?
-            .with_root_certificates(roots(ca)?)
+            .with_root_certificates(roots)
             .with_no_client_auth();
         crypto.alpn_protocols = vec![hexfleet_protocol::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
@@ -192,7 +256,159 @@ impl Connector {
             endpoints: Arc::default(),
             server_name: server_name.to_string(),
             timeout: Duration::from_secs(10),
+            https,
+            policy: TransportPolicy::Auto,
+            quic_timeout: DEFAULT_QUIC_TIMEOUT,
+            remember_for: DEFAULT_REMEMBER_FOR,
+            routes: Arc::new(parking_lot::Mutex::new(Routes {
+                https: HashMap::new(),
+                network: String::new(),
+                websocket_until: HashMap::new(),
+            })),
+            udp: Arc::default(),
         })
+    }
+
+    /// Which transports new connections use.
+    pub fn with_transport(mut self, policy: TransportPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How long QUIC may take to connect before the WebSocket is tried,
+    /// and how long a network where only WebSocket worked is remembered.
+    pub fn with_fallback(mut self, quic_timeout: Duration, remember_for: Duration) -> Self {
+        self.quic_timeout = quic_timeout;
+        self.remember_for = remember_for;
+        self
+    }
+
+    /// Where the node at QUIC address `quic` serves HTTPS, when not on the
+    /// same address and port number (as a node on 443 serves both).
+    pub fn set_https_address(&self, quic: SocketAddr, https: SocketAddr) {
+        self.routes.lock().https.insert(quic, https);
+    }
+
+    /// Names the network the device is on now (a Wi-Fi SSID, a carrier):
+    /// what worked is remembered per network.
+    pub fn set_network(&self, network: &str) {
+        self.routes.lock().network = network.to_string();
+    }
+
+    /// Drops every datagram this connector's QUIC sockets send or receive,
+    /// as a network that blocks UDP does (for tests and demos of the
+    /// fallback); `false` lets them through again.
+    pub fn simulate_udp_blocked(&self, blocked: bool) {
+        self.udp.blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    /// UDP datagrams this connector's QUIC sockets sent and received, each
+    /// a wake-up of a phone's radio.
+    pub fn udp_datagrams(&self) -> (u64, u64) {
+        (
+            self.udp.sent.load(Ordering::Relaxed),
+            self.udp.received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether new connections on the current network go straight to
+    /// WebSocket, because QUIC did not connect on it lately.
+    pub fn remembers_websocket(&self) -> bool {
+        let routes = self.routes.lock();
+        routes
+            .websocket_until
+            .get(&routes.network)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn remember(&self, worked: Transport) {
+        let mut routes = self.routes.lock();
+        let network = routes.network.clone();
+        match worked {
+            Transport::Quic => {
+                routes.websocket_until.remove(&network);
+            }
+            Transport::WebSocket => {
+                let until = Instant::now() + self.remember_for;
+                routes.websocket_until.insert(network, until);
+            }
+        }
+    }
+
+    fn https_for(&self, quic: SocketAddr) -> SocketAddr {
+        self.routes.lock().https.get(&quic).copied().unwrap_or(quic)
+    }
+
+    /// Where a redirect says to go; its HTTPS address is noted for a
+    /// WebSocket fallback.
+    pub(crate) fn follow(&self, redirect: &Redirect) -> Option<SocketAddr> {
+        let to: SocketAddr = redirect.addr.parse().ok()?;
+        if let Ok(https) = redirect.https.parse() {
+            self.set_https_address(to, https);
+        }
+        Some(to)
+    }
+
+    /// A connection to `addr` with its control stream, over the transport
+    /// the policy and the network's memory choose.
+    async fn open(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
+        match self.policy {
+            TransportPolicy::QuicOnly => self.open_quic(addr).await,
+            TransportPolicy::WebSocketOnly => self.open_websocket(addr).await,
+            TransportPolicy::Auto if self.remembers_websocket() => {
+                match self.open_websocket(addr).await {
+                    Ok(opened) => Ok(opened),
+                    // The WebSocket failed too: perhaps the network changed.
+                    Err(_) => self.open_quic(addr).await,
+                }
+            }
+            TransportPolicy::Auto => {
+                let quic = tokio::time::timeout(self.quic_timeout, self.open_quic(addr)).await;
+                match quic {
+                    Ok(Ok(opened)) => {
+                        self.remember(Transport::Quic);
+                        Ok(opened)
+                    }
+                    Ok(Err(e)) if !udp_looks_blocked(&e) => Err(e),
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::debug!(%addr, "QUIC did not connect; trying WebSocket");
+                        let opened = self.open_websocket(addr).await?;
+                        self.remember(Transport::WebSocket);
+                        Ok(opened)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open_quic(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
+        let endpoint = self.endpoint_for(addr)?;
+        let conn = endpoint.connect(addr, &self.server_name)?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        let (tx, rx) = quic_control(send, recv);
+        Ok((Conn::Quic(conn), tx, rx))
+    }
+
+    async fn open_websocket(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
+        let https = self.https_for(addr);
+        WsConn::connect(self.https.clone(), &self.server_name, https, addr).await
+    }
+
+    fn quic_socket(&self, addr: SocketAddr) -> Result<Arc<dyn quinn::AsyncUdpSocket>, ClientError> {
+        let socket = client_socket(addr).map_err(ClientError::Bind)?;
+        let inner = quinn::TokioRuntime
+            .wrap_udp_socket(socket)
+            .map_err(ClientError::Bind)?;
+        Ok(Arc::new(CountedSocket::new(inner, self.udp.clone())))
     }
 
     /// A connector for new connections that ping every `keep_alive` and take
@@ -220,8 +436,8 @@ impl Connector {
         if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
-        let socket = client_socket(unspecified).map_err(ClientError::Bind)?;
-        let mut endpoint = quinn::Endpoint::new(
+        let socket = self.quic_socket(unspecified)?;
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             None,
             socket,
@@ -244,8 +460,10 @@ impl Connector {
             (&endpoints.v6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
         ] {
             if let Some(endpoint) = endpoint {
-                let socket = client_socket(unspecified).map_err(ClientError::Bind)?;
-                endpoint.rebind(socket).map_err(ClientError::Bind)?;
+                let socket = self.quic_socket(unspecified)?;
+                endpoint
+                    .rebind_abstract(socket)
+                    .map_err(ClientError::Bind)?;
                 bound.push(endpoint.local_addr().map_err(ClientError::Bind)?);
             }
         }
@@ -292,12 +510,7 @@ impl Connector {
         role: Role,
         token: &str,
     ) -> Result<Greeting, ClientError> {
-        let endpoint = self.endpoint_for(addr)?;
-        let conn = endpoint.connect(addr, &self.server_name)?.await?;
-        let (send, recv) = conn.open_bi().await?;
-        // Control frames are small: buffers start small and grow on demand.
-        let mut tx: ControlWrite = FramedWrite::with_capacity(send, FrameCodec::default(), 0);
-        let mut rx: ControlRead = FramedRead::with_capacity(recv, FrameCodec::default(), 256);
+        let (conn, mut tx, mut rx) = self.open(addr).await?;
         tx.send(ClientMsg::Hello(Hello {
             version: PROTOCOL_VERSION,
             role,
@@ -312,8 +525,8 @@ impl Connector {
                 welcome,
             }))),
             Some(Ok(ServerMsg::Redirect(r))) => {
-                conn.close(REDIRECT_CLOSE_CODE.into(), b"redirected");
-                r.addr.parse().map(Greeting::Redirect).map_err(|_| {
+                conn.close(CloseAs::Redirected, "redirected");
+                self.follow(&r).map(Greeting::Redirect).ok_or_else(|| {
                     ClientError::Protocol(format!("redirect to an invalid address {:?}", r.addr))
                 })
             }
@@ -325,12 +538,9 @@ impl Connector {
                 "expected Welcome, got {other:?}"
             ))),
             Some(Err(e)) => Err(e.into()),
-            None => Err(conn
-                .close_reason()
-                .map(|e| ClientError::from_close(&e))
-                .unwrap_or_else(|| {
-                    ClientError::Protocol("the node closed the control stream".into())
-                })),
+            None => Err(conn.close_error().unwrap_or_else(|| {
+                ClientError::Protocol("the node closed the control stream".into())
+            })),
         }
     }
 }

@@ -16,14 +16,16 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hexfleet_protocol::{
     encode_datagram, ClientMsg, DriverReport, ErrorCode, Fix, RejectReason, Role, ServerMsg,
-    GOODBYE_CLOSE_CODE,
 };
 use parking_lot::Mutex;
 
-use crate::connector::{ClientError, Connector, ControlRead, ControlWrite, Established, Greeting};
+use crate::{
+    connector::{ClientError, Connector, ControlRead, ControlWrite, Established, Greeting},
+    transport::{CloseAs, Conn, Transport},
+};
 
 /// A fix as the app knows it; the SDK adds the sequence and, unless given,
 /// the time.
@@ -86,7 +88,7 @@ pub struct DriverOptions {
 const RECONNECT_ATTEMPTS: u32 = 10;
 
 pub struct DriverClient {
-    conn: quinn::Connection,
+    conn: Conn,
     tx: ControlWrite,
     datagrams: bool,
     next_seq: u64,
@@ -132,7 +134,7 @@ impl Connector {
     ) -> Result<DriverClient, ClientError> {
         let (node, established) = self.welcomed(addr, token).await?;
         let shared = Arc::new(Shared::default());
-        let link = attach(established, &shared);
+        let link = attach(established, &shared, self);
         let mut driver = DriverClient {
             datagrams: link.datagrams,
             conn: link.conn,
@@ -160,7 +162,7 @@ impl Connector {
     ) -> Result<(SocketAddr, Established), ClientError> {
         match self.hello(addr, Role::Driver, token).await? {
             Greeting::Welcome(established) => {
-                let node = established.conn.remote_address();
+                let node = established.conn.node();
                 Ok((node, *established))
             }
             Greeting::Redirect(_) => Err(ClientError::TooManyRedirects),
@@ -171,7 +173,7 @@ impl Connector {
 /// A welcomed connection put to work: its control stream read into
 /// `shared`.
 struct Link {
-    conn: quinn::Connection,
+    conn: Conn,
     tx: ControlWrite,
     reader: tokio::task::JoinHandle<()>,
     datagrams: bool,
@@ -179,7 +181,7 @@ struct Link {
     resume_seq: u64,
 }
 
-fn attach(established: Established, shared: &Arc<Shared>) -> Link {
+fn attach(established: Established, shared: &Arc<Shared>, connector: &Connector) -> Link {
     let Established {
         conn,
         tx,
@@ -190,8 +192,8 @@ fn attach(established: Established, shared: &Arc<Shared>) -> Link {
         .acked_seq
         .fetch_max(welcome.resume_seq, Ordering::Relaxed);
     Link {
-        datagrams: welcome.limits.datagrams && conn.max_datagram_size().is_some(),
-        reader: tokio::spawn(read_control(rx, shared.clone())),
+        datagrams: welcome.limits.datagrams && conn.datagrams(),
+        reader: tokio::spawn(read_control(rx, shared.clone(), connector.clone())),
         conn,
         tx,
         resume_seq: welcome.resume_seq,
@@ -217,7 +219,7 @@ fn worth_retrying(e: &ClientError) -> bool {
     )
 }
 
-async fn read_control(mut rx: ControlRead, shared: Arc<Shared>) {
+async fn read_control(mut rx: ControlRead, shared: Arc<Shared>, connector: Connector) {
     while let Some(msg) = rx.next().await {
         match msg {
             Ok(ServerMsg::Ack(ack)) => {
@@ -234,7 +236,7 @@ async fn read_control(mut rx: ControlRead, shared: Arc<Shared>) {
                 return;
             }
             Ok(ServerMsg::Redirect(r)) => {
-                *shared.redirect.lock() = r.addr.parse().ok();
+                *shared.redirect.lock() = connector.follow(&r);
                 return;
             }
             Ok(_) => {}
@@ -265,13 +267,13 @@ impl DriverClient {
     /// Sends a fix exactly as given, sequence included. For tests and the
     /// simulator's deliberately bad fixes; apps use [`send_fix`](Self::send_fix).
     pub async fn send_raw(&mut self, fix: Fix) -> Result<(), ClientError> {
-        if self.options.reconnect && self.conn.close_reason().is_some() {
+        if self.options.reconnect && self.conn.is_closed() {
             self.reconnect().await?;
         }
         match self.send_once(fix).await {
             // The node closed the connection (a redirect) just before: the
             // fix goes on the next connection.
-            Err(_) if self.options.reconnect && self.conn.close_reason().is_some() => {
+            Err(_) if self.options.reconnect && self.conn.is_closed() => {
                 self.reconnect().await?;
                 self.send_once(fix).await
             }
@@ -337,7 +339,7 @@ impl DriverClient {
     ) -> Result<(), ClientError> {
         self.reader.abort();
         *self.shared.closed.lock() = None;
-        let link = attach(established, &self.shared);
+        let link = attach(established, &self.shared, &self.connector);
         self.reader = link.reader;
         self.datagrams = link.datagrams;
         self.conn = link.conn;
@@ -354,6 +356,11 @@ impl DriverClient {
         self.node
     }
 
+    /// How this driver reaches its node now.
+    pub fn transport(&self) -> Transport {
+        self.conn.transport()
+    }
+
     /// How many times the client connected again (redirects included).
     pub fn reconnects(&self) -> u64 {
         self.reconnects
@@ -361,7 +368,7 @@ impl DriverClient {
 
     /// Sends raw bytes as a datagram. For testing the node's defences.
     pub fn send_datagram_bytes(&self, bytes: bytes::Bytes) -> Result<(), ClientError> {
-        Ok(self.conn.send_datagram(bytes)?)
+        self.conn.send_datagram(bytes)
     }
 
     /// Forces fixes onto the control stream (as when datagrams are
@@ -378,7 +385,7 @@ impl DriverClient {
     /// Reports the vehicle's class and status.
     pub async fn report(&mut self, report: DriverReport) -> Result<(), ClientError> {
         self.report = report;
-        if self.options.reconnect && self.conn.close_reason().is_some() {
+        if self.options.reconnect && self.conn.is_closed() {
             // The new connection reports it.
             return self.reconnect().await;
         }
@@ -411,36 +418,38 @@ impl DriverClient {
         self.shared.stats.lock().clone()
     }
 
+    /// Where the node said this driver belongs now, if it redirected it.
+    pub fn redirected_to(&self) -> Option<SocketAddr> {
+        *self.shared.redirect.lock()
+    }
+
     /// Why the node closed this connection, if it did.
     pub fn closed_error(&self) -> Option<ClientError> {
         if let Some((code, reason)) = self.shared.closed.lock().clone() {
             return Some(ClientError::Refused { code, reason });
         }
-        self.conn
-            .close_reason()
-            .map(|e| ClientError::from_close(&e))
+        self.conn.close_error()
     }
 
     /// Waits until the node closes the connection, and says why.
     pub async fn closed(&self) -> ClientError {
         let e = self.conn.closed().await;
-        self.closed_error()
-            .unwrap_or_else(|| ClientError::from_close(&e))
+        self.closed_error().unwrap_or(e)
     }
 
     /// Signs off: the node removes the vehicle at once.
     pub async fn goodbye(mut self) -> Result<(), ClientError> {
         self.send(ClientMsg::Goodbye).await?;
-        let _ = self.tx.get_mut().finish();
+        self.tx.finish();
         // The node closes the connection once it has taken the Goodbye.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.conn.closed()).await;
-        self.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
+        self.conn.close(CloseAs::Goodbye, "goodbye");
         Ok(())
     }
 
     /// Drops the connection without a goodbye (as a phone losing signal).
     pub fn abandon(self) {
-        self.conn.close(GOODBYE_CLOSE_CODE.into(), b"");
+        self.conn.close(CloseAs::Goodbye, "");
     }
 }
 

@@ -18,7 +18,12 @@
 mod connector;
 mod driver;
 mod rider;
+mod transport;
 
-pub use connector::{https_config, ClientError, Connector};
+pub use connector::{
+    https_config, ClientError, Connector, TransportPolicy, DEFAULT_QUIC_TIMEOUT,
+    DEFAULT_REMEMBER_FOR,
+};
 pub use driver::{DriverClient, DriverOptions, DriverStats, FixInput};
 pub use rider::{Applied, Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};
+pub use transport::Transport;

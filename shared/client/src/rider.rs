@@ -10,29 +10,26 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
-    pin::Pin,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
         Arc,
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hexfleet_model::{VehicleId, VehicleState};
 use hexfleet_protocol::{
-    ClientMsg, ErrorCode, Filter, FrameCodec, Moved, RemoveReason, RiderUpdate, Role, ServerMsg,
-    Subscribe, SubscribeError, GOODBYE_CLOSE_CODE,
+    ClientMsg, ErrorCode, Filter, Moved, RemoveReason, RiderUpdate, Role, ServerMsg, Subscribe,
+    SubscribeError,
 };
 use parking_lot::Mutex;
-use tokio::{
-    io::{AsyncRead, ReadBuf},
-    sync::{mpsc, watch},
-};
-use tokio_util::codec::FramedRead;
+use tokio::sync::{mpsc, watch};
 
-use crate::connector::{ClientError, Connector, ControlRead, ControlWrite, Established, Greeting};
+use crate::{
+    connector::{ClientError, Connector, ControlRead, ControlWrite, Established, Greeting},
+    transport::{accept_push, CloseAs, Conn, PushRead, Transport},
+};
 
 /// Where a rider looks.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,9 +67,12 @@ pub enum Applied {
     Added,
     /// A new position of a vehicle already in view.
     Moved,
+    /// Left the view (its last state is given).
+    Removed(RemoveReason),
 }
 
-/// Called with each vehicle the view adds or moves, after applying it.
+/// Called with each vehicle the view adds, moves or removes, after applying
+/// it. It runs on the client's task: it must not block.
 pub type Observer = Arc<dyn Fn(&VehicleState, Applied) + Send + Sync>;
 
 #[derive(Clone, Default)]
@@ -127,6 +127,12 @@ struct Shared {
     refused: Mutex<Vec<SubscribeError>>,
     closed: Mutex<Option<(ErrorCode, String)>>,
     observer: Option<Observer>,
+    /// How the link in use reaches the node; `None` while reconnecting.
+    transport: watch::Sender<Option<Transport>>,
+    /// Set when the background task stops.
+    finished: watch::Sender<bool>,
+    /// How many subscriptions the node refused so far.
+    refusals: watch::Sender<usize>,
 }
 
 enum Command {
@@ -143,31 +149,9 @@ pub struct RiderClient {
     task: tokio::task::JoinHandle<()>,
 }
 
-type PushRead = FramedRead<Counting<quinn::RecvStream>, FrameCodec<RiderUpdate, ()>>;
-
-/// Counts the bytes read from a stream.
-struct Counting<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        self.count.fetch_add(read as u64, Ordering::Relaxed);
-        polled
-    }
-}
-
 /// A live connection: control stream both ways, pushes in.
 struct Link {
-    conn: quinn::Connection,
+    conn: Conn,
     tx: ControlWrite,
     rx: ControlRead,
     push: PushRead,
@@ -183,14 +167,7 @@ async fn link(
         return Err(ClientError::TooManyRedirects);
     };
     let Established { conn, tx, rx, .. } = *established;
-    let push = conn.accept_uni().await?;
-    let push = FramedRead::new(
-        Counting {
-            inner: push,
-            count: bytes.clone(),
-        },
-        FrameCodec::default(),
-    );
+    let push = accept_push(&conn, bytes).await?;
     Ok(Link { conn, tx, rx, push })
 }
 
@@ -214,11 +191,14 @@ impl Connector {
             refused: Mutex::new(Vec::new()),
             closed: Mutex::new(None),
             observer: options.observer.clone(),
+            transport: watch::Sender::new(Some(first.conn.transport())),
+            finished: watch::Sender::new(false),
+            refusals: watch::Sender::new(0),
         });
         let (commands, inbox) = mpsc::unbounded_channel();
         let mut targets = vec![addr];
         targets.extend(options.seeds.iter().filter(|s| **s != addr));
-        let task = tokio::spawn(keep(
+        let kept = keep(
             self.clone(),
             targets,
             token.to_string(),
@@ -226,7 +206,13 @@ impl Connector {
             first,
             shared.clone(),
             inbox,
-        ));
+        );
+        let done = shared.clone();
+        let task = tokio::spawn(async move {
+            kept.await;
+            done.transport.send_replace(None);
+            done.finished.send_replace(true);
+        });
         Ok(RiderClient {
             shared,
             commands,
@@ -261,7 +247,9 @@ async fn keep(
                 // Fall through: serving the broken link ends at once.
             }
         }
-        let mut redirected = match serve(&mut link_now, &shared, &mut inbox, &mut latest).await {
+        let served = serve(&connector, &mut link_now, &shared, &mut inbox, &mut latest).await;
+        shared.transport.send_replace(None);
+        let mut redirected = match served {
             Ended::ByUs => return,
             Ended::Redirected(to) => Some(to),
             Ended::Dropped if reconnect => None,
@@ -292,6 +280,9 @@ async fn keep(
             }
         };
         shared.stats.lock().reconnects += 1;
+        shared
+            .transport
+            .send_replace(Some(link_now.conn.transport()));
     }
 }
 
@@ -302,6 +293,7 @@ enum Ended {
 }
 
 async fn serve(
+    connector: &Connector,
     link: &mut Link,
     shared: &Shared,
     inbox: &mut mpsc::UnboundedReceiver<Command>,
@@ -317,20 +309,20 @@ async fn serve(
                     }
                 }
                 Some(Command::Drop) => {
-                    link.conn.close(GOODBYE_CLOSE_CODE.into(), b"");
+                    link.conn.close(CloseAs::Goodbye, "");
                     return Ended::Dropped;
                 }
                 Some(Command::Close) | None => {
                     let _ = link.tx.send(ClientMsg::Goodbye).await;
                     let _ = tokio::time::timeout(Duration::from_secs(1), link.conn.closed()).await;
-                    link.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
+                    link.conn.close(CloseAs::Goodbye, "goodbye");
                     return Ended::ByUs;
                 }
             },
             update = link.push.next() => match update {
                 Some(Ok(update)) => {
                     if apply(shared, update).is_err() {
-                        link.conn.close(ErrorCode::ProtocolViolation.close_code().into(), b"undecodable moved records");
+                        link.conn.close(CloseAs::Refused(ErrorCode::ProtocolViolation), "undecodable moved records");
                         return Ended::Dropped;
                     }
                 }
@@ -346,13 +338,20 @@ async fn serve(
                 }
             },
             control = link.rx.next() => match control {
-                Some(Ok(ServerMsg::SubscribeError(e))) => shared.refused.lock().push(e),
+                Some(Ok(ServerMsg::SubscribeError(e))) => {
+                    let count = {
+                        let mut refused = shared.refused.lock();
+                        refused.push(e);
+                        refused.len()
+                    };
+                    shared.refusals.send_replace(count);
+                }
                 Some(Ok(ServerMsg::Error(e))) => *shared.closed.lock() = Some((e.code, e.reason)),
                 Some(Ok(ServerMsg::Redirect(r))) => {
                     // Served better by the node that owns where it looks.
-                    return match r.addr.parse() {
-                        Ok(to) => Ended::Redirected(to),
-                        Err(_) => Ended::Dropped,
+                    return match connector.follow(&r) {
+                        Some(to) => Ended::Redirected(to),
+                        None => Ended::Dropped,
                     };
                 }
                 Some(Ok(_)) => {}
@@ -368,11 +367,7 @@ async fn serve(
 /// Keeps why the node closed the link, when it says (the push stream or
 /// the control stream may be the first to notice the close).
 fn note_close(link: &Link, shared: &Shared) {
-    if let Some(ClientError::Refused { code, reason }) = link
-        .conn
-        .close_reason()
-        .map(|c| ClientError::from_close(&c))
-    {
+    if let Some(ClientError::Refused { code, reason }) = link.conn.close_error() {
         let mut closed = shared.closed.lock();
         if closed.is_none() {
             *closed = Some((code, reason));
@@ -389,12 +384,23 @@ fn apply(shared: &Shared, update: RiderUpdate) -> Result<(), Undecodable> {
         let mut view = shared.view.lock();
         let ViewState { vehicles, aliases } = &mut *view;
         if update.snapshot {
+            // What the app shows goes with the old view: the snapshot adds
+            // what the node shows now.
+            if let Some(observer) = &shared.observer {
+                for state in vehicles.values() {
+                    observer(state, Applied::Removed(RemoveReason::LeftView));
+                }
+            }
             vehicles.clear();
             aliases.clear();
         }
         for r in &update.removed {
             if let Some(id) = aliases.remove(&r.alias) {
-                vehicles.remove(&id);
+                if let Some(state) = vehicles.remove(&id) {
+                    if let Some(observer) = &shared.observer {
+                        observer(&state, Applied::Removed(r.reason));
+                    }
+                }
                 events.push(Event::Removed(id, r.reason));
             }
         }
@@ -496,6 +502,11 @@ impl RiderClient {
         self.shared.events.lock().drain(..).collect()
     }
 
+    /// Follows how many subscriptions the node refused so far.
+    pub fn watch_refusals(&self) -> watch::Receiver<usize> {
+        self.shared.refusals.subscribe()
+    }
+
     /// Subscriptions the node refused, with its reasons.
     pub fn refused(&self) -> Vec<SubscribeError> {
         self.shared.refused.lock().clone()
@@ -504,6 +515,23 @@ impl RiderClient {
     /// Why the node closed the connection, if it did.
     pub fn closed_by_node(&self) -> Option<(ErrorCode, String)> {
         self.shared.closed.lock().clone()
+    }
+
+    /// How the rider reaches its node now; `None` while it reconnects.
+    pub fn transport(&self) -> Option<Transport> {
+        *self.shared.transport.borrow()
+    }
+
+    /// Follows [`transport`](Self::transport) as it changes.
+    pub fn watch_transport(&self) -> watch::Receiver<Option<Transport>> {
+        self.shared.transport.subscribe()
+    }
+
+    /// Waits until the background task stops (closed, or dropped without
+    /// reconnecting).
+    pub async fn finished(&self) {
+        let mut finished = self.shared.finished.subscribe();
+        let _ = finished.wait_for(|f| *f).await;
     }
 
     /// Whether the background task has stopped (closed, or dropped without

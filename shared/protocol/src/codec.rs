@@ -27,6 +27,8 @@ pub enum FrameError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("message does not encode: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    #[error("unknown channel {0}")]
+    UnknownChannel(u8),
     #[error("i/o: {0}")]
     Io(io::Error),
 }
@@ -85,14 +87,14 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     }
 }
 
-fn encode_body<T: Serialize>(item: &T) -> Result<Bytes, FrameError> {
+pub(crate) fn encode_body<T: Serialize>(item: &T) -> Result<Bytes, FrameError> {
     let mut body = BytesMut::with_capacity(64).writer();
     body.get_mut().put_u8(WIRE_VERSION);
     rmp_serde::encode::write(&mut body, item)?;
     Ok(body.into_inner().freeze())
 }
 
-fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     match body.split_first() {
         None => Err(FrameError::Empty),
         Some((&WIRE_VERSION, rest)) => Ok(rmp_serde::from_slice(rest)?),

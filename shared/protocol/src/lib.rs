@@ -9,6 +9,8 @@
 //!   expire, and the verifier that checks them by key id.
 //! - [`bus`]: what nodes tell each other through Redis.
 //! - [`zone`]: entries into and exits from operators' zones.
+//! - [`ws`]: drivers' and riders' sessions over WebSocket, where UDP is
+//!   blocked.
 
 pub mod bus;
 pub mod codec;
@@ -17,6 +19,7 @@ pub mod dev;
 pub mod messages;
 pub mod rider;
 pub mod token;
+pub mod ws;
 pub mod zone;
 
 pub use codec::{

@@ -103,6 +103,10 @@ pub struct Redirect {
     /// The QUIC address of the owner.
     pub addr: String,
     pub shard: String,
+    /// The owner's HTTPS address, where a client whose UDP is blocked
+    /// connects over WebSocket ([`crate::ws`]). Empty when unknown.
+    #[serde(default)]
+    pub https: String,
 }
 
 /// Why a connection is closed. Sent in an `Error` frame, and used as the QUIC

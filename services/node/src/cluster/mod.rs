@@ -31,7 +31,7 @@ use std::{
 
 use futures_util::future::join_all;
 use hexfleet_model::ShardId;
-use hexfleet_protocol::bus::NodeInfo;
+use hexfleet_protocol::{bus::NodeInfo, Redirect};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -207,12 +207,16 @@ impl Cluster {
     }
 
     /// Where a client of `shard` should go, if not here.
-    pub fn redirect_for(&self, shard: ShardId) -> Option<String> {
+    pub fn redirect_for(&self, shard: ShardId) -> Option<Redirect> {
         if self.owns(shard) {
             return None;
         }
         let owner = self.owner(shard)?;
-        (owner.id != self.id).then_some(owner.quic)
+        (owner.id != self.id).then(|| Redirect {
+            addr: owner.quic,
+            https: owner.http,
+            shard: shard.to_string(),
+        })
     }
 
     /// Changes whenever ownership may have: the live set, a lease held,

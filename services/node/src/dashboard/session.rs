@@ -154,7 +154,7 @@ pub(super) async fn serve(
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.control_frame(),
                 // tungstenite refuses a message over the limit before reading
                 // it, with a capacity error ("Space limit exceeded").
-                Some(Err(e)) if e.to_string().contains("Space limit exceeded") => Err(End::TooBig(e.to_string())),
+                Some(Err(e)) if crate::session::too_big(&e) => Err(End::TooBig(e.to_string())),
                 Some(Ok(Message::Close(_)) | Err(_)) | None => Err(End::Gone),
             },
             _ = ready(mailbox.as_deref()) => match mailbox.and_then(|m| m.take()) {

@@ -26,14 +26,15 @@ use futures_util::{stream, StreamExt};
 use hexfleet_model::{Position, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{
     decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits, Redirect,
-    RejectReason, Rejection, RemoveReason, Role, ServerMsg, Welcome, GOODBYE_CLOSE_CODE,
-    MAX_FRAME_LEN, MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
+    RejectReason, Rejection, RemoveReason, Role, ServerMsg, Welcome, MAX_FRAME_LEN,
+    MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    common_sources, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome, Refusal,
-    Source, Stop, ERROR_FRAME_GRACE,
+    common_sources, send,
+    transport::{CloseAs, ControlRead, ControlWrite, Peer},
+    Context, Expiry, Goodbye, Outcome, Refusal, Source, Stop, ERROR_FRAME_GRACE,
 };
 use crate::{
     budget::{RequestBudget, Verdict},
@@ -50,7 +51,8 @@ const REJECTIONS_WITHIN: std::time::Duration = std::time::Duration::from_secs(1)
 
 /// What wakes a driver session.
 enum Event {
-    Datagram(Result<bytes::Bytes, quinn::ConnectionError>),
+    /// A datagram; `None` once the connection is gone.
+    Datagram(Option<bytes::Bytes>),
     Control(Result<ClientMsg, Stop>),
     /// The cluster's ownership may have changed.
     OwnershipChanged,
@@ -71,7 +73,7 @@ enum Route {
 }
 
 pub(super) async fn serve(
-    conn: &quinn::Connection,
+    conn: &Peer,
     tx: &mut ControlWrite,
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
@@ -127,7 +129,7 @@ pub(super) async fn serve(
 }
 
 struct DriverSession<'a> {
-    conn: &'a quinn::Connection,
+    conn: &'a Peer,
     ctx: &'a Context,
     id: VehicleId,
     generation: u64,
@@ -158,7 +160,7 @@ struct DriverSession<'a> {
 
 impl<'a> DriverSession<'a> {
     fn start(
-        conn: &'a quinn::Connection,
+        conn: &'a Peer,
         ctx: &'a Context,
         id: VehicleId,
         inherited: Option<VehicleState>,
@@ -181,7 +183,7 @@ impl<'a> DriverSession<'a> {
                 status: s.status,
             },
         );
-        let generation = conn.stable_id() as u64;
+        let generation = conn.generation();
         let superseded = CancellationToken::new();
         if let Some((_, older)) = ctx
             .drivers
@@ -219,7 +221,7 @@ impl<'a> DriverSession<'a> {
         rx: &mut ControlRead,
         expiry: Expiry,
     ) -> Outcome {
-        let datagrams = self.conn.max_datagram_size().is_some();
+        let datagrams = self.conn.datagrams();
         let welcome = ServerMsg::Welcome(Welcome {
             node: self.ctx.node_id.clone(),
             version: PROTOCOL_VERSION,
@@ -246,9 +248,9 @@ impl<'a> DriverSession<'a> {
                 }
             };
             match event {
-                Some(Event::Datagram(Ok(bytes))) => self.on_datagram(&bytes).await?,
+                Some(Event::Datagram(Some(bytes))) => self.on_datagram(&bytes).await?,
                 // The connection is gone (closed by the peer, timed out).
-                Some(Event::Datagram(Err(_))) | None => return Err(Stop::Lost),
+                Some(Event::Datagram(None)) | None => return Err(Stop::Lost),
                 Some(Event::Control(msg)) => match msg? {
                     ClientMsg::Fix(fix) => self.on_fix(&fix).await?,
                     ClientMsg::Driver(report) => {
@@ -260,12 +262,12 @@ impl<'a> DriverSession<'a> {
                         // The last word on what was accepted, received
                         // before the close (which discards unsent data).
                         let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
-                            if self.send_ack(tx).await.is_ok() && tx.get_mut().finish().is_ok() {
-                                let _ = tx.get_mut().stopped().await;
+                            if self.send_ack(tx).await.is_ok() {
+                                tx.finish().await;
                             }
                         })
                         .await;
-                        self.conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
+                        self.conn.close(CloseAs::Goodbye, "goodbye").await;
                         return Ok(Goodbye);
                     }
                     ClientMsg::Hello(_) => {
@@ -328,7 +330,7 @@ impl<'a> DriverSession<'a> {
     where
         'a: 's,
     {
-        let conn: &'s quinn::Connection = self.conn;
+        let conn: &'s Peer = self.conn;
         let superseded = self.superseded.clone().cancelled_owned();
         let mut sources = common_sources(
             rx,
@@ -426,10 +428,7 @@ impl<'a> DriverSession<'a> {
             }
         }
         match cluster.redirect_for(placed.shard) {
-            Some(addr) => Route::Away(Redirect {
-                addr,
-                shard: placed.shard.to_string(),
-            }),
+            Some(redirect) => Route::Away(redirect),
             None => Route::Unavailable,
         }
     }
@@ -454,10 +453,7 @@ impl<'a> DriverSession<'a> {
         }
         let shard = self.ctx.ingest.locate(entry.state.position()).shard;
         let away = match cluster.redirect_for(shard) {
-            Some(addr) => Route::Away(Redirect {
-                addr,
-                shard: shard.to_string(),
-            }),
+            Some(redirect) => Route::Away(redirect),
             None => Route::Unavailable,
         };
         // The shard itself moves: the vehicle stays in it for the new owner.

@@ -1,4 +1,5 @@
-//! One QUIC connection, from handshake to close.
+//! One client connection, from handshake to close: QUIC, or a WebSocket for
+//! clients whose UDP is blocked ([`transport`]).
 //!
 //! The client opens one bidirectional control stream and says `Hello` with
 //! its role and token; the session then becomes a [`driver`] session (fixes
@@ -11,33 +12,24 @@
 
 mod driver;
 mod rider;
+mod transport;
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use dashmap::DashMap;
-use futures_util::{stream, SinkExt, Stream, StreamExt};
+use futures_util::{stream, Stream, StreamExt};
 use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
-    ClientMsg, ErrorCode, ErrorFrame, FrameCodec, FrameError, Redirect, Role, ServerMsg,
-    PROTOCOL_VERSION, REDIRECT_CLOSE_CODE,
+    ClientMsg, ErrorCode, ErrorFrame, FrameError, Redirect, Role, ServerMsg, PROTOCOL_VERSION,
 };
-use tokio_util::{
-    codec::{FramedRead, FramedWrite},
-    sync::CancellationToken,
-};
+use tokio_util::sync::CancellationToken;
+pub(crate) use transport::too_big;
+use transport::{CloseAs, ControlRead, ControlWrite, Peer};
 
 use crate::{
     auth::Auth, budget::RequestLimits, clock, cluster::Cluster, config::Config, fanout::FanOut,
     ingest::Ingest, store::Store, validate::Limits,
 };
-
-/// Control frames are small and most connections idle: their buffers start
-/// small and grow only when a frame needs it (tokio-util's default is 8 KiB
-/// each, half of what an idle connection may cost in all).
-const CONTROL_READ_BUFFER: usize = 256;
-
-type ControlRead = FramedRead<quinn::RecvStream, FrameCodec<ClientMsg, ServerMsg>>;
-type ControlWrite = FramedWrite<quinn::SendStream, FrameCodec<ClientMsg, ServerMsg>>;
 
 /// What every session of a node shares.
 pub struct Context {
@@ -223,31 +215,53 @@ pub async fn serve(
     metrics.connections_accepted.inc();
     let _open = OpenConnection(&metrics.connections);
 
-    let (mut tx, mut rx) = match tokio::time::timeout(ctx.handshake_timeout, conn.accept_bi()).await
-    {
-        Ok(Ok((send, recv))) => (
-            FramedWrite::with_capacity(send, FrameCodec::default(), 0),
-            FramedRead::with_capacity(recv, FrameCodec::default(), CONTROL_READ_BUFFER),
-        ),
-        Ok(Err(_)) => {
-            ended(Err(Stop::Lost), &conn, None, &ctx).await;
+    let peer = Peer::Quic(conn);
+    let (tx, rx) = match tokio::time::timeout(ctx.handshake_timeout, accept_control(&peer)).await {
+        Ok(Some((send, recv))) => (ControlWrite::quic(send), ControlRead::quic(recv)),
+        Ok(None) => {
+            ended(Err(Stop::Lost), &peer, None, &ctx).await;
             return;
         }
         Err(_) => {
             let refusal = Refusal::new(ErrorCode::ProtocolViolation, "no control stream");
-            ended(Err(refusal.into()), &conn, None, &ctx).await;
+            ended(Err(refusal.into()), &peer, None, &ctx).await;
             return;
         }
     };
-    let who = match tokio::time::timeout(ctx.handshake_timeout, handshake(&mut rx, &ctx)).await {
+    run(peer, tx, rx, &ctx).await;
+}
+
+async fn accept_control(peer: &Peer) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+    match peer {
+        Peer::Quic(conn) => conn.accept_bi().await.ok(),
+        Peer::Ws(_) => None,
+    }
+}
+
+/// Serves a driver or rider that connected over WebSocket (`GET /v1/connect`
+/// on the HTTPS port) because its network drops UDP: from `Hello` on, the
+/// same session as over QUIC.
+pub async fn serve_websocket(socket: axum::extract::ws::WebSocket, ctx: Arc<Context>) {
+    let metrics = ctx.ingest.metrics.clone();
+    metrics.connections.inc();
+    metrics.connections_accepted.inc();
+    metrics.websocket_sessions.inc();
+    let _open = OpenConnection(&metrics.connections);
+    let (peer, tx, rx) = Peer::websocket(socket);
+    run(peer, tx, rx, &ctx).await;
+}
+
+/// From `Hello` to the session's end, over either transport.
+async fn run(peer: Peer, mut tx: ControlWrite, mut rx: ControlRead, ctx: &Arc<Context>) {
+    let who = match tokio::time::timeout(ctx.handshake_timeout, handshake(&mut rx, ctx)).await {
         Ok(Ok(who)) => who,
         Ok(Err(stop)) => {
-            ended(Err(stop), &conn, Some(&mut tx), &ctx).await;
+            ended(Err(stop), &peer, Some(&mut tx), ctx).await;
             return;
         }
         Err(_) => {
             let refusal = Refusal::new(ErrorCode::ProtocolViolation, "no Hello in time");
-            ended(Err(refusal.into()), &conn, Some(&mut tx), &ctx).await;
+            ended(Err(refusal.into()), &peer, Some(&mut tx), ctx).await;
             return;
         }
     };
@@ -255,19 +269,19 @@ pub async fn serve(
     tracing::Span::current()
         .record("role", role.as_str())
         .record("id", tracing::field::display(&subject));
-    let open = metrics.sessions(role);
+    let open = ctx.ingest.metrics.sessions(role);
     open.inc();
     let expiry = Expiry::at(expires_at);
     let outcome = match role {
-        Role::Driver => driver::serve(&conn, &mut tx, &mut rx, &ctx, subject, expiry).await,
-        Role::Rider => rider::serve(&conn, &mut tx, &mut rx, &ctx, expiry).await,
+        Role::Driver => driver::serve(&peer, &mut tx, &mut rx, ctx, subject, expiry).await,
+        Role::Rider => rider::serve(&peer, &mut tx, &mut rx, ctx, expiry).await,
         Role::Dashboard => Err(Refusal::new(
             ErrorCode::BadRequest,
-            "dashboards connect over WebSocket, not QUIC",
+            "dashboards connect to /v1/ws, not as drivers or riders",
         )
         .into()),
     };
-    ended(outcome, &conn, Some(&mut tx), &ctx).await;
+    ended(outcome, &peer, Some(&mut tx), ctx).await;
     open.dec();
 }
 
@@ -298,12 +312,7 @@ impl Expiry {
 
 /// Accounts for how a session ended and, when the node ends it, tells the
 /// client why.
-async fn ended(
-    outcome: Outcome,
-    conn: &quinn::Connection,
-    tx: Option<&mut ControlWrite>,
-    ctx: &Context,
-) {
+async fn ended(outcome: Outcome, peer: &Peer, tx: Option<&mut ControlWrite>, ctx: &Context) {
     let metrics = &ctx.ingest.metrics;
     match outcome {
         Ok(Goodbye) => {
@@ -311,13 +320,13 @@ async fn ended(
         }
         Err(Stop::Lost) => {
             metrics.sessions_lost.inc();
-            let why = conn.close_reason().map(|e| e.to_string());
+            let why = peer.close_reason();
             tracing::debug!(
                 reason = why.as_deref().unwrap_or("stream closed"),
                 "connection lost"
             );
         }
-        Err(Stop::Refused(refusal)) => close(conn, tx, refusal, ctx).await,
+        Err(Stop::Refused(refusal)) => close(peer, tx, refusal, ctx).await,
         Err(Stop::Redirected(redirect)) => {
             metrics.sessions_redirected.inc();
             tracing::debug!(to = %redirect.addr, shard = %redirect.shard, "redirecting a client");
@@ -325,13 +334,12 @@ async fn ended(
             if let Some(tx) = tx {
                 let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
                     if tx.send(ServerMsg::Redirect(redirect)).await.is_ok() {
-                        let _ = tx.get_mut().finish();
-                        let _ = tx.get_mut().stopped().await;
+                        tx.finish().await;
                     }
                 })
                 .await;
             }
-            conn.close(REDIRECT_CLOSE_CODE.into(), reason.as_bytes());
+            peer.close(CloseAs::Redirected, &reason).await;
         }
     };
 }
@@ -365,12 +373,7 @@ async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, Vehicle
 const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);
 
 /// Tells the client why, counts it, and closes the connection.
-async fn close(
-    conn: &quinn::Connection,
-    tx: Option<&mut ControlWrite>,
-    refusal: Refusal,
-    ctx: &Context,
-) {
+async fn close(peer: &Peer, tx: Option<&mut ControlWrite>, refusal: Refusal, ctx: &Context) {
     ctx.ingest.metrics.refused(refusal.code).inc();
     let (code, reason) = (refusal.code.as_str(), &refusal.reason);
     if refusal.code == ErrorCode::Internal {
@@ -387,16 +390,14 @@ async fn close(
         // the peer reading it, or going away, ends the wait early.
         let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
             if tx.send(frame).await.is_ok() {
-                let _ = tx.get_mut().finish();
-                let _ = tx.get_mut().stopped().await;
+                tx.finish().await;
             }
         })
         .await;
     }
-    // The reason travels in the CONNECTION_CLOSE too, in case the frame does not.
-    let mut reason = refusal.reason.into_bytes();
-    reason.truncate(512);
-    conn.close(refusal.code.close_code().into(), &reason);
+    // The reason travels in the close too, in case the frame does not.
+    peer.close(CloseAs::Refused(refusal.code), &refusal.reason)
+        .await;
 }
 
 /// Sends one message on the control stream. A client that does not read it
@@ -418,4 +419,38 @@ async fn send(tx: &mut ControlWrite, msg: ServerMsg, ctx: &Context) -> Result<()
         )
         .into()),
     }
+}
+
+/// A WebSocket's read buffer: frames are at most `MAX_FRAME_LEN`, and most
+/// are small (tungstenite's default is 128 KiB per connection).
+const WEBSOCKET_READ_BUFFER: usize = 4 * 1024;
+
+/// `GET /v1/connect`: drivers and riders over WebSocket ([`hexfleet_protocol::ws`]).
+/// The token comes in `Hello`, as over QUIC.
+pub fn router(ctx: Arc<Context>) -> axum::Router {
+    use axum::{
+        extract::{State, WebSocketUpgrade},
+        routing::get,
+    };
+    use tracing::Instrument;
+    async fn upgrade(
+        State(ctx): State<Arc<Context>>,
+        ws: WebSocketUpgrade,
+    ) -> axum::response::Response {
+        let max = hexfleet_protocol::MAX_FRAME_LEN + 1;
+        let span = tracing::info_span!(
+            "session",
+            transport = "websocket",
+            role = tracing::field::Empty,
+            id = tracing::field::Empty,
+        );
+        ws.max_message_size(max)
+            .max_frame_size(max)
+            .read_buffer_size(WEBSOCKET_READ_BUFFER)
+            .write_buffer_size(0)
+            .on_upgrade(move |socket| serve_websocket(socket, ctx).instrument(span))
+    }
+    axum::Router::new()
+        .route(hexfleet_protocol::ws::PATH, get(upgrade))
+        .with_state(ctx)
 }

@@ -16,18 +16,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{stream, SinkExt, StreamExt};
+use futures_util::{stream, StreamExt};
 use hexfleet_model::{Position, VehicleId};
 use hexfleet_protocol::{
-    encoded_len, Added, ClientMsg, ErrorCode, FrameCodec, FrameError, Limits as WireLimits, Moved,
-    Redirect, Removed, RiderUpdate, Role, ServerMsg, Subscribe, SubscribeError, Welcome,
-    GOODBYE_CLOSE_CODE, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    encoded_len, Added, ClientMsg, ErrorCode, FrameError, Limits as WireLimits, Moved, Redirect,
+    Removed, RiderUpdate, Role, ServerMsg, Subscribe, SubscribeError, Welcome, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
 };
-use tokio_util::codec::FramedWrite;
 
 use super::{
-    common_sources, lost, send, Context, ControlRead, ControlWrite, Expiry, Goodbye, Outcome,
-    Refusal, Source, Stop,
+    common_sources, lost, send,
+    transport::{CloseAs, ControlRead, ControlWrite, Peer, PushWrite},
+    Context, Expiry, Goodbye, Outcome, Refusal, Source, Stop,
 };
 use crate::{
     budget::{RequestBudget, Verdict},
@@ -35,8 +35,6 @@ use crate::{
     mailbox::{frames, Delta, Drained, Mailbox},
     metrics::{DeltaKind, Metrics},
 };
-
-type PushWrite = FramedWrite<quinn::SendStream, FrameCodec<(), RiderUpdate>>;
 
 /// A writer that wrote less than this long ago is busy...
 const BUSY_WITHIN: Duration = Duration::from_millis(5);
@@ -58,7 +56,7 @@ enum Event {
 /// Everything a rider session waits for (see [`common_sources`]): a delta
 /// does not re-poll the control stream or the cancellation futures.
 fn events<'s>(
-    conn: &'s quinn::Connection,
+    conn: &'s Peer,
     rx: &'s mut ControlRead,
     mailbox: &Arc<Mailbox>,
     expiry: Expiry,
@@ -81,7 +79,7 @@ fn events<'s>(
 }
 
 pub(super) async fn serve(
-    conn: &quinn::Connection,
+    conn: &Peer,
     tx: &mut ControlWrite,
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
@@ -99,11 +97,11 @@ pub(super) async fn serve(
     });
     send(tx, welcome, ctx).await?;
     // Only a connection that is gone refuses a stream the node may open.
-    let push = conn.open_uni().await.map_err(|_| Stop::Lost)?;
+    let push = conn.open_push().await.ok_or(Stop::Lost)?;
     let id = ctx.fanout.new_subscriber_id();
     let mailbox = Arc::new(Mailbox::new());
     let mut writer = PushWriter {
-        push: FramedWrite::with_capacity(push, FrameCodec::default(), 0),
+        push,
         aliases: HashMap::new(),
         free: Vec::new(),
         next: 0,
@@ -132,7 +130,7 @@ pub(super) async fn serve(
                     }
                 }
                 Ok(ClientMsg::Goodbye) => {
-                    conn.close(GOODBYE_CLOSE_CODE.into(), b"goodbye");
+                    conn.close(CloseAs::Goodbye, "goodbye").await;
                     break Ok(Goodbye);
                 }
                 Ok(_) => {
@@ -266,11 +264,7 @@ fn redirect_for(s: &Subscribe, ctx: &Context) -> Option<Redirect> {
     let cluster = ctx.cluster.as_ref()?;
     let center = Position::new(s.lat, s.lon).ok()?;
     let shard = ctx.ingest.locate(center).shard;
-    let addr = cluster.redirect_for(shard)?;
-    Some(Redirect {
-        addr,
-        shard: shard.to_string(),
-    })
+    cluster.redirect_for(shard)
 }
 
 /// Checks a subscription and returns the cells it watches.
