@@ -7,7 +7,7 @@ use std::{collections::HashMap, time::Duration};
 use futures_util::{SinkExt, StreamExt};
 use h3o::{CellIndex, LatLng, Resolution};
 use hexfleet_client::{
-    ClientError, DriverClient, Event, FixInput, RiderClient, RiderOptions, Subscription,
+    ClientError, DriverClient, Event, FixInput, RiderClient, RiderOptions, Subscription, Transport,
 };
 use hexfleet_model::{CellModel, Position, VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_node::config::Config;
@@ -612,15 +612,58 @@ fn random_report(rng: &mut StdRng) -> DriverReport {
     }
 }
 
-async fn model_based(redis: Option<&RedisServer>, seed: u64) {
-    let node = TestNode::start_with(redis, quick).await;
+/// How the model's clients reach the node.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Quic,
+    /// From a network that drops UDP: QUIC never connects, and the clients
+    /// fall back to WebSocket on the node's HTTPS port.
+    UdpBlocked,
+}
+
+async fn model_based(redis: Option<&RedisServer>, seed: u64, via: Via) {
+    let node = TestNode::start_with(redis, |c| {
+        quick(c);
+        // The fallback goes to the HTTPS port, as in production.
+        c.http.tls = via == Via::UdpBlocked;
+    })
+    .await;
+    let connector = node.connector();
+    if via == Via::UdpBlocked {
+        connector.simulate_udp_blocked(true);
+        connector.set_https_address(node.node.quic_addr, node.node.http_addr);
+    }
+    let transport = match via {
+        Via::Quic => Transport::Quic,
+        Via::UdpBlocked => Transport::WebSocket,
+    };
+    let driver = async |name: &str, report: DriverReport| {
+        let client = connector
+            .driver(node.node.quic_addr, &driver_token(name), report)
+            .await
+            .expect("the driver connects");
+        assert_eq!(client.transport(), transport);
+        client
+    };
+    let rider = async |name: &str| {
+        let client = connector
+            .rider(
+                node.node.quic_addr,
+                &token(Role::Rider, name),
+                RiderOptions::default(),
+            )
+            .await
+            .expect("the rider connects");
+        assert_eq!(client.transport(), Some(transport));
+        client
+    };
     let origin = (59.33, 18.06);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut drivers = Vec::new();
     for i in 0..16 {
         let report = random_report(&mut rng);
         let name = format!("m{i}");
-        let client = driver(&node, &name, report).await;
+        let client = driver(&name, report).await;
         let pos = (
             origin.0 + rng.random_range(-0.008..0.008),
             origin.1 + rng.random_range(-0.012..0.012),
@@ -635,7 +678,7 @@ async fn model_based(redis: Option<&RedisServer>, seed: u64) {
     }
     let mut riders = Vec::new();
     for i in 0..6 {
-        let client = rider(&node, &format!("mr{i}")).await;
+        let client = rider(&format!("mr{i}")).await;
         let sub = random_sub(&mut rng, origin);
         client.subscribe(sub.clone());
         riders.push(SimRider { client, sub });
@@ -672,7 +715,7 @@ async fn model_based(redis: Option<&RedisServer>, seed: u64) {
                         .unwrap();
                 }
                 (None, _) if roll < 0.15 => {
-                    let mut client = driver(&node, &d.name, d.report).await;
+                    let mut client = driver(&d.name, d.report).await;
                     client
                         .send_fix(FixInput::at(d.pos.0, d.pos.1))
                         .await
@@ -691,7 +734,7 @@ async fn model_based(redis: Option<&RedisServer>, seed: u64) {
             } else if roll < 0.10 {
                 // The rider's app restarts.
                 let name = format!("mr-re{}", rng.random::<u32>());
-                let fresh = rider(&node, &name).await;
+                let fresh = rider(&name).await;
                 fresh.subscribe(r.sub.clone());
                 r.client = fresh;
             }
@@ -765,13 +808,18 @@ async fn model_based(redis: Option<&RedisServer>, seed: u64) {
 
 #[tokio::test]
 async fn every_riders_view_ends_equal_to_the_brute_force_answer_in_memory() {
-    model_based(None, 21).await;
+    model_based(None, 21, Via::Quic).await;
+}
+
+#[tokio::test]
+async fn clients_whose_udp_is_blocked_fall_back_to_websocket_and_every_view_ends_equal_too() {
+    model_based(None, 21, Via::UdpBlocked).await;
 }
 
 #[tokio::test]
 async fn every_riders_view_ends_equal_to_the_brute_force_answer_on_redis() {
     let redis = RedisServer::start();
-    model_based(Some(&redis), 22).await;
+    model_based(Some(&redis), 22, Via::Quic).await;
 }
 
 #[tokio::test]

@@ -1,0 +1,241 @@
+//! Drivers and riders over WebSocket, for networks that drop UDP: the SDK
+//! falls back after a short QUIC timeout, remembers it per network and
+//! tries QUIC again later; the node holds WebSocket sessions to the same
+//! protocol, limits and validation as QUIC ones (the riders' model-based
+//! test runs over both, in tests/riders.rs).
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hexfleet_client::{Connector, FixInput, Transport, DEFAULT_QUIC_TIMEOUT};
+use hexfleet_protocol::{
+    ws::{self, Channel},
+    ClientMsg, ErrorCode, Hello, Role, ServerMsg, PROTOCOL_VERSION,
+};
+use hexfleet_tests::*;
+use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A node serving HTTPS (where the fallback goes, as in production), and a
+/// connector on a network that drops UDP.
+async fn blocked() -> (TestNode, Connector) {
+    let node = TestNode::start_with(None, |c| c.http.tls = true).await;
+    let connector = node
+        .connector()
+        .with_fallback(DEFAULT_QUIC_TIMEOUT, Duration::from_millis(500));
+    connector.set_https_address(node.node.quic_addr, node.node.http_addr);
+    connector.set_network("corporate-wifi");
+    connector.simulate_udp_blocked(true);
+    (node, connector)
+}
+
+#[tokio::test]
+async fn a_client_whose_udp_is_blocked_falls_back_remembers_it_and_tries_quic_again_later() {
+    let (node, connector) = blocked().await;
+
+    let started = Instant::now();
+    let mut first = connector
+        .driver(node.node.quic_addr, &driver_token("ws-1"), available())
+        .await
+        .expect("the driver connects over WebSocket");
+    let fell_back = started.elapsed();
+    assert_eq!(first.transport(), Transport::WebSocket);
+    assert!(connector.remembers_websocket());
+    let seq = first.send_fix(FixInput::at(59.33, 18.06)).await.unwrap();
+    eventually(WAIT, "the fix acknowledged over WebSocket", async || {
+        (first.acked_seq() >= seq).then_some(())
+    })
+    .await;
+
+    // The same network again: straight to WebSocket, no QUIC timeout.
+    let started = Instant::now();
+    let second = connector
+        .driver(node.node.quic_addr, &driver_token("ws-2"), available())
+        .await
+        .unwrap();
+    let remembered = started.elapsed();
+    assert_eq!(second.transport(), Transport::WebSocket);
+    println!("fallback to WebSocket: {fell_back:?} (QUIC timeout {DEFAULT_QUIC_TIMEOUT:?}); remembered: {remembered:?}");
+
+    // UDP comes back and the memory expires: QUIC is tried first again.
+    connector.simulate_udp_blocked(false);
+    eventually(WAIT, "the memory of the network expires", async || {
+        (!connector.remembers_websocket()).then_some(())
+    })
+    .await;
+    let third = connector
+        .driver(node.node.quic_addr, &driver_token("ws-3"), available())
+        .await
+        .unwrap();
+    assert_eq!(third.transport(), Transport::Quic);
+    assert_eq!(node.metric("hexfleet_websocket_sessions_total").await, 2.0);
+    first.goodbye().await.unwrap();
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_rider_over_websocket_sees_a_quic_driver_move() {
+    let (node, connector) = blocked().await;
+    let rider = connector
+        .rider(
+            node.node.quic_addr,
+            &token(Role::Rider, "ws-rider"),
+            hexfleet_client::RiderOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rider.transport(), Some(Transport::WebSocket));
+    let id = rider.subscribe(hexfleet_client::Subscription::around(59.33, 18.06, 800.0));
+    rider.wait_for(id, WAIT).await.unwrap();
+    let mut driver = node.driver("quic-driver", available()).await;
+    assert_eq!(driver.transport(), Transport::Quic);
+    for step in 0..5 {
+        driver
+            .send_fix(FixInput::at(59.33, 18.06 + f64::from(step) * 1e-4))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the driver's last position in view", async || {
+        rider
+            .view()
+            .values()
+            .any(|v| (v.lon - (18.06 + 4e-4)).abs() < 1e-6)
+            .then_some(())
+    })
+    .await;
+    assert!(rider.stats().bytes > 0);
+    driver.goodbye().await.unwrap();
+    eventually(WAIT, "the driver gone from view", async || {
+        rider.view().is_empty().then_some(())
+    })
+    .await;
+    rider.close().await;
+    node.stop().await;
+}
+
+/// A raw WebSocket to a node's `/v1/connect` (plain HTTP: the node is a
+/// test node).
+async fn raw(
+    node: &TestNode,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("ws://{}{}", node.node.http_addr, ws::PATH);
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+/// Reads until the node closes; returns the close code and the `Error`
+/// frame sent before it, if any.
+async fn closed_with(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> (Option<u16>, Option<ErrorCode>) {
+    let mut error = None;
+    let read = async {
+        while let Some(Ok(message)) = socket.next().await {
+            match message {
+                Message::Binary(bytes) => {
+                    if let Ok(ServerMsg::Error(e)) = ws::decode(Channel::Control, &bytes) {
+                        error = Some(e.code);
+                    }
+                }
+                Message::Close(frame) => return frame.map(|f| u16::from(f.code)),
+                _ => {}
+            }
+        }
+        None
+    };
+    let code = tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the node closes");
+    (code, error)
+}
+
+fn hello(role: Role, token: String) -> Message {
+    let hello = ClientMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        token,
+    });
+    Message::Binary(ws::encode(Channel::Control, &hello).unwrap().into())
+}
+
+#[tokio::test]
+async fn bad_websocket_input_gets_a_code_and_a_reason_and_is_counted() {
+    let node =
+        TestNode::start_with(None, |c| c.quic.handshake_timeout = Duration::from_secs(1)).await;
+    let refused = async |code: &str| {
+        node.metric(&format!(
+            "hexfleet_sessions_refused_total{{code=\"{code}\"}}"
+        ))
+        .await
+    };
+
+    // Text is not part of the protocol.
+    let mut socket = raw(&node).await;
+    socket.send(Message::text("{\"hello\":1}")).await.unwrap();
+    let (code, error) = closed_with(&mut socket).await;
+    assert_eq!(code, Some(u16::from(CloseCode::Protocol)));
+    assert_eq!(error, Some(ErrorCode::ProtocolViolation));
+
+    // A channel that does not exist.
+    let mut socket = raw(&node).await;
+    socket
+        .send(Message::Binary(vec![7, 1, 0xc0].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&mut socket).await.1,
+        Some(ErrorCode::ProtocolViolation)
+    );
+
+    // A message over the frame limit.
+    let mut socket = raw(&node).await;
+    let huge = vec![0u8; hexfleet_protocol::MAX_FRAME_LEN + 100];
+    let _ = socket.send(Message::Binary(huge.into())).await;
+    assert_eq!(
+        closed_with(&mut socket).await.1,
+        Some(ErrorCode::ProtocolViolation)
+    );
+    eventually(WAIT, "three protocol violations counted", async || {
+        (refused("protocol_violation").await >= 3.0).then_some(())
+    })
+    .await;
+
+    // A forged token, and a dashboard's token: refused with their reasons.
+    let mut socket = raw(&node).await;
+    socket
+        .send(hello(Role::Driver, "not-a-token".into()))
+        .await
+        .unwrap();
+    let (code, error) = closed_with(&mut socket).await;
+    assert_eq!(code, Some(4401));
+    assert_eq!(error, Some(ErrorCode::Unauthorized));
+    let mut socket = raw(&node).await;
+    socket
+        .send(hello(Role::Dashboard, token(Role::Dashboard, "ops")))
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&mut socket).await.1,
+        Some(ErrorCode::BadRequest)
+    );
+
+    // A driver that says nothing: closed when the handshake time is up.
+    let mut socket = raw(&node).await;
+    assert_eq!(
+        closed_with(&mut socket).await.1,
+        Some(ErrorCode::ProtocolViolation)
+    );
+    assert_eq!(refused("unauthorized").await, 1.0);
+    assert_eq!(refused("bad_request").await, 1.0);
+
+    // And none of it touched a good client.
+    let mut driver = node.driver("bystander", available()).await;
+    let seq = driver.send_fix(FixInput::at(59.33, 18.06)).await.unwrap();
+    eventually(WAIT, "the bystander's fix acknowledged", async || {
+        (driver.acked_seq() >= seq).then_some(())
+    })
+    .await;
+    node.stop().await;
+}
