@@ -156,6 +156,7 @@ pub struct Driver {
     commands: mpsc::UnboundedSender<Command>,
     stats: Arc<Mutex<DriverStats>>,
     finished: Finished,
+    connector: hexfleet_client::Connector,
 }
 
 /// How long closing waits for the SDK to let go of the app's objects.
@@ -189,6 +190,7 @@ impl Driver {
         let (commands, inbox) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(DriverStats::default()));
         let (first_tx, first_rx) = std_mpsc::channel();
+        let connector = target.connector.clone();
         let (states, finished) = Dispatcher::new("driver", move |state| listener.on_state(state));
         let supervisor = Supervisor {
             node: target.quic,
@@ -206,6 +208,7 @@ impl Driver {
             pending: None,
             track: VecDeque::new(),
             last_sent: None,
+            last_location: None,
             due: None,
             send_now: true,
             paused: None,
@@ -217,6 +220,7 @@ impl Driver {
                 commands,
                 stats,
                 finished,
+                connector,
             })),
             Ok(Err(e)) => {
                 finished.wait(LET_GO_WITHIN);
@@ -267,6 +271,13 @@ impl Driver {
         self.command(Command::Network(network))
     }
 
+    /// Drops every QUIC packet, both ways, as in a tunnel (`false`: out of
+    /// it), to see what the app and the node do through a signal loss.
+    /// For tests and demos.
+    pub fn simulate_signal_loss(&self, lost: bool) {
+        self.connector.simulate_udp_blocked(lost);
+    }
+
     pub fn stats(&self) -> DriverStats {
         self.stats.lock().clone()
     }
@@ -305,6 +316,10 @@ struct Supervisor {
     /// Every location since the connection was lost (with `keep_track`).
     track: VecDeque<Location>,
     last_sent: Option<Instant>,
+    /// The last location sent, with its sequence: sent again on a new
+    /// connection when the node never took it (it went into a connection
+    /// that was already dying).
+    last_location: Option<(u64, Location)>,
     /// When the pending location is due.
     due: Option<Instant>,
     /// The next location goes out at once (after a resume or a reconnect).
@@ -436,6 +451,13 @@ impl Supervisor {
             });
         }
         self.send_now = true;
+        if let (Some(client), Some((seq, location))) = (&self.client, self.last_location) {
+            // The node accepted up to `first_seq - 1` of this driver.
+            let lost = seq >= client.first_seq();
+            if lost && self.pending.is_none() && self.track.is_empty() {
+                self.pending = Some(location);
+            }
+        }
         let track: Vec<Location> = self.track.drain(..).collect();
         if !track.is_empty() && self.paused.is_none() {
             for location in track {
@@ -451,8 +473,11 @@ impl Supervisor {
 
     async fn command(&mut self, command: Command) {
         match command {
-            Command::Location(location) => {
+            Command::Location(mut location) => {
                 self.stats.lock().locations += 1;
+                if location.time_ms == 0 {
+                    location.time_ms = now_ms();
+                }
                 if self.client.is_none() && self.policy.keep_track && self.paused.is_none() {
                     if self.track.len() == MAX_TRACK {
                         self.track.pop_front();
@@ -544,7 +569,8 @@ impl Supervisor {
             fix_time_ms: (location.time_ms != 0).then_some(location.time_ms),
         };
         match client.send_fix(fix).await {
-            Ok(_) => {
+            Ok(seq) => {
+                self.last_location = Some((seq, location));
                 self.last_sent = Some(Instant::now());
                 self.stats.lock().fixes_sent += 1;
             }

@@ -27,8 +27,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use hexfleet_client::{ClientError, Connector, TransportPolicy};
 use hexfleet_protocol::ErrorCode;
 
-pub use driver::{Driver, DriverListener, DriverStats, Location, PauseMode, ReportingPolicy};
-pub use rider::{Rider, RiderListener, Vehicle, Watch};
+pub use driver::{
+    reporting_policy, Driver, DriverListener, DriverStats, Location, PauseMode, ReportingPolicy,
+    MAX_TRACK,
+};
+pub use rider::{watch_around, RemovalReason, Rider, RiderListener, Vehicle, Watch};
 
 uniffi::setup_scaffolding!();
 
