@@ -94,8 +94,8 @@ impl ReportingPolicy {
             return Duration::from_millis(self.min_interval_ms);
         }
         let speed = f64::from(location.speed_mps);
-        // Parked (or no speed): the slowest rate.
-        if !(speed >= 0.5) {
+        // Parked (or no speed, NaN included): the slowest rate.
+        if speed.is_nan() || speed < 0.5 {
             return Duration::from_millis(self.max_interval_ms);
         }
         let ms = (self.distance_m / speed * 1e3).clamp(min, max);

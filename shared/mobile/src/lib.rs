@@ -31,7 +31,7 @@ pub use driver::{
     reporting_policy, Driver, DriverListener, DriverStats, Location, PauseMode, ReportingPolicy,
     MAX_TRACK,
 };
-pub use rider::{watch_around, RemovalReason, Rider, RiderListener, Vehicle, Watch};
+pub use rider::{watch_around, RemovalReason, Rider, RiderListener, RiderStats, Vehicle, Watch};
 
 uniffi::setup_scaffolding!();
 

@@ -99,7 +99,7 @@ impl Watch {
             && self.lon.is_finite()
             && (-90.0..=90.0).contains(&self.lat)
             && (-180.0..=180.0).contains(&self.lon);
-        if !place || !(self.radius_m.is_finite() && self.radius_m > 0.0) {
+        if !(place && self.radius_m.is_finite() && self.radius_m > 0.0) {
             return Err(MobileError::InvalidArgument {
                 reason: format!(
                     "a watch needs a place and a radius above 0, not ({}, {}) and {}",
@@ -152,6 +152,16 @@ pub struct Rider {
     commands: mpsc::UnboundedSender<Command>,
     view: Arc<Mutex<HashMap<String, Vehicle>>>,
     finished: Finished,
+    connector: hexfleet_client::Connector,
+}
+
+/// What a rider's connection cost so far.
+#[derive(Debug, Clone, Default, PartialEq, uniffi::Record)]
+pub struct RiderStats {
+    /// UDP datagrams the SDK sent and received: each wakes the radio.
+    pub udp_datagrams_sent: u64,
+    pub udp_datagrams_received: u64,
+    pub vehicles: u64,
 }
 
 #[uniffi::export]
@@ -188,6 +198,7 @@ impl Rider {
         };
         let (commands, inbox) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = std_mpsc::channel();
+        let connector = target.connector.clone();
         let supervisor = Supervisor {
             target,
             token,
@@ -202,6 +213,7 @@ impl Rider {
                 commands,
                 view,
                 finished,
+                connector,
             })),
             Ok(Err(e)) => {
                 finished.wait(LET_GO_WITHIN);
@@ -216,6 +228,15 @@ impl Rider {
     pub fn watch(&self, watch: Watch) -> Result<(), MobileError> {
         let subscription = watch.subscription()?;
         self.command(Command::Watch(subscription))
+    }
+
+    pub fn stats(&self) -> RiderStats {
+        let (sent, received) = self.connector.udp_datagrams();
+        RiderStats {
+            udp_datagrams_sent: sent,
+            udp_datagrams_received: received,
+            vehicles: self.view.lock().len() as u64,
+        }
     }
 
     /// The vehicles in view, as the listener has been told them.
