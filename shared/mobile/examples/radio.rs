@@ -5,7 +5,7 @@
 //! node, its GPS reporting every second; then a rider watching a quiet
 //! street, and one watching a moving car.
 //!
-//! `cargo run -p hexfleet-mobile --example radio -- [SECONDS per phase, default 60]`
+//! `cargo run -p hexfleet-mobile --example radio -- [SECONDS per phase, default 120]`
 
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ async fn main() {
     let seconds: u64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(120);
     let phase = Duration::from_secs(seconds);
     let per_minute = 60.0 / phase.as_secs_f64();
     // The node's defaults (a test node acknowledges fixes every 100 ms).
@@ -99,8 +99,8 @@ async fn main() {
         if let Some(mode) = pause {
             driver.pause(mode).unwrap();
         }
-        // Let the change settle before counting.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Let the change settle (a close, a resume's fix) before counting.
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let before = driver.stats();
         let until = tokio::time::Instant::now() + phase;
         while tokio::time::Instant::now() < until {
