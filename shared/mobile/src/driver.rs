@@ -143,6 +143,7 @@ pub struct DriverStats {
 enum Command {
     Location(Location),
     Status(ModelStatus),
+    Class(hexfleet_model::VehicleClass),
     Policy(ReportingPolicy),
     Pause(PauseMode),
     Resume,
@@ -248,6 +249,11 @@ impl Driver {
     /// The vehicle's status; `OnTrip` reports at the fastest rate.
     pub fn set_status(&self, status: VehicleStatus) -> Result<(), MobileError> {
         self.command(Command::Status(status.into()))
+    }
+
+    /// The vehicle's class, as riders filter on it.
+    pub fn set_vehicle_class(&self, vehicle_class: VehicleClass) -> Result<(), MobileError> {
+        self.command(Command::Class(vehicle_class.into()))
     }
 
     pub fn set_policy(&self, policy: ReportingPolicy) -> Result<(), MobileError> {
@@ -489,13 +495,13 @@ impl Supervisor {
                     self.send_pending().await;
                 }
             }
+            Command::Class(class) => {
+                self.report.class = class;
+                self.send_report().await;
+            }
             Command::Status(status) => {
                 self.report.status = status;
-                if let Some(client) = &mut self.client {
-                    if client.report(self.report).await.is_err() {
-                        self.drop_client("reporting the status failed");
-                    }
-                }
+                self.send_report().await;
                 // A trip starts: the rate changes at once.
                 if self.pending.is_some() && self.paused.is_none() {
                     self.send_pending().await;
@@ -525,6 +531,15 @@ impl Supervisor {
             }
             Command::Network(network) => self.target.connector.set_network(&network),
             Command::Close(_) => {}
+        }
+    }
+
+    /// Tells the node the vehicle's class and status.
+    async fn send_report(&mut self) {
+        if let Some(client) = &mut self.client {
+            if client.report(self.report).await.is_err() {
+                self.drop_client("reporting the vehicle failed");
+            }
         }
     }
 

@@ -27,7 +27,7 @@ pub struct Vehicle {
     pub lon: f64,
     pub heading_deg: f32,
     pub speed_mps: f32,
-    pub class: VehicleClass,
+    pub vehicle_class: VehicleClass,
     pub status: VehicleStatus,
 }
 
@@ -39,7 +39,7 @@ impl From<&VehicleState> for Vehicle {
             lon: s.lon,
             heading_deg: s.heading_deg,
             speed_mps: s.speed_mps,
-            class: s.class.into(),
+            vehicle_class: s.class.into(),
             status: s.status.into(),
         }
     }

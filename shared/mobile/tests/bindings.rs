@@ -4,6 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
 };
 
 use hexfleet_tests::{TestNode, SECRET};
@@ -62,6 +63,12 @@ fn read_all(dir: &Path, extension: &str) -> String {
     text
 }
 
+/// The Python module, generated once for the tests that run it.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| generate("python"))
+}
+
 #[test]
 fn kotlin_and_swift_sources_are_generated_with_the_whole_surface() {
     let kotlin = read_all(&generate("kotlin"), "kt");
@@ -86,7 +93,7 @@ fn kotlin_and_swift_sources_are_generated_with_the_whole_surface() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_bindings_drive_a_real_node() {
-    let python = generate("python");
+    let python = python();
     let node = TestNode::start_with(None, |c| c.http.tls = true).await;
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let examples = here.join("examples/python");
@@ -111,7 +118,7 @@ async fn the_python_bindings_drive_a_real_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_runs_against_a_node() {
-    let python = generate("python");
+    let python = python();
     let node = TestNode::start_with(None, |_| {}).await;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python");
     let output = tokio::process::Command::new("python3")

@@ -123,6 +123,11 @@ class Bindings(unittest.TestCase):
             time.sleep(0.15)
         view.wait_event(lambda k, v, _: k == "moved" and abs(v.lon - moved_to) < 1e-6, "moved")
         self.assertIn("py-driver-1", [v.id for v in r.vehicles()])
+        # A new class: the rider hears the vehicle anew, with it.
+        d.set_vehicle_class(hx.VehicleClass.XL)
+        d.report_location(at(ORIGIN[0], moved_to + 0.0001))
+        view.wait_event(lambda k, v, _: k == "added" and v.id == "py-driver-1"
+                        and v.vehicle_class == hx.VehicleClass.XL, "the new class")
         stats = d.stats()
         self.assertGreaterEqual(stats.fixes_sent, 2)
         self.assertEqual(stats.transport, hx.Transport.QUIC)
