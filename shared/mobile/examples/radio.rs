@@ -70,8 +70,14 @@ async fn main() {
     let mut lon = ORIGIN.1;
     for (state, speed, status, pause) in [
         (
-            "driver parked (GPS 1 Hz)",
+            "driver parked, just connected (the handshake's tail, path MTU probes)",
             0.0f32,
+            VehicleStatus::Available,
+            None,
+        ),
+        (
+            "driver parked (GPS 1 Hz)",
+            0.0,
             VehicleStatus::Available,
             None,
         ),

@@ -84,6 +84,15 @@ impl From<ClientError> for MobileError {
                 reason: format!("{path}: {reason}"),
             },
             ClientError::Tls(reason) => MobileError::Certificate { reason },
+            // A node at its connection limit refuses new ones at once.
+            ClientError::Connection(quinn::ConnectionError::ConnectionClosed(close))
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                MobileError::Refused {
+                    code: ErrorCode::Overloaded.as_str().to_string(),
+                    reason: close.to_string(),
+                }
+            }
             ClientError::Protocol(reason) => MobileError::Protocol { reason },
             ClientError::Frame(e) => MobileError::Protocol {
                 reason: e.to_string(),

@@ -596,6 +596,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // spares it a certificate warning, unless asked for HTTPS as
     // production nodes serve it.
     config.http.tls = args.https;
+    // Every simulated client comes from 127.0.0.1, and an app on this
+    // machine (the SDK's Python example) comes on top of the fleet.
+    config.quic.max_connections_per_address = config.quic.max_connections;
     let node = start_embedded(config, &args.token_secret, args.redis_url.as_ref()).await?;
     let cert = node
         .dev_cert
