@@ -12,6 +12,7 @@
 #   ZONES=10000 scripts/cpu-per-fix.sh target/release zones 10000 1 0   # zones over the city first
 #   PERF=1 ...   # also `perf record` the (first) node over the window, to target/perf-<LABEL>.data
 #   SCENARIO=simulators/scenarios/fan-out.toml scripts/cpu-per-fix.sh target/release f 0 0 0   # play a scenario file instead (DRIVERS RATE RIDERS unused)
+#   TRANSPORT=websocket scripts/cpu-per-fix.sh target/release ws 2000 1 0   # clients over WebSocket (WSS), as where UDP is blocked
 # With NODES > 1 (or CLUSTER=1) the nodes run as a cluster; CPU and fixes are
 # summed over the nodes.
 set -u
@@ -25,13 +26,16 @@ RPID=$!
 sleep 0.5
 export HEXFLEET_TOKEN_SECRET=measure-secret-0123456789abcdef HEXFLEET_DEV_DIR=$DIR
 # Every simulated client comes from 127.0.0.1.
-printf '[quic]\nmax_connections_per_address = 100000\n%b' "${NODE_TOML:-}" > $DIR/node.toml
+printf '[quic]\nmax_connections_per_address = 100000\n[http]\nmax_connections = 100000\nmax_connections_per_address = 100000\n%b' "${NODE_TOML:-}" > $DIR/node.toml
+TRANSPORT=${TRANSPORT:-quic}
+# WebSocket clients connect to the HTTPS port, as in production.
+HTTP_TLS=$([ "$TRANSPORT" = quic ] && echo false || echo true)
 NPIDS=(); HTTPS=(); ADMINS=(); TARGETS=()
 for i in $(seq 1 $NODES); do
   QPORT=$(free 2); HPORT=$(free 1); APORT=$(free 1)
   FLAGS=(); [ "$CLUSTER" = 1 ] && FLAGS=(--cluster)
   $BIN/hexfleet-node --config $DIR/node.toml --node-id "node-$i" "${FLAGS[@]}" --redis-url redis://127.0.0.1:$RPORT \
-    --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT --http-tls false \
+    --quic-listen 127.0.0.1:$QPORT --http-listen 127.0.0.1:$HPORT --http-tls $HTTP_TLS \
     --admin-listen 127.0.0.1:$APORT > $DIR/node-$i.log 2>&1 &
   NPIDS+=($!); HTTPS+=(127.0.0.1:$HPORT); ADMINS+=(127.0.0.1:$APORT); TARGETS+=(--node 127.0.0.1:$QPORT)
   # The first writes the development certificate the others reuse.
@@ -61,9 +65,9 @@ for i in range(n):
 PY
 fi
 if [ -n "${SCENARIO:-}" ]; then
-  $BIN/hexfleet-sim run "$SCENARIO" "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
+  $BIN/hexfleet-sim run "$SCENARIO" "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls $HTTP_TLS --transport $TRANSPORT --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
 else
-  $BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls false --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
+  $BIN/hexfleet-sim load "${TARGETS[@]}" --http ${HTTPS[0]} --http-tls $HTTP_TLS --transport $TRANSPORT --drivers $DRIVERS --rate $RATE --riders $RIDERS --duration ${DURATION:-35s} > $DIR/sim.log 2>&1 &
 fi
 SPID=$!
 cpu() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $s; }

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use hexfleet_client::Connector;
+use hexfleet_client::{Connector, TransportPolicy};
 use hexfleet_node::{
     config::{Config, StoreKind},
     Node,
@@ -268,6 +268,11 @@ struct ClientArgs {
     /// Secret that signs the clients' tokens; must match the node's.
     #[arg(long, env = "HEXFLEET_TOKEN_SECRET", hide_env_values = true, default_value = hexfleet_protocol::dev::DEV_TOKEN_SECRET, hide_default_value = true)]
     token_secret: String,
+    /// How drivers and riders reach the node: quic, websocket (as clients
+    /// whose UDP is blocked do, on the HTTPS address `--http`, which must
+    /// then be TLS) or auto (QUIC, falling back to WebSocket).
+    #[arg(long, default_value = "quic", value_parser = ["quic", "websocket", "auto"])]
+    transport: String,
     /// Connections in handshake at once while ramping up.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
@@ -525,11 +530,20 @@ async fn play(
             stop.clone(),
         ))
     });
+    let policy = match client.transport.as_str() {
+        "websocket" => TransportPolicy::WebSocketOnly,
+        "auto" => TransportPolicy::Auto,
+        _ => TransportPolicy::QuicOnly,
+    };
     let outcome = fleet::run(
         &scenario,
         &target,
         &client.id_prefix,
-        || Connector::new(&ca, &server_name),
+        || {
+            let connector = Connector::new(&ca, &server_name)?.with_transport(policy);
+            connector.set_https_address(client.nodes[0], client.http);
+            Ok(connector)
+        },
         stats.clone(),
         book.clone(),
         stop,
@@ -646,6 +660,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ca: Some(cert.clone()),
         server_name: hexfleet_protocol::dev::DEV_SERVER_NAME.into(),
         token_secret: args.token_secret.clone(),
+        transport: "quic".into(),
         connect_concurrency: 64,
         connect_rate: None,
         id_prefix: "demo".into(),
