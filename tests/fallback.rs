@@ -239,3 +239,61 @@ async fn bad_websocket_input_gets_a_code_and_a_reason_and_is_counted() {
     .await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_session_lives_on_pings_and_a_silent_one_is_taken_for_gone() {
+    let quick = |c: &mut hexfleet_node::config::Config| {
+        c.quic.idle_timeout = Duration::from_secs(1);
+        c.ingest.offline_grace = Duration::from_millis(200);
+    };
+    let node = TestNode::start_with(None, |c| {
+        quick(c);
+        c.http.tls = true;
+    })
+    .await;
+    // An SDK client that says nothing for three idle timeouts: its pings
+    // keep the session.
+    let connector = node
+        .connector()
+        .with_transport(hexfleet_client::TransportPolicy::WebSocketOnly)
+        .with_liveness(Duration::from_millis(200), Duration::from_secs(1));
+    connector.set_https_address(node.node.quic_addr, node.node.http_addr);
+    let mut driver = connector
+        .driver(node.node.quic_addr, &driver_token("quiet"), available())
+        .await
+        .unwrap();
+    assert_eq!(driver.transport(), Transport::WebSocket);
+    let seq = driver.send_fix(FixInput::at(59.33, 18.06)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        driver.closed_error().is_none(),
+        "{:?}",
+        driver.closed_error()
+    );
+    let later = driver.send_fix(FixInput::at(59.33, 18.0601)).await.unwrap();
+    eventually(
+        WAIT,
+        "a fix after the quiet spell acknowledged",
+        async || (driver.acked_seq() >= later && later > seq).then_some(()),
+    )
+    .await;
+    assert_eq!(node.metric("hexfleet_sessions_lost_total").await, 0.0);
+
+    driver.goodbye().await.unwrap();
+    node.stop().await;
+
+    // A raw client that says Hello and then nothing, not even a pong.
+    let node = TestNode::start_with(None, quick).await;
+    let mut socket = raw(&node).await;
+    socket
+        .send(hello(Role::Rider, token(Role::Rider, "mute")))
+        .await
+        .unwrap();
+    eventually(WAIT, "the mute session lost", async || {
+        (node.metric("hexfleet_sessions_lost_total").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(node.metric("hexfleet_connections").await, 0.0);
+    drop(socket);
+    node.stop().await;
+}

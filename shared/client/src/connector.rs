@@ -139,6 +139,9 @@ pub struct Connector {
     /// TLS for the WebSocket fallback (HTTP/1.1 over TLS 1.2 or 1.3).
     https: Arc<rustls::ClientConfig>,
     policy: TransportPolicy,
+    /// Liveness of a WebSocket session (QUIC's transport has its own).
+    keep_alive: Duration,
+    idle: Duration,
     quic_timeout: Duration,
     remember_for: Duration,
     routes: Arc<parking_lot::Mutex<Routes>>,
@@ -258,6 +261,8 @@ impl Connector {
             timeout: Duration::from_secs(10),
             https,
             policy: TransportPolicy::Auto,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle: DEFAULT_IDLE_TIMEOUT,
             quic_timeout: DEFAULT_QUIC_TIMEOUT,
             remember_for: DEFAULT_REMEMBER_FOR,
             routes: Arc::new(parking_lot::Mutex::new(Routes {
@@ -400,7 +405,8 @@ impl Connector {
         addr: SocketAddr,
     ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
         let https = self.https_for(addr);
-        WsConn::connect(self.https.clone(), &self.server_name, https, addr).await
+        let liveness = (self.keep_alive, self.idle);
+        WsConn::connect(self.https.clone(), &self.server_name, https, addr, liveness).await
     }
 
     fn quic_socket(&self, addr: SocketAddr) -> Result<Arc<dyn quinn::AsyncUdpSocket>, ClientError> {
@@ -422,6 +428,8 @@ impl Connector {
     pub fn with_liveness(mut self, keep_alive: Duration, idle: Duration) -> Self {
         self.config.transport_config(transport(keep_alive, idle));
         self.timeout = idle;
+        self.keep_alive = keep_alive;
+        self.idle = idle;
         self
     }
 

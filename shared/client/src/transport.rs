@@ -242,6 +242,7 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 type WsStream = WebSocketStream<TlsStream<TcpStream>>;
+type WsSink = Arc<tokio::sync::Mutex<SplitSink<WsStream, Message>>>;
 
 /// How a WebSocket ended.
 #[derive(Debug, Clone)]
@@ -270,7 +271,9 @@ impl WsClosed {
 /// updates channels, each bounded, so a client that does not read its
 /// updates stops reading the socket and the node sees it as slow.
 pub(crate) struct WsConn {
-    sink: tokio::sync::Mutex<SplitSink<WsStream, Message>>,
+    sink: WsSink,
+    /// When the client last sent something.
+    sent_at: Arc<parking_lot::Mutex<tokio::time::Instant>>,
     closed: watch::Receiver<Option<WsClosed>>,
     updates: parking_lot::Mutex<Option<mpsc::Receiver<Result<RiderUpdate, FrameError>>>>,
     update_bytes: Arc<AtomicU64>,
@@ -297,12 +300,16 @@ const WS_QUEUE: usize = 32;
 
 impl WsConn {
     /// Opens `wss://<server_name>:<port>/v1/connect` on `https`, for the
-    /// node whose QUIC address is `node`.
+    /// node whose QUIC address is `node`. `liveness` is QUIC's keep-alive
+    /// and idle timeout: the client pings when it has sent nothing, or
+    /// heard nothing, for the first, and takes a node silent for the
+    /// second for gone (the node answers every ping).
     pub(crate) async fn connect(
         tls: Arc<rustls::ClientConfig>,
         server_name: &str,
         https: SocketAddr,
         node: SocketAddr,
+        liveness: (std::time::Duration, std::time::Duration),
     ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
         let tcp = TcpStream::connect(https)
             .await
@@ -328,15 +335,26 @@ impl WsConn {
         let (updates_tx, updates_rx) = mpsc::channel(WS_QUEUE);
         let (closed_tx, closed) = watch::channel(None);
         let update_bytes = Arc::new(AtomicU64::new(0));
+        let sink: WsSink = Arc::new(tokio::sync::Mutex::new(sink));
+        let sent_at = Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now()));
         let reader = tokio::spawn(read_ws(
             stream,
-            control_tx,
-            updates_tx,
-            closed_tx,
-            update_bytes.clone(),
+            Channels {
+                control: control_tx,
+                updates: updates_tx,
+                closed: closed_tx,
+                update_bytes: update_bytes.clone(),
+            },
+            Liveness {
+                sink: sink.clone(),
+                sent_at: sent_at.clone(),
+                keep_alive: liveness.0,
+                idle: liveness.1,
+            },
         ));
         let conn = Arc::new(WsConn {
-            sink: tokio::sync::Mutex::new(sink),
+            sink,
+            sent_at,
             closed,
             updates: parking_lot::Mutex::new(Some(updates_rx)),
             update_bytes,
@@ -353,6 +371,7 @@ impl WsConn {
 
     async fn send(&self, msg: &ClientMsg) -> Result<(), FrameError> {
         let message = ws::encode(Channel::Control, msg)?;
+        *self.sent_at.lock() = tokio::time::Instant::now();
         self.sink
             .lock()
             .await
@@ -388,15 +407,80 @@ impl WsConn {
     }
 }
 
-async fn read_ws(
-    mut stream: futures_util::stream::SplitStream<WsStream>,
+/// Where the reader puts what arrives.
+struct Channels {
     control: mpsc::Sender<Result<ServerMsg, FrameError>>,
     updates: mpsc::Sender<Result<RiderUpdate, FrameError>>,
     closed: watch::Sender<Option<WsClosed>>,
     update_bytes: Arc<AtomicU64>,
+}
+
+/// What keeps a WebSocket session's liveness (see [`WsConn::connect`]).
+struct Liveness {
+    sink: WsSink,
+    sent_at: Arc<parking_lot::Mutex<tokio::time::Instant>>,
+    keep_alive: std::time::Duration,
+    idle: std::time::Duration,
+}
+
+impl Liveness {
+    /// Pings if nothing was sent or heard for `keep_alive`; `false` when
+    /// the node has been silent past `idle`.
+    async fn check(&self, heard_at: tokio::time::Instant) -> bool {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(heard_at) >= self.idle {
+            return false;
+        }
+        let sent_at = *self.sent_at.lock();
+        let quiet = now
+            .duration_since(sent_at)
+            .min(now.duration_since(heard_at));
+        if quiet >= self.keep_alive {
+            *self.sent_at.lock() = now;
+            let ping = async {
+                let mut sink = self.sink.lock().await;
+                sink.send(Message::Ping(Vec::new().into())).await
+            };
+            let _ = tokio::time::timeout(self.keep_alive, ping).await;
+        }
+        true
+    }
+
+    /// When to look again.
+    fn next_check(&self, heard_at: tokio::time::Instant) -> tokio::time::Instant {
+        let sent_at = *self.sent_at.lock();
+        let next = sent_at.min(heard_at) + self.keep_alive;
+        next.min(heard_at + self.idle)
+    }
+}
+
+async fn read_ws(
+    mut stream: futures_util::stream::SplitStream<WsStream>,
+    channels: Channels,
+    liveness: Liveness,
 ) {
+    let Channels {
+        control,
+        updates,
+        closed,
+        update_bytes,
+    } = channels;
+    let mut heard_at = tokio::time::Instant::now();
     let ended = loop {
-        let message = match stream.next().await {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            _ = tokio::time::sleep_until(liveness.next_check(heard_at)) => {
+                if liveness.check(heard_at).await {
+                    continue;
+                }
+                break WsClosed {
+                    code: None,
+                    reason: format!("the node was silent for {:?}", liveness.idle),
+                };
+            }
+        };
+        heard_at = tokio::time::Instant::now();
+        let message = match next {
             Some(Ok(message)) => message,
             Some(Err(e)) => {
                 break WsClosed {

@@ -43,6 +43,9 @@ pub struct Context {
     limits: Limits,
     ack_interval: Duration,
     handshake_timeout: Duration,
+    /// A WebSocket session silent this long is lost (QUIC's own idle
+    /// timeout does this for QUIC).
+    idle_timeout: Duration,
     /// How long a driver that lost its connection stays visible, waiting
     /// for it to come back.
     offline_grace: Duration,
@@ -77,6 +80,7 @@ impl Context {
             limits: Limits::new(&config.ingest, config.store.stale_after),
             ack_interval: config.ingest.ack_interval,
             handshake_timeout: config.quic.handshake_timeout,
+            idle_timeout: config.quic.idle_timeout,
             offline_grace: config.ingest.offline_grace,
             max_subscribe_radius_m: config.riders.max_radius_m,
             slow_consumer_after: config.riders.slow_consumer_after,
@@ -247,7 +251,7 @@ pub async fn serve_websocket(socket: axum::extract::ws::WebSocket, ctx: Arc<Cont
     metrics.connections_accepted.inc();
     metrics.websocket_sessions.inc();
     let _open = OpenConnection(&metrics.connections);
-    let (peer, tx, rx) = Peer::websocket(socket);
+    let (peer, tx, rx) = Peer::websocket(socket, ctx.idle_timeout);
     run(peer, tx, rx, &ctx).await;
 }
 

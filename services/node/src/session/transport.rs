@@ -5,6 +5,7 @@
 //! transports get the same messages, limits, validation and fan-out.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -55,8 +56,13 @@ static WS_SESSIONS: AtomicU64 = AtomicU64::new(1 << 62);
 
 impl Peer {
     /// Splits a WebSocket into the session's peer, control writer and
-    /// control reader.
-    pub(crate) fn websocket(socket: WebSocket) -> (Peer, ControlWrite, ControlRead) {
+    /// control reader. A socket that brings nothing (no message, no ping)
+    /// for `idle` is taken for gone, as a silent QUIC connection is: the
+    /// SDK pings every 20 s when it has nothing else to say.
+    pub(crate) fn websocket(
+        socket: WebSocket,
+        idle: std::time::Duration,
+    ) -> (Peer, ControlWrite, ControlRead) {
         let (sink, stream) = socket.split();
         let sink = Arc::new(tokio::sync::Mutex::new(sink));
         let peer = WsPeer {
@@ -70,7 +76,11 @@ impl Peer {
         (
             Peer::Ws(peer),
             ControlWrite::Ws(writer),
-            ControlRead::Ws(stream),
+            ControlRead::Ws {
+                stream,
+                idle,
+                silent_until: Box::pin(tokio::time::sleep(idle)),
+            },
         )
     }
 
@@ -188,7 +198,12 @@ const CONTROL_READ_BUFFER: usize = 256;
 /// The client's control messages.
 pub(crate) enum ControlRead {
     Quic(FramedRead<quinn::RecvStream, FrameCodec<ClientMsg, ServerMsg>>),
-    Ws(SplitStream<WebSocket>),
+    Ws {
+        stream: SplitStream<WebSocket>,
+        idle: std::time::Duration,
+        /// When the socket is taken for gone unless something comes.
+        silent_until: Pin<Box<tokio::time::Sleep>>,
+    },
 }
 
 impl ControlRead {
@@ -213,8 +228,23 @@ impl Stream for ControlRead {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
             ControlRead::Quic(read) => read.poll_next_unpin(cx),
-            ControlRead::Ws(stream) => loop {
-                let message = match std::task::ready!(stream.poll_next_unpin(cx)) {
+            ControlRead::Ws {
+                stream,
+                idle,
+                silent_until,
+            } => loop {
+                let next = match stream.poll_next_unpin(cx) {
+                    Poll::Ready(next) => next,
+                    Poll::Pending => {
+                        // Silent too long: gone, like a QUIC idle timeout.
+                        std::task::ready!(silent_until.as_mut().poll(cx));
+                        return Poll::Ready(None);
+                    }
+                };
+                silent_until
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + *idle);
+                let message = match next {
                     Some(Ok(message)) => message,
                     Some(Err(e)) if too_big(&e) => {
                         return Poll::Ready(Some(Err(FrameError::TooLong)))
