@@ -297,3 +297,79 @@ async fn a_websocket_session_lives_on_pings_and_a_silent_one_is_taken_for_gone()
     drop(socket);
     node.stop().await;
 }
+
+/// A TCP relay to `to` that can freeze: nothing passes either way, as when
+/// a node hangs or a path goes dark without a reset.
+async fn relay(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (frozen, _) = tokio::sync::watch::channel(false);
+    let freeze = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut from, mut to) in [
+                (
+                    Box::new(ri) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(ro), Box::new(wi)),
+            ] {
+                let mut frozen = freeze.subscribe();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        // Frozen: hold everything, forever.
+                        if frozen.wait_for(|f| !*f).await.is_err() {
+                            return;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test]
+async fn a_websocket_client_takes_a_silent_node_for_gone() {
+    let node = TestNode::start_with(None, |c| c.http.tls = true).await;
+    let (via, frozen) = relay(node.node.http_addr).await;
+    let connector = node
+        .connector()
+        .with_transport(hexfleet_client::TransportPolicy::WebSocketOnly)
+        .with_liveness(Duration::from_millis(200), Duration::from_secs(1));
+    connector.set_https_address(node.node.quic_addr, via);
+    let driver = connector
+        .driver(
+            node.node.quic_addr,
+            &driver_token("behind-a-relay"),
+            available(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(driver.closed_error().is_none(), "alive while the path is");
+    frozen.send_replace(true);
+    let started = Instant::now();
+    let why = tokio::time::timeout(WAIT, driver.closed())
+        .await
+        .expect("the silent node noticed");
+    println!("silent node noticed after {:?}: {why}", started.elapsed());
+    assert!(why.to_string().contains("silent"), "{why}");
+    node.stop().await;
+}
