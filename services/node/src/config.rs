@@ -183,7 +183,9 @@ pub struct HttpConfig {
     /// ones wait in the kernel's accept queue until one closes.
     pub max_connections: usize,
     /// Open HTTP connections from one IP address at most; beyond it new ones
-    /// are closed at once.
+    /// are closed at once. As many as QUIC allows: drivers and riders whose
+    /// UDP is blocked come over WebSocket, and a corporate network puts all
+    /// its phones behind one address.
     pub max_connections_per_address: usize,
     /// Serve HTTPS and WSS with the node's certificate (`[tls]`). Turn it
     /// off only behind a proxy that terminates TLS.                (--http-tls)
@@ -399,7 +401,7 @@ impl Default for HttpConfig {
             max_nearby_limit: 1_000,
             header_timeout: Duration::from_secs(10),
             max_connections: 10_000,
-            max_connections_per_address: 100,
+            max_connections_per_address: 1_000,
             tls: true,
         }
     }
