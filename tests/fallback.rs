@@ -1,5 +1,5 @@
 //! Drivers and riders over WebSocket, for networks that drop UDP: the SDK
-//! falls back after a short QUIC timeout, remembers it per network and
+//! races a WebSocket beside QUIC after a short QUIC timeout, remembers it per network and
 //! tries QUIC again later; the node holds WebSocket sessions to the same
 //! protocol, limits and validation as QUIC ones (the riders' model-based
 //! test runs over both, in tests/riders.rs).
@@ -56,7 +56,7 @@ async fn a_client_whose_udp_is_blocked_falls_back_remembers_it_and_tries_quic_ag
         .unwrap();
     let remembered = started.elapsed();
     assert_eq!(second.transport(), Transport::WebSocket);
-    println!("fallback to WebSocket: {fell_back:?} (QUIC timeout {DEFAULT_QUIC_TIMEOUT:?}); remembered: {remembered:?}");
+    println!("fallback to WebSocket: {fell_back:?} (QUIC alone for {DEFAULT_QUIC_TIMEOUT:?}); remembered: {remembered:?}");
 
     // UDP comes back and the memory expires: QUIC is tried first again.
     connector.simulate_udp_blocked(false);

@@ -4,10 +4,11 @@
 //!
 //! Where UDP is blocked (some corporate Wi-Fi, some carriers), QUIC never
 //! connects: after [`Connector::with_fallback`]'s short timeout the
-//! connector opens the same session over a WebSocket on the node's HTTPS
-//! port, and remembers, per network ([`Connector::set_network`]), that
-//! WebSocket worked, so the next connections go there at once. Once that
-//! memory expires QUIC is tried first again.
+//! connector tries the same session over a WebSocket on the node's HTTPS
+//! port beside QUIC, takes whichever connects first, and remembers, per
+//! network ([`Connector::set_network`]), that only WebSocket worked, so the
+//! next connections go there at once. Once that memory expires QUIC is
+//! tried first again.
 
 use std::{
     collections::HashMap,
@@ -148,10 +149,12 @@ pub struct Connector {
     udp: Arc<UdpStats>,
 }
 
-/// How long QUIC has to connect before the WebSocket is tried: a handshake
-/// takes one round trip, and a lost first packet is resent after about a
-/// second.
-pub const DEFAULT_QUIC_TIMEOUT: Duration = Duration::from_millis(2_000);
+/// How long QUIC has to connect alone before a WebSocket is tried beside it
+/// (whichever connects first is used). A QUIC handshake takes one round
+/// trip, a WebSocket over TLS three or four, so on a network that carries
+/// UDP QUIC wins the race even when it is slow, and the WebSocket attempt
+/// is dropped.
+pub const DEFAULT_QUIC_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a network where only WebSocket worked is remembered as such.
 pub const DEFAULT_REMEMBER_FOR: Duration = Duration::from_secs(10 * 60);
 
@@ -280,8 +283,8 @@ impl Connector {
         self
     }
 
-    /// How long QUIC may take to connect before the WebSocket is tried,
-    /// and how long a network where only WebSocket worked is remembered.
+    /// How long QUIC has alone before a WebSocket is tried beside it, and
+    /// how long a network where only WebSocket worked is remembered.
     pub fn with_fallback(mut self, quic_timeout: Duration, remember_for: Duration) -> Self {
         self.quic_timeout = quic_timeout;
         self.remember_for = remember_for;
@@ -370,20 +373,54 @@ impl Connector {
                     Err(_) => self.open_quic(addr).await,
                 }
             }
-            TransportPolicy::Auto => {
-                let quic = tokio::time::timeout(self.quic_timeout, self.open_quic(addr)).await;
-                match quic {
-                    Ok(Ok(opened)) => {
+            TransportPolicy::Auto => self.race(addr).await,
+        }
+    }
+
+    /// QUIC first; if it has not connected within `quic_timeout`, a
+    /// WebSocket beside it, and the first to connect is used (the other is
+    /// dropped). What won is remembered for the network.
+    async fn race(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
+        let quic = self.open_quic(addr);
+        tokio::pin!(quic);
+        let mut quic_live = match tokio::time::timeout(self.quic_timeout, &mut quic).await {
+            Ok(Ok(opened)) => {
+                self.remember(Transport::Quic);
+                return Ok(opened);
+            }
+            Ok(Err(e)) if !udp_looks_blocked(&e) => return Err(e),
+            // Failed at once (no UDP socket, say): WebSocket alone.
+            Ok(Err(_)) => false,
+            Err(_) => true,
+        };
+        tracing::debug!(%addr, "QUIC has not connected yet; trying WebSocket beside it");
+        let websocket = self.open_websocket(addr);
+        tokio::pin!(websocket);
+        let mut websocket_failed = None;
+        loop {
+            tokio::select! {
+                opened = &mut quic, if quic_live => match opened {
+                    Ok(opened) => {
                         self.remember(Transport::Quic);
-                        Ok(opened)
+                        return Ok(opened);
                     }
-                    Ok(Err(e)) if !udp_looks_blocked(&e) => Err(e),
-                    Ok(Err(_)) | Err(_) => {
-                        tracing::debug!(%addr, "QUIC did not connect; trying WebSocket");
-                        let opened = self.open_websocket(addr).await?;
+                    Err(e) if !udp_looks_blocked(&e) => return Err(e),
+                    Err(_) => quic_live = false,
+                },
+                opened = &mut websocket, if websocket_failed.is_none() => match opened {
+                    Ok(opened) => {
                         self.remember(Transport::WebSocket);
-                        Ok(opened)
+                        return Ok(opened);
                     }
+                    Err(e) => websocket_failed = Some(e),
+                },
+            }
+            if !quic_live {
+                if let Some(e) = websocket_failed {
+                    return Err(e);
                 }
             }
         }

@@ -189,7 +189,8 @@ pub struct NodeConfig {
     /// The name the node's certificate is for.
     pub server_name: String,
     pub transport: TransportChoice,
-    /// How long QUIC may take to connect before WebSocket is tried.
+    /// How long QUIC has alone before a WebSocket is tried beside it
+    /// (whichever connects first is used).
     pub quic_timeout_ms: u64,
     /// How often an idle connection is kept alive, and after how long a
     /// silent node is taken for gone (the SDK's defaults are 20 s and 45 s:
