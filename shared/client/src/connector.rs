@@ -384,6 +384,9 @@ impl Connector {
         &self,
         addr: SocketAddr,
     ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
+        // Once the WebSocket has failed too, QUIC has this long in all:
+        // a node neither way reaches is unreachable, and said so soon.
+        let quic_deadline = tokio::time::Instant::now() + self.quic_timeout * 4;
         let quic = self.open_quic(addr);
         tokio::pin!(quic);
         let mut quic_live = match tokio::time::timeout(self.quic_timeout, &mut quic).await {
@@ -417,6 +420,9 @@ impl Connector {
                     }
                     Err(e) => websocket_failed = Some(e),
                 },
+                _ = tokio::time::sleep_until(quic_deadline), if quic_live && websocket_failed.is_some() => {
+                    quic_live = false;
+                }
             }
             if !quic_live {
                 if let Some(e) = websocket_failed {
