@@ -15,10 +15,10 @@ use std::{
 };
 
 use futures_util::{stream::SplitSink, SinkExt, Stream, StreamExt};
+pub(crate) use hexfleet_protocol::CloseAs;
 use hexfleet_protocol::{
     ws::{self, Channel},
-    ClientMsg, ErrorCode, FrameCodec, FrameError, RiderUpdate, ServerMsg, GOODBYE_CLOSE_CODE,
-    MAX_FRAME_LEN, REDIRECT_CLOSE_CODE,
+    ClientMsg, FrameCodec, FrameError, RiderUpdate, ServerMsg, MAX_FRAME_LEN,
 };
 use tokio::{
     io::{AsyncRead, ReadBuf},
@@ -43,14 +43,6 @@ pub enum Transport {
     Quic,
     /// A WebSocket on the node's HTTPS port, where UDP is blocked.
     WebSocket,
-}
-
-/// How a client ends its connection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum CloseAs {
-    Goodbye,
-    Redirected,
-    Refused(ErrorCode),
 }
 
 /// The connection a session runs over.
@@ -126,21 +118,8 @@ impl Conn {
 
     pub(crate) fn close(&self, how: CloseAs, reason: &str) {
         match self {
-            Conn::Quic(conn) => {
-                let code = match how {
-                    CloseAs::Goodbye => GOODBYE_CLOSE_CODE,
-                    CloseAs::Redirected => REDIRECT_CLOSE_CODE,
-                    CloseAs::Refused(code) => code.close_code(),
-                };
-                conn.close(code.into(), reason.as_bytes());
-            }
-            Conn::Ws(ws) => {
-                let code = match how {
-                    CloseAs::Goodbye | CloseAs::Redirected => ws::GOODBYE_CLOSE_CODE,
-                    CloseAs::Refused(code) => code.websocket_close_code(),
-                };
-                ws.close(code, reason);
-            }
+            Conn::Quic(conn) => conn.close(how.quic_code().into(), reason.as_bytes()),
+            Conn::Ws(ws) => ws.close(how.websocket_code(), reason),
         }
     }
 }

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    runtime::{fresh_token, runtime, Dispatcher, Finished},
+    runtime::{fresh_token, runtime, Backoff, Dispatcher, Handle},
     ConnectionState, MobileError, NodeConfig, Target, TokenProvider, Transport, VehicleClass,
     VehicleStatus,
 };
@@ -154,14 +154,10 @@ enum Command {
 /// A driver app's connection to hexfleet.
 #[derive(uniffi::Object)]
 pub struct Driver {
-    commands: mpsc::UnboundedSender<Command>,
+    handle: Handle<Command>,
     stats: Arc<Mutex<DriverStats>>,
-    finished: Finished,
     connector: hexfleet_client::Connector,
 }
-
-/// How long closing waits for the SDK to let go of the app's objects.
-pub(crate) const LET_GO_WITHIN: Duration = Duration::from_secs(3);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -216,19 +212,12 @@ impl Driver {
             ended: false,
         };
         runtime().spawn(supervisor.run(inbox, first_tx));
-        match first_rx.recv() {
-            Ok(Ok(())) => Ok(Arc::new(Self {
-                commands,
-                stats,
-                finished,
-                connector,
-            })),
-            Ok(Err(e)) => {
-                finished.wait(LET_GO_WITHIN);
-                Err(e)
-            }
-            Err(_) => Err(MobileError::Closed),
-        }
+        let handle = Handle::started(commands, finished, first_rx)?;
+        Ok(Arc::new(Self {
+            handle,
+            stats,
+            connector,
+        }))
     }
 
     /// Hands the SDK a location from the OS (as often as it comes); the
@@ -291,17 +280,13 @@ impl Driver {
     /// Signs off: the node removes the vehicle at once. Waits up to three
     /// seconds for the node to take it.
     pub fn close(&self) {
-        let (done, wait) = std_mpsc::channel();
-        if self.commands.send(Command::Close(done)).is_ok() {
-            let _ = wait.recv_timeout(LET_GO_WITHIN);
-            self.finished.wait(LET_GO_WITHIN);
-        }
+        self.handle.close(Command::Close);
     }
 }
 
 impl Driver {
     fn command(&self, command: Command) -> Result<(), MobileError> {
-        self.commands.send(command).map_err(|_| MobileError::Closed)
+        self.handle.send(command)
     }
 }
 
@@ -346,7 +331,7 @@ impl Supervisor {
         first: std_mpsc::Sender<Result<(), MobileError>>,
     ) {
         let mut first = Some(first);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         let mut retry_at: Option<Instant> = None;
         loop {
             let wants_connection = self.client.is_none()
@@ -356,7 +341,7 @@ impl Supervisor {
                 retry_at = None;
                 match self.connect().await {
                     Ok(()) => {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         if let Some(first) = first.take() {
                             let _ = first.send(Ok(()));
                         }
@@ -374,9 +359,7 @@ impl Supervisor {
                         self.states.send(ConnectionState::Reconnecting {
                             reason: e.to_string(),
                         });
-                        let jittered = backoff.mul_f64(rand::random_range(0.5..1.5));
-                        retry_at = Some(Instant::now() + jittered);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        retry_at = Some(backoff.next_at());
                     }
                 }
                 continue;

@@ -4,7 +4,6 @@
 use std::{
     collections::HashMap,
     sync::{mpsc as std_mpsc, Arc},
-    time::Duration,
 };
 
 use hexfleet_client::{Applied, RiderClient, RiderOptions, Subscription};
@@ -14,8 +13,7 @@ use parking_lot::Mutex;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    driver::LET_GO_WITHIN,
-    runtime::{fresh_token, runtime, Dispatcher, Finished},
+    runtime::{fresh_token, runtime, Backoff, Dispatcher, Handle},
     ConnectionState, MobileError, NodeConfig, Target, TokenProvider, VehicleClass, VehicleStatus,
 };
 
@@ -149,9 +147,8 @@ enum Command {
 /// A rider app's live view of the vehicles around it.
 #[derive(uniffi::Object)]
 pub struct Rider {
-    commands: mpsc::UnboundedSender<Command>,
+    handle: Handle<Command>,
     view: Arc<Mutex<HashMap<String, Vehicle>>>,
-    finished: Finished,
     connector: hexfleet_client::Connector,
 }
 
@@ -208,19 +205,12 @@ impl Rider {
             client: None,
         };
         runtime().spawn(supervisor.run(inbox, first_tx));
-        match first_rx.recv() {
-            Ok(Ok(())) => Ok(Arc::new(Self {
-                commands,
-                view,
-                finished,
-                connector,
-            })),
-            Ok(Err(e)) => {
-                finished.wait(LET_GO_WITHIN);
-                Err(e)
-            }
-            Err(_) => Err(MobileError::Closed),
-        }
+        let handle = Handle::started(commands, finished, first_rx)?;
+        Ok(Arc::new(Self {
+            handle,
+            view,
+            connector,
+        }))
     }
 
     /// Watches around a point; a later watch replaces it (the node sends
@@ -261,17 +251,13 @@ impl Rider {
 
     /// Signs off; waits up to three seconds for the node to take it.
     pub fn close(&self) {
-        let (done, wait) = std_mpsc::channel();
-        if self.commands.send(Command::Close(done)).is_ok() {
-            let _ = wait.recv_timeout(LET_GO_WITHIN);
-            self.finished.wait(LET_GO_WITHIN);
-        }
+        self.handle.close(Command::Close);
     }
 }
 
 impl Rider {
     fn command(&self, command: Command) -> Result<(), MobileError> {
-        self.commands.send(command).map_err(|_| MobileError::Closed)
+        self.handle.send(command)
     }
 }
 
@@ -292,7 +278,7 @@ impl Supervisor {
     ) {
         let mut first = Some(first);
         let mut paused = false;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         let mut retry_at: Option<Instant> = None;
         let mut refused_seen = 0;
         loop {
@@ -300,7 +286,7 @@ impl Supervisor {
                 retry_at = None;
                 match self.connect().await {
                     Ok(()) => {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         refused_seen = 0;
                         if let Some(first) = first.take() {
                             let _ = first.send(Ok(()));
@@ -319,9 +305,7 @@ impl Supervisor {
                         self.calls.send(Call::State(ConnectionState::Reconnecting {
                             reason: e.to_string(),
                         }));
-                        retry_at =
-                            Some(Instant::now() + backoff.mul_f64(rand::random_range(0.5..1.5)));
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        retry_at = Some(backoff.next_at());
                     }
                 }
                 continue;

@@ -85,3 +85,72 @@ pub(crate) async fn fresh_token(
         Ok(None) | Err(_) => Err(why),
     }
 }
+
+/// How long closing waits for the SDK to let go of the app's objects.
+pub(crate) const LET_GO_WITHIN: Duration = Duration::from_secs(3);
+
+/// The app's handle on a client's supervisor: its commands, and when the
+/// SDK has let go of the app's objects.
+pub(crate) struct Handle<C> {
+    commands: tokio::sync::mpsc::UnboundedSender<C>,
+    finished: Finished,
+}
+
+impl<C> Handle<C> {
+    /// Waits for the supervisor's first connection. On failure, also for
+    /// the SDK to let go of the app's objects, so a failed connect leaves
+    /// nothing behind either.
+    pub(crate) fn started(
+        commands: tokio::sync::mpsc::UnboundedSender<C>,
+        finished: Finished,
+        first: mpsc::Receiver<Result<(), MobileError>>,
+    ) -> Result<Self, MobileError> {
+        match first.recv() {
+            Ok(Ok(())) => Ok(Self { commands, finished }),
+            Ok(Err(e)) => {
+                finished.wait(LET_GO_WITHIN);
+                Err(e)
+            }
+            Err(_) => Err(MobileError::Closed),
+        }
+    }
+
+    pub(crate) fn send(&self, command: C) -> Result<(), MobileError> {
+        self.commands.send(command).map_err(|_| MobileError::Closed)
+    }
+
+    /// Asks the supervisor to close (the command carries what it answers
+    /// on once done) and waits, a few seconds at most, for it and for the
+    /// listener's last call.
+    pub(crate) fn close(&self, command: impl FnOnce(mpsc::Sender<()>) -> C) {
+        let (done, wait) = mpsc::channel();
+        if self.commands.send(command(done)).is_ok() {
+            let _ = wait.recv_timeout(LET_GO_WITHIN);
+            self.finished.wait(LET_GO_WITHIN);
+        }
+    }
+}
+
+/// When to connect again after a failed attempt: 100 ms doubling to 5 s,
+/// with jitter, so a node's clients do not all come back at once.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    /// The moment of the next attempt.
+    pub(crate) fn next_at(&mut self) -> tokio::time::Instant {
+        let at = tokio::time::Instant::now() + self.0.mul_f64(rand::random_range(0.5..1.5));
+        self.0 = (self.0 * 2).min(Self::MAX);
+        at
+    }
+}

@@ -91,18 +91,17 @@ fn kotlin_and_swift_sources_are_generated_with_the_whole_surface() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_bindings_drive_a_real_node() {
-    let python = python();
-    let node = TestNode::start_with(None, |c| c.http.tls = true).await;
+/// Runs a Python script (relative to this crate) with the bindings and
+/// the examples' helpers importable, against `node`; prints and returns
+/// its output.
+async fn run_python(script: &str, node: &TestNode) -> std::process::Output {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let examples = here.join("examples/python");
-    let script = here.join("tests/python/test_bindings.py");
     let output = tokio::process::Command::new("python3")
-        .arg(&script)
+        .arg(here.join(script))
         .env(
             "PYTHONPATH",
-            format!("{}:{}", python.display(), examples.display()),
+            format!("{}:{}", python().display(), examples.display()),
         )
         .env("HEXFLEET_QUIC", node.node.quic_addr.to_string())
         .env("HEXFLEET_CERT", node.cert())
@@ -110,32 +109,28 @@ async fn the_python_bindings_drive_a_real_node() {
         .output()
         .await
         .expect("python3 runs");
-    let log = String::from_utf8_lossy(&output.stderr);
-    println!("{}{log}", String::from_utf8_lossy(&output.stdout));
-    assert!(output.status.success(), "the Python tests failed:\n{log}");
+    println!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_bindings_drive_a_real_node() {
+    let node = TestNode::start_with(None, |c| c.http.tls = true).await;
+    let output = run_python("tests/python/test_bindings.py", &node).await;
+    assert!(output.status.success(), "the Python tests failed");
     node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_runs_against_a_node() {
-    let python = python();
-    let node = TestNode::start_with(None, |_| {}).await;
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python");
-    let output = tokio::process::Command::new("python3")
-        .arg(examples.join("demo.py"))
-        .env(
-            "PYTHONPATH",
-            format!("{}:{}", python.display(), examples.display()),
-        )
-        .env("HEXFLEET_QUIC", node.node.quic_addr.to_string())
-        .env("HEXFLEET_CERT", node.cert())
-        .env("HEXFLEET_TOKEN_SECRET", SECRET)
-        .output()
-        .await
-        .expect("python3 runs");
-    let out = String::from_utf8_lossy(&output.stdout);
-    println!("{out}{}", String::from_utf8_lossy(&output.stderr));
+    let node = TestNode::start(None).await;
+    let output = run_python("examples/python/demo.py", &node).await;
     assert!(output.status.success(), "the example failed");
+    let out = String::from_utf8_lossy(&output.stdout);
     assert!(out.contains("rider: removed   py-demo-driver"), "{out}");
     node.stop().await;
 }

@@ -219,6 +219,34 @@ pub const REDIRECT_CLOSE_CODE: u32 = 100;
 /// The close code of a clean `Goodbye`.
 pub const GOODBYE_CLOSE_CODE: u32 = 0;
 
+/// How a connection ends, as either transport says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseAs {
+    Goodbye,
+    Redirected,
+    Refused(ErrorCode),
+}
+
+impl CloseAs {
+    /// The QUIC application close code.
+    pub fn quic_code(self) -> u32 {
+        match self {
+            Self::Goodbye => GOODBYE_CLOSE_CODE,
+            Self::Redirected => REDIRECT_CLOSE_CODE,
+            Self::Refused(code) => code.close_code(),
+        }
+    }
+
+    /// The WebSocket close code ([`crate::ws`]).
+    pub fn websocket_code(self) -> u16 {
+        match self {
+            Self::Goodbye => crate::ws::GOODBYE_CLOSE_CODE,
+            Self::Redirected => crate::ws::REDIRECT_CLOSE_CODE,
+            Self::Refused(code) => code.websocket_close_code(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorFrame {
     pub code: ErrorCode,

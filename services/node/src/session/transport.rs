@@ -21,21 +21,14 @@ use futures_util::{
 };
 use hexfleet_protocol::{
     ws::{self, Channel},
-    ClientMsg, ErrorCode, FrameCodec, FrameError, RiderUpdate, ServerMsg, GOODBYE_CLOSE_CODE,
-    REDIRECT_CLOSE_CODE,
+    ClientMsg, FrameCodec, FrameError, RiderUpdate, ServerMsg,
 };
 use serde::Serialize;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::ERROR_FRAME_GRACE;
+pub(crate) use hexfleet_protocol::CloseAs;
 
-/// How a session ends, as its transport says it to the client.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum CloseAs {
-    Goodbye,
-    Redirected,
-    Refused(ErrorCode),
-}
+use super::ERROR_FRAME_GRACE;
 
 type WsSink = Arc<tokio::sync::Mutex<SplitSink<WebSocket, Message>>>;
 
@@ -151,24 +144,14 @@ impl Peer {
         let mut reason = reason.to_string();
         match self {
             Peer::Quic(conn) => {
-                let code = match how {
-                    CloseAs::Goodbye => GOODBYE_CLOSE_CODE,
-                    CloseAs::Redirected => REDIRECT_CLOSE_CODE,
-                    CloseAs::Refused(code) => code.close_code(),
-                };
                 truncate(&mut reason, 512);
-                conn.close(code.into(), reason.as_bytes());
+                conn.close(how.quic_code().into(), reason.as_bytes());
             }
             Peer::Ws(ws) => {
-                let code = match how {
-                    CloseAs::Goodbye => ws::GOODBYE_CLOSE_CODE,
-                    CloseAs::Redirected => ws::REDIRECT_CLOSE_CODE,
-                    CloseAs::Refused(code) => code.websocket_close_code(),
-                };
                 // A close frame's reason is at most 123 bytes.
                 truncate(&mut reason, 123);
                 let frame = CloseFrame {
-                    code,
+                    code: how.websocket_code(),
                     reason: reason.into(),
                 };
                 let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
