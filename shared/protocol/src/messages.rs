@@ -140,6 +140,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        Self::ProtocolViolation,
+        Self::UnsupportedVersion,
+        Self::Unauthorized,
+        Self::BadRequest,
+        Self::SlowConsumer,
+        Self::Overloaded,
+        Self::ShuttingDown,
+        Self::Internal,
+        Self::Superseded,
+        Self::RateLimited,
+        Self::Unavailable,
+        Self::TokenExpired,
+    ];
+
     /// The QUIC application close code.
     pub fn close_code(self) -> u32 {
         match self {
@@ -178,22 +193,9 @@ impl ErrorCode {
     }
 
     pub fn from_close_code(code: u64) -> Option<Self> {
-        [
-            Self::ProtocolViolation,
-            Self::UnsupportedVersion,
-            Self::Unauthorized,
-            Self::BadRequest,
-            Self::SlowConsumer,
-            Self::Overloaded,
-            Self::ShuttingDown,
-            Self::Internal,
-            Self::Superseded,
-            Self::RateLimited,
-            Self::Unavailable,
-            Self::TokenExpired,
-        ]
-        .into_iter()
-        .find(|c| u64::from(c.close_code()) == code)
+        Self::ALL
+            .into_iter()
+            .find(|c| u64::from(c.close_code()) == code)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -357,23 +359,9 @@ pub struct SubscribeError {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorCode; 11] = [
-        ErrorCode::ProtocolViolation,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::Unauthorized,
-        ErrorCode::BadRequest,
-        ErrorCode::SlowConsumer,
-        ErrorCode::Overloaded,
-        ErrorCode::ShuttingDown,
-        ErrorCode::Internal,
-        ErrorCode::Superseded,
-        ErrorCode::RateLimited,
-        ErrorCode::Unavailable,
-    ];
-
     #[test]
     fn every_error_code_round_trips_through_its_quic_close_code() {
-        for code in ALL {
+        for code in ErrorCode::ALL {
             assert_eq!(
                 ErrorCode::from_close_code(code.close_code().into()),
                 Some(code)
@@ -383,7 +371,7 @@ mod tests {
 
     #[test]
     fn websocket_close_codes_are_standard_or_the_applications_own() {
-        for code in ALL {
+        for code in ErrorCode::ALL {
             let ws = code.websocket_close_code();
             assert!(
                 (1000..=1014).contains(&ws) || (4000..=4999).contains(&ws),

@@ -75,23 +75,13 @@ pub fn decode<T: DeserializeOwned>(channel: Channel, message: &[u8]) -> Result<T
     decode_body(body)
 }
 
-/// The error a WebSocket close code stands for, where it names one: the
-/// `Error` frame before the close says exactly which.
+/// The error a WebSocket close code stands for, where it names one (codes
+/// two errors share name the first, e.g. 4401 `unauthorized`): the `Error`
+/// frame before the close says exactly which.
 pub fn error_of_close(code: u16) -> Option<ErrorCode> {
-    [
-        ErrorCode::Unauthorized,
-        ErrorCode::ProtocolViolation,
-        ErrorCode::BadRequest,
-        ErrorCode::SlowConsumer,
-        ErrorCode::Overloaded,
-        ErrorCode::ShuttingDown,
-        ErrorCode::Internal,
-        ErrorCode::Superseded,
-        ErrorCode::RateLimited,
-        ErrorCode::Unavailable,
-    ]
-    .into_iter()
-    .find(|c| c.websocket_close_code() == code)
+    ErrorCode::ALL
+        .into_iter()
+        .find(|c| c.websocket_close_code() == code)
 }
 
 #[cfg(test)]
