@@ -230,6 +230,39 @@ async fn bad_websocket_input_gets_a_code_and_a_reason_and_is_counted() {
     assert_eq!(refused("unauthorized").await, 1.0);
     assert_eq!(refused("bad_request").await, 1.0);
 
+    // A flood of fixes over WebSocket meets the same budget as over QUIC.
+    let mut socket = raw(&node).await;
+    socket
+        .send(hello(Role::Driver, driver_token("flood")))
+        .await
+        .unwrap();
+    let now = now_ms();
+    for seq in 1..=400u64 {
+        let fix = ClientMsg::Fix(hexfleet_protocol::Fix {
+            seq,
+            fix_time_ms: now,
+            lat: 59.33,
+            lon: 18.06,
+            heading_deg: 0.0,
+            speed_mps: 0.0,
+            accuracy_m: 5.0,
+        });
+        let message = ws::encode(Channel::Control, &fix).unwrap();
+        socket.send(Message::Binary(message.into())).await.unwrap();
+    }
+    eventually(
+        WAIT,
+        "fixes over the budget refused and counted",
+        async || {
+            let limited = node
+                .metric("hexfleet_fixes_rejected_total{reason=\"rate_limited\"}")
+                .await;
+            (limited >= 100.0).then_some(())
+        },
+    )
+    .await;
+    drop(socket);
+
     // And none of it touched a good client.
     let mut driver = node.driver("bystander", available()).await;
     let seq = driver.send_fix(FixInput::at(59.33, 18.06)).await.unwrap();
