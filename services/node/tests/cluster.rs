@@ -102,6 +102,8 @@ impl Drop for Node {
 /// Nodes sharing one store, and one development certificate.
 struct Cluster {
     _turn: tokio::sync::MutexGuard<'static, ()>,
+    /// Whether the nodes serve HTTPS (and WSS), as in production.
+    https: bool,
     store: String,
     redis_url: String,
     dir: tempfile::TempDir,
@@ -114,9 +116,14 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 impl Cluster {
     async fn start(store: &str, redis_url: String, count: usize) -> Self {
+        Self::start_with(store, redis_url, count, false).await
+    }
+
+    async fn start_with(store: &str, redis_url: String, count: usize, https: bool) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut cluster = Cluster {
             _turn: turn,
+            https,
             store: store.into(),
             redis_url,
             dir: tempfile::tempdir().unwrap(),
@@ -143,12 +150,12 @@ impl Cluster {
             &config,
             format!(
                 "node_id = \"{id}\"\n\
-                 [http]\ntls = false\n\
+                 [http]\ntls = {}\n\
                  [cells]\nshard_res = {SHARD_RES}\n\
                  [ingest]\nack_interval = \"100ms\"\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
                  [cluster]\nenabled = true\nlease_ttl = \"1500ms\"\nrenew_interval = \"500ms\"\n",
-                self.store, self.redis_url
+                self.https, self.store, self.redis_url
             ),
         )
         .unwrap();
@@ -183,8 +190,13 @@ impl Cluster {
     async fn converged(&self, count: usize) {
         for node in &self.nodes {
             eventually(WAIT, "every node sees the live set", async || {
-                let live = live_set(node.http).await?;
-                (live.nodes.len() == count).then_some(())
+                let seen = if self.https {
+                    // The API is HTTPS: the admin listener says as much.
+                    node.metric("hexfleet_cluster_nodes").await as usize
+                } else {
+                    live_set(node.http).await?.nodes.len()
+                };
+                (seen == count).then_some(())
             })
             .await;
         }
@@ -1485,4 +1497,89 @@ async fn a_vehicle_in_a_zone_enters_once_across_a_hand_off_and_a_failover() {
         ("fan".to_string(), "exited".to_string(), "moved".to_string()),
     ];
     assert_eq!(seen, expected, "{}", cluster.logs());
+}
+
+/// A driver and a rider whose UDP is blocked reach the node of their shard
+/// over WebSocket: the node they first reach redirects them with the
+/// owner's HTTPS address, which the client was never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start_with("redis", redis.url(), 2, true).await;
+    let first = &cluster.nodes[0];
+    // A spot near the centre whose shard the other node owns.
+    let spot = (0..400)
+        .map(|i| {
+            let (row, col) = (f64::from(i / 20) - 10.0, f64::from(i % 20) - 10.0);
+            (CENTER.0 + row * 0.01, CENTER.1 + col * 0.015)
+        })
+        .find(|&(lat, lon)| cluster.owner(shard_of(lat, lon)).id != first.id)
+        .expect("a spot the other node owns");
+    let owner = cluster.owner(shard_of(spot.0, spot.1));
+    let connector = cluster
+        .connector()
+        .with_transport(hexfleet_client::TransportPolicy::WebSocketOnly);
+    connector.set_https_address(first.quic, first.http);
+
+    let options = DriverOptions {
+        reconnect: true,
+        seeds: Vec::new(),
+    };
+    let mut driver = connector
+        .driver_with(
+            first.quic,
+            &token(Role::Driver, "ws-drv"),
+            report(),
+            options,
+        )
+        .await
+        .expect("the driver connects over WebSocket");
+    assert_eq!(driver.transport(), hexfleet_client::Transport::WebSocket);
+    let rider = connector
+        .rider(
+            first.quic,
+            &token(Role::Rider, "ws-rider"),
+            RiderOptions::default(),
+        )
+        .await
+        .expect("the rider connects over WebSocket");
+    rider.subscribe(Subscription::around(spot.0, spot.1, 500.0));
+
+    // The first fix is redirected; the SDK follows to the owner's HTTPS
+    // address and the fixes after it land there.
+    let started = Instant::now();
+    let landed = loop {
+        let _ = driver.send_fix(FixInput::at(spot.0, spot.1)).await;
+        if driver.node() == owner.quic && driver.acked_seq() >= driver.first_seq() {
+            break true;
+        }
+        if started.elapsed() > WAIT {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        landed,
+        "the driver never landed on {}:\n{}",
+        owner.id,
+        cluster.logs()
+    );
+    assert_eq!(driver.transport(), hexfleet_client::Transport::WebSocket);
+    eventually(
+        WAIT,
+        "the rider, redirected too, sees the driver",
+        async || {
+            let over_websocket = rider.transport() == Some(hexfleet_client::Transport::WebSocket);
+            let sees = rider
+                .view()
+                .contains_key(&VehicleId::new("ws-drv").unwrap());
+            (over_websocket && sees).then_some(())
+        },
+    )
+    .await;
+    assert!(owner.metric("hexfleet_websocket_sessions_total").await >= 2.0);
+    assert!(owner.metric("hexfleet_sessions_redirected_total").await == 0.0);
+    assert!(first.metric("hexfleet_sessions_redirected_total").await >= 2.0);
+    driver.goodbye().await.unwrap();
+    rider.close().await;
 }
