@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    runtime::{fresh_token, runtime, Backoff, Dispatcher, Handle},
+    runtime::{fresh_token, runtime, Backoff, Coalesce, Dispatcher, Handle},
     ConnectionState, MobileError, NodeConfig, Target, TokenProvider, VehicleClass, VehicleStatus,
 };
 
@@ -134,6 +134,16 @@ enum Call {
     Removed(Vehicle, RemovalReason),
     State(ConnectionState),
     Refused(MobileError),
+}
+
+impl Coalesce for Call {
+    fn vehicle(&self) -> Option<(&str, bool)> {
+        match self {
+            Call::Moved(v) => Some((&v.id, true)),
+            Call::Added(v) | Call::Removed(v, _) => Some((&v.id, false)),
+            Call::State(_) | Call::Refused(_) => None,
+        }
+    }
 }
 
 enum Command {

@@ -1,11 +1,12 @@
 //! The SDK's own runtime, and the thread each client calls its listener on.
 
 use std::{
+    collections::{HashMap, VecDeque},
     sync::{mpsc, Arc, OnceLock},
     time::Duration,
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::{MobileError, TokenProvider};
 
@@ -23,11 +24,43 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// What a call is about, for the queue to coalesce: a newer position of a
+/// vehicle replaces one still waiting for the same vehicle.
+pub(crate) trait Coalesce {
+    /// The vehicle the call is about, and whether it only moves it.
+    fn vehicle(&self) -> Option<(&str, bool)> {
+        None
+    }
+}
+
+impl Coalesce for crate::ConnectionState {}
+
+/// The calls waiting for a listener, in order. A move waiting for its
+/// listener is replaced by the vehicle's next move, so however slow the
+/// app, the queue holds at most one move per vehicle besides the other
+/// calls: a slow listener sees fewer, later positions, never a growing
+/// backlog.
+struct Queue<E> {
+    calls: VecDeque<E>,
+    /// The sequence number of `calls[0]`.
+    first: u64,
+    /// Each vehicle's move still waiting, by sequence number.
+    moves: HashMap<String, u64>,
+    /// Dispatchers alive; the thread ends when none is left and the queue
+    /// is empty.
+    senders: usize,
+}
+
+struct Shared<E> {
+    queue: Mutex<Queue<E>>,
+    ready: Condvar,
+}
+
 /// Calls a listener on its own thread, in order, so the runtime never
 /// waits for the app. Dropping every clone ends the thread once the calls
 /// queued before are made.
-pub(crate) struct Dispatcher<E: Send + 'static> {
-    calls: mpsc::Sender<E>,
+pub(crate) struct Dispatcher<E: Coalesce + Send + 'static> {
+    shared: Arc<Shared<E>>,
 }
 
 /// Tells when a dispatcher's thread is done: its last call made and the
@@ -42,22 +75,39 @@ impl Finished {
     }
 }
 
-impl<E: Send + 'static> Clone for Dispatcher<E> {
+impl<E: Coalesce + Send + 'static> Clone for Dispatcher<E> {
     fn clone(&self) -> Self {
+        self.shared.queue.lock().senders += 1;
         Self {
-            calls: self.calls.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
-impl<E: Send + 'static> Dispatcher<E> {
+impl<E: Coalesce + Send + 'static> Drop for Dispatcher<E> {
+    fn drop(&mut self) {
+        self.shared.queue.lock().senders -= 1;
+        self.shared.ready.notify_one();
+    }
+}
+
+impl<E: Coalesce + Send + 'static> Dispatcher<E> {
     pub(crate) fn new(name: &str, mut call: impl FnMut(E) + Send + 'static) -> (Self, Finished) {
-        let (calls, inbox) = mpsc::channel::<E>();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                calls: VecDeque::new(),
+                first: 0,
+                moves: HashMap::new(),
+                senders: 1,
+            }),
+            ready: Condvar::new(),
+        });
         let (done, finished) = mpsc::channel();
+        let queue = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("hexfleet-{name}-listener"))
             .spawn(move || {
-                while let Ok(event) = inbox.recv() {
+                while let Some(event) = queue.next() {
                     call(event);
                 }
                 drop(call);
@@ -66,11 +116,60 @@ impl<E: Send + 'static> Dispatcher<E> {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no listener thread: the listener will not be called");
         }
-        (Self { calls }, Finished(Mutex::new(finished)))
+        (Self { shared }, Finished(Mutex::new(finished)))
     }
 
     pub(crate) fn send(&self, event: E) {
-        let _ = self.calls.send(event);
+        let mut queue = self.shared.queue.lock();
+        let Queue {
+            calls,
+            first,
+            moves,
+            ..
+        } = &mut *queue;
+        match event.vehicle() {
+            Some((id, true)) => {
+                if let Some(&seq) = moves.get(id) {
+                    // The same vehicle's move still waits: this one, newer,
+                    // takes its place.
+                    calls[(seq - *first) as usize] = event;
+                    return;
+                }
+                moves.insert(id.to_string(), *first + calls.len() as u64);
+            }
+            // Anything else about the vehicle comes after its waiting move.
+            Some((id, false)) => {
+                moves.remove(id);
+            }
+            None => {}
+        }
+        calls.push_back(event);
+        drop(queue);
+        self.shared.ready.notify_one();
+    }
+}
+
+impl<E: Coalesce> Shared<E> {
+    /// The next call, waiting for one; `None` once every dispatcher is gone
+    /// and nothing is left.
+    fn next(&self) -> Option<E> {
+        let mut queue = self.queue.lock();
+        loop {
+            if let Some(call) = queue.calls.pop_front() {
+                let seq = queue.first;
+                queue.first += 1;
+                if let Some((id, true)) = call.vehicle() {
+                    if queue.moves.get(id) == Some(&seq) {
+                        queue.moves.remove(id);
+                    }
+                }
+                return Some(call);
+            }
+            if queue.senders == 0 {
+                return None;
+            }
+            self.ready.wait(&mut queue);
+        }
     }
 }
 
@@ -152,5 +251,88 @@ impl Backoff {
         let at = tokio::time::Instant::now() + self.0.mul_f64(rand::random_range(0.5..1.5));
         self.0 = (self.0 * 2).min(Self::MAX);
         at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Ev {
+        Added(&'static str),
+        Moved(&'static str, u32),
+        Removed(&'static str),
+    }
+
+    impl Coalesce for Ev {
+        fn vehicle(&self) -> Option<(&str, bool)> {
+            match self {
+                Ev::Moved(id, _) => Some((id, true)),
+                Ev::Added(id) | Ev::Removed(id) => Some((id, false)),
+            }
+        }
+    }
+
+    type Seen = Arc<Mutex<Vec<Ev>>>;
+
+    /// A dispatcher whose listener blocks until told to go on, recording
+    /// what it is called with.
+    fn held() -> (Dispatcher<Ev>, Finished, Seen, mpsc::Sender<()>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (go, gate) = mpsc::channel::<()>();
+        let record = seen.clone();
+        let (dispatcher, finished) = Dispatcher::new("test", move |e| {
+            let _ = gate.recv();
+            record.lock().push(e);
+        });
+        (dispatcher, finished, seen, go)
+    }
+
+    #[test]
+    fn a_slow_listener_gets_each_vehicles_latest_move_in_order_with_the_rest() {
+        let (dispatcher, finished, seen, go) = held();
+        dispatcher.send(Ev::Added("a"));
+        for step in 0..1_000 {
+            dispatcher.send(Ev::Moved("a", step));
+            dispatcher.send(Ev::Moved("b", step));
+        }
+        dispatcher.send(Ev::Removed("a"));
+        dispatcher.send(Ev::Moved("a", 5_000));
+        // The listener is still on its first call: at most that, plus one
+        // move of each vehicle, plus the removal and the move after it.
+        assert!(dispatcher.shared.queue.lock().calls.len() <= 5);
+        drop(dispatcher);
+        for _ in 0..10 {
+            let _ = go.send(());
+        }
+        finished.wait(Duration::from_secs(5));
+        let seen = seen.lock().clone();
+        let a: Vec<&Ev> = seen
+            .iter()
+            .filter(|e| e.vehicle().is_some_and(|(id, _)| id == "a"))
+            .collect();
+        let last = a.len() - 1;
+        assert!(matches!(a[0], Ev::Added("a")), "{seen:?}");
+        assert_eq!(a[last - 1], &Ev::Removed("a"), "{seen:?}");
+        assert_eq!(a[last], &Ev::Moved("a", 5_000), "{seen:?}");
+        assert!(seen.contains(&Ev::Moved("a", 999)), "{seen:?}");
+        assert_eq!(seen.last(), Some(&Ev::Moved("a", 5_000)));
+        assert!(seen.contains(&Ev::Moved("b", 999)), "{seen:?}");
+        assert!(seen.len() <= 6, "{seen:?}");
+    }
+
+    #[test]
+    fn the_thread_ends_after_the_last_call_once_every_dispatcher_is_gone() {
+        let (dispatcher, finished, seen, go) = held();
+        let other = dispatcher.clone();
+        dispatcher.send(Ev::Added("a"));
+        drop(dispatcher);
+        other.send(Ev::Added("b"));
+        drop(other);
+        let _ = go.send(());
+        let _ = go.send(());
+        finished.wait(Duration::from_secs(5));
+        assert_eq!(*seen.lock(), vec![Ev::Added("a"), Ev::Added("b")]);
     }
 }
