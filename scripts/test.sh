@@ -26,6 +26,13 @@ need_package systemd-analyze systemd
 need_package python3 python3
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_package python3-venv python3-venv
 
-cargo test --workspace --locked "$@"
+# Every test binary runs even after one fails, so one run shows everything
+# that is red; the output is kept, and its failures are summed up at the end.
+log=target/test-logs/test-$(date +%Y%m%d-%H%M%S).log
+mkdir -p "$(dirname "$log")"
+status=0
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # What deploy/ holds, checked by the tools made for each (see the script).
-deploy/validate.sh
+deploy/validate.sh || status=$?
+scripts/test-summary.sh "$log"
+exit "$status"

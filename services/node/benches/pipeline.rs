@@ -392,7 +392,7 @@ fn city_zones(n: usize, cells: &CellModel) -> Vec<Arc<hexfleet_node::zones::Zone
 }
 
 fn zones(c: &mut Criterion) {
-    use hexfleet_node::zones::{ZoneLimits, Zones};
+    use hexfleet_node::zones::{Standing, Trigger, ZoneLimits, Zones};
     use hexfleet_protocol::zone::ZoneCause;
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let cells = CellModel::default();
@@ -434,16 +434,10 @@ fn zones(c: &mut Criterion) {
                 b.iter(|| {
                     let (lat, lon, cell) = moves[i % moves.len()];
                     i += 1;
+                    let moved = Trigger::new(ZoneCause::Moved, Some(Standing::from(&vehicle)));
                     (vehicle.lat, vehicle.lon) = (lat, lon);
                     let mut held = std::mem::take(&mut vehicle.zones);
-                    zones.update(
-                        &mut held,
-                        &vehicle,
-                        cell,
-                        NOW,
-                        ZoneCause::Moved,
-                        &mut events,
-                    );
+                    zones.update(&mut held, &vehicle, cell, NOW, moved, &mut events);
                     vehicle.zones = held;
                     events.clear();
                 })

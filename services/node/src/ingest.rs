@@ -18,7 +18,7 @@ use crate::{
     store::{seen_due, writer::StoreWriter},
     table::{Entry, VehicleTable},
     validate::ValidFix,
-    zones::Zones,
+    zones::{Standing, Trigger, Zones},
 };
 
 pub struct Ingest {
@@ -83,16 +83,19 @@ impl Ingest {
         let previous = self
             .table
             .upsert_with(Entry { state, cell, shard }, |old, new| {
-                let mut zones = match old {
-                    Some(old) => std::mem::take(&mut old.state.zones),
-                    None => inherited.map(<[_]>::to_vec).unwrap_or_default(),
+                let (mut zones, before) = match old {
+                    Some(old) => {
+                        let zones = std::mem::take(&mut old.state.zones);
+                        (zones, Some(Standing::from(&old.state)))
+                    }
+                    None => (inherited.map(<[_]>::to_vec).unwrap_or_default(), None),
                 };
                 self.zones.update(
                     &mut zones,
                     &new.state,
                     cell.0,
                     now_ms,
-                    ZoneCause::Moved,
+                    Trigger::new(ZoneCause::Moved, before),
                     &mut events,
                 );
                 new.state.zones = zones;
@@ -120,11 +123,13 @@ impl Ingest {
     pub fn report(&self, id: &VehicleId, report: DriverReport, now_ms: i64) {
         let mut events = Vec::new();
         let updated = self.table.update(id, |state| {
+            let before = Standing::from(&*state);
             state.class = report.class;
             state.status = report.status;
             state.seen_ms = now_ms;
             // A zone's filter may see the vehicle differently now.
-            self.rezone_state(state, now_ms, ZoneCause::Reported, &mut events);
+            let trigger = Trigger::new(ZoneCause::Reported, Some(before));
+            self.rezone_state(state, now_ms, trigger, &mut events);
         });
         if let Some(entry) = updated {
             self.writer.stage_events(entry.shard, events);
@@ -224,7 +229,7 @@ impl Ingest {
         for id in &candidates {
             let mut events = Vec::new();
             let updated = self.table.update(id, |state| {
-                self.rezone_state(state, now_ms, ZoneCause::ZoneChanged, &mut events);
+                self.rezone_state(state, now_ms, Trigger::ZONE_CHANGED, &mut events);
             });
             if let Some(entry) = updated.filter(|_| !events.is_empty()) {
                 self.writer.stage_events(entry.shard, events);
@@ -239,13 +244,13 @@ impl Ingest {
         &self,
         state: &mut VehicleState,
         now_ms: i64,
-        cause: ZoneCause,
+        trigger: Trigger,
         events: &mut Vec<hexfleet_protocol::zone::ZoneEvent>,
     ) {
         let mut zones = std::mem::take(&mut state.zones);
         let (cell, _) = self.cells.locate(state.position());
         self.zones
-            .update(&mut zones, state, cell.0, now_ms, cause, events);
+            .update(&mut zones, state, cell.0, now_ms, trigger, events);
         state.zones = zones;
     }
 

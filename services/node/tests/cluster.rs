@@ -1504,6 +1504,7 @@ async fn a_vehicle_in_a_zone_enters_once_across_a_hand_off_and_a_failover() {
 /// owner's HTTPS address, which the client was never told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
+    const RIDERS: usize = 8;
     let redis = RedisServer::start();
     let cluster = Cluster::start_with("redis", redis.url(), 2, true).await;
     let first = &cluster.nodes[0];
@@ -1535,15 +1536,25 @@ async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
         .await
         .expect("the driver connects over WebSocket");
     assert_eq!(driver.transport(), hexfleet_client::Transport::WebSocket);
-    let rider = connector
-        .rider(
-            first.quic,
-            &token(Role::Rider, "ws-rider"),
-            RiderOptions::default(),
-        )
-        .await
-        .expect("the rider connects over WebSocket");
-    rider.subscribe(Subscription::around(spot.0, spot.1, 500.0));
+    // Riders that do not reconnect: each must follow its redirect, even
+    // when the node's `Redirect` and its close frame arrive together (the
+    // push channel then ends at the same moment). Several at once, so that
+    // this happens in every run, not by chance.
+    let mut riders = Vec::new();
+    for i in 0..RIDERS {
+        let rider = connector
+            .rider(
+                first.quic,
+                &token(Role::Rider, &format!("ws-rider-{i}")),
+                RiderOptions::default(),
+            )
+            .await
+            .expect("the rider connects over WebSocket");
+        riders.push(rider);
+    }
+    for rider in &riders {
+        rider.subscribe(Subscription::around(spot.0, spot.1, 500.0));
+    }
 
     // The first fix is redirected; the SDK follows to the owner's HTTPS
     // address and the fixes after it land there.
@@ -1565,21 +1576,31 @@ async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
         cluster.logs()
     );
     assert_eq!(driver.transport(), hexfleet_client::Transport::WebSocket);
-    eventually(
-        WAIT,
-        "the rider, redirected too, sees the driver",
-        async || {
-            let over_websocket = rider.transport() == Some(hexfleet_client::Transport::WebSocket);
-            let sees = rider
+    let sees_the_driver = |rider: &RiderClient| {
+        rider.transport() == Some(hexfleet_client::Transport::WebSocket)
+            && rider
                 .view()
-                .contains_key(&VehicleId::new("ws-drv").unwrap());
-            (over_websocket && sees).then_some(())
-        },
-    )
-    .await;
-    assert!(owner.metric("hexfleet_websocket_sessions_total").await >= 2.0);
+                .contains_key(&VehicleId::new("ws-drv").unwrap())
+    };
+    let deadline = Instant::now() + WAIT;
+    while !riders.iter().all(sees_the_driver) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, rider) in riders.iter().enumerate() {
+        assert!(
+            sees_the_driver(rider),
+            "rider {i} (transport {:?}, finished {}), redirected too, never saw the driver\n{}",
+            rider.transport(),
+            rider.is_finished(),
+            cluster.logs()
+        );
+    }
+    let sessions = 1.0 + RIDERS as f64;
+    assert!(owner.metric("hexfleet_websocket_sessions_total").await >= sessions);
     assert!(owner.metric("hexfleet_sessions_redirected_total").await == 0.0);
-    assert!(first.metric("hexfleet_sessions_redirected_total").await >= 2.0);
+    assert!(first.metric("hexfleet_sessions_redirected_total").await >= sessions);
     driver.goodbye().await.unwrap();
-    rider.close().await;
+    for rider in riders {
+        rider.close().await;
+    }
 }

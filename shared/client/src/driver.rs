@@ -87,6 +87,10 @@ pub struct DriverOptions {
 /// to 1 s, with jitter) they span about six seconds.
 const RECONNECT_ATTEMPTS: u32 = 10;
 
+/// How long a closed connection's control stream may take to be read to
+/// its end (its last word: a redirect or a refusal).
+const LAST_WORD_GRACE: Duration = Duration::from_secs(1);
+
 pub struct DriverClient {
     conn: Conn,
     tx: ControlWrite,
@@ -294,6 +298,12 @@ impl DriverClient {
     /// Connects again: to where the node redirected it, else to the node it
     /// used or a seed, with a backoff and jitter between attempts.
     async fn reconnect(&mut self) -> Result<(), ClientError> {
+        // A node that redirects says where before it closes, but the close
+        // can be seen here before the reader has taken the `Redirect`: the
+        // reader is given the rest of the closed control stream first.
+        if self.conn.is_closed() && !self.reader.is_finished() {
+            let _ = tokio::time::timeout(LAST_WORD_GRACE, &mut self.reader).await;
+        }
         let redirect = self.shared.redirect.lock().take();
         // The other nodes first: the one in use may be the one that died.
         let mut targets: Vec<SocketAddr> = Vec::new();

@@ -326,35 +326,14 @@ async fn serve(
                         return Ended::Dropped;
                     }
                 }
-                _ => {
-                    // The node ends the push stream as it closes; why it
-                    // closes follows on the control stream.
-                    let next = tokio::time::timeout(Duration::from_secs(1), link.rx.next()).await;
-                    if let Ok(Some(Ok(ServerMsg::Error(e)))) = next {
-                        *shared.closed.lock() = Some((e.code, e.reason));
-                    }
-                    note_close(link, shared);
-                    return Ended::Dropped;
-                }
+                _ => return last_word(connector, link, shared).await,
             },
             control = link.rx.next() => match control {
-                Some(Ok(ServerMsg::SubscribeError(e))) => {
-                    let count = {
-                        let mut refused = shared.refused.lock();
-                        refused.push(e);
-                        refused.len()
-                    };
-                    shared.refusals.send_replace(count);
+                Some(Ok(msg)) => {
+                    if let Some(ended) = on_control(connector, shared, msg) {
+                        return ended;
+                    }
                 }
-                Some(Ok(ServerMsg::Error(e))) => *shared.closed.lock() = Some((e.code, e.reason)),
-                Some(Ok(ServerMsg::Redirect(r))) => {
-                    // Served better by the node that owns where it looks.
-                    return match connector.follow(&r) {
-                        Some(to) => Ended::Redirected(to),
-                        None => Ended::Dropped,
-                    };
-                }
-                Some(Ok(_)) => {}
                 _ => {
                     note_close(link, shared);
                     return Ended::Dropped;
@@ -362,6 +341,48 @@ async fn serve(
             },
         }
     }
+}
+
+/// Takes one message of the control stream; `Some` when it ends the link.
+fn on_control(connector: &Connector, shared: &Shared, msg: ServerMsg) -> Option<Ended> {
+    match msg {
+        ServerMsg::SubscribeError(e) => {
+            let count = {
+                let mut refused = shared.refused.lock();
+                refused.push(e);
+                refused.len()
+            };
+            shared.refusals.send_replace(count);
+            None
+        }
+        ServerMsg::Error(e) => {
+            *shared.closed.lock() = Some((e.code, e.reason));
+            None
+        }
+        // Served better by the node that owns where it looks.
+        ServerMsg::Redirect(r) => Some(match connector.follow(&r) {
+            Some(to) => Ended::Redirected(to),
+            None => Ended::Dropped,
+        }),
+        _ => None,
+    }
+}
+
+/// How a link whose push stream ended turns out. The node ends the push
+/// stream as it closes, and says why on the control stream: a refusal, or
+/// where the rider belongs. Both streams may end at the same moment (a
+/// WebSocket's close frame ends both channels), so the control stream is
+/// read to its end before the link counts as dropped: a redirect read
+/// there is followed, as if it had come first.
+async fn last_word(connector: &Connector, link: &mut Link, shared: &Shared) -> Ended {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, link.rx.next()).await {
+        if let Some(ended) = on_control(connector, shared, msg) {
+            return ended;
+        }
+    }
+    note_close(link, shared);
+    Ended::Dropped
 }
 
 /// Keeps why the node closed the link, when it says (the push stream or

@@ -25,7 +25,7 @@ pub mod view;
 use std::{collections::HashMap, sync::Arc};
 
 use h3o::{CellIndex, Resolution};
-use hexfleet_model::{Membership, VehicleState, VehicleStatus, ZoneId};
+use hexfleet_model::{Membership, VehicleClass, VehicleState, VehicleStatus, ZoneId};
 use hexfleet_protocol::zone::{ZoneCause, ZoneEvent, ZoneEventKind};
 use parking_lot::RwLock;
 use tokio::sync::{broadcast, watch};
@@ -177,15 +177,16 @@ impl Zones {
     /// Brings a vehicle's memberships `zones` up to its state `state`
     /// (indexed in `cell`; `state.zones` is not read): entries keep their
     /// time, new ones are timed `now_ms`. Each change is pushed to `events`
-    /// (with the state after it) as caused by `cause`, or by the zone's
-    /// deletion. Allocates nothing when nothing changes, as for most fixes.
+    /// (with the state after it) as caused by `trigger` (see [`Trigger`]),
+    /// or by the zone's deletion. Allocates nothing when nothing changes,
+    /// as for most fixes.
     pub fn update(
         &self,
         zones: &mut Vec<Membership>,
         state: &VehicleState,
         cell: CellIndex,
         now_ms: i64,
-        cause: ZoneCause,
+        trigger: Trigger,
         events: &mut Vec<ZoneEvent>,
     ) {
         let index = self.index.read();
@@ -225,10 +226,9 @@ impl Zones {
             .iter()
             .filter(|m| !zones.iter().any(|n| n.zone == m.zone))
         {
-            let cause = if index.get(&m.zone).is_some() {
-                cause
-            } else {
-                ZoneCause::ZoneDeleted
+            let cause = match index.get(&m.zone) {
+                Some(zone) => trigger.cause_of(zone, false),
+                None => ZoneCause::ZoneDeleted,
             };
             events.push(event(ZoneEventKind::Exited, &m.zone, cause, now_ms, &after));
         }
@@ -236,6 +236,9 @@ impl Zones {
             .iter()
             .filter(|n| !had.iter().any(|m| m.zone == n.zone))
         {
+            let cause = index
+                .get(&n.zone)
+                .map_or(trigger.cause, |zone| trigger.cause_of(zone, true));
             events.push(event(
                 ZoneEventKind::Entered,
                 &n.zone,
@@ -258,6 +261,71 @@ impl Zones {
             .iter()
             .map(|m| event(ZoneEventKind::Exited, &m.zone, cause, now_ms, &after))
             .collect()
+    }
+}
+
+/// What brings a vehicle's memberships up to date: a fix, a report, a
+/// zone changed; and, for a fix or a report, how the vehicle stood when its
+/// memberships were last brought up to date.
+///
+/// A membership that changes although the vehicle stood on the same side
+/// of the zone before was changed by the zone, not by the vehicle: a fix
+/// that arrives after a zone is applied but before the vehicles under it
+/// are given their memberships again (or a vehicle whose stored memberships
+/// predate the zone) enters it with cause `zone_changed`, never `moved`,
+/// so an event's cause does not depend on which of the two came first.
+#[derive(Debug, Clone, Copy)]
+pub struct Trigger {
+    pub cause: ZoneCause,
+    pub before: Option<Standing>,
+}
+
+impl Trigger {
+    /// The zones themselves changed.
+    pub const ZONE_CHANGED: Self = Self {
+        cause: ZoneCause::ZoneChanged,
+        before: None,
+    };
+
+    /// A fix or a report, of a vehicle that stood as `before` (`None`: not
+    /// known here, as for a vehicle's first fix on this node).
+    pub fn new(cause: ZoneCause, before: Option<Standing>) -> Self {
+        Self { cause, before }
+    }
+
+    /// The cause of the vehicle being `inside` `zone` now, where it was not
+    /// by its memberships.
+    fn cause_of(&self, zone: &Zone, inside: bool) -> ZoneCause {
+        match self.before {
+            Some(b) if b.is_in(zone) == inside => ZoneCause::ZoneChanged,
+            _ => self.cause,
+        }
+    }
+}
+
+/// Where a vehicle was, and what it reported: what decides its zones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Standing {
+    pub lat: f64,
+    pub lon: f64,
+    pub class: VehicleClass,
+    pub status: VehicleStatus,
+}
+
+impl Standing {
+    fn is_in(&self, zone: &Zone) -> bool {
+        zone.admits(self.class, self.status) && zone.contains(self.lat, self.lon)
+    }
+}
+
+impl From<&VehicleState> for Standing {
+    fn from(state: &VehicleState) -> Self {
+        Self {
+            lat: state.lat,
+            lon: state.lon,
+            class: state.class,
+            status: state.status,
+        }
     }
 }
 
@@ -373,6 +441,22 @@ mod tests {
         }
     }
 
+    /// A square of about 1.4 × 2.2 km in Berlin's centre, through the
+    /// API's gate.
+    fn square(id: &str, filter: Filter) -> Arc<Zone> {
+        let square = serde_json::json!({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
+            [13.39, 52.51], [13.41, 52.51], [13.41, 52.53], [13.39, 52.53], [13.39, 52.51]
+        ]]}});
+        let mut spec = ZoneSpec::parse(
+            ZoneId::new(id).unwrap(),
+            square.to_string().as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        spec.filter = filter;
+        Arc::new(Zone::new(spec, CellModel::default().index_res()).unwrap())
+    }
+
     /// The zones a vehicle is in, by a look at every zone's polygon.
     fn brute_force(zones: &ZoneIndex, state: &VehicleState) -> BTreeSet<ZoneId> {
         zones
@@ -451,6 +535,7 @@ mod tests {
                 } else {
                     150.0
                 };
+                let was = Standing::from(&*v);
                 v.lat += rng.random_range(-metres..metres) / 111_320.0;
                 v.lon += rng.random_range(-metres..metres) / 70_000.0;
                 if rng.random_bool(0.05) {
@@ -460,8 +545,12 @@ mod tests {
                 let (cell, _) = cells.locate(Position::new(v.lat, v.lon).unwrap());
                 let mut events = Vec::new();
                 let mut held = std::mem::take(&mut v.zones);
-                zones.update(&mut held, v, cell.0, now_ms, ZoneCause::Moved, &mut events);
+                // Its memberships were first computed at step 0.
+                let moved = Trigger::new(ZoneCause::Moved, (step > 0).then_some(was));
+                zones.update(&mut held, v, cell.0, now_ms, moved, &mut events);
                 v.zones = held;
+                // The zones stand still: every change is the vehicle's.
+                assert!(events.iter().all(|e| e.cause == ZoneCause::Moved));
                 let after: BTreeSet<ZoneId> = v.zones.iter().map(|m| m.zone.clone()).collect();
                 assert_eq!(after, brute_force(&index, v), "step {step}: {v:?}");
                 let mut expected: Vec<(ZoneEventKind, ZoneId)> = before
@@ -505,27 +594,71 @@ mod tests {
     }
 
     #[test]
+    fn a_fix_under_a_zone_not_yet_applied_to_the_vehicle_enters_it_as_zone_changed() {
+        let cells = CellModel::default();
+        let zones = Zones::new(cells.index_res(), LIMITS, 10, Arc::new(Metrics::new()));
+        zones.mark_loaded();
+        zones.apply(vec![(
+            ZoneId::new("sq").unwrap(),
+            Some(square("sq", Filter::any())),
+        )]);
+        // Fixes that arrive after the zone is applied, before the vehicles
+        // under it are given their memberships again (they have none yet).
+        let cause_of_entry = |from: (f64, f64), to: (f64, f64)| {
+            let before = vehicle("v", from.0, from.1);
+            let after = vehicle("v", to.0, to.1);
+            let (cell, _) = cells.locate(after.position());
+            let (mut held, mut events) = (Vec::new(), Vec::new());
+            let trigger = Trigger::new(ZoneCause::Moved, Some(Standing::from(&before)));
+            zones.update(&mut held, &after, cell.0, 1, trigger, &mut events);
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].event, ZoneEventKind::Entered);
+            events[0].cause
+        };
+        // Inside before and after: the zone came under it.
+        assert_eq!(
+            cause_of_entry((52.52, 13.40), (52.5201, 13.4001)),
+            ZoneCause::ZoneChanged
+        );
+        // From outside to inside: it drove in.
+        assert_eq!(
+            cause_of_entry((52.50, 13.40), (52.52, 13.40)),
+            ZoneCause::Moved
+        );
+        // A report that lets a filtered zone see the vehicle is the
+        // report's; the same status as before is the zone's.
+        let filtered = square(
+            "free",
+            Filter {
+                classes: Vec::new(),
+                statuses: vec![VehicleStatus::Available],
+            },
+        );
+        let on_trip = Standing {
+            status: VehicleStatus::OnTrip,
+            ..Standing::from(&vehicle("v", 52.52, 13.40))
+        };
+        let available = Standing::from(&vehicle("v", 52.52, 13.40));
+        let reported = Trigger::new(ZoneCause::Reported, Some(on_trip));
+        assert_eq!(reported.cause_of(&filtered, true), ZoneCause::Reported);
+        let unchanged = Trigger::new(ZoneCause::Reported, Some(available));
+        assert_eq!(unchanged.cause_of(&filtered, true), ZoneCause::ZoneChanged);
+    }
+
+    #[test]
     fn a_deleted_zone_lets_its_vehicles_out_with_that_cause() {
         let cells = CellModel::default();
         let zones = Zones::new(cells.index_res(), LIMITS, 10, Arc::new(Metrics::new()));
         zones.mark_loaded();
-        let square = serde_json::json!({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
-            [13.39, 52.51], [13.41, 52.51], [13.41, 52.53], [13.39, 52.53], [13.39, 52.51]
-        ]]}});
-        let spec = ZoneSpec::parse(
-            ZoneId::new("sq").unwrap(),
-            square.to_string().as_bytes(),
-            LIMITS,
-        )
-        .unwrap();
-        let zone = Arc::new(Zone::new(spec, cells.index_res()).unwrap());
+        let zone = square("sq", Filter::any());
         let id = zone.id().clone();
         zones.apply(vec![(id.clone(), Some(zone))]);
         let mut state = vehicle("v", 52.52, 13.40);
         let (cell, _) = cells.locate(state.position());
         let mut events = Vec::new();
         let mut held = Vec::new();
-        zones.update(&mut held, &state, cell.0, 1, ZoneCause::Moved, &mut events);
+        let moved = Trigger::new(ZoneCause::Moved, None);
+        zones.update(&mut held, &state, cell.0, 1, moved, &mut events);
         state.zones = held;
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event, ZoneEventKind::Entered);
@@ -537,7 +670,7 @@ mod tests {
             &state,
             cell.0,
             2,
-            ZoneCause::ZoneChanged,
+            Trigger::ZONE_CHANGED,
             &mut events,
         );
         state.zones = held;
