@@ -4,10 +4,11 @@
 #
 #   scripts/repeat-tests.sh cluster 20     # services/node/tests/cluster.rs, 20 runs
 #   scripts/repeat-tests.sh riders 10 -- a_rider_sees   # extra args go to the test binary
-#   scripts/repeat-tests.sh all 5          # the whole suite (cargo test --workspace)
+#   scripts/repeat-tests.sh all 5          # the whole suite: ./scripts/test.sh
 #
 # BINARY is an integration-test target's name (as `cargo test --test NAME`
-# takes it), a package's name for its unit tests, or `all`. Each run's
+# takes it), a package's name for its unit tests, or `all` (the README's
+# test command, deploy checks included). Each run's
 # output is kept in target/test-logs/repeat-BINARY-*/; the failing runs'
 # logs are listed at the end with the tests that failed and how often.
 # Exits non-zero when any run failed.
@@ -19,7 +20,7 @@ shift 2
 [ "${1:-}" = "--" ] && shift
 
 if [ "$binary" = all ]; then
-  target=(--workspace --no-fail-fast)
+  run() { ./scripts/test.sh "$@"; }
 else
   # The package holding the target, from cargo's own metadata.
   package=$(cargo metadata --no-deps --format-version 1 | python3 -c '
@@ -37,9 +38,9 @@ sys.exit("no test target or package named " + name)
   # With --workspace, the features are the whole workspace's, as in the
   # suite: the build is the suite's, not one of its own.
   if [ "$kind" = --test ]; then target=(--workspace --test "$binary"); else target=(-p "$pkg" --lib); fi
+  run() { cargo test --locked "${target[@]}" -- "$@"; }
+  cargo test --locked "${target[@]}" --no-run
 fi
-
-cargo test --locked "${target[@]}" --no-run
 dir=target/test-logs/repeat-$binary-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$dir"
 failed_runs=0
@@ -47,13 +48,13 @@ started=$(date +%s)
 for i in $(seq 1 "$runs"); do
   log="$dir/run-$i.log"
   t0=$(date +%s)
-  if cargo test --locked "${target[@]}" -- "$@" >"$log" 2>&1; then
+  if run "$@" >"$log" 2>&1; then
     result=ok
   else
     result=FAILED
     failed_runs=$((failed_runs + 1))
   fi
-  echo "run $i/$runs: $result in $(( $(date +%s) - t0 )) s"
+  echo "run $i/$runs: $result in $(( $(date +%s) - t0 )) s; $(scripts/test-summary.sh "$log" | tail -1)"
   [ "$result" = ok ] && rm -f "$log" || true
 done
 
