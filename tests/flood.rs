@@ -1,6 +1,7 @@
 //! One connection flooding requests costs everyone else nothing: a rider
-//! sending 20,000 `Subscribe`s and a dashboard sending 20,000 viewports, at
-//! once, while an honest rider watches a moving vehicle. The flooders are
+//! sending 20,000 `Subscribe`s, a driver asking 20,000 times for an
+//! acknowledgement and a dashboard sending 20,000 viewports, at once, while
+//! an honest rider watches a moving vehicle. The flooders are
 //! refused, then cut off with `rate_limited`; the honest rider's deltas stay
 //! prompt and the node's memory stays put.
 //!
@@ -36,26 +37,23 @@ struct Target {
     cert: std::path::PathBuf,
 }
 
-/// A rider that sends `FLOOD` subscriptions as fast as QUIC takes them;
-/// returns how its connection was closed.
-async fn rider_flood(node: &Target) -> Option<ErrorCode> {
+/// A client of `role` that sends `FLOOD` of what `request` makes as fast as
+/// QUIC takes them; returns how its connection was closed.
+async fn quic_flood(
+    node: &Target,
+    role: Role,
+    request: impl Fn(usize) -> ClientMsg,
+) -> Option<ErrorCode> {
     let (conn, mut tx, _rx) = raw_connection_to(node.quic_addr, &node.cert, 1 << 20).await;
     tx.send(ClientMsg::Hello(Hello {
         version: 1,
-        role: Role::Rider,
-        token: token(Role::Rider, "flooder"),
+        role,
+        token: token(role, "flooder"),
     }))
     .await
     .unwrap();
     for i in 0..FLOOD {
-        let sub = Subscribe {
-            id: i as u32,
-            lat: MADRID.0 + (i % 100) as f64 * 1e-4,
-            lon: MADRID.1,
-            radius_m: 5_000.0,
-            filter: Filter::any(),
-        };
-        if tx.send(ClientMsg::Subscribe(sub)).await.is_err() {
+        if tx.send(request(i)).await.is_err() {
             break;
         }
     }
@@ -65,6 +63,25 @@ async fn rider_flood(node: &Target) -> Option<ErrorCode> {
         }
         _ => None,
     }
+}
+
+/// A rider that sends `FLOOD` subscriptions.
+async fn rider_flood(node: &Target) -> Option<ErrorCode> {
+    quic_flood(node, Role::Rider, |i| {
+        ClientMsg::Subscribe(Subscribe {
+            id: i as u32,
+            lat: MADRID.0 + (i % 100) as f64 * 1e-4,
+            lon: MADRID.1,
+            radius_m: 5_000.0,
+            filter: Filter::any(),
+        })
+    })
+    .await
+}
+
+/// A driver that asks `FLOOD` times for an acknowledgement.
+async fn ack_flood(node: &Target) -> Option<ErrorCode> {
+    quic_flood(node, Role::Driver, |_| ClientMsg::AckNow).await
 }
 
 /// A dashboard that sends `FLOOD` wide viewports; returns its close code.
@@ -115,7 +132,11 @@ async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
                     quic_addr,
                     cert,
                 };
-                tokio::join!(rider_flood(&target), dashboard_flood(&target))
+                tokio::join!(
+                    rider_flood(&target),
+                    ack_flood(&target),
+                    dashboard_flood(&target)
+                )
             })
         })
     };
@@ -125,9 +146,10 @@ async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
         driver.send_fix(FixInput::at(lat, MADRID.1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (rider_closed, dashboard_closed) = floods.join().unwrap();
+    let (rider_closed, driver_closed, dashboard_closed) = floods.join().unwrap();
 
     assert_eq!(rider_closed, Some(ErrorCode::RateLimited));
+    assert_eq!(driver_closed, Some(ErrorCode::RateLimited));
     assert_eq!(dashboard_closed, close::RATE_LIMITED);
     let grown = rss_bytes().saturating_sub(rss_before);
     let delays = clock.sorted();
@@ -143,14 +165,14 @@ async fn one_connection_flooding_requests_costs_everyone_else_nothing() {
     assert!(p99 <= 50, "p99 {p99} ms");
     assert!(grown < 48 << 20, "memory grew {} MiB", grown >> 20);
     assert!(honest.closed_by_node().is_none());
-    for role in ["rider", "dashboard"] {
+    for role in ["rider", "driver", "dashboard"] {
         let series = format!("hexfleet_requests_rate_limited_total{{role=\"{role}\"}}");
         assert!(node.metric(&series).await > 0.0, "{series}");
     }
     assert_eq!(
         node.metric("hexfleet_sessions_refused_total{code=\"rate_limited\"}")
             .await,
-        1.0
+        2.0
     );
     assert_eq!(
         node.metric("hexfleet_dashboard_errors_total{reason=\"rate_limited\"}")

@@ -104,6 +104,9 @@ async fn fixes_are_acknowledged_at_most_once_an_interval_and_rejections_within_a
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(driver.acked_seq(), 1, "no Ack before the interval is up");
+    // Unless the driver asks; it hears back even when nothing is new.
+    assert_eq!(driver.acknowledged(WAIT).await.unwrap(), 5);
+    assert_eq!(driver.acknowledged(WAIT).await.unwrap(), 5);
 
     // Reported within WAIT, not the hour the interval says.
     driver.send_raw(fix(6, now, 0.0, 0.0)).await.unwrap();

@@ -72,6 +72,8 @@ struct Shared {
     closed: Mutex<Option<(ErrorCode, String)>>,
     /// Where the node said to go.
     redirect: Mutex<Option<SocketAddr>>,
+    /// How many `Ack`s arrived, on any connection.
+    acks: tokio::sync::watch::Sender<u64>,
 }
 
 /// How a driver client keeps its connection.
@@ -234,6 +236,8 @@ async fn read_control(mut rx: ControlRead, shared: Arc<Shared>, connector: Conne
                 stats
                     .rejections
                     .extend(ack.rejected.iter().map(|r| (r.seq, r.reason)));
+                drop(stats);
+                shared.acks.send_modify(|n| *n += 1);
             }
             Ok(ServerMsg::Error(e)) => {
                 *shared.closed.lock() = Some((e.code, e.reason));
@@ -406,6 +410,25 @@ impl DriverClient {
         match self.tx.send(msg).await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.closed_error().unwrap_or(ClientError::Frame(e))),
+        }
+    }
+
+    /// Asks the node what it accepted so far, rather than waiting for its
+    /// next acknowledgement (every `ack_interval`, 30 s by default): for an
+    /// app about to go quiet, or a load run that counts what arrived.
+    /// Returns the highest sequence acknowledged once the node answered,
+    /// or [`ClientError::Timeout`] if it did not within `within`.
+    pub async fn acknowledged(&mut self, within: Duration) -> Result<u64, ClientError> {
+        let mut acks = self.shared.acks.subscribe();
+        let before = *acks.borrow_and_update();
+        self.send(ClientMsg::AckNow).await?;
+        let answered = tokio::time::timeout(within, acks.wait_for(|n| *n > before))
+            .await
+            .is_ok_and(|arrived| arrived.is_ok());
+        if answered {
+            Ok(self.acked_seq())
+        } else {
+            Err(ClientError::Timeout)
         }
     }
 

@@ -75,6 +75,11 @@ pub enum ClientMsg {
     Subscribe(crate::Subscribe),
     /// A clean sign-off: the node removes the vehicle at once.
     Goodbye,
+    /// A driver asks for an `Ack` now rather than at the next acknowledgement
+    /// interval: what the node accepted so far, before the app goes quiet
+    /// (to the background, or at the end of a load run). Counted against
+    /// the connection's fix budget.
+    AckNow,
 }
 
 /// Limits the node holds the client to.

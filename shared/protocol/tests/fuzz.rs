@@ -99,6 +99,7 @@ fn mutated_client_messages() {
             filter: Default::default(),
         }),
         ClientMsg::Goodbye,
+        ClientMsg::AckNow,
     ];
     let encoded: Vec<BytesMut> = messages
         .iter()

@@ -463,11 +463,19 @@ impl Driver {
                 }
             }
         }
-        // Let the last acknowledgements arrive.
+        // Ask the node what it accepted: its own acknowledgements may be
+        // far apart (`ingest.ack_interval`). The last fixes, as datagrams,
+        // can arrive after the request on the stream: ask again until they
+        // are in, or until they are taken for lost.
         let target = client.next_seq().saturating_sub(1);
         let deadline = Instant::now() + Duration::from_secs(2);
         while client.acked_seq() < target && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if client.acknowledged(Duration::from_secs(1)).await.is_err() {
+                break;
+            }
+            if client.acked_seq() < target {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         acknowledged.push((client.stats(), client.first_seq()));
         if plan.goodbye {

@@ -57,8 +57,8 @@ pub struct Fixes {
     pub deliberately_bad: u64,
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
-    /// Sent but neither accepted nor rejected (lost datagrams, or sent after
-    /// the last acknowledgement).
+    /// Sent but neither accepted nor rejected as the node last said (each
+    /// driver asks it at the end of the run): lost on the way.
     pub unacknowledged: u64,
 }
 

@@ -118,6 +118,28 @@ fn the_demo_runs_a_node_drivers_and_riders_and_summarises() {
     ] {
         assert!(stdout.contains(line), "{line} missing from:\n{stdout}");
     }
+    // What the node accepted, though it acknowledges every 30 s and the
+    // run lasts 4: each driver asks at the end. Loopback loses nothing but
+    // the odd datagram.
+    let sent = leading_number(&stdout, "| fixes sent | ");
+    let accepted = leading_number(&stdout, "| accepted | ");
+    assert!(
+        sent > 20 && accepted >= sent * 95 / 100,
+        "accepted {accepted} of {sent}:\n{stdout}"
+    );
+}
+
+/// The number that follows `label` in the report.
+fn leading_number(report: &str, label: &str) -> u64 {
+    let at = report
+        .find(label)
+        .unwrap_or_else(|| panic!("{label} in {report}"))
+        + label.len();
+    let digits: String = report[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
 }
 
 #[test]

@@ -270,6 +270,7 @@ impl<'a> DriverSession<'a> {
                         self.conn.close(CloseAs::Goodbye, "goodbye").await;
                         return Ok(Goodbye);
                     }
+                    ClientMsg::AckNow => self.on_ack_now(tx).await?,
                     ClientMsg::Hello(_) => {
                         return Err(
                             Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into(),
@@ -369,18 +370,24 @@ impl<'a> DriverSession<'a> {
         }
     }
 
-    async fn on_fix(&mut self, fix: &Fix) -> Result<(), Stop> {
+    /// Spends one request of the connection's fix budget: `false` when it
+    /// is refused; an error when the connection keeps going over.
+    fn spend(&mut self) -> Result<bool, Stop> {
         match self.budget.spend(Instant::now()) {
-            Verdict::Allow => {}
-            Verdict::Refuse => {
-                self.reject(fix.seq, RejectReason::RateLimited);
-                return Ok(());
-            }
+            Verdict::Allow => Ok(true),
+            Verdict::Refuse => Ok(false),
             Verdict::Close => {
                 self.ctx.ingest.metrics.rate_limited(Role::Driver).inc();
                 let why = self.ctx.fix_budget.closing("fixes");
-                return Err(Refusal::new(ErrorCode::RateLimited, why).into());
+                Err(Refusal::new(ErrorCode::RateLimited, why).into())
             }
+        }
+    }
+
+    async fn on_fix(&mut self, fix: &Fix) -> Result<(), Stop> {
+        if !self.spend()? {
+            self.reject(fix.seq, RejectReason::RateLimited);
+            return Ok(());
         }
         let now = clock::now_ms();
         let valid = match self.validator.check(fix, now) {
@@ -504,10 +511,27 @@ impl<'a> DriverSession<'a> {
     }
 
     /// Sends an `Ack` when something happened since the last one.
+    /// The driver asks what was accepted so far: it is told at once, even
+    /// if nothing changed since the last `Ack`, so it always hears back.
+    /// Requests share the fix budget: a flood of them is refused, then
+    /// closed, as a flood of fixes is.
+    async fn on_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
+        if self.spend()? {
+            self.send_ack_now(tx).await
+        } else {
+            self.ctx.ingest.metrics.rate_limited(Role::Driver).inc();
+            Ok(())
+        }
+    }
+
     async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         if !self.unacknowledged() {
             return Ok(());
         }
+        self.send_ack_now(tx).await
+    }
+
+    async fn send_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         self.ack_sent_at = tokio::time::Instant::now();
         let ack = ServerMsg::Ack(Ack {
             seq: self.acked_seq,
