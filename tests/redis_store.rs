@@ -267,6 +267,51 @@ async fn a_nearby_search_of_redis_matches_brute_force_haversine() {
     check_nearby_against_brute_force(ask, &vehicles, &mut rng).await;
 }
 
+/// A vehicle left in two shards' geo keys (a node died between writing the
+/// shard it went to and leaving the one it left) is found once, as its
+/// newest state, and takes no other vehicle's place under a limit.
+#[tokio::test]
+async fn a_vehicle_stored_in_two_shards_is_found_once_as_its_newest_state() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let (west, east) = across_a_shard_boundary(BERLIN);
+    let old = state("twice", west.0, west.1, 1);
+    let new = state("twice", east.0, east.1, 2);
+    // Farther away, on both sides of the boundary.
+    let others: Vec<VehicleState> = (1..=4)
+        .map(|i| {
+            let (lat, lon) = if i % 2 == 0 { west } else { east };
+            state(&format!("other-{i}"), lat + f64::from(i) * 0.002, lon, 1)
+        })
+        .collect();
+    store.apply(&placing(&[old.clone()])).await.unwrap();
+    store.apply(&placing(&others)).await.unwrap();
+    // Written to the shard it went to; its removal from the other, lost.
+    store.apply(&placing(&[new.clone()])).await.unwrap();
+    assert_eq!(traces_in(&redis, shard_of(&old), "twice"), [true; 3]);
+    assert_eq!(traces_in(&redis, shard_of(&new), "twice"), [true; 3]);
+
+    let center = Position::new(west.0, west.1).unwrap();
+    for limit in [1, 3, 5, 50] {
+        let query = NearbyQuery {
+            center,
+            radius_m: 2_000.0,
+            limit,
+            shards: CellModel::default().shards_within(center, 2_000.0),
+        };
+        let found = store.nearby(&query).await.unwrap();
+        let ids: Vec<&str> = found.iter().map(|n| n.state.id.as_str()).collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "limit {limit}: {ids:?}");
+        assert_eq!(ids.len(), limit.min(5), "limit {limit}: {ids:?}");
+        assert_eq!(ids[0], "twice", "the nearest, at 50 m or less");
+        assert_eq!(found[0].state.seq, 2, "as its newest state");
+        assert!((found[0].state.lon - east.1).abs() < 1e-9);
+    }
+}
+
 /// The node's own vehicles: from its memory, whatever its store.
 #[tokio::test]
 async fn the_nearby_api_answers_from_memory_like_brute_force_haversine() {

@@ -15,7 +15,11 @@ pub mod memory;
 pub mod redis;
 pub mod writer;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use hexfleet_model::{Position, ShardId, VehicleId, VehicleState, ZoneId};
@@ -271,6 +275,28 @@ pub struct ZoneChanges {
 }
 
 /// Keeps the `limit` nearest of `found`, nearest first.
+/// Each vehicle once, as its newest state (highest sequence, then last
+/// heard): a read over several shards can meet a vehicle twice, in the
+/// shard it left and the one it went to, when a node died between the two
+/// writes.
+pub(crate) fn each_vehicle_once(found: impl IntoIterator<Item = Nearby>) -> Vec<Nearby> {
+    let mut newest: HashMap<VehicleId, Nearby> = HashMap::new();
+    for n in found {
+        match newest.entry(n.state.id.clone()) {
+            Entry::Occupied(mut held) => {
+                let (new, old) = (&n.state, &held.get().state);
+                if (new.seq, new.seen_ms) > (old.seq, old.seen_ms) {
+                    held.insert(n);
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(n);
+            }
+        }
+    }
+    newest.into_values().collect()
+}
+
 pub(crate) fn nearest_first(mut found: Vec<Nearby>, limit: usize) -> Vec<Nearby> {
     found.sort_by(|a, b| {
         a.distance_m

@@ -17,7 +17,11 @@
 //! time to find them (see [`RedisStore::write_shard`]). Errors that say Redis
 //! cannot write at all are returned, and the writer retries.
 
-use std::{collections::HashMap, sync::LazyLock, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::LazyLock,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
@@ -32,8 +36,8 @@ use redis::{
 };
 
 use super::{
-    keys, nearest_first, Applied, Batch, Nearby, NearbyQuery, Refused, ShardBatch, Store,
-    StoreError, Upsert, ZoneChanges,
+    each_vehicle_once, keys, nearest_first, Applied, Batch, Nearby, NearbyQuery, Refused,
+    ShardBatch, Store, StoreError, Upsert, ZoneChanges,
 };
 
 /// Writes one shard's changes, fenced by its lease, and publishes them.
@@ -523,7 +527,7 @@ impl RedisStore {
         self.conn
             .cmd::<()>(redis::cmd("XDEL").arg(keys::outbox(shard)).arg(&ids))
             .await?;
-        let moved: std::collections::HashSet<String> = moved.into_iter().collect();
+        let moved: HashSet<String> = moved.into_iter().collect();
         let events = entries
             .iter()
             .filter(|(id, _)| moved.contains(id))
@@ -848,7 +852,16 @@ impl Store for RedisStore {
             .flatten()
             .collect();
         hits.sort_by(|a, b| a.2.total_cmp(&b.2));
-        hits.truncate(query.limit);
+        // The nearest `limit` vehicles, each counted once: a vehicle in two
+        // shards' geo keys (left by a node that died between writing its
+        // new shard and leaving its old one) must not take another's place.
+        let cut = {
+            let mut ids = HashSet::with_capacity(query.limit + 1);
+            hits.iter()
+                .position(|(_, id, _)| ids.insert(id.as_str()) && ids.len() > query.limit)
+                .unwrap_or(hits.len())
+        };
+        hits.truncate(cut);
 
         let mut by_shard: HashMap<ShardId, (Vec<String>, Vec<f64>)> = HashMap::new();
         for (shard, id, distance) in hits {
@@ -871,8 +884,8 @@ impl Store for RedisStore {
                         .collect::<Vec<_>>(),
                 )
             });
-        let found = try_join_all(fetches).await?.into_iter().flatten().collect();
-        Ok(nearest_first(found, query.limit))
+        let found = try_join_all(fetches).await?.into_iter().flatten();
+        Ok(nearest_first(each_vehicle_once(found), query.limit))
     }
 
     async fn load_all(&self) -> Result<Vec<VehicleState>, StoreError> {
