@@ -284,10 +284,16 @@ async fn a_vehicle_stored_in_two_shards_is_found_once_as_its_newest_state() {
             state(&format!("other-{i}"), lat + f64::from(i) * 0.002, lon, 1)
         })
         .collect();
-    store.apply(&placing(std::slice::from_ref(&old))).await.unwrap();
+    store
+        .apply(&placing(std::slice::from_ref(&old)))
+        .await
+        .unwrap();
     store.apply(&placing(&others)).await.unwrap();
     // Written to the shard it went to; its removal from the other, lost.
-    store.apply(&placing(std::slice::from_ref(&new))).await.unwrap();
+    store
+        .apply(&placing(std::slice::from_ref(&new)))
+        .await
+        .unwrap();
     assert_eq!(traces_in(&redis, shard_of(&old), "twice"), [true; 3]);
     assert_eq!(traces_in(&redis, shard_of(&new), "twice"), [true; 3]);
 

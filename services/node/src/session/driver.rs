@@ -510,7 +510,6 @@ impl<'a> DriverSession<'a> {
         self.rejected_unsent || self.acked_seq != self.ack_sent
     }
 
-    /// Sends an `Ack` when something happened since the last one.
     /// The driver asks what was accepted so far: it is told at once, even
     /// if nothing changed since the last `Ack`, so it always hears back.
     /// Requests share the fix budget: a flood of them is refused, then
@@ -524,6 +523,7 @@ impl<'a> DriverSession<'a> {
         }
     }
 
+    /// Sends an `Ack` when something happened since the last one.
     async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         if !self.unacknowledged() {
             return Ok(());
@@ -531,6 +531,7 @@ impl<'a> DriverSession<'a> {
         self.send_ack_now(tx).await
     }
 
+    /// Sends an `Ack` of what was accepted and rejected so far.
     async fn send_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         self.ack_sent_at = tokio::time::Instant::now();
         let ack = ServerMsg::Ack(Ack {

@@ -274,7 +274,6 @@ pub struct ZoneChanges {
     pub zones: Vec<(ZoneId, Option<String>)>,
 }
 
-/// Keeps the `limit` nearest of `found`, nearest first.
 /// Each vehicle once, as its newest state (highest sequence, then last
 /// heard): a read over several shards can meet a vehicle twice, in the
 /// shard it left and the one it went to, when a node died between the two
@@ -297,6 +296,7 @@ pub(crate) fn each_vehicle_once(found: impl IntoIterator<Item = Nearby>) -> Vec<
     newest.into_values().collect()
 }
 
+/// Keeps the `limit` nearest of `found`, nearest first.
 pub(crate) fn nearest_first(mut found: Vec<Nearby>, limit: usize) -> Vec<Nearby> {
     found.sort_by(|a, b| {
         a.distance_m
