@@ -376,6 +376,9 @@ impl Node {
         let (endpoints, quic_addr) = bind_quic(&config, &certificates, &metrics)?;
         let (http_listener, http_addr) = bind_http(config.http.listen).await?;
         let (admin_listener, admin_addr) = bind_http(config.admin.listen).await?;
+        // Where it listens, as bound (a port given as 0 is chosen here): a
+        // supervisor or a test learns the ports from this line.
+        tracing::info!(%quic_addr, %http_addr, %admin_addr, "listening");
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

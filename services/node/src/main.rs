@@ -215,7 +215,12 @@ async fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Colours for a person at a terminal, plain text for a file or a
+        // journal.
+        tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_env_filter(filter)
+            .init();
     }
     let config = cli.run.config()?;
     if let Some(Command::Token(args)) = &cli.command {

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{healthy, loopback, stored};
+use common::{healthy, listening, loopback, stored};
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_client::{
     Connector, DriverClient, DriverOptions, Event, FixInput, RiderClient, RiderOptions,
@@ -28,9 +28,9 @@ use hexfleet_node::{cluster::membership::LiveSet, store::keys};
 use hexfleet_protocol::{
     bus::NodeInfo,
     dashboard::{DashboardEvent, DashboardRequest, Viewport},
-    dev, Claims, DriverReport, Role,
+    dev, Claims, DriverReport, Fix, Role,
 };
-use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisCluster, RedisServer};
+use hexfleet_testkit::{eventually, RedisCluster, RedisServer};
 use parking_lot::Mutex;
 use rustix::process::{kill_process, Pid, Signal};
 
@@ -104,6 +104,8 @@ struct Cluster {
     _turn: tokio::sync::MutexGuard<'static, ()>,
     /// Whether the nodes serve HTTPS (and WSS), as in production.
     https: bool,
+    /// How long a driver that lost its connection stays visible.
+    offline_grace: Duration,
     store: String,
     redis_url: String,
     dir: tempfile::TempDir,
@@ -120,10 +122,23 @@ impl Cluster {
     }
 
     async fn start_with(store: &str, redis_url: String, count: usize, https: bool) -> Self {
+        // The node's default.
+        let grace = Duration::from_secs(10);
+        Self::start_configured(store, redis_url, count, https, grace).await
+    }
+
+    async fn start_configured(
+        store: &str,
+        redis_url: String,
+        count: usize,
+        https: bool,
+        offline_grace: Duration,
+    ) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut cluster = Cluster {
             _turn: turn,
             https,
+            offline_grace,
             store: store.into(),
             redis_url,
             dir: tempfile::tempdir().unwrap(),
@@ -131,7 +146,7 @@ impl Cluster {
         };
         for i in 0..count {
             // The first writes the shared certificate; the others reuse it.
-            let node = cluster.spawn(&format!("n{i}"));
+            let node = cluster.spawn(&format!("n{i}")).await;
             healthy(node.admin).await;
             cluster.nodes.push(node);
         }
@@ -139,12 +154,9 @@ impl Cluster {
         cluster
     }
 
-    fn spawn(&self, id: &str) -> Node {
-        let (quic, http, admin) = (
-            loopback(free_udp_port()),
-            loopback(free_tcp_port()),
-            loopback(free_tcp_port()),
-        );
+    /// Starts node `id` on ports it chooses itself, and learns them.
+    async fn spawn(&self, id: &str) -> Node {
+        let any = loopback(0);
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
@@ -152,10 +164,13 @@ impl Cluster {
                 "node_id = \"{id}\"\n\
                  [http]\ntls = {}\n\
                  [cells]\nshard_res = {SHARD_RES}\n\
-                 [ingest]\nack_interval = \"100ms\"\n\
+                 [ingest]\nack_interval = \"100ms\"\noffline_grace = \"{}ms\"\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
                  [cluster]\nenabled = true\nlease_ttl = \"1500ms\"\nrenew_interval = \"500ms\"\n",
-                self.https, self.store, self.redis_url
+                self.https,
+                self.offline_grace.as_millis(),
+                self.store,
+                self.redis_url
             ),
         )
         .unwrap();
@@ -168,22 +183,26 @@ impl Cluster {
             .env("HEXFLEET_DEV_DIR", self.dir.path())
             .env("RUST_LOG", "info")
             .args(["--config", config.to_str().unwrap()])
-            .args(["--quic-listen", &quic.to_string()])
-            .args(["--http-listen", &http.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
+            .args(["--quic-listen", &any.to_string()])
+            .args(["--http-listen", &any.to_string()])
+            .args(["--admin-listen", &any.to_string()])
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
             .expect("hexfleet-node starts");
-        Node {
+        // Killed if it never listens (dropped with the panic).
+        let mut node = Node {
             id: id.into(),
             child,
-            quic,
-            http,
-            admin,
+            quic: any,
+            http: any,
+            admin: any,
             log,
-        }
+        };
+        let bound = listening(&mut node.child, &node.log).await;
+        (node.quic, node.http, node.admin) = (bound.quic, bound.http, bound.admin);
+        node
     }
 
     /// Waits until every node sees `count` live nodes.
@@ -455,26 +474,7 @@ async fn a_zone_over_the_fleet_counts_it_once_on_every_node(cluster: &Cluster, f
     let zone = serde_json::json!({"type": "Feature", "properties": {"kind": "district"},
         "geometry": {"type": "Polygon", "coordinates": [ring]}});
     let put = Instant::now();
-    let answer = reqwest::Client::new()
-        .put(format!(
-            "http://{}/v1/zones/district",
-            cluster.nodes[0].http
-        ))
-        .bearer_auth(token(Role::Dashboard, "ops"))
-        .body(zone.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status().as_u16(), 201);
-    for node in &cluster.nodes {
-        eventually(WAIT, "the zone on every node", async || {
-            let r = api_get(format!("http://{}/v1/zones/district", node.http))
-                .await
-                .ok()?;
-            (r.status().as_u16() == 200).then_some(())
-        })
-        .await;
-    }
+    put_zone(cluster, &cluster.nodes[0], "district", &zone).await;
     println!(
         "a zone put on one node applied on all {} in {:?}",
         cluster.nodes.len(),
@@ -517,6 +517,28 @@ async fn a_zone_over_the_fleet_counts_it_once_on_every_node(cluster: &Cluster, f
             .all(|(_, event, cause)| event == "entered" && cause == "zone_changed"),
         "{events:?}"
     );
+}
+
+/// Puts zone `id` through node `via`, and waits until every node has it.
+async fn put_zone(cluster: &Cluster, via: &Node, id: &str, feature: &serde_json::Value) {
+    let answer = reqwest::Client::new()
+        .put(format!("http://{}/v1/zones/{id}", via.http))
+        .bearer_auth(token(Role::Dashboard, "ops"))
+        .body(feature.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    assert_eq!(status, 201, "{}", answer.text().await.unwrap_or_default());
+    for node in &cluster.nodes {
+        eventually(WAIT, "the zone on every node", async || {
+            let r = api_get(format!("http://{}/v1/zones/{id}", node.http))
+                .await
+                .ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        })
+        .await;
+    }
 }
 
 /// Every zone event in the stream: (vehicle, event, cause).
@@ -643,6 +665,15 @@ fn towards(from: (f64, f64), to: (f64, f64), m: f64) -> (f64, f64) {
     )
 }
 
+/// The removals of vehicle `id` among the rider's events since the last
+/// look.
+fn removals_of(r: &RiderClient, id: &VehicleId) -> Vec<Event> {
+    r.take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Removed(v, _) if v == id))
+        .collect()
+}
+
 /// Two neighbouring shards owned by different nodes, and where a straight
 /// line from the first's centre to the second's crosses from one to the other.
 fn boundary(cluster: &Cluster) -> (ShardId, ShardId, (f64, f64), (f64, f64)) {
@@ -730,11 +761,7 @@ async fn a_driver_crossing_into_another_nodes_shard_is_handed_over_without_a_gap
             ((v.lat - end.0).abs() < 1e-6 && (v.lon - end.1).abs() < 1e-6).then_some(())
         })
         .await;
-        let removed: Vec<Event> = r
-            .take_events()
-            .into_iter()
-            .filter(|e| matches!(e, Event::Removed(v, _) if *v == id))
-            .collect();
+        let removed = removals_of(r, &id);
         assert!(
             removed.is_empty(),
             "the vehicle left view during the hand-off: {removed:?}"
@@ -748,6 +775,115 @@ async fn a_driver_crossing_into_another_nodes_shard_is_handed_over_without_a_gap
         .await
         .unwrap();
     assert_eq!(stored["seq"], last_seq, "{stored}");
+}
+
+/// A driver that crossed into another node's shard (still on the first
+/// node, short of the hand-off distance), lost signal there and came back
+/// through the other node within its grace: the first node's offline timer
+/// lets its copy go. Nobody signs the vehicle off: riders never see it
+/// removed, the zone it is in hears no exit, it is still found by id, and
+/// the store holds it in one shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_back_through_another_node_within_its_grace_is_not_signed_off_by_the_first() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let redis = RedisServer::start();
+    let cluster = Cluster::start_configured("redis", redis.url(), 2, false, GRACE).await;
+    let mut backend = ZoneBackend::join(&redis.url()).await;
+    let (home, away, crossing, far) = boundary(&cluster);
+    let (from, to) = (cluster.owner(home), cluster.owner(away));
+    put_zone(&cluster, from, "depot", &round_zone(crossing, 150.0)).await;
+    let sub = Subscription::around(crossing.0, crossing.1, 900.0);
+    let watching = [
+        rider(&cluster, from, "watch-a", sub.clone()).await,
+        rider(&cluster, to, "watch-b", sub.clone()).await,
+    ];
+    let at = |m: f64| towards(crossing, far, m);
+    // On the first node, 6 m every 100 ms, from outside the zone into it
+    // and 90 m past the edge: short of the hand-off.
+    let mut d = driver(&cluster, from.quic, "tunnel").await;
+    let mut m = -200.0;
+    while m <= 90.0 {
+        let p = at(m);
+        d.send_fix(FixInput::at(p.0, p.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m += 6.0;
+    }
+    assert_eq!(d.node(), from.quic, "not handed over yet");
+    let last = d.next_seq() - 1;
+    // Signal lost; back at once through the other node, as the SDK comes
+    // back (its sequence continued).
+    d.abandon();
+    let lost = Instant::now();
+    let options = DriverOptions {
+        reconnect: true,
+        seeds: cluster.seeds(),
+    };
+    let mut back = cluster
+        .connector()
+        .driver_with(to.quic, &token(Role::Driver, "tunnel"), report(), options)
+        .await
+        .unwrap();
+    let p = at(96.0);
+    back.send_raw(Fix {
+        seq: last + 1,
+        fix_time_ms: hexfleet_node::clock::now_ms(),
+        lat: p.0,
+        lon: p.1,
+        heading_deg: 0.0,
+        speed_mps: 0.0,
+        accuracy_m: 5.0,
+    })
+    .await
+    .unwrap();
+    // Standing there past the first node's grace.
+    while lost.elapsed() < GRACE + Duration::from_millis(1_500) {
+        back.send_fix(FixInput::at(p.0, p.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back.node(), to.quic);
+    let id = VehicleId::new("tunnel").unwrap();
+    assert!(
+        from.log().contains("came back through another node"),
+        "the first node let it go\n{}",
+        cluster.logs()
+    );
+    for r in &watching {
+        assert!(r.view().contains_key(&id), "still in view");
+        let removed = removals_of(r, &id);
+        assert!(
+            removed.is_empty(),
+            "removed from a rider's view: {removed:?}"
+        );
+    }
+    for node in &cluster.nodes {
+        let found = api_json(format!("http://{}/v1/vehicles/tunnel", node.http))
+            .await
+            .unwrap();
+        let seq = found["seq"].as_u64();
+        assert!(
+            seq.is_some_and(|seq| seq > last),
+            "found by id on {}: {found}",
+            node.id
+        );
+    }
+    // One shard holds it: the first node's copy went from its shard.
+    let in_geo = |shard: ShardId| {
+        redis::cmd("ZSCORE")
+            .arg(keys::geo(shard))
+            .arg("tunnel")
+            .query::<Option<f64>>(&mut redis.conn())
+            .unwrap()
+            .is_some()
+    };
+    eventually(WAIT, "the vehicle stored in one shard", async || {
+        (!in_geo(home) && in_geo(away)).then_some(())
+    })
+    .await;
+    let mut seen = backend.read().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    seen.extend(backend.read().await);
+    let entered = ("tunnel".into(), "entered".into(), "moved".into());
+    assert_eq!(seen, [entered], "one entry, no exit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1401,31 +1537,13 @@ async fn a_vehicle_in_a_zone_enters_once_across_a_hand_off_and_a_failover() {
     );
     // A zone astride the shard edge: the driver enters it on one node, is
     // handed to the other inside it, and that node dies under it.
-    let put = reqwest::Client::new()
-        .put(format!(
-            "http://{}/v1/zones/stadium",
-            cluster.by_id(&to).http
-        ))
-        .bearer_auth(token(Role::Dashboard, "ops"))
-        .body(round_zone(crossing, 350.0).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        put.status().as_u16(),
-        201,
-        "{}",
-        put.text().await.unwrap_or_default()
-    );
-    for node in &cluster.nodes {
-        eventually(WAIT, "every node has the zone", async || {
-            let r = api_get(format!("http://{}/v1/zones/stadium", node.http))
-                .await
-                .ok()?;
-            (r.status().as_u16() == 200).then_some(())
-        })
-        .await;
-    }
+    put_zone(
+        &cluster,
+        cluster.by_id(&to),
+        "stadium",
+        &round_zone(crossing, 350.0),
+    )
+    .await;
     let at = |m: f64| towards(crossing, far, m);
     let mut d = driver(&cluster, cluster.by_id(&from).quic, "fan").await;
     // From 400 m before the edge (outside the zone) to 330 m past it: in

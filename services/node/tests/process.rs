@@ -10,19 +10,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{healthy, loopback, stored, WAIT};
+use common::{healthy, listening, loopback, stored, WAIT};
 use hexfleet_client::{ClientError, Connector, FixInput};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_protocol::{dev, Claims, DriverReport, ErrorCode, Role};
-use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisServer};
+use hexfleet_testkit::{eventually, RedisServer};
 use rustix::process::{kill_process, Pid, Signal};
 
 const SECRET: &str = "process-test-secret-0123456789";
 
-/// A `hexfleet-node` process on free loopback ports; killed if dropped.
+/// A `hexfleet-node` process on loopback ports of its choosing; killed if
+/// dropped.
 struct NodeProcess {
     child: Child,
     quic: SocketAddr,
+    http: SocketAddr,
     admin: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -42,36 +44,38 @@ fn node_command(dir: &Path) -> Command {
 }
 
 impl NodeProcess {
-    fn start(redis: &RedisServer) -> Self {
-        let http = loopback(free_tcp_port());
-        Self::launch(
-            tempfile::tempdir().unwrap(),
-            http,
-            &["--redis-url", &redis.url()],
-        )
+    async fn start(redis: &RedisServer) -> Self {
+        Self::launch(tempfile::tempdir().unwrap(), &["--redis-url", &redis.url()]).await
     }
 
-    /// Starts the node on free loopback ports (HTTP on `http`), with its
-    /// files and log in `dir`, and `args` besides.
-    fn launch(dir: tempfile::TempDir, http: SocketAddr, args: &[&str]) -> Self {
-        let (quic, admin) = (loopback(free_udp_port()), loopback(free_tcp_port()));
-        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    /// Starts the node on loopback ports it chooses (learnt from its log),
+    /// with its files and log in `dir`, and `args` besides.
+    async fn launch(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        let any = loopback(0).to_string();
+        let log = dir.path().join("node.log");
+        let file = std::fs::File::create(&log).unwrap();
         let child = node_command(dir.path())
             .env("HEXFLEET_TOKEN_SECRET", SECRET)
-            .args(["--quic-listen", &quic.to_string()])
-            .args(["--http-listen", &http.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
+            .args(["--quic-listen", &any])
+            .args(["--http-listen", &any])
+            .args(["--admin-listen", &any])
             .args(args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
             .spawn()
             .expect("hexfleet-node starts");
-        Self {
+        let unbound = loopback(0);
+        // Killed if it never listens (dropped with the panic).
+        let mut node = Self {
             child,
-            quic,
-            admin,
+            quic: unbound,
+            http: unbound,
+            admin: unbound,
             dir,
-        }
+        };
+        let bound = listening(&mut node.child, &log).await;
+        (node.quic, node.http, node.admin) = (bound.quic, bound.http, bound.admin);
+        node
     }
 
     fn cert(&self) -> PathBuf {
@@ -124,7 +128,7 @@ fn driver_token(id: &str) -> String {
 #[tokio::test]
 async fn sigterm_under_load_tells_clients_drains_and_writes_the_last_accepted_fixes() {
     let redis = RedisServer::start();
-    let mut node = NodeProcess::start(&redis);
+    let mut node = NodeProcess::start(&redis).await;
     healthy(node.admin).await;
     let connector = Connector::new(&node.cert(), dev::DEV_SERVER_NAME).unwrap();
     let report = report();
@@ -182,9 +186,9 @@ async fn sigterm_under_load_tells_clients_drains_and_writes_the_last_accepted_fi
 #[test]
 fn the_public_development_secret_is_refused_beyond_loopback() {
     let dir = tempfile::tempdir().unwrap();
-    let open = format!("0.0.0.0:{}", free_udp_port());
+    let open = "0.0.0.0:0";
     let out = node_command(dir.path())
-        .args(["--quic-listen", &open])
+        .args(["--quic-listen", open])
         .output()
         .expect("hexfleet-node runs");
     assert!(!out.status.success());
@@ -198,15 +202,18 @@ fn the_public_development_secret_is_refused_beyond_loopback() {
 #[tokio::test]
 async fn a_development_node_on_loopback_starts_with_the_public_secret_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = loopback(free_tcp_port());
+    let any = loopback(0).to_string();
+    let log = dir.path().join("node.log");
+    let file = std::fs::File::create(&log).unwrap();
     let mut child = node_command(dir.path())
-        .args(["--quic-listen", &loopback(free_udp_port()).to_string()])
-        .args(["--http-listen", &loopback(free_tcp_port()).to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .args(["--quic-listen", &any])
+        .args(["--http-listen", &any])
+        .args(["--admin-listen", &any])
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
         .spawn()
         .unwrap();
+    let admin = listening(&mut child, &log).await.admin;
     healthy(admin).await;
     kill_process(Pid::from_child(&child), Signal::INT).unwrap();
     assert!(child.wait().unwrap().success());
@@ -257,7 +264,7 @@ async fn sighup_reloads_the_certificate_and_the_token_keys_without_a_restart() {
         "--jwks",
         jwks.to_str().unwrap(),
     ];
-    let node = NodeProcess::launch(dir, loopback(free_tcp_port()), &args);
+    let node = NodeProcess::launch(dir, &args).await;
     let (quic, admin) = (node.quic, node.admin);
     healthy(admin).await;
     // Each connection its own driver: one driver connecting again would
@@ -335,9 +342,9 @@ async fn tokens_minted_by_the_cli_with_a_secret_or_an_ec_key_open_the_api() {
         "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
     }]});
     std::fs::write(&jwks, set.to_string()).unwrap();
-    let http = loopback(free_tcp_port());
     let args = ["--http-tls", "false", "--jwks", jwks.to_str().unwrap()];
-    let node = NodeProcess::launch(dir, http, &args);
+    let node = NodeProcess::launch(dir, &args).await;
+    let http = node.http;
     let admin = node.admin;
     healthy(admin).await;
     let path = node.dir.path();
@@ -380,9 +387,9 @@ async fn a_cluster_node_started_while_redis_is_down_is_live_not_ready_and_joins_
     let url = redis.url();
     let node = NodeProcess::launch(
         tempfile::tempdir().unwrap(),
-        loopback(free_tcp_port()),
         &["--cluster", "--redis-url", &url],
-    );
+    )
+    .await;
     let probe = async |path: &str| {
         reqwest::get(format!("http://{}{path}", node.admin))
             .await

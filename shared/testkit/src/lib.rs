@@ -26,6 +26,8 @@ pub enum TestkitError {
     TempDir(std::io::Error),
     #[error("a free port: {0}")]
     Port(std::io::Error),
+    #[error("port {0} was taken by another server")]
+    PortTaken(u16),
     #[error("redis-cli --cluster create: {0}")]
     ClusterCreate(String),
 }
@@ -109,8 +111,15 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return Ok(());
+                // The server answering must be this one, not another that
+                // took the port between the probe and this server's bind
+                // (this one then exits): its working directory is ours.
+                let dir: redis::RedisResult<(String, String)> =
+                    redis::cmd("CONFIG").arg("GET").arg("dir").query(&mut conn);
+                match dir {
+                    Ok((_, dir)) if same_dir(&dir, self.dir.path()) => return Ok(()),
+                    Ok(_) => return Err(TestkitError::PortTaken(self.port)),
+                    Err(_) => {}
                 }
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -150,6 +159,11 @@ impl RedisServer {
             .and_then(|c| c.get_connection())
             .expect("connect to the test redis")
     }
+}
+
+fn same_dir(a: &str, b: &std::path::Path) -> bool {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    canonical(std::path::Path::new(a)) == canonical(b)
 }
 
 /// A Redis Cluster of its own: `masters` servers with `cluster-enabled

@@ -121,11 +121,43 @@ pub(super) async fn serve(
                 _ = ctx.shutdown.cancelled() => return,
             }
             if !ctx.drivers.contains_key(&id) {
-                ctx.ingest.sign_off(&id, RemoveReason::Offline);
+                go_offline(&ctx, &id).await;
             }
         });
     }
     outcome
+}
+
+/// A driver silent past its grace goes offline: signed off, out of its
+/// zones, removed from riders' views. Unless, in a cluster, it came back
+/// through another node meanwhile (it drove into that node's shard, lost
+/// signal here, and reconnected there): then the store holds a newer state
+/// of it than this node does, and this node lets its copy go as in a
+/// hand-off, with no sign-off, no zone exit and no removal, leaving the
+/// vehicle to the node that has it (and its locator pointing there).
+async fn go_offline(ctx: &Context, id: &VehicleId) {
+    let Some(held) = ctx.ingest.table.get(id) else {
+        return;
+    };
+    if ctx.cluster.is_some() {
+        match ctx.store.vehicle(id).await {
+            Ok(Some(stored))
+                if stored.seq > held.state.seq || stored.seen_ms > held.state.seen_ms =>
+            {
+                tracing::info!(vehicle = %id, "a silent driver came back through another node; letting its vehicle go there");
+                // Its copy leaves this node's shard: only this node writes
+                // there while it holds the lease (and a write without it is
+                // fenced), so the other node's copy is never touched.
+                ctx.ingest.hand_off(id, true);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vehicle = %id, error = %e, "reading a silent driver's stored state; signing it off")
+            }
+        }
+    }
+    ctx.ingest.sign_off(id, RemoveReason::Offline);
 }
 
 struct DriverSession<'a> {

@@ -1,6 +1,11 @@
 //! What the tests running `hexfleet-node` processes share.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Child,
+    time::{Duration, Instant},
+};
 
 use hexfleet_model::{VehicleId, VehicleState};
 use hexfleet_node::store::keys;
@@ -11,6 +16,49 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 pub fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
+}
+
+/// Where a node process listens, as it bound its listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// The addresses a node started with port 0 bound, from its `listening`
+/// log line (written to `log`). Ports chosen by the node itself cannot be
+/// taken by anyone between a probe and the bind, as a port found free
+/// beforehand can (another test's server, or any client's outgoing
+/// connection, may get it first). Panics with the log if the node exits
+/// first or says nothing within [`WAIT`].
+pub async fn listening(child: &mut Child, log: &Path) -> Listening {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(" listening ")) {
+            let field = |name: &str| -> SocketAddr {
+                let value = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("{name} in {line:?}"));
+                value.parse().unwrap_or_else(|e| panic!("{name}: {e}"))
+            };
+            return Listening {
+                quic: field("quic_addr"),
+                http: field("http_addr"),
+                admin: field("admin_addr"),
+            };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the node exited ({status}) before listening:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node is not listening:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the node whose admin listener is `admin` answers `/healthz`.
