@@ -9,7 +9,8 @@
 //!
 //! A driver that disconnects without `Goodbye` stays visible for
 //! `offline_grace`, in case it comes back (phones lose signal); then its
-//! vehicle goes offline.
+//! vehicle goes offline, unless it came back through another node
+//! meanwhile ([`go_offline`]).
 //!
 //! In a cluster each accepted fix is routed: a fix in a shard this node owns
 //! is taken; a driver that crosses into another node's shard stays here
@@ -140,7 +141,12 @@ async fn go_offline(ctx: &Context, id: &VehicleId) {
         return;
     };
     if ctx.cluster.is_some() {
-        match ctx.store.vehicle(id).await {
+        let stored = ctx.store.vehicle(id).await;
+        if ctx.drivers.contains_key(id) {
+            // It came back here while the store was read.
+            return;
+        }
+        match stored {
             Ok(Some(stored))
                 if stored.seq > held.state.seq || stored.seen_ms > held.state.seen_ms =>
             {
