@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{healthy, listening, loopback, stored};
+use common::{healthy, listening, loopback, on_chosen_ports, stored};
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_client::{
     Connector, DriverClient, DriverOptions, Event, FixInput, RiderClient, RiderOptions,
@@ -156,7 +156,6 @@ impl Cluster {
 
     /// Starts node `id` on ports it chooses itself, and learns them.
     async fn spawn(&self, id: &str) -> Node {
-        let any = loopback(0);
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
@@ -175,29 +174,25 @@ impl Cluster {
         )
         .unwrap();
         let log = self.dir.path().join(format!("{id}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hexfleet-node"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hexfleet-node"));
+        command
             .env_remove("HEXFLEET_CONFIG")
             .env_remove("HEXFLEET_DEV")
             .env("HEXFLEET_TOKEN_SECRET", SECRET)
             .env("HEXFLEET_DEV_DIR", self.dir.path())
             .env("RUST_LOG", "info")
             .args(["--config", config.to_str().unwrap()])
-            .args(["--quic-listen", &any.to_string()])
-            .args(["--http-listen", &any.to_string()])
-            .args(["--admin-listen", &any.to_string()])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
+            .stdin(Stdio::null());
+        let child = on_chosen_ports(&mut command, &log)
             .spawn()
             .expect("hexfleet-node starts");
         // Killed if it never listens (dropped with the panic).
         let mut node = Node {
             id: id.into(),
             child,
-            quic: any,
-            http: any,
-            admin: any,
+            quic: loopback(0),
+            http: loopback(0),
+            admin: loopback(0),
             log,
         };
         let bound = listening(&mut node.child, &node.log).await;

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{healthy, listening, loopback, stored, WAIT};
+use common::{healthy, listening, loopback, on_chosen_ports, stored, WAIT};
 use hexfleet_client::{ClientError, Connector, FixInput};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};
 use hexfleet_protocol::{dev, Claims, DriverReport, ErrorCode, Role};
@@ -51,17 +51,10 @@ impl NodeProcess {
     /// Starts the node on loopback ports it chooses (learnt from its log),
     /// with its files and log in `dir`, and `args` besides.
     async fn launch(dir: tempfile::TempDir, args: &[&str]) -> Self {
-        let any = loopback(0).to_string();
         let log = dir.path().join("node.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = node_command(dir.path())
-            .env("HEXFLEET_TOKEN_SECRET", SECRET)
-            .args(["--quic-listen", &any])
-            .args(["--http-listen", &any])
-            .args(["--admin-listen", &any])
-            .args(args)
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
+        let mut command = node_command(dir.path());
+        command.env("HEXFLEET_TOKEN_SECRET", SECRET).args(args);
+        let child = on_chosen_ports(&mut command, &log)
             .spawn()
             .expect("hexfleet-node starts");
         let unbound = loopback(0);
@@ -202,15 +195,8 @@ fn the_public_development_secret_is_refused_beyond_loopback() {
 #[tokio::test]
 async fn a_development_node_on_loopback_starts_with_the_public_secret_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let any = loopback(0).to_string();
     let log = dir.path().join("node.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let mut child = node_command(dir.path())
-        .args(["--quic-listen", &any])
-        .args(["--http-listen", &any])
-        .args(["--admin-listen", &any])
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
+    let mut child = on_chosen_ports(&mut node_command(dir.path()), &log)
         .spawn()
         .unwrap();
     let admin = listening(&mut child, &log).await.admin;

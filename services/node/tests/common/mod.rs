@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Child,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -24,6 +24,20 @@ pub struct Listening {
     pub quic: SocketAddr,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+}
+
+/// Has `command` (a node) listen on loopback ports of its own choosing and
+/// write its log to `log`; [`listening`] then says which ports.
+pub fn on_chosen_ports<'c>(command: &'c mut Command, log: &Path) -> &'c mut Command {
+    let any = loopback(0).to_string();
+    let file = std::fs::File::create(log).expect("the node's log file");
+    let copy = file.try_clone().expect("the node's log file, again");
+    command
+        .args(["--quic-listen", &any])
+        .args(["--http-listen", &any])
+        .args(["--admin-listen", &any])
+        .stdout(copy)
+        .stderr(file)
 }
 
 /// The addresses a node started with port 0 bound, from its `listening`
