@@ -12,6 +12,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
+    time::Duration,
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -163,13 +164,36 @@ impl AsyncUdpSocket for Counted {
     }
 }
 
-/// Binds `config.endpoints` endpoints on one address. Returns them and the
-/// address actually bound (port 0 becomes the chosen port).
+/// Says when an endpoint's UDP socket is closed. `Endpoint::wait_idle`
+/// returns once the connections have drained, but the socket closes only
+/// when quinn's endpoint driver, a task of its own, notices that nobody
+/// holds the endpoint any more: a node restarted on the same port a moment
+/// later could find it still bound.
+pub struct Released(std::sync::Weak<dyn AsyncUdpSocket>);
+
+impl Released {
+    /// Waits (at most `within`) until the socket is closed; says whether it
+    /// is.
+    pub async fn wait(self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.0.strong_count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+/// Binds `config.endpoints` endpoints on one address. Returns them, each
+/// with what says when its socket is closed, and the address actually
+/// bound (port 0 becomes the chosen port).
 pub fn bind(
     config: &QuicConfig,
     server: quinn::ServerConfig,
     metrics: &Metrics,
-) -> Result<(Vec<quinn::Endpoint>, SocketAddr), EndpointError> {
+) -> Result<(Vec<(quinn::Endpoint, Released)>, SocketAddr), EndpointError> {
     let shared = config.endpoints > 1;
     let mut addr = config.listen;
     let mut endpoints = Vec::with_capacity(config.endpoints);
@@ -180,8 +204,10 @@ pub fn bind(
             .local_addr()
             .map_err(|source| EndpointError::Bind { addr, source })?;
         let err = |source| EndpointError::Bind { addr, source };
+        let inner = runtime.wrap_udp_socket(socket).map_err(err)?;
+        let released = Released(Arc::downgrade(&inner));
         let socket = Arc::new(Counted {
-            inner: runtime.wrap_udp_socket(socket).map_err(err)?,
+            inner,
             datagrams: metrics.udp_datagrams.clone(),
             bytes: metrics.udp_bytes.clone(),
         });
@@ -192,7 +218,7 @@ pub fn bind(
             runtime.clone(),
         )
         .map_err(err)?;
-        endpoints.push(endpoint);
+        endpoints.push((endpoint, released));
     }
     Ok((endpoints, addr))
 }
@@ -250,6 +276,7 @@ impl Drop for Handshaking {
 /// Accepts connections until shutdown, each served by its own task.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
+    released: Released,
     ctx: Arc<Context>,
     admission: Admission,
     sessions: TaskTracker,
@@ -310,6 +337,17 @@ pub async fn accept_loop(
     let _ = tokio::time::timeout(crate::SESSION_DRAIN, sessions.wait()).await;
     let code = hexfleet_protocol::ErrorCode::ShuttingDown;
     endpoint.close(code.close_code().into(), code.as_str().as_bytes());
-    // Let closed connections drain, so the port is free when we return.
+    // Let closed connections drain, then let the socket go, so the port is
+    // free when we return (a node restarted on it binds at once).
     endpoint.wait_idle().await;
+    drop(endpoint);
+    if !released.wait(SOCKET_RELEASE).await {
+        tracing::warn!(
+            "the QUIC socket was still open {SOCKET_RELEASE:?} after the endpoint closed"
+        );
+    }
 }
+
+/// How long the endpoint driver gets to close the socket once the endpoint
+/// is idle and let go: it needs one more turn of the runtime.
+const SOCKET_RELEASE: Duration = Duration::from_secs(2);

@@ -217,7 +217,7 @@ fn bind_quic(
     config: &Config,
     certificates: &Arc<tls::Certificates>,
     metrics: &metrics::Metrics,
-) -> Result<(Vec<quinn::Endpoint>, SocketAddr), NodeError> {
+) -> Result<(Vec<(quinn::Endpoint, endpoint::Released)>, SocketAddr), NodeError> {
     let server = certificates.quic(endpoint::transport(&config.quic)?)?;
     Ok(endpoint::bind(&config.quic, server, metrics)?)
 }
@@ -463,9 +463,10 @@ impl Node {
                 shutdown.clone(),
             ));
         }
-        for endpoint in endpoints {
+        for (endpoint, released) in endpoints {
             tasks.spawn(endpoint::accept_loop(
                 endpoint,
+                released,
                 ctx.clone(),
                 endpoint::Admission::new(&config.quic),
                 sessions.clone(),
