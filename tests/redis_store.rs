@@ -16,7 +16,7 @@ use hexfleet_node::{
         memory::MemoryStore,
         redis::RedisStore,
         writer::{StoreWriter, Unfenced},
-        Batch, NearbyQuery, Removal, ShardBatch, Store, Upsert,
+        Batch, NearbyQuery, Removal, ShardBatch, Store, Upsert, Version,
     },
     table::Entry,
 };
@@ -442,6 +442,7 @@ fn random_workload(
                 shard_batch(&mut shards, shard).removals.push(Removal {
                     id: id.clone(),
                     gone: Some(RemoveReason::Offline),
+                    last: Version::of(old),
                 });
                 live.remove(&id);
                 continue;
@@ -461,6 +462,7 @@ fn random_workload(
                     shard_batch(&mut shards, old_shard).removals.push(Removal {
                         id: id.clone(),
                         gone: None,
+                        last: Version::of(old),
                     });
                     true
                 }

@@ -15,7 +15,7 @@ use crate::{
     clock,
     fanout::FanOut,
     metrics::Metrics,
-    store::{seen_due, writer::StoreWriter},
+    store::{seen_due, writer::StoreWriter, Removal, Version},
     table::{Entry, VehicleTable},
     validate::ValidFix,
     zones::{Standing, Trigger, Zones},
@@ -107,7 +107,8 @@ impl Ingest {
         self.fanout.vehicle_changed(state.clone(), cell, shard);
         let (relocated, seen) = match previous {
             Some(p) if p.shard != shard => {
-                self.writer.stage_removal(p.shard, id.clone(), None);
+                self.writer
+                    .stage_removal_of(p.shard, id.clone(), p.version, None);
                 (true, true)
             }
             Some(p) => (false, seen_due(p.seen_ms, now_ms)),
@@ -142,12 +143,61 @@ impl Ingest {
     /// The vehicle is gone (signed off, or offline for too long).
     pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) {
         if let Some(entry) = self.table.remove(id) {
-            let events = Zones::leave_all(&entry.state, clock::now_ms(), ZoneCause::SignedOff);
-            self.writer.stage_events(entry.shard, events);
-            self.writer
-                .stage_removal(entry.shard, id.clone(), Some(reason));
-            self.fanout.vehicle_removed(id.clone(), reason, entry.shard);
+            self.gone(&entry, reason, ZoneCause::SignedOff, clock::now_ms());
         }
+    }
+
+    /// A vehicle removed from the table is gone for good: it leaves its
+    /// zones, the store and the riders' views.
+    fn gone(&self, entry: &Entry, reason: RemoveReason, cause: ZoneCause, now_ms: i64) {
+        let events = Zones::leave_all(&entry.state, now_ms, cause);
+        self.writer.stage_events(entry.shard, events);
+        self.writer
+            .stage_removal(entry.shard, &entry.state, Some(reason));
+        self.fanout
+            .vehicle_removed(entry.state.id.clone(), reason, entry.shard);
+    }
+
+    /// Applies removals another node made in `shard` but could not write
+    /// before the shard became this node's (a sign-off during a Redis
+    /// stall, a vehicle that crossed out): a vehicle held here in that
+    /// shard at the removed state or an older one goes as it went there; a
+    /// newer one is its driver's since, and stays. Returns how many went.
+    pub fn apply_tombstones(&self, shard: ShardId, removals: &[Removal]) -> usize {
+        let now_ms = clock::now_ms();
+        let mut applied = 0;
+        for r in removals {
+            let outdated = |e: &Entry| e.shard == shard && Version::of(&e.state) <= r.last;
+            let Some(entry) = self.table.remove_if(&r.id, outdated) else {
+                if self.table.get(&r.id).is_none() {
+                    // Not held here: the store may still hold it.
+                    self.writer
+                        .stage_removal_of(shard, r.id.clone(), r.last, r.gone);
+                }
+                continue;
+            };
+            match r.gone {
+                Some(reason) => {
+                    let cause = match reason {
+                        RemoveReason::Stale => ZoneCause::Stale,
+                        _ => ZoneCause::SignedOff,
+                    };
+                    self.gone(&entry, reason, cause, now_ms);
+                }
+                None => {
+                    // It moved on (to a shard the other node holds): it
+                    // leaves this one, and riders see it again from there.
+                    self.writer.stage_removal(shard, &entry.state, None);
+                    self.fanout.vehicle_in_transit(r.id.clone(), shard);
+                }
+            }
+            applied += 1;
+        }
+        if applied > 0 {
+            self.metrics.store_tombstones_applied.inc_by(applied as u64);
+            self.metrics.vehicles.set(self.table.len() as i64);
+        }
+        applied
     }
 
     /// The driver is handed to another node: this node forgets the vehicle
@@ -159,7 +209,7 @@ impl Ingest {
     pub fn hand_off(&self, id: &VehicleId, leaves_shard: bool) -> Option<Entry> {
         let entry = self.table.remove(id)?;
         if leaves_shard {
-            self.writer.stage_removal(entry.shard, id.clone(), None);
+            self.writer.stage_removal(entry.shard, &entry.state, None);
         }
         self.fanout.vehicle_in_transit(id.clone(), entry.shard);
         self.metrics.handoffs.inc();
@@ -193,13 +243,7 @@ impl Ingest {
         let evicted = self.table.evict_stale(cutoff_ms);
         let now_ms = clock::now_ms();
         for entry in &evicted {
-            let events = Zones::leave_all(&entry.state, now_ms, ZoneCause::Stale);
-            self.writer.stage_events(entry.shard, events);
-            let id = entry.state.id.clone();
-            let reason = RemoveReason::Stale;
-            self.writer
-                .stage_removal(entry.shard, id.clone(), Some(reason));
-            self.fanout.vehicle_removed(id, reason, entry.shard);
+            self.gone(entry, RemoveReason::Stale, ZoneCause::Stale, now_ms);
         }
         self.metrics.vehicles_evicted.inc_by(evicted.len() as u64);
         self.metrics.vehicles.set(self.table.len() as i64);

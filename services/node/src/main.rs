@@ -231,16 +231,24 @@ async fn main() -> anyhow::Result<()> {
     if let Some(cert) = &node.dev_cert {
         tracing::info!(cert = %cert.display(), "clients on this machine trust this development certificate");
     }
-    let signal = shutdown_signal()
-        .await
-        .context("waiting for a shutdown signal")?;
+    let stopping = node.shutdown_token();
+    let signal = tokio::select! {
+        signal = shutdown_signal() => Some(signal.context("waiting for a shutdown signal")?),
+        // The node stopped itself (another process took its id).
+        _ = stopping.cancelled() => None,
+    };
     tracing::info!(
-        signal,
+        signal = signal.unwrap_or("none: the node stopped itself"),
         "shutting down: telling clients, draining sessions, writing the last changes"
     );
     node.shutdown(Duration::from_secs(5)).await;
     tracing::info!("stopped");
-    Ok(())
+    match signal {
+        Some(_) => Ok(()),
+        None => {
+            anyhow::bail!("the node stopped itself: another process holds its id (see the log)")
+        }
+    }
 }
 
 /// Ctrl-C (SIGINT), or SIGTERM from systemd, Kubernetes or `docker stop`:

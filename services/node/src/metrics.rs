@@ -50,6 +50,8 @@ pub struct Metrics {
     pub store_pending: Gauge<u64, AtomicU64>,
     pub store_fenced: Counter,
     pub store_foreign_dropped: Counter,
+    pub store_tombstones_left: Counter,
+    pub store_tombstones_applied: Counter,
     pub sessions_redirected: Counter,
     pub handoffs: Counter,
     pub cluster_nodes: Gauge,
@@ -223,7 +225,19 @@ impl Metrics {
             store_fenced: registered(
                 &mut r,
                 "store_fenced",
-                "Shard flushes refused because the shard's lease had passed to another node",
+                "Shard flushes refused because the shard's lease was not the one held (their changes wait until the lease is checked)",
+                Counter::default(),
+            ),
+            store_tombstones_left: registered(
+                &mut r,
+                "store_tombstones_left",
+                "Removals this node could not write (the shard had passed to another node), left in the store for the shard's holder",
+                Counter::default(),
+            ),
+            store_tombstones_applied: registered(
+                &mut r,
+                "store_tombstones_applied",
+                "Vehicles this node let go because another node removed them before losing their shard",
                 Counter::default(),
             ),
             store_foreign_dropped: registered(

@@ -77,6 +77,8 @@ pub struct Previous {
     pub shard: ShardId,
     /// When the replaced state was seen (node clock, ms).
     pub seen_ms: i64,
+    /// The replaced state's version.
+    pub version: crate::store::Version,
 }
 
 /// The vehicles of one index cell, with their positions (lat, lon).
@@ -123,6 +125,7 @@ impl VehicleTable {
                     cell: old.cell,
                     shard: old.shard,
                     seen_ms: old.state.seen_ms,
+                    version: crate::store::Version::of(&old.state),
                 })
             }
             dashmap::mapref::entry::Entry::Vacant(free) => {
@@ -250,7 +253,17 @@ impl VehicleTable {
     }
 
     pub fn remove(&self, id: &VehicleId) -> Option<Entry> {
-        let (_, entry) = self.vehicles.remove(id)?;
+        self.remove_if(id, |_| true)
+    }
+
+    /// Removes a vehicle's entry if `condition` holds for it (checked under
+    /// the vehicle's lock, so no change slips in between).
+    pub fn remove_if(
+        &self,
+        id: &VehicleId,
+        condition: impl FnOnce(&Entry) -> bool,
+    ) -> Option<Entry> {
+        let (_, entry) = self.vehicles.remove_if(id, |_, entry| condition(entry))?;
         self.leave_cell(entry.cell, id);
         Some(entry)
     }

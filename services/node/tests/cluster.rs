@@ -71,6 +71,22 @@ struct Node {
 }
 
 impl Node {
+    /// Node `id`, once its process says where it listens.
+    async fn listening(id: &str, child: Child, log: PathBuf) -> Node {
+        // Killed if it never listens (dropped with the panic).
+        let mut node = Node {
+            id: id.into(),
+            child,
+            quic: loopback(0),
+            http: loopback(0),
+            admin: loopback(0),
+            log,
+        };
+        let bound = listening(&mut node.child, &node.log).await;
+        (node.quic, node.http, node.admin) = (bound.quic, bound.http, bound.admin);
+        node
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -108,6 +124,9 @@ struct Cluster {
     offline_grace: Duration,
     store: String,
     redis_url: String,
+    /// Nodes that reach Redis at another address (through a relay a test
+    /// can cut), by id.
+    redis_url_of: HashMap<String, String>,
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
 }
@@ -134,6 +153,19 @@ impl Cluster {
         https: bool,
         offline_grace: Duration,
     ) -> Self {
+        let urls = HashMap::new();
+        Self::start_reaching(store, redis_url, urls, count, https, offline_grace).await
+    }
+
+    /// Nodes on one Redis, some reaching it at their own address.
+    async fn start_reaching(
+        store: &str,
+        redis_url: String,
+        redis_url_of: HashMap<String, String>,
+        count: usize,
+        https: bool,
+        offline_grace: Duration,
+    ) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut cluster = Cluster {
             _turn: turn,
@@ -141,6 +173,7 @@ impl Cluster {
             offline_grace,
             store: store.into(),
             redis_url,
+            redis_url_of,
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
         };
@@ -156,6 +189,19 @@ impl Cluster {
 
     /// Starts node `id` on ports it chooses itself, and learns them.
     async fn spawn(&self, id: &str) -> Node {
+        self.spawn_logging(id, id).await
+    }
+
+    /// Starts a process as node `id`, on ports it chooses itself, logging
+    /// to `<log>.log`; and learns its ports.
+    async fn spawn_logging(&self, id: &str, log: &str) -> Node {
+        let (child, log) = self.start_process(id, log);
+        Node::listening(id, child, log).await
+    }
+
+    /// Starts a `hexfleet-node` process as node `id`, logging to
+    /// `<log>.log`.
+    fn start_process(&self, id: &str, log: &str) -> (Child, PathBuf) {
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
@@ -169,11 +215,11 @@ impl Cluster {
                 self.https,
                 self.offline_grace.as_millis(),
                 self.store,
-                self.redis_url
+                self.redis_url_of.get(id).unwrap_or(&self.redis_url)
             ),
         )
         .unwrap();
-        let log = self.dir.path().join(format!("{id}.log"));
+        let log = self.dir.path().join(format!("{log}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_hexfleet-node"));
         command
             .env_remove("HEXFLEET_CONFIG")
@@ -186,18 +232,7 @@ impl Cluster {
         let child = on_chosen_ports(&mut command, &log)
             .spawn()
             .expect("hexfleet-node starts");
-        // Killed if it never listens (dropped with the panic).
-        let mut node = Node {
-            id: id.into(),
-            child,
-            quic: loopback(0),
-            http: loopback(0),
-            admin: loopback(0),
-            log,
-        };
-        let bound = listening(&mut node.child, &node.log).await;
-        (node.quic, node.http, node.admin) = (bound.quic, bound.http, bound.admin);
-        node
+        (child, log)
     }
 
     /// Waits until every node sees `count` live nodes.
@@ -1243,15 +1278,7 @@ async fn a_node_frozen_past_its_lease_writes_nothing_when_it_wakes() {
         let _ = stale.send_fix(FixInput::at(*lat, spot.1)).await;
     }
     // Its lease expires, and the other node takes the shard over.
-    let lease = keys::lease(home);
-    eventually(WAIT, "the other node holds the shard", async || {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(&lease)
-            .query(&mut redis.conn())
-            .ok()?;
-        value.filter(|v| v.starts_with(&format!("{} ", other.id)))
-    })
-    .await;
+    lease_held_by(&redis, home, &other.id).await;
     // The driver comes back through the other node and moves on.
     let mut fresh = connector
         .driver(other.quic, &token(Role::Driver, "frozen"), report())
@@ -1716,4 +1743,318 @@ async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
     for rider in riders {
         rider.close().await;
     }
+}
+
+/// Every shard whose state hash or geo set holds vehicle `id`, and whether
+/// its locator is still there.
+fn stored_copies(redis: &RedisServer, id: &str) -> (Vec<ShardId>, bool) {
+    let mut conn = redis.conn();
+    let shards: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys::SHARDS)
+        .query(&mut conn)
+        .unwrap();
+    let mut found = Vec::new();
+    for shard in shards.iter().filter_map(|s| s.parse::<ShardId>().ok()) {
+        let (in_state, in_geo): (bool, Option<f64>) = redis::pipe()
+            .cmd("HEXISTS")
+            .arg(keys::state(shard))
+            .arg(id)
+            .cmd("ZSCORE")
+            .arg(keys::geo(shard))
+            .arg(id)
+            .query(&mut conn)
+            .unwrap();
+        if in_state || in_geo.is_some() {
+            found.push(shard);
+        }
+    }
+    let id = VehicleId::new(id).unwrap();
+    let located: bool = redis::cmd("EXISTS")
+        .arg(keys::locator(&id))
+        .query(&mut conn)
+        .unwrap();
+    (found, located)
+}
+
+/// The vehicle ids a node's nearby API lists around `at` (each as often
+/// as it is listed).
+async fn nearby_ids(node: &Node, at: (f64, f64), radius_m: f64) -> Option<Vec<String>> {
+    let url = format!(
+        "http://{}/v1/vehicles?lat={}&lon={}&radius_m={radius_m}&limit=500",
+        node.http, at.0, at.1
+    );
+    let body = api_json(url).await?;
+    let list = body.get("vehicles").unwrap_or(&body).as_array()?.clone();
+    Some(
+        list.iter()
+            .filter_map(|v| v.get("id").or_else(|| v.pointer("/state/id")))
+            .filter_map(|id| id.as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// Drivers standing `n` spots 40 m apart east of `from`, each on its
+/// shard's owner and seen by every rider given.
+async fn leavers(
+    cluster: &Cluster,
+    from: (f64, f64),
+    n: usize,
+    riders: &[&RiderClient],
+) -> Vec<(String, DriverClient)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("leaver-{i}");
+        let at = (from.0, from.1 + i as f64 * 0.0005);
+        let mut d = driver(cluster, cluster.nodes[0].quic, &id).await;
+        let owner = cluster.owner(shard_of(at.0, at.1)).quic;
+        eventually(WAIT, "the leaver on its shard's owner", async || {
+            let _ = d.send_fix(FixInput::at(at.0, at.1)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            (d.node() == owner).then_some(())
+        })
+        .await;
+        d.send_fix(FixInput::at(at.0, at.1)).await.unwrap();
+        out.push((id, d));
+    }
+    for r in riders {
+        eventually(WAIT, "every rider sees the leavers", async || {
+            let view = r.view();
+            out.iter()
+                .all(|(id, _)| view.contains_key(&VehicleId::new(id).unwrap()))
+                .then_some(())
+        })
+        .await;
+    }
+    out
+}
+
+/// Waits until no trace of the `gone` vehicles is left: not in Redis (any
+/// shard, or a locator), not in any node's nearby API, not in any rider's
+/// view; and the `kept` ones are each stored in one shard and listed
+/// once. Returns how long it took from `since`.
+async fn no_ghost_of(
+    cluster: &Cluster,
+    redis: &RedisServer,
+    gone: &[String],
+    kept: &[String],
+    riders: &[&RiderClient],
+    around: (f64, f64),
+    since: Instant,
+) -> Duration {
+    eventually(WAIT, "no ghost, no duplicate", async || {
+        for id in gone {
+            let (shards, located) = stored_copies(redis, id);
+            if !shards.is_empty() || located {
+                return None;
+            }
+        }
+        for id in kept {
+            if stored_copies(redis, id).0.len() != 1 {
+                return None;
+            }
+        }
+        for node in &cluster.nodes {
+            let listed = nearby_ids(node, around, 5_000.0).await?;
+            if gone.iter().any(|id| listed.contains(id)) {
+                return None;
+            }
+            let unique: HashSet<&String> = listed.iter().collect();
+            if unique.len() != listed.len() {
+                return None;
+            }
+        }
+        for r in riders {
+            let view = r.view();
+            if gone
+                .iter()
+                .any(|id| view.contains_key(&VehicleId::new(id).unwrap()))
+            {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    since.elapsed()
+}
+
+/// Redis stalls (SIGSTOP, data kept) for longer than a command may take and
+/// than a lease lives, while drivers sign off. Every flush meanwhile fails,
+/// and the first one after the stall is fenced (the leases expired in
+/// Redis): its changes, the sign-offs among them, wait until the lease is
+/// taken back and are written then. Nothing signed off stays anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drivers_signing_off_during_a_redis_stall_past_the_lease_leave_no_ghost() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 2).await;
+    let watched = Watched::start(&cluster).await;
+    let riders: Vec<&RiderClient> = watched.riders.iter().collect();
+    let going = leavers(&cluster, CENTER, 6, &riders).await;
+    let gone: Vec<String> = going.iter().map(|(id, _)| id.clone()).collect();
+    let pid = Pid::from_raw(redis.pid().unwrap() as i32).unwrap();
+    kill_process(pid, Signal::STOP).unwrap();
+    let stalled = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (_, d) in going {
+        d.goodbye().await.unwrap();
+    }
+    // Past the store's response timeout (5 s) and the lease (1.5 s).
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(stalled.elapsed())).await;
+    kill_process(pid, Signal::CONT).unwrap();
+    let resumed = Instant::now();
+    let at_resume = watched.sent.lock().clone();
+    let kept: Vec<String> = watched.ids.iter().cloned().collect();
+    let clean = no_ghost_of(&cluster, &redis, &gone, &kept, &riders, CENTER, resumed).await;
+    let converged = watched.converged(&at_resume, resumed, &cluster).await;
+    let mut fenced = 0.0;
+    for node in &cluster.nodes {
+        fenced += node.metric("hexfleet_store_fenced_total").await;
+    }
+    println!(
+        "redis stalled {} ms: no ghost {} ms after it resumed, riders current {} ms after; fenced flushes {fenced}",
+        (resumed - stalled).as_millis(),
+        clean.as_millis(),
+        converged.as_millis()
+    );
+    assert!(fenced > 0.0, "no flush was fenced\n{}", cluster.logs());
+    watched.stop.cancel();
+}
+
+/// One node is cut from Redis (its clients still reach it) while drivers
+/// of its shards sign off there. The other node takes its shards after
+/// the lease and loads those vehicles from Redis, where the removals never
+/// landed. When the cut heals, the first node finds its leases lost and
+/// leaves the removals as tombstones; the shards' holder applies them:
+/// the vehicles leave Redis, the API and every rider's view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_a_node_cut_from_redis_could_not_write_reach_the_shards_new_owner() {
+    let redis = RedisServer::start();
+    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
+    let urls = HashMap::from([("n0".to_string(), format!("redis://{}", relay.addr()))]);
+    let grace = Duration::from_secs(10);
+    let cluster = Cluster::start_reaching("redis", redis.url(), urls, 2, false, grace).await;
+    let cut = cluster.by_id("n0");
+    let other = cluster.by_id("n1");
+    // The centre of a shard the cut node owns.
+    let shard = shard_of(CENTER.0, CENTER.1)
+        .0
+        .grid_disk::<Vec<_>>(2)
+        .into_iter()
+        .map(ShardId)
+        .find(|s| cluster.owner(*s).id == cut.id)
+        .expect("a shard the first node owns near the centre");
+    let spot = {
+        let c = h3o::LatLng::from(shard.0);
+        (c.lat(), c.lng())
+    };
+    let sub = Subscription::around(spot.0, spot.1, 1_500.0);
+    let watcher = rider(&cluster, other, "watch", sub).await;
+    let going = leavers(&cluster, spot, 3, &[&watcher]).await;
+    let gone: Vec<String> = going.iter().map(|(id, _)| id.clone()).collect();
+    // Written, so the other node will load them when it takes over.
+    eventually(WAIT, "the leavers in Redis", async || {
+        gone.iter()
+            .all(|id| stored(&redis, id).is_some())
+            .then_some(())
+    })
+    .await;
+    relay.cut();
+    let cut_at = Instant::now();
+    for (_, d) in going {
+        d.goodbye().await.unwrap();
+    }
+    lease_held_by(&redis, shard, &other.id).await;
+    let taken = cut_at.elapsed();
+    relay.heal();
+    let healed = Instant::now();
+    let clean = no_ghost_of(&cluster, &redis, &gone, &[], &[&watcher], spot, healed).await;
+    let left = cut.metric("hexfleet_store_tombstones_left_total").await;
+    let applied = cluster
+        .nodes
+        .iter()
+        .map(|n| n.metric("hexfleet_store_tombstones_applied_total"));
+    let applied: f64 = futures_util::future::join_all(applied).await.iter().sum();
+    println!(
+        "shard taken over {} ms into the cut; no ghost {} ms after it healed; tombstones left {left}, applied {applied}",
+        taken.as_millis(),
+        clean.as_millis()
+    );
+    assert!(left >= gone.len() as f64, "{}", cluster.logs());
+    assert!(applied >= 1.0, "{}", cluster.logs());
+}
+
+/// Waits until node `node` holds the lease of `shard`.
+async fn lease_held_by(redis: &RedisServer, shard: ShardId, node: &str) {
+    let lease = keys::lease(shard);
+    eventually(WAIT, "the node holds the shard's lease", async || {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&lease)
+            .query(&mut redis.conn())
+            .ok()?;
+        value.filter(|v| v.starts_with(&format!("{node} ")))
+    })
+    .await;
+}
+
+/// Waits up to `within` for a process to exit; its status.
+async fn exits(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Node ids are unique among live processes: a second process given a
+/// live node's id refuses to start; a node that stalled past its
+/// membership and found its id taken by a new process when it woke stops,
+/// leaving the new one to serve, with every shard owned once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_is_held_by_one_process_at_a_time() {
+    let redis = RedisServer::start();
+    let mut cluster = Cluster::start("redis", redis.url(), 2).await;
+    let (mut twin, twin_log) = cluster.start_process("n1", "n1-twin");
+    let status = exits(&mut twin, WAIT).await.expect("the twin stops");
+    assert!(!status.success());
+    let said = std::fs::read_to_string(&twin_log).unwrap_or_default();
+    assert!(said.contains("is used by a live node"), "{said}");
+
+    // n1 stalls past its membership; a new n1 joins in its place.
+    let old = cluster.nodes.pop().unwrap();
+    old.signal(Signal::STOP);
+    let replacement = eventually(WAIT, "a new n1 joins once the old expired", async || {
+        let (mut child, log) = cluster.start_process("n1", "n1-new");
+        match exits(&mut child, Duration::from_millis(1_500)).await {
+            Some(_) => None,
+            None => Some((child, log)),
+        }
+    })
+    .await;
+    let (child, log) = replacement;
+    let new = Node::listening("n1", child, log).await;
+    healthy(new.admin).await;
+    let mut old = old;
+    old.signal(Signal::CONT);
+    let status = exits(&mut old.child, WAIT).await.expect("the old n1 stops");
+    assert!(!status.success());
+    assert!(
+        old.log().contains("another process holds this node's id"),
+        "{}",
+        old.log()
+    );
+    cluster.nodes.push(new);
+    cluster.converged(2).await;
+    // Every shard's lease is held once, by its owner.
+    let fleet = standing_fleet(&cluster, 3).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    keep_reporting(&fleet, &stop);
+    for d in &fleet {
+        let shard = shard_of(d.at.0, d.at.1);
+        lease_held_by(&redis, shard, &cluster.owner(shard).id).await;
+    }
+    stop.cancel();
 }

@@ -7,6 +7,12 @@
 //!   `redis-cli --cluster create`, masters only.
 //! - [`free_tcp_port`], [`free_udp_port`]: ports to bind on loopback.
 //! - [`eventually`]: wait for an outcome instead of sleeping a guessed time.
+//! - [`TcpRelay`]: a partition between one process and a server, made and
+//!   healed on demand.
+
+mod relay;
+
+pub use relay::TcpRelay;
 
 use std::{
     net::{TcpListener, UdpSocket},

@@ -29,13 +29,15 @@ return value
 /// no holding was made since ours (the shard's epoch is not past ours), the
 /// store lost it, restarting empty or letting it lapse unseen: nobody else
 /// can have written the shard, so it is taken again, under a new epoch.
-/// KEYS: lease, epoch. ARGV: value, TTL ms, node id, our epoch. Returns the
-/// value now held (the same, or the new one), or nil when it is lost.
+/// KEYS: lease, epoch, tombstones. ARGV: value, TTL ms, node id, our
+/// epoch. Returns the value now held (the same, or the new one) and how
+/// many tombstones another node left for the shard, or nil when the lease
+/// is lost.
 const RENEW: &str = r#"
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return held
+  return {held, redis.call('HLEN', KEYS[3])}
 end
 if held then
   return false
@@ -51,13 +53,17 @@ if tonumber(string.match(value, '%d+$')) <= tonumber(ARGV[4]) then
   value = ARGV[3] .. ' ' .. (tonumber(ARGV[4]) + 1)
 end
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return value
+return {value, redis.call('HLEN', KEYS[3])}
 "#;
 
-/// Gives a lease up, if it is still this holding. KEYS: lease. ARGV: value.
+/// Gives a lease up, if it is still this holding, and moves the epoch on,
+/// so a renewal of it still in flight finds it lost rather than taking it
+/// again. KEYS: lease, epoch. ARGV: value.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('INCR', KEYS[2])
+  return 1
 end
 return 0
 "#;
@@ -104,29 +110,35 @@ fn epoch_of(value: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Renews a lease; also says whether another node left tombstones for the
+/// shard (removals it could not write before losing it), for the holder
+/// to apply.
 pub async fn renew(
     conn: &Conn,
     shard: ShardId,
     node: &str,
     value: &str,
     ttl: Duration,
-) -> Result<Renewal, StoreError> {
+) -> Result<(Renewal, bool), StoreError> {
     let mut call = RENEW_SCRIPT.prepare_invoke();
     call.key(keys::lease(shard))
         .key(keys::epoch(shard))
+        .key(keys::tombstones(shard))
         .arg(value)
         .arg(millis(ttl))
         .arg(node)
         .arg(epoch_of(value));
-    Ok(match conn.invoke::<Option<String>>(&call).await? {
-        Some(held) if held == value => Renewal::Renewed,
-        Some(reclaimed) => Renewal::Reclaimed(reclaimed),
-        None => Renewal::Lost,
+    Ok(match conn.invoke::<Option<(String, u64)>>(&call).await? {
+        Some((held, tombs)) if held == value => (Renewal::Renewed, tombs > 0),
+        Some((reclaimed, tombs)) => (Renewal::Reclaimed(reclaimed), tombs > 0),
+        None => (Renewal::Lost, false),
     })
 }
 
 pub async fn release(conn: &Conn, shard: ShardId, value: &str) -> Result<bool, StoreError> {
     let mut call = RELEASE_SCRIPT.prepare_invoke();
-    call.key(keys::lease(shard)).arg(value);
+    call.key(keys::lease(shard))
+        .key(keys::epoch(shard))
+        .arg(value);
     Ok(conn.invoke::<i64>(&call).await? == 1)
 }

@@ -18,16 +18,27 @@ use crate::store::{keys, redis::Conn, StoreError};
 
 /// Renews this node's membership and returns whether it was absent (just
 /// joined, or the store lost it), the members' version, then every live
-/// node's id and info; a node joining or expiring bumps the version.
-/// KEYS: members, nodes, version. ARGV: id, info (JSON), TTL in ms.
+/// node's id and info; a node joining or expiring bumps the version. When
+/// a live member already uses the id with another instance (a second
+/// process started with the same id, or this one stalled past its TTL and
+/// was replaced), nothing is written and `{'taken', its info}` comes back:
+/// the check and the claim are one atomic step.
+/// KEYS: members, nodes, version, instances. ARGV: id, info (JSON), TTL in
+/// ms, instance.
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, id in ipairs(expired) do
   redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[4], id)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local holder = redis.call('HGET', KEYS[4], ARGV[1])
+if holder and holder ~= ARGV[4] and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return {'taken', redis.call('HGET', KEYS[2], ARGV[1]) or ''}
+end
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
 local joined = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 if joined > 0 or #expired > 0 then
   redis.call('INCR', KEYS[3])
@@ -39,20 +50,21 @@ table.insert(all, 2, tostring(redis.call('GET', KEYS[3]) or '0'))
 return all
 "#;
 
-/// The info of a live node with this id, if there is one. KEYS: members,
-/// nodes. ARGV: id.
-const LIVE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if until_ms and tonumber(until_ms) > now then
-  return redis.call('HGET', KEYS[2], ARGV[1])
+/// Leaves the live set, if this instance is the one in it.
+/// KEYS: members, nodes, version, instances. ARGV: id, instance.
+const LEAVE: &str = r#"
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
+  return 0
 end
-return false
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('INCR', KEYS[3])
+return 1
 "#;
 
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
-static LIVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIVE));
+static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEAVE));
 
 /// The live nodes, by id.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -69,6 +81,15 @@ pub struct Renewed {
     pub was_absent: bool,
     /// The members' version this live set is as of.
     pub version: u64,
+}
+
+/// What renewing this node's membership found.
+#[derive(Debug, Clone)]
+pub enum Membership {
+    Renewed(Renewed),
+    /// A live member uses this node's id with another instance: this one
+    /// must not act as that node.
+    Taken(NodeInfo),
 }
 
 impl LiveSet {
@@ -92,17 +113,33 @@ pub fn weight(node: &str, shard: ShardId) -> u64 {
     xxh3_64_with_seed(&u64::from(shard.0).to_le_bytes(), xxh3_64(node.as_bytes()))
 }
 
-/// Renews `me` for `ttl_ms` and reads the live set.
-pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Renewed, StoreError> {
+/// Renews `me` for `ttl_ms` and reads the live set, unless another
+/// instance holds the id.
+pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Membership, StoreError> {
     let info = serde_json::to_string(me).expect("NodeInfo always serializes");
     let mut call = RENEW_SCRIPT.prepare_invoke();
     call.key(keys::MEMBERS)
         .key(keys::NODES)
         .key(keys::MEMBERS_VERSION)
+        .key(keys::INSTANCES)
         .arg(&me.id)
         .arg(info)
-        .arg(ttl_ms);
+        .arg(ttl_ms)
+        .arg(me.instance.to_string());
     let raw: Vec<String> = conn.invoke(&call).await?;
+    if raw.first().is_some_and(|first| first == "taken") {
+        let other = raw
+            .get(1)
+            .and_then(|json| serde_json::from_str::<NodeInfo>(json).ok())
+            .unwrap_or_else(|| NodeInfo {
+                id: me.id.clone(),
+                quic: "unknown".into(),
+                http: "unknown".into(),
+                shards: Vec::new(),
+                instance: 0,
+            });
+        return Ok(Membership::Taken(other));
+    }
     let was_absent = raw.first().is_some_and(|joined| joined != "0");
     let version = raw.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     let nodes = raw
@@ -120,28 +157,24 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Renewed, S
             }
         })
         .collect();
-    Ok(Renewed {
+    Ok(Membership::Renewed(Renewed {
         live: LiveSet { nodes },
         was_absent,
         version,
-    })
+    }))
 }
 
-/// The live node using `id`, if any.
-pub async fn live(conn: &Conn, id: &str) -> Result<Option<NodeInfo>, StoreError> {
-    let mut call = LIVE_SCRIPT.prepare_invoke();
-    call.key(keys::MEMBERS).key(keys::NODES).arg(id);
-    let json: Option<String> = conn.invoke(&call).await?;
-    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
-}
-
-/// Leaves the live set at once (a graceful shutdown).
-pub async fn leave(conn: &Conn, id: &str) -> Result<(), StoreError> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZREM").arg(keys::MEMBERS).arg(id).ignore();
-    pipe.cmd("HDEL").arg(keys::NODES).arg(id).ignore();
-    pipe.cmd("INCR").arg(keys::MEMBERS_VERSION).ignore();
-    conn.query::<()>(&pipe).await?;
+/// Leaves the live set at once (a graceful shutdown), unless another
+/// instance holds the id by now.
+pub async fn leave(conn: &Conn, me: &NodeInfo) -> Result<(), StoreError> {
+    let mut call = LEAVE_SCRIPT.prepare_invoke();
+    call.key(keys::MEMBERS)
+        .key(keys::NODES)
+        .key(keys::MEMBERS_VERSION)
+        .key(keys::INSTANCES)
+        .arg(&me.id)
+        .arg(me.instance.to_string());
+    conn.invoke::<i64>(&call).await?;
     Ok(())
 }
 

@@ -36,7 +36,10 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use self::{leases::Renewal, membership::LiveSet};
+use self::{
+    leases::Renewal,
+    membership::{LiveSet, Membership},
+};
 use crate::{
     config::ClusterConfig,
     fanout::Shards,
@@ -116,7 +119,15 @@ pub struct Cluster {
     /// Shards whose write was fenced: their lease is checked at once (lost
     /// to another node, or lost by the store and taken again).
     suspect: Mutex<HashSet<ShardId>>,
+    /// Shards whose write was fenced and whose lease is not checked yet:
+    /// the writer holds their changes back until it is known whether they
+    /// are written (the lease taken back) or dropped (another node's).
+    doubt: Mutex<HashSet<ShardId>>,
     wake: Notify,
+    /// Cancelled when the node leaves: renewals stop.
+    leaving: CancellationToken,
+    /// Cancelled when another process holds this node's id: the node stops.
+    replaced: CancellationToken,
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
     ingest: Arc<Ingest>,
@@ -135,16 +146,16 @@ impl Cluster {
         ingest: Arc<Ingest>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        if let Some(other) = membership::live(&conn, &me.id).await? {
-            if other.instance != me.instance {
+        let ttl = config.lease_ttl.as_millis() as u64;
+        let renewed = match membership::renew(&conn, &me, ttl).await? {
+            Membership::Renewed(renewed) => renewed,
+            Membership::Taken(other) => {
                 return Err(ClusterError::IdTaken {
                     id: me.id,
                     quic: other.quic,
-                });
+                })
             }
-        }
-        let ttl = config.lease_ttl.as_millis() as u64;
-        let renewed = membership::renew(&conn, &me, ttl).await?;
+        };
         let (live, version) = (renewed.live, renewed.version);
         metrics.cluster_nodes.set(live.nodes.len() as i64);
         tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
@@ -163,7 +174,10 @@ impl Cluster {
             registered: AtomicBool::new(true),
             settling_until: Mutex::new(None),
             suspect: Mutex::default(),
+            doubt: Mutex::default(),
             wake: Notify::new(),
+            leaving: CancellationToken::new(),
+            replaced: CancellationToken::new(),
             store,
             writer,
             ingest,
@@ -265,8 +279,12 @@ impl Cluster {
     }
 
     /// Renews membership and leases, acquires wanted shards and gives up
-    /// the ones that moved, until shutdown; then leaves.
+    /// the ones that moved, until shutdown; then only renews, until it
+    /// leaves (once the node's last changes are written): a final flush
+    /// that waits for sessions to end must still find its leases held.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let stop = self.leaving.clone();
+        let replaced = self.replaced.clone();
         let mut renew = tokio::time::interval(self.config.renew_interval);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut acquire = tokio::time::interval(ACQUIRE_INTERVAL);
@@ -274,6 +292,22 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => return,
+                _ = replaced.cancelled() => {
+                    // Stop serving as this id at once, then shut the node
+                    // down: its leases are the other process's now.
+                    let held: Vec<(ShardId, Arc<str>)> = self
+                        .holdings
+                        .read()
+                        .iter()
+                        .map(|(s, h)| (*s, h.value().clone()))
+                        .collect();
+                    for (shard, value) in held {
+                        self.step_down(shard, &value);
+                    }
+                    shutdown.cancel();
+                    break;
+                }
                 _ = renew.tick() => self.renew().await,
                 _ = acquire.tick() => {
                     self.notice_members().await;
@@ -285,13 +319,21 @@ impl Cluster {
                 }
             }
         }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = renew.tick() => self.renew_leases().await,
+                _ = self.wake.notified() => self.check_suspects().await,
+            }
+        }
     }
 
     /// Leaves the live set and gives every lease up, once the writer has
     /// written the last changes.
     pub async fn leave(&self) {
-        let id = self.node_id();
-        if let Err(e) = membership::leave(&self.conn, id).await {
+        self.leaving.cancel();
+        let me = self.me.read().clone();
+        if let Err(e) = membership::leave(&self.conn, &me).await {
             tracing::warn!(error = %e, "leaving the live set; it expires by itself");
         }
         let holdings: Vec<(ShardId, Arc<str>)> = self
@@ -333,11 +375,19 @@ impl Cluster {
         let me = self.me.read().clone();
         let ttl = self.config.lease_ttl;
         match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {
-            Ok(membership::Renewed {
+            Ok(Membership::Taken(other)) => {
+                tracing::error!(
+                    id = %me.id,
+                    other = %other.quic,
+                    "another process holds this node's id (this one stalled past its membership and was replaced, or the same id was given twice): stopping, so only one acts as this node"
+                );
+                self.replaced.cancel();
+            }
+            Ok(Membership::Renewed(membership::Renewed {
                 live,
                 was_absent,
                 version,
-            }) => {
+            })) => {
                 self.members_seen.store(version, Ordering::Relaxed);
                 if was_absent && self.registered.load(Ordering::Relaxed) {
                     tracing::warn!(
@@ -355,6 +405,13 @@ impl Cluster {
             }
             Err(e) => tracing::warn!(error = %e, "renewing membership"),
         }
+        self.renew_leases().await;
+    }
+
+    /// Renews every lease held; steps down from those lost, and applies
+    /// the tombstones other nodes left for the others.
+    async fn renew_leases(self: &Arc<Self>) {
+        let ttl = self.config.lease_ttl;
         let holdings: Vec<(ShardId, Holding)> = self
             .holdings
             .read()
@@ -369,7 +426,10 @@ impl Cluster {
         )
         .await;
         for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
-            match result {
+            if let Ok((_, true)) = result {
+                self.apply_tombstones(shard).await;
+            }
+            match result.map(|(renewal, _)| renewal) {
                 Ok(Renewal::Renewed) => {}
                 Ok(Renewal::Reclaimed(value)) => {
                     tracing::warn!(%shard, %value, "the store had lost the shard's lease (a restart?) and nobody took it since: holding it again, keeping its vehicles");
@@ -422,6 +482,10 @@ impl Cluster {
     /// Hands a shard to its new owner: its drivers are redirected as they
     /// next report (sessions see it is no longer ours), what they sent is
     /// written, then the lease goes, and whatever is left leaves the table.
+    /// A flush that fails keeps the lease (renewed as ever) until one
+    /// succeeds: the new owner must not load the shard without those
+    /// changes. If the lease is lost meanwhile, stepping down has already
+    /// let the shard go.
     async fn give_up(&self, shard: ShardId, value: Arc<str>) {
         tracing::info!(%shard, "handing the shard to its new owner");
         let deadline = tokio::time::Instant::now() + self.config.renew_interval;
@@ -430,7 +494,16 @@ impl Cluster {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.writer.flushed().await;
+        let still_ours = || {
+            self.holdings
+                .read()
+                .get(&shard)
+                .is_some_and(|h| h.value() == &value)
+        };
+        if !self.writer.written(shard, still_ours).await {
+            tracing::info!(%shard, "the shard was lost while its last changes were written; nothing to release");
+            return;
+        }
         match leases::release(&self.conn, shard, &value).await {
             Ok(_) => {}
             Err(e) => tracing::warn!(%shard, error = %e, "releasing a lease; it expires by itself"),
@@ -446,13 +519,19 @@ impl Cluster {
         let me = self.node_id();
         for shard in suspects {
             let Some(value) = self.holdings.read().get(&shard).map(|h| h.value().clone()) else {
+                self.doubt.lock().remove(&shard);
                 continue;
             };
-            match leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await {
-                Ok(Renewal::Renewed) => {}
+            let renewed = leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await;
+            match renewed.map(|(renewal, _)| renewal) {
+                Ok(Renewal::Renewed) => {
+                    // Taken back since the write was fenced: write again.
+                    self.doubt.lock().remove(&shard);
+                }
                 Ok(Renewal::Reclaimed(new)) => {
-                    tracing::warn!(%shard, value = %new, "a write found the shard's lease gone (the store restarted?) and nobody took it since: holding it again, keeping its vehicles");
+                    tracing::warn!(%shard, value = %new, "a write found the shard's lease gone (the store restarted, or stalled past it) and nobody took it since: holding it again, keeping its vehicles and writing what waited");
                     self.reclaimed(shard, &value, new.into());
+                    self.doubt.lock().remove(&shard);
                 }
                 Ok(Renewal::Lost) => {
                     tracing::warn!(%shard, "the shard's lease is another node's; stepping down");
@@ -491,8 +570,14 @@ impl Cluster {
     }
 
     /// This node lost a shard it thought it held: it writes nothing more
-    /// there and forgets the shard's vehicles (the new owner has them).
+    /// there and forgets the shard's vehicles (the new owner has them). The
+    /// removals it could not write are left to the new owner as tombstones.
     fn step_down(&self, shard: ShardId, value: &str) {
+        let current = self.holdings.read().get(&shard).map(|h| h.value().clone());
+        if current.as_deref() != Some(value) {
+            // Given up or taken again since: not this holding's to lose.
+            return;
+        }
         self.tainted.lock().insert(shard);
         self.changed();
         self.writer.discard(shard);
@@ -512,10 +597,26 @@ impl Cluster {
             }
         };
         if dropped {
+            self.doubt.lock().remove(&shard);
             let released = self.ingest.release_shard(shard);
             self.metrics.shards_released.inc();
             tracing::info!(%shard, vehicles = released, "gave up the shard");
             self.publish_held();
+        }
+    }
+
+    /// Takes the removals another node left for a shard this node holds,
+    /// and applies them to its vehicles.
+    async fn apply_tombstones(&self, shard: ShardId) {
+        match self.store.take_tombstones(shard).await {
+            Ok(removals) if !removals.is_empty() => {
+                let applied = self.ingest.apply_tombstones(shard, &removals);
+                tracing::info!(%shard, left = removals.len(), applied, "applied the removals the shard's last holder could not write");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%shard, error = %e, "reading the shard's tombstones; trying at the next renewal")
+            }
         }
     }
 
@@ -577,6 +678,8 @@ impl Cluster {
         self.wanted.lock().remove(&shard);
         self.tainted.lock().remove(&shard);
         let taken = self.ingest.take_over(shard, states);
+        // Removals its last holder could not write before losing it.
+        self.apply_tombstones(shard).await;
         // Zone events its last holder wrote but did not relay.
         self.writer.relay(shard);
         self.metrics.shards_taken_over.inc();
@@ -587,6 +690,9 @@ impl Cluster {
 
 impl Fences for Cluster {
     fn fence(&self, shard: ShardId) -> Fence {
+        if self.doubt.lock().contains(&shard) {
+            return Fence::Awaiting;
+        }
         if let Some(holding) = self.holdings.read().get(&shard) {
             return Fence::Held(holding.value().clone());
         }
@@ -602,6 +708,7 @@ impl Fences for Cluster {
 
     fn fenced(&self, shard: ShardId) {
         if self.holdings.read().contains_key(&shard) {
+            self.doubt.lock().insert(shard);
             self.suspect.lock().insert(shard);
             self.wake.notify_one();
         }

@@ -32,6 +32,13 @@ pub fn epoch(shard: ShardId) -> String {
     format!("hexfleet:epoch:{{{shard}}}")
 }
 
+/// Removals left for a shard's holder by a node that lost the shard before
+/// it could write them (field = vehicle id, value = `<seq> <seen_ms>
+/// <reason or ->`), with a TTL; checked with every lease renewal.
+pub fn tombstones(shard: ShardId) -> String {
+    format!("hexfleet:gone:{{{shard}}}")
+}
+
 /// The sequence number of a shard's last bus batch.
 pub fn bus_seq(shard: ShardId) -> String {
     format!("hexfleet:busseq:{{{shard}}}")
@@ -57,6 +64,10 @@ pub const MEMBERS: &str = "hexfleet:members:{cluster}";
 
 /// What each live node announces (JSON `NodeInfo`), by node id.
 pub const NODES: &str = "hexfleet:nodes:{cluster}";
+
+/// Which process (its random instance number) holds each live node id, so
+/// a second process started with the same id is refused. Same slot.
+pub const INSTANCES: &str = "hexfleet:instances:{cluster}";
 
 /// Bumped whenever a node joins, leaves or expires, so the others read the
 /// live set at once rather than at their next renewal. Same slot.

@@ -12,7 +12,7 @@ use hexfleet_protocol::zone::ZoneEvent;
 use parking_lot::RwLock;
 
 use super::{
-    nearest_first, Applied, Batch, Nearby, NearbyQuery, Store, StoreError, ZoneChanges,
+    nearest_first, Applied, Batch, Nearby, NearbyQuery, Removal, Store, StoreError, ZoneChanges,
     ZONE_STREAM_LEN,
 };
 
@@ -27,6 +27,9 @@ struct Inner {
     locator: HashMap<VehicleId, ShardId>,
     handed_over: HashMap<VehicleId, VehicleState>,
     outboxes: HashMap<ShardId, Vec<ZoneEvent>>,
+    /// Removals left for a shard's holder (no TTL: one process holds every
+    /// shard, so they are taken at once).
+    tombstones: HashMap<ShardId, HashMap<VehicleId, Removal>>,
     /// The zone event stream: (sequence, event), the newest last.
     stream: VecDeque<(u64, ZoneEvent)>,
     stream_seq: u64,
@@ -248,5 +251,24 @@ impl Store for MemoryStore {
             .chain(inner.outboxes.keys())
             .copied()
             .collect())
+    }
+
+    async fn leave_tombstones(
+        &self,
+        shard: ShardId,
+        removals: &[Removal],
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner.write();
+        let left = inner.tombstones.entry(shard).or_default();
+        for r in removals {
+            left.insert(r.id.clone(), r.clone());
+        }
+        Ok(())
+    }
+
+    async fn take_tombstones(&self, shard: ShardId) -> Result<Vec<Removal>, StoreError> {
+        let taken = self.inner.write().tombstones.remove(&shard);
+        Ok(taken.map(|t| t.into_values().collect()).unwrap_or_default())
     }
 }

@@ -53,6 +53,25 @@ pub fn seen_due(before_ms: i64, now_ms: i64) -> bool {
 /// many, `MAXLEN ~`): consumers that fall further behind miss the oldest.
 pub const ZONE_STREAM_LEN: usize = 100_000;
 
+/// How new a vehicle's state is: its driver's sequence number, then when
+/// a node last heard from it. Of two states of one vehicle the greater is
+/// the newer (a driver that reconnects keeps counting, so the sequence
+/// decides; the time breaks ties between copies of one fix).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    pub seq: u64,
+    pub seen_ms: i64,
+}
+
+impl Version {
+    pub fn of(state: &VehicleState) -> Self {
+        Self {
+            seq: state.seq,
+            seen_ms: state.seen_ms,
+        }
+    }
+}
+
 /// A vehicle removed from a shard.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Removal {
@@ -60,6 +79,10 @@ pub struct Removal {
     /// Why the vehicle is gone (stale, signed off): the store forgets it
     /// entirely. `None` when it only moved to another shard or node.
     pub gone: Option<RemoveReason>,
+    /// The version of the state removed: a node that holds the vehicle at
+    /// this version or older (it loaded what the remover never got to
+    /// delete) lets it go; a newer one is the driver's since.
+    pub last: Version,
 }
 
 impl Removal {
@@ -264,6 +287,43 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every shard that ever held a vehicle.
     async fn shards(&self) -> Result<Vec<ShardId>, StoreError>;
+
+    /// Leaves removals this node could not write (it lost the shard's lease
+    /// before they were written) for the shard's holder, for `ttl`. Each is
+    /// kept per vehicle, the newest winning; nothing of the shard itself is
+    /// changed (that needs its lease).
+    async fn leave_tombstones(
+        &self,
+        shard: ShardId,
+        removals: &[Removal],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Takes the removals another node left for a shard (they are gone from
+    /// the store once read): its holder applies them.
+    async fn take_tombstones(&self, shard: ShardId) -> Result<Vec<Removal>, StoreError>;
+}
+
+/// A tombstone as the store keeps it: `<seq> <seen_ms> <reason or ->`.
+pub(crate) fn tombstone_value(r: &Removal) -> String {
+    let reason = r.gone.map_or("-", RemoveReason::as_str);
+    format!("{} {} {reason}", r.last.seq, r.last.seen_ms)
+}
+
+/// A tombstone read back; `None` when it does not parse (it is skipped).
+pub(crate) fn parse_tombstone(id: &str, value: &str) -> Option<Removal> {
+    let mut parts = value.split(' ');
+    let seq = parts.next()?.parse().ok()?;
+    let seen_ms = parts.next()?.parse().ok()?;
+    let gone = match parts.next()? {
+        "-" => None,
+        reason => Some(serde_json::from_value(serde_json::Value::String(reason.into())).ok()?),
+    };
+    Some(Removal {
+        id: VehicleId::new(id).ok()?,
+        gone,
+        last: Version { seq, seen_ms },
+    })
 }
 
 /// What changed among the zones since a version.
@@ -283,8 +343,7 @@ pub(crate) fn each_vehicle_once(found: impl IntoIterator<Item = Nearby>) -> Vec<
     for n in found {
         match newest.entry(n.state.id.clone()) {
             Entry::Occupied(mut held) => {
-                let (new, old) = (&n.state, &held.get().state);
-                if (new.seq, new.seen_ms) > (old.seq, old.seen_ms) {
+                if Version::of(&n.state) > Version::of(&held.get().state) {
                     held.insert(n);
                 }
             }

@@ -36,8 +36,8 @@ use redis::{
 };
 
 use super::{
-    each_vehicle_once, keys, nearest_first, Applied, Batch, Nearby, NearbyQuery, Refused,
-    ShardBatch, Store, StoreError, Upsert, ZoneChanges,
+    each_vehicle_once, keys, nearest_first, parse_tombstone, tombstone_value, Applied, Batch,
+    Nearby, NearbyQuery, Refused, Removal, ShardBatch, Store, StoreError, Upsert, ZoneChanges,
 };
 
 /// Writes one shard's changes, fenced by its lease, and publishes them.
@@ -1033,6 +1033,55 @@ impl Store for RedisStore {
             .cmd(redis::cmd("SMEMBERS").arg(keys::SHARDS))
             .await?;
         Ok(raw.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    async fn leave_tombstones(
+        &self,
+        shard: ShardId,
+        removals: &[Removal],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if removals.is_empty() {
+            return Ok(());
+        }
+        let key = keys::tombstones(shard);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key);
+        for r in removals {
+            hset.arg(r.id.as_str()).arg(tombstone_value(r));
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(hset)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(ttl.as_millis().max(1) as u64)
+            .ignore();
+        self.conn.query::<()>(&pipe).await?;
+        Ok(())
+    }
+
+    async fn take_tombstones(&self, shard: ShardId) -> Result<Vec<Removal>, StoreError> {
+        let key = keys::tombstones(shard);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HGETALL")
+            .arg(&key)
+            .cmd("DEL")
+            .arg(&key)
+            .ignore();
+        let (raw,): (HashMap<String, String>,) = self.conn.query(&pipe).await?;
+        Ok(raw
+            .iter()
+            .filter_map(|(id, value)| {
+                let parsed = parse_tombstone(id, value);
+                if parsed.is_none() {
+                    tracing::warn!(%shard, vehicle = %id, value, "a tombstone does not parse; skipped");
+                }
+                parsed
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

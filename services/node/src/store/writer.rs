@@ -16,8 +16,13 @@
 //! In a cluster each shard's changes go out with the shard's lease
 //! ([`Fences`]): changes to a shard whose lease is being acquired wait;
 //! changes to a shard this node does not own are dropped; a shard whose
-//! lease turns out to be someone else's (`fenced`) is reported back, and
-//! nothing of it is written.
+//! lease turns out not to be the one held (`fenced`) is reported back, and
+//! its changes wait until the cluster knows why: the store lost the lease
+//! and nobody took it since (they are written under the lease taken back),
+//! or another node holds the shard (they are dropped). A removal is never
+//! simply dropped: the node holding the shard may have loaded the vehicle
+//! this node was removing (a sign-off during a Redis stall), so it is left
+//! there as a tombstone for the holder to apply.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,7 +36,7 @@ use hexfleet_protocol::{zone::ZoneEvent, RemoveReason};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, Refused, Removal, ShardBatch, Store, Upsert};
+use super::{Batch, Refused, Removal, ShardBatch, Store, Upsert, Version};
 use crate::{metrics::Metrics, staging::LatestWins};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,10 +48,20 @@ enum Change {
     },
     Remove {
         gone: Option<RemoveReason>,
+        last: Version,
     },
 }
 
 type Stage = HashMap<(ShardId, VehicleId), Change>;
+
+/// Removals this node cannot write (the shard is another node's now),
+/// waiting to be left as tombstones for the shard's holder.
+type Tombs = HashMap<ShardId, Vec<Removal>>;
+
+/// How long tombstones wait for a node to hold their shard: far beyond any
+/// hand-over, so only a shard nobody holds for that long loses them (its
+/// vehicles then go stale in the store's own sweep).
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 /// Zone events waiting for their shard's next write, in order.
 type Events = HashMap<ShardId, Vec<ZoneEvent>>;
@@ -101,6 +116,9 @@ pub struct StoreWriter {
     flushes: watch::Sender<u64>,
     /// Shards whose changes must not be written (the lease was lost).
     discarded: parking_lot::Mutex<HashSet<ShardId>>,
+    /// Shards with changes the last flush left unwritten (failed, fenced,
+    /// or waiting for a lease).
+    unwritten: parking_lot::Mutex<HashSet<ShardId>>,
     /// Zone events staged since the last flush took them.
     events: parking_lot::Mutex<(Events, usize)>,
     /// Shards whose outbox holds events to relay, and who hears of them.
@@ -142,6 +160,7 @@ impl StoreWriter {
             recovered: Notify::new(),
             flushes: watch::Sender::new(0),
             discarded: Default::default(),
+            unwritten: Default::default(),
             events: Default::default(),
             outboxes: Default::default(),
             outboxes_written: Notify::new(),
@@ -186,7 +205,8 @@ impl StoreWriter {
     }
 
     /// Drops every change to `shard` staged so far: this node lost its
-    /// lease, and what it accepted must not land later.
+    /// lease, and what it accepted must not land later. Its removals are
+    /// left as tombstones for the shard's holder.
     pub fn discard(&self, shard: ShardId) {
         self.discarded.lock().insert(shard);
     }
@@ -197,7 +217,24 @@ impl StoreWriter {
         let mut flushes = self.flushes.subscribe();
         let from = *flushes.borrow_and_update();
         // The flush under way may have taken its changes before the call.
-        let _ = flushes.wait_for(|done| *done >= from + 2).await;
+        let _ = flushes
+            .wait_for(|done| *done >= from.saturating_add(2))
+            .await;
+    }
+
+    /// Waits until every change to `shard` staged before the call is
+    /// written (or dropped as another node's), as long as `still` holds.
+    /// Returns whether it was.
+    pub async fn written(&self, shard: ShardId, still: impl Fn() -> bool) -> bool {
+        loop {
+            self.flushed().await;
+            if !self.unwritten.lock().contains(&shard) {
+                return true;
+            }
+            if !still() || *self.flushes.borrow() == u64::MAX {
+                return false;
+            }
+        }
     }
 
     /// Stages the latest state of a vehicle in its shard. `relocated` says
@@ -221,10 +258,23 @@ impl StoreWriter {
         );
     }
 
-    /// Stages a vehicle's removal from a shard; `gone` says why when it is
-    /// gone for good rather than moved to another shard or node.
-    pub fn stage_removal(&self, shard: ShardId, id: VehicleId, gone: Option<RemoveReason>) {
-        self.staged.stage((shard, id), Change::Remove { gone });
+    /// Stages the removal of `last` (a vehicle's state) from a shard;
+    /// `gone` says why when it is gone for good rather than moved to another
+    /// shard or node.
+    pub fn stage_removal(&self, shard: ShardId, last: &VehicleState, gone: Option<RemoveReason>) {
+        self.stage_removal_of(shard, last.id.clone(), Version::of(last), gone);
+    }
+
+    /// [`StoreWriter::stage_removal`], given the removed state's version.
+    pub fn stage_removal_of(
+        &self,
+        shard: ShardId,
+        id: VehicleId,
+        last: Version,
+        gone: Option<RemoveReason>,
+    ) {
+        self.staged
+            .stage((shard, id), Change::Remove { gone, last });
     }
 
     /// Notified when a flush succeeds after failures. The store may have lost
@@ -235,8 +285,9 @@ impl StoreWriter {
     }
 
     /// Moves everything staged into `stage` (newer over older) and
-    /// `events` (after older ones), less what was discarded.
-    fn take_into(&self, stage: &mut Stage, events: &mut Events) {
+    /// `events` (after older ones), less what was discarded (whose removals
+    /// go to `tombs`).
+    fn take_into(&self, stage: &mut Stage, events: &mut Events, tombs: &mut Tombs) {
         self.staged.take_into(stage);
         {
             let mut staged = self.events.lock();
@@ -265,8 +316,41 @@ impl StoreWriter {
         }
         let discarded = std::mem::take(&mut *self.discarded.lock());
         if !discarded.is_empty() {
-            stage.retain(|(shard, _), _| !discarded.contains(shard));
+            stage.retain(|(shard, id), change| {
+                if !discarded.contains(shard) {
+                    return true;
+                }
+                entomb(tombs, *shard, id, change);
+                false
+            });
             events.retain(|shard, _| !discarded.contains(shard));
+        }
+    }
+
+    /// Leaves the tombstones for their shards' holders; those the store
+    /// does not take wait for the next flush.
+    async fn leave_tombstones(&self, store: &dyn Store, tombs: &mut Tombs) {
+        if tombs.is_empty() {
+            return;
+        }
+        let shards: Vec<ShardId> = tombs.keys().copied().collect();
+        for shard in shards {
+            let Some(removals) = tombs.get(&shard) else {
+                continue;
+            };
+            match store.leave_tombstones(shard, removals, TOMBSTONE_TTL).await {
+                Ok(()) => {
+                    self.metrics
+                        .store_tombstones_left
+                        .inc_by(removals.len() as u64);
+                    tracing::info!(%shard, removals = removals.len(), "left removals this node could not write for the shard's holder");
+                    tombs.remove(&shard);
+                }
+                Err(e) => {
+                    tracing::warn!(%shard, error = %e, "leaving tombstones; trying again");
+                    return;
+                }
+            }
         }
     }
 
@@ -284,21 +368,23 @@ impl StoreWriter {
         let mut pending = Stage::new();
         let mut events = Events::new();
         let mut owed = OwedLocators::default();
+        let mut tombs = Tombs::new();
         let mut failures = 0u32;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.cancelled() => {
-                    self.take_into(&mut pending, &mut events);
-                    let flushed = self.flush(store.as_ref(), fences.as_ref(), &mut pending, &mut events, &mut owed).await;
+                    self.take_into(&mut pending, &mut events, &mut tombs);
+                    let flushed = self.flush(store.as_ref(), fences.as_ref(), &mut pending, &mut events, &mut owed, &mut tombs).await;
                     if let Err(e) = flushed {
                         tracing::warn!(error = %e, lost = pending.len(), "final flush failed");
                     }
-                    self.flushes.send_modify(|n| *n += 1);
+                    // Whoever waits for a flush waits no more.
+                    self.flushes.send_replace(u64::MAX);
                     return;
                 }
             }
-            self.take_into(&mut pending, &mut events);
+            self.take_into(&mut pending, &mut events, &mut tombs);
             // A flush with nothing to write asks the store nothing.
             let asked = !pending.is_empty() || !events.is_empty();
             let span = tracing::debug_span!("flush", changes = pending.len());
@@ -309,9 +395,15 @@ impl StoreWriter {
                     &mut pending,
                     &mut events,
                     &mut owed,
+                    &mut tombs,
                 )
                 .instrument(span)
                 .await;
+            *self.unwritten.lock() = pending
+                .keys()
+                .map(|(shard, _)| *shard)
+                .chain(events.keys().copied())
+                .collect();
             self.flushes.send_modify(|n| *n += 1);
             if asked {
                 self.metrics.store_up.set(i64::from(flushed.is_ok()));
@@ -343,10 +435,12 @@ impl StoreWriter {
         pending: &mut Stage,
         events: &mut Events,
         owed: &mut OwedLocators,
+        tombs: &mut Tombs,
     ) -> Result<(), super::StoreError> {
         owed.settle(pending);
-        let batch = self.to_batch(pending, events, fences);
+        let batch = self.to_batch(pending, events, tombs, fences);
         self.metrics.store_pending.set(pending.len() as u64);
+        self.leave_tombstones(store, tombs).await;
         if batch.is_empty() {
             return Ok(());
         }
@@ -359,14 +453,20 @@ impl StoreWriter {
             .store_flush_batch_size
             .observe(batch.len() as f64);
         // What was in the batch is written; what waited for a lease stays
-        // (even if the lease arrived meanwhile: it goes in the next flush).
-        let written: HashSet<ShardId> = batch.shards.iter().map(|sb| sb.shard).collect();
+        // (even if the lease arrived meanwhile: it goes in the next flush),
+        // and so does what was fenced, until its lease is known.
+        let written: HashSet<ShardId> = batch
+            .shards
+            .iter()
+            .map(|sb| sb.shard)
+            .filter(|shard| !applied.fenced.contains(shard))
+            .collect();
         pending.retain(|(shard, _), _| !written.contains(shard));
         events.retain(|shard, _| !written.contains(shard));
         let outboxes: Vec<ShardId> = batch
             .shards
             .iter()
-            .filter(|sb| !sb.events.is_empty() && !applied.fenced.contains(&sb.shard))
+            .filter(|sb| !sb.events.is_empty() && written.contains(&sb.shard))
             .map(|sb| sb.shard)
             .collect();
         if !outboxes.is_empty() {
@@ -378,7 +478,7 @@ impl StoreWriter {
         }
         for shard in applied.fenced {
             self.metrics.store_fenced.inc();
-            tracing::warn!(%shard, "the shard's lease is another node's: nothing of this flush was written to it");
+            tracing::warn!(%shard, "the shard's lease is not the one held: nothing of this flush was written to it, and its changes wait until the lease is checked");
             fences.fenced(shard);
         }
         Ok(())
@@ -386,8 +486,14 @@ impl StoreWriter {
 
     /// The batch of what may be written now: changes to shards whose lease
     /// is being acquired stay in `pending`, changes to shards another node
-    /// owns are dropped.
-    fn to_batch(&self, pending: &mut Stage, events: &mut Events, fences: &dyn Fences) -> Batch {
+    /// owns are dropped (their removals go to `tombs`).
+    fn to_batch(
+        &self,
+        pending: &mut Stage,
+        events: &mut Events,
+        tombs: &mut Tombs,
+        fences: &dyn Fences,
+    ) -> Batch {
         let mut verdicts: HashMap<ShardId, Fence> = HashMap::new();
         let mut verdict = |shard: ShardId| {
             verdicts
@@ -396,7 +502,13 @@ impl StoreWriter {
                 .clone()
         };
         let before = pending.len();
-        pending.retain(|(shard, _), _| verdict(*shard) != Fence::Foreign);
+        pending.retain(|(shard, id), change| {
+            if verdict(*shard) != Fence::Foreign {
+                return true;
+            }
+            entomb(tombs, *shard, id, change);
+            false
+        });
         let dropped = before - pending.len();
         if dropped > 0 {
             self.metrics.store_foreign_dropped.inc_by(dropped as u64);
@@ -469,6 +581,17 @@ impl OwedLocators {
     }
 }
 
+/// Keeps a removal this node cannot write as a tombstone.
+fn entomb(tombs: &mut Tombs, shard: ShardId, id: &VehicleId, change: &Change) {
+    if let Change::Remove { gone, last } = change {
+        tombs.entry(shard).or_default().push(Removal {
+            id: id.clone(),
+            gone: *gone,
+            last: *last,
+        });
+    }
+}
+
 /// The changes of `stage` to shards `fence` gives a lease for (`Some`), by
 /// shard.
 fn to_batch(
@@ -511,9 +634,10 @@ fn to_batch(
                 relocated: *relocated,
                 seen: *seen,
             }),
-            Change::Remove { gone } => sb.removals.push(Removal {
+            Change::Remove { gone, last } => sb.removals.push(Removal {
                 id: id.clone(),
                 gone: *gone,
+                last: *last,
             }),
         }
     }
@@ -557,7 +681,7 @@ mod tests {
         }
         w.stage_upsert(shard(), state("v2", 1), true);
         let mut stage = Stage::new();
-        w.take_into(&mut stage, &mut Events::new());
+        w.take_into(&mut stage, &mut Events::new(), &mut Tombs::new());
         let batch = to_batch(&stage, &Events::new(), |_| Some(None));
         assert_eq!(batch.len(), 2);
         let v1 = batch.shards[0]
@@ -610,15 +734,23 @@ mod tests {
         w.stage_upsert(shard(), state("v1", 1), true);
         w.stage_upsert(other, state("v2", 1), true);
         let (mut pending, mut owed) = (Stage::new(), OwedLocators::default());
-        w.take_into(&mut pending, &mut Events::new());
-        w.flush(&store, &fences, &mut pending, &mut Events::new(), &mut owed)
+        w.take_into(&mut pending, &mut Events::new(), &mut Tombs::new());
+        // v1 waits for its lease in the first flush, and is written by the
+        // second.
+        for waiting in [1, 0] {
+            let (mut events, mut tombs) = (Events::new(), Tombs::new());
+            w.flush(
+                &store,
+                &fences,
+                &mut pending,
+                &mut events,
+                &mut owed,
+                &mut tombs,
+            )
             .await
             .unwrap();
-        assert_eq!(pending.len(), 1, "v1 waits for its lease");
-        w.flush(&store, &fences, &mut pending, &mut Events::new(), &mut owed)
-            .await
-            .unwrap();
-        assert!(pending.is_empty());
+            assert_eq!(pending.len(), waiting);
+        }
         let v1 = store.vehicle(&VehicleId::new("v1").unwrap()).await.unwrap();
         assert_eq!(v1.map(|s| s.seq), Some(1), "written, with its locator");
     }
@@ -639,7 +771,7 @@ mod tests {
         for round in 0..3 {
             let batch: Vec<ZoneEvent> = (0..MAX_PENDING_EVENTS / 2 + 10).map(event).collect();
             w.stage_events(shard(), batch);
-            w.take_into(&mut failed, &mut events);
+            w.take_into(&mut failed, &mut events, &mut Tombs::new());
             let held: usize = events.values().map(Vec::len).sum();
             assert!(held <= MAX_PENDING_EVENTS, "round {round}: {held} held");
         }
@@ -659,14 +791,10 @@ mod tests {
         let w = StoreWriter::new(Arc::new(Metrics::new()));
         w.stage_upsert(shard(), state("v1", 1), true);
         let mut failed = Stage::new();
-        w.take_into(&mut failed, &mut Events::new());
+        w.take_into(&mut failed, &mut Events::new(), &mut Tombs::new());
         // The flush of `failed` failed; meanwhile the vehicle went away.
-        w.stage_removal(
-            shard(),
-            VehicleId::new("v1").unwrap(),
-            Some(RemoveReason::Offline),
-        );
-        w.take_into(&mut failed, &mut Events::new());
+        w.stage_removal(shard(), &state("v1", 1), Some(RemoveReason::Offline));
+        w.take_into(&mut failed, &mut Events::new(), &mut Tombs::new());
         let batch = to_batch(&failed, &Events::new(), |_| Some(None));
         assert_eq!(batch.shards[0].upserts, vec![]);
         assert_eq!(batch.shards[0].removals.len(), 1);
