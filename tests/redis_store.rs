@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use hexfleet_client::FixInput;
 use hexfleet_model::{
     geodesy::haversine_m, CellModel, Position, ShardId, VehicleClass, VehicleId, VehicleState,
-    VehicleStatus,
+    VehicleStatus, ZoneId,
 };
 use hexfleet_node::{
     metrics::Metrics,
@@ -20,7 +20,10 @@ use hexfleet_node::{
     },
     table::Entry,
 };
-use hexfleet_protocol::{RejectReason, RemoveReason, Role};
+use hexfleet_protocol::{
+    zone::{ZoneCause, ZoneEvent, ZoneEventKind},
+    RejectReason, RemoveReason, Role,
+};
 use hexfleet_tests::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -939,4 +942,109 @@ async fn a_node_starts_while_redis_hangs_serves_from_memory_and_catches_up_when_
     assert_eq!(body["status"], "ok");
     assert_eq!(node.metric("hexfleet_store_up").await, 1.0);
     node.stop().await;
+}
+
+/// An entry event of vehicle `state` into zone `zone`.
+fn entered(state: &VehicleState, zone: &str) -> ZoneEvent {
+    ZoneEvent {
+        event: ZoneEventKind::Entered,
+        zone: ZoneId::new(zone).unwrap(),
+        cause: ZoneCause::Moved,
+        at_ms: state.seen_ms,
+        vehicle: state.clone(),
+    }
+}
+
+/// Relays every shard's outbox, and counts each event id in the stream.
+async fn events_in_stream(store: &RedisStore, shards: &[ShardId]) -> HashMap<String, usize> {
+    for &shard in shards {
+        store.relay_zone_events(shard).await.unwrap();
+    }
+    let (_, events) = store.zone_events(Some("0-0"), 100_000).await.unwrap();
+    let mut count = HashMap::new();
+    for e in events {
+        *count.entry(e.id()).or_default() += 1;
+    }
+    count
+}
+
+/// A write whose reply was lost is written again by the writer's retry:
+/// the states are the same, and no zone event is added twice.
+#[tokio::test]
+async fn a_zone_event_in_a_write_done_twice_is_in_the_stream_once() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let city = random_city(&mut rng, 40, 0.2);
+    let mut batch = placing(&city);
+    for sb in &mut batch.shards {
+        sb.events = sb.upserts.iter().map(|u| entered(&u.state, "z")).collect();
+    }
+    store.apply(&batch).await.unwrap();
+    store.apply(&batch).await.unwrap();
+    let shards: Vec<ShardId> = batch.shards.iter().map(|sb| sb.shard).collect();
+    let count = events_in_stream(&store, &shards).await;
+    assert_eq!(count.len(), city.len());
+    assert!(count.values().all(|&n| n == 1), "{count:?}");
+}
+
+/// On a Redis Cluster with one master stalled, a flush writes the shards
+/// of the others and keeps only the stalled master's for the retry: once
+/// it answers again, every zone event is in the stream exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_cluster_master_holds_back_only_its_shards_and_no_event_is_written_twice() {
+    let cluster = RedisCluster::start(3);
+    let seeds: Vec<String> = cluster.seeds().split(',').map(String::from).collect();
+    let store = Arc::new(RedisStore::connect_cluster(&seeds).await.unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let writer = Arc::new(StoreWriter::new(metrics.clone()));
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(writer.clone().run(
+        store.clone(),
+        Arc::new(Unfenced),
+        Duration::from_millis(50),
+        stop.clone(),
+    ));
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut city = random_city(&mut rng, 60, 0.3);
+    let stage = |city: &[VehicleState], zone: &str| {
+        for s in city {
+            writer.stage_upsert(shard_of(s), s.clone(), true);
+            writer.stage_events(shard_of(s), vec![entered(s, zone)]);
+        }
+    };
+    stage(&city, "first");
+    writer.flushed().await;
+    cluster.servers[0].stall();
+    for s in &mut city {
+        s.seq += 1;
+        s.seen_ms += 1;
+    }
+    stage(&city, "second");
+    // A flush past the store's response timeout: the other masters' shards
+    // are written meanwhile.
+    eventually(WAIT, "a flush fails on the stalled master", async || {
+        (metrics.store_flush_errors.get() > 0).then_some(())
+    })
+    .await;
+    cluster.servers[0].resume();
+    let shards: Vec<ShardId> = city.iter().map(shard_of).collect();
+    let count = eventually(WAIT, "every event in the stream", async || {
+        writer.flushed().await;
+        let count = events_in_stream(&store, &shards).await;
+        (count.len() == 2 * city.len()).then_some(count)
+    })
+    .await;
+    let twice: Vec<&String> = count
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "written twice: {twice:?}");
+    for s in &city {
+        let stored = store.vehicle(&s.id).await.unwrap().unwrap();
+        assert_eq!(stored.seq, s.seq);
+    }
+    stop.cancel();
+    running.await.unwrap();
 }

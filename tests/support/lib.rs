@@ -8,7 +8,7 @@ use std::{path::PathBuf, time::Duration};
 
 pub mod dashboard;
 
-pub use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisServer};
+pub use hexfleet_testkit::{eventually, free_tcp_port, free_udp_port, RedisCluster, RedisServer};
 
 use hexfleet_client::{Connector, DriverClient};
 use hexfleet_model::{VehicleClass, VehicleId, VehicleStatus};

@@ -91,10 +91,29 @@ pub enum ZoneEventError {
 }
 
 impl ZoneEvent {
+    /// How many fields a stream entry of an event has.
+    pub const FIELDS: usize = 7;
+
+    /// The event's id: the same for every copy of one event (a retried
+    /// write, a relay run twice), so the store and consumers keep it once.
+    /// A vehicle's fix (its sequence) and the time it was applied name the
+    /// change; the zone and the kind name the event of it.
+    pub fn id(&self) -> String {
+        format!(
+            "{}/{}/{}/{}/{}",
+            self.vehicle.id,
+            self.zone,
+            self.event.as_str(),
+            self.vehicle.seq,
+            self.at_ms
+        )
+    }
+
     /// The event as a stream entry's fields: flat strings a consumer reads
     /// without decoding, and the vehicle's state as JSON.
-    pub fn fields(&self) -> [(&'static str, String); 6] {
+    pub fn fields(&self) -> [(&'static str, String); Self::FIELDS] {
         [
+            ("id", self.id()),
             ("event", self.event.as_str().to_string()),
             ("zone", self.zone.to_string()),
             ("vehicle", self.vehicle.id.to_string()),
@@ -185,6 +204,10 @@ mod tests {
         let fields = event.fields();
         let back = ZoneEvent::from_fields(fields.iter().map(|(k, v)| (*k, v.as_bytes()))).unwrap();
         assert_eq!(back, event);
+        assert_eq!(
+            fields[0],
+            ("id", "car-1/airport/entered/7/1700000000123".into())
+        );
         let broken = fields.iter().map(|(k, v)| {
             (
                 *k,

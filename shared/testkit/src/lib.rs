@@ -154,6 +154,26 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port, empty.
+    /// Stalls the server with its data kept (SIGSTOP): connections stay
+    /// open and nothing is answered until [`RedisServer::resume`].
+    pub fn stall(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a stalled server answer again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the server runs");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         self.spawn().expect("redis-server restarts");

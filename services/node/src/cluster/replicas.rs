@@ -11,10 +11,20 @@
 //!
 //! On a Redis Cluster the channels are sharded (`SSUBSCRIBE`, one slot with
 //! the shard's keys); on one server, plain pub/sub does the same job.
+//!
+//! A replica does not trust silence. Redis drops a sharded subscription
+//! when the slot moves or fails over (an `sunsubscribe` push): the shard
+//! is subscribed again and read again. Every [`BUS_CHECK`] the bus
+//! connection is pinged (a half-open one is remade, and every replica read
+//! again), and each replica's sequence is compared with the one its owner
+//! last wrote: a batch written before the previous check and still not
+//! received was lost (the last message of a quiet shard, which no later
+//! batch would reveal as a gap), and the shard is read again.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::Duration,
 };
 
 use hexfleet_model::{Position, ShardId, VehicleId, VehicleState};
@@ -80,13 +90,30 @@ impl BusConn {
             BusConn::Cluster(c) => c.sunsubscribe(channel).await,
         }
     }
+
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            BusConn::Single(c) => ping.query_async(c).await,
+            BusConn::Cluster(c) => ping.query_async(c).await,
+        }
+    }
 }
+
+/// How often the bus connection is pinged and each replica's sequence is
+/// compared with its owner's.
+pub const BUS_CHECK: Duration = Duration::from_secs(2);
 
 /// One replicated shard.
 #[derive(Default)]
 struct Replica {
     /// The sequence of the last batch applied (or of the snapshot).
     seq: u64,
+    /// Whether the bus connection is subscribed to the shard's channel.
+    subscribed: bool,
+    /// The owner's sequence as of the previous check: batches up to it
+    /// must have arrived by the next one.
+    owner_seq: u64,
     vehicles: HashMap<VehicleId, VehicleState>,
 }
 
@@ -138,11 +165,19 @@ impl Replicas {
         // Replicas that must be read again (a gap, a reconnection, a failed read).
         let mut stale: HashSet<ShardId> = HashSet::new();
         let mut retry = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut check = tokio::time::interval(BUS_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = needed.changed() => {}
                 _ = held.changed() => {}
+                _ = check.tick() => {
+                    self.check(&mut conn, &mut stale).await;
+                    if stale.is_empty() {
+                        continue;
+                    }
+                }
                 push = pushes.recv() => {
                     let Some(push) = push else { return };
                     self.on_push(push, &mut stale);
@@ -194,11 +229,12 @@ impl Replicas {
             if self.replicas.contains_key(&shard) && !stale.contains(&shard) {
                 continue;
             }
-            if !self.replicas.contains_key(&shard) {
+            if !self.replicas.get(&shard).is_some_and(|r| r.subscribed) {
                 if let Err(e) = conn.subscribe(&keys::bus_channel(shard)).await {
                     tracing::warn!(%shard, error = %e, "subscribing to a shard's bus; retrying");
                     continue;
                 }
+                self.replicas.entry(shard).or_default().subscribed = true;
             }
             match self.store.snapshot_shard(shard).await {
                 Ok((seq, states)) => {
@@ -236,12 +272,77 @@ impl Replicas {
         replica.seq = seq;
     }
 
+    /// Pings the bus, and reads again the replicas that missed a batch
+    /// (see the module notes).
+    async fn check(&mut self, conn: &mut BusConn, stale: &mut HashSet<ShardId>) {
+        if self.replicas.is_empty() {
+            return;
+        }
+        let alive = tokio::time::timeout(BUS_CHECK / 2, conn.ping()).await;
+        if !matches!(alive, Ok(Ok(()))) {
+            tracing::warn!(
+                "the bus connection does not answer; subscribing and reading every replica again"
+            );
+            self.metrics.bus_resnapshots.inc();
+            self.lost_all(stale);
+            return;
+        }
+        let shards: Vec<ShardId> = self
+            .replicas
+            .keys()
+            .filter(|s| !stale.contains(s))
+            .copied()
+            .collect();
+        let owners = match self.store.bus_seqs(&shards).await {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the replicated shards' sequences");
+                return;
+            }
+        };
+        for (shard, owner_seq) in shards.into_iter().zip(owners) {
+            let Some(replica) = self.replicas.get_mut(&shard) else {
+                continue;
+            };
+            if replica.seq < replica.owner_seq {
+                tracing::info!(%shard, have = replica.seq, written = replica.owner_seq, "a shard's batch never arrived; reading it again");
+                self.metrics.bus_resnapshots.inc();
+                stale.insert(shard);
+            }
+            replica.owner_seq = owner_seq;
+        }
+    }
+
+    /// The bus connection was lost (or may have been): every replica must
+    /// be subscribed and read again.
+    fn lost_all(&mut self, stale: &mut HashSet<ShardId>) {
+        for (shard, replica) in &mut self.replicas {
+            replica.subscribed = false;
+            stale.insert(*shard);
+        }
+    }
+
     fn on_push(&mut self, push: PushInfo, stale: &mut HashSet<ShardId>) {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {}
             PushKind::Disconnection => {
                 // Batches may have been missed meanwhile.
-                stale.extend(self.replicas.keys().copied());
+                self.lost_all(stale);
+                return;
+            }
+            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                // Redis dropped a subscription (a slot moved or failed
+                // over), or we did (then the replica is gone already).
+                let channel = match push.data.first() {
+                    Some(Value::BulkString(channel)) => std::str::from_utf8(channel).ok(),
+                    _ => None,
+                };
+                let shard = channel.and_then(keys::bus_channel_shard);
+                if let Some(replica) = shard.and_then(|s| self.replicas.get_mut(&s)) {
+                    replica.subscribed = false;
+                    stale.extend(shard);
+                    tracing::info!(shard = ?shard, "the store dropped a shard's subscription; subscribing and reading it again");
+                }
                 return;
             }
             _ => return,

@@ -94,6 +94,12 @@ pub fn outbox(shard: ShardId) -> String {
     format!("hexfleet:outbox:{{{shard}}}")
 }
 
+/// The ids of a shard's zone events written in the last hour (a sorted
+/// set scored by the event's time), so a retried write adds none twice.
+pub fn event_ids(shard: ShardId) -> String {
+    format!("hexfleet:evids:{{{shard}}}")
+}
+
 /// Every zone event, for backends (consumer groups): a stream of entries
 /// with the fields of `ZoneEvent::fields`. The zone keys share a slot.
 pub const ZONE_EVENTS: &str = "hexfleet:{zones}:events";

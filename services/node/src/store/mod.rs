@@ -116,6 +116,17 @@ pub struct Applied {
     /// Shards whose lease is no longer this node's: nothing of theirs was
     /// written.
     pub fenced: Vec<ShardId>,
+    /// Shards the store could not write now (their server is away, on a
+    /// Redis Cluster), with why: nothing of theirs was written, and they
+    /// are tried again; the others' writes stand.
+    pub failed: Vec<(ShardId, String)>,
+}
+
+impl Applied {
+    /// Whether the shard's changes were written (or refused for content).
+    pub fn written(&self, shard: ShardId) -> bool {
+        !self.fenced.contains(&shard) && !self.failed.iter().any(|(s, _)| *s == shard)
+    }
 }
 
 /// One flush: the changes to every shard touched since the previous one.
@@ -212,10 +223,12 @@ pub trait Store: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     /// Writes one flush and returns the changes it refused for their
-    /// content, each costing only its own vehicle, and the shards it did not
-    /// write because their lease is no longer the one given. On error (the
-    /// store is unreachable, or busy) nothing is assumed written; the writer
-    /// retries the changes (merged under newer ones).
+    /// content, each costing only its own vehicle, the shards it did not
+    /// write because their lease is no longer the one given, and those it
+    /// could not write now. On error (the store is unreachable, or busy)
+    /// nothing is assumed written; the writer retries the changes (merged
+    /// under newer ones). A retry writes a zone event already written once
+    /// at most.
     async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError>;
 
     /// Every vehicle of one shard, for a node taking it over.
@@ -287,6 +300,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every shard that ever held a vehicle.
     async fn shards(&self) -> Result<Vec<ShardId>, StoreError>;
+
+    /// The sequence number of each shard's last bus batch (0: none), for
+    /// replicas checking that they missed none.
+    async fn bus_seqs(&self, shards: &[ShardId]) -> Result<Vec<u64>, StoreError>;
 
     /// Leaves removals this node could not write (it lost the shard's lease
     /// before they were written) for the shard's holder, for `ttl`. Each is

@@ -24,7 +24,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use hexfleet_model::{ShardId, VehicleId, VehicleState, ZoneId};
 use hexfleet_protocol::{
     bus::{ShardChanges, ShardRemoval},
@@ -42,15 +42,18 @@ use super::{
 
 /// Writes one shard's changes, fenced by its lease, and publishes them.
 ///
-/// KEYS: lease, geo, seen, state, bus seq, zone event outbox. ARGV: the
+/// KEYS: lease, geo, seen, state, bus seq, zone event outbox, ids of the
+/// zone events written. ARGV: the
 /// lease value the writer holds (empty: not fenced), the publish command
 /// (`SPUBLISH`, `PUBLISH` or empty), the channel, the bus body; then four
 /// lists, each a count and its items laid out as the command takes them, so
 /// each command is `unpack(ARGV, from, to)` with no per-vehicle work in Lua:
 /// the removed ids; the upserts (lon, lat, id triples for `GEOADD`, then id,
 /// state pairs for `HSET`); the last-seen entries (ms, id pairs for `ZADD`);
-/// the zone events (six field, value pairs each for `XADD`), which land
-/// with the states that record them or not at all.
+/// the zone events (seven field, value pairs each for `XADD`, the event's
+/// id first and its time sixth), which land with the states that record
+/// them or not at all, and once: an event whose id was written in the last
+/// hour (a retry of a write whose reply was lost) is skipped.
 ///
 /// Returns `{seq, replies}`: the bus sequence number given (0: none) and,
 /// per command, 1 or its error as `!<error>` (`pcall`; an error nested in a
@@ -96,9 +99,17 @@ if nseen > 0 then
 end
 at = at + 1 + 2 * nseen
 local nev = tonumber(ARGV[at])
+local newest = nil
 for k = 0, nev - 1 do
-  local from = at + 1 + k * 12
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', unpack(ARGV, from, from + 11))
+  local from = at + 1 + k * 14
+  local at_ms = tonumber(ARGV[from + 11])
+  if redis.call('ZADD', KEYS[7], 'NX', at_ms, ARGV[from + 1]) == 1 then
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', unpack(ARGV, from, from + 13))
+  end
+  newest = math.max(newest or at_ms, at_ms)
+end
+if newest then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', newest - 3600000)
 end
 local seq = 0
 if ARGV[2] ~= '' then
@@ -119,8 +130,8 @@ return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HGETALL', KEYS[
 /// changes hands), the stream gets each entry once.
 ///
 /// KEYS: the event stream, the relayed marks. ARGV: the shard, the stream's
-/// length bound, the entry count, then per entry its outbox id and twelve
-/// field/value strings. Returns the outbox ids moved.
+/// length bound, the entry count, then per entry its outbox id and
+/// fourteen field/value strings. Returns the outbox ids moved.
 const RELAY_EVENTS: &str = r#"
 local function after(a, b)
   local a1, a2 = string.match(a, '(%d+)-(%d+)')
@@ -132,10 +143,10 @@ local last = redis.call('HGET', KEYS[2], ARGV[1]) or '0-0'
 local moved = {}
 local n = tonumber(ARGV[3])
 for k = 0, n - 1 do
-  local at = 4 + k * 13
+  local at = 4 + k * 15
   local id = ARGV[at]
   if after(id, last) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, at + 1, at + 12))
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, at + 1, at + 14))
     last = id
     moved[#moved + 1] = id
   end
@@ -309,7 +320,8 @@ impl RedisStore {
             .key(keys::seen(sb.shard))
             .key(keys::state(sb.shard))
             .key(keys::bus_seq(sb.shard))
-            .key(keys::outbox(sb.shard));
+            .key(keys::outbox(sb.shard))
+            .key(keys::event_ids(sb.shard));
         let (command, body) = publish.unwrap_or(("", b""));
         call.arg(sb.fence.as_deref().unwrap_or(""))
             .arg(command)
@@ -514,8 +526,8 @@ impl RedisStore {
             .arg(entries.len());
         for (id, fields) in &entries {
             call.arg(id.as_str());
-            // Six pairs, as written; an entry with others is not ours.
-            for k in 0..6 {
+            // The pairs as written; an entry with others is not ours.
+            for k in 0..ZoneEvent::FIELDS {
                 match fields.get(k) {
                     Some((name, value)) => call.arg(name.as_str()).arg(value.as_slice()),
                     None => call.arg("").arg(""),
@@ -546,7 +558,7 @@ impl RedisStore {
     async fn write_locators(&self, batch: &Batch, applied: &Applied) -> Result<(), StoreError> {
         let refused = &applied.refused;
         let mut cmds = Vec::new();
-        let written = |sb: &&ShardBatch| !applied.fenced.contains(&sb.shard);
+        let written = |sb: &&ShardBatch| applied.written(sb.shard);
         for sb in batch.shards.iter().filter(written) {
             for r in sb.removals.iter().filter(|r| r.forget()) {
                 let mut cmd = redis::cmd("DEL");
@@ -589,11 +601,11 @@ impl RedisStore {
 
     /// Registers shards that gained a vehicle, so a node taking over finds
     /// them. Only relocations can add a shard, and they are rare.
-    async fn register_shards(&self, batch: &Batch) -> Result<(), StoreError> {
+    async fn register_shards(&self, batch: &Batch, applied: &Applied) -> Result<(), StoreError> {
         let gained: Vec<String> = batch
             .shards
             .iter()
-            .filter(|sb| sb.upserts.iter().any(|u| u.relocated))
+            .filter(|sb| applied.written(sb.shard) && sb.upserts.iter().any(|u| u.relocated))
             .map(|sb| sb.shard.to_string())
             .collect();
         if gained.is_empty() {
@@ -767,16 +779,23 @@ impl Store for RedisStore {
     }
 
     async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        let writes = try_join_all(batch.shards.iter().map(|sb| self.write_shard(sb))).await?;
+        // Each shard on its own: on a Redis Cluster one master away fails
+        // only the shards it serves.
+        let writes = join_all(batch.shards.iter().map(|sb| self.write_shard(sb))).await;
         let mut applied = Applied::default();
         for (sb, write) in batch.shards.iter().zip(writes) {
             match write {
-                ShardWrite::Written(refused) => applied.refused.extend(refused),
-                ShardWrite::Fenced => applied.fenced.push(sb.shard),
+                Ok(ShardWrite::Written(refused)) => applied.refused.extend(refused),
+                Ok(ShardWrite::Fenced) => applied.fenced.push(sb.shard),
+                Err(e) => applied.failed.push((sb.shard, e.to_string())),
             }
         }
+        if applied.failed.len() == batch.shards.len() {
+            let (_, why) = applied.failed.swap_remove(0);
+            return Err(StoreError::Unwritable(why));
+        }
         self.write_locators(batch, &applied).await?;
-        self.register_shards(batch).await?;
+        self.register_shards(batch, &applied).await?;
         Ok(applied)
     }
 
@@ -1033,6 +1052,29 @@ impl Store for RedisStore {
             .cmd(redis::cmd("SMEMBERS").arg(keys::SHARDS))
             .await?;
         Ok(raw.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    async fn bus_seqs(&self, shards: &[ShardId]) -> Result<Vec<u64>, StoreError> {
+        let keys: Vec<String> = shards.iter().map(|&s| keys::bus_seq(s)).collect();
+        let seqs: Vec<Option<u64>> = match &self.conn {
+            Conn::Single(_) if !keys.is_empty() => {
+                self.conn.cmd(redis::cmd("MGET").arg(&keys)).await?
+            }
+            Conn::Single(_) => Vec::new(),
+            // Each key in its own slot.
+            Conn::Cluster(_) => {
+                let gets: Vec<redis::Cmd> = keys
+                    .iter()
+                    .map(|k| {
+                        let mut get = redis::cmd("GET");
+                        get.arg(k);
+                        get
+                    })
+                    .collect();
+                try_join_all(gets.iter().map(|get| self.conn.cmd(get))).await?
+            }
+        };
+        Ok(seqs.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn leave_tombstones(

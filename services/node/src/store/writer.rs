@@ -459,7 +459,7 @@ impl StoreWriter {
             .shards
             .iter()
             .map(|sb| sb.shard)
-            .filter(|shard| !applied.fenced.contains(shard))
+            .filter(|&shard| applied.written(shard))
             .collect();
         pending.retain(|(shard, _), _| !written.contains(shard));
         events.retain(|shard, _| !written.contains(shard));
@@ -481,7 +481,16 @@ impl StoreWriter {
             tracing::warn!(%shard, "the shard's lease is not the one held: nothing of this flush was written to it, and its changes wait until the lease is checked");
             fences.fenced(shard);
         }
-        Ok(())
+        // The others stand; these are tried again (and the flush counts as
+        // failed, so the next waits).
+        match applied.failed.first() {
+            Some((shard, why)) => Err(super::StoreError::Unwritable(format!(
+                "{} of {} shards not written now (first: {shard}: {why})",
+                applied.failed.len(),
+                batch.shards.len()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The batch of what may be written now: changes to shards whose lease
