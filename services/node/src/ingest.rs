@@ -312,11 +312,16 @@ impl Ingest {
             let Some(position) = indexable(&state) else {
                 continue;
             };
-            if self
+            if let Some(held) = self
                 .table
                 .get(&state.id)
-                .is_some_and(|held| held.state.seq >= state.seq)
+                .filter(|held| held.state.seq >= state.seq)
             {
+                // Held here already, newer: a copy taken over in another
+                // shard is a leftover, removed from there.
+                if let Some(shard) = shard.filter(|&s| s != held.shard) {
+                    self.writer.stage_removal(shard, &state, None);
+                }
                 continue;
             }
             let (cell, located) = self.cells.locate(position);

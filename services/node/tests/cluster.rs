@@ -4,6 +4,7 @@
 //! a gap, a killed node's share converges elsewhere, a frozen node writes
 //! nothing when it wakes, and the same on a Redis Cluster.
 
+mod chaos;
 mod common;
 
 use std::{
@@ -2120,4 +2121,38 @@ async fn a_replica_that_missed_a_quiet_shards_last_batch_reads_it_again() {
     );
     assert!(watcher.metric("hexfleet_bus_resnapshots_total").await > before);
     d.abandon();
+}
+
+/// `scripts/chaos.sh` runs this at the scale its variables say, in release
+/// mode, and reads the figures it prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a long run: scripts/chaos.sh SCENARIO"]
+async fn chaos() {
+    let scenario =
+        chaos::Scenario::from_env().expect("CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut");
+    chaos::assert_clean(&chaos::run(scenario).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::Kill)).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_freeze_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::Freeze)).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_stall_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::RedisStall)).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_cut_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::RedisCut)).await;
+    chaos::assert_clean(&report);
 }

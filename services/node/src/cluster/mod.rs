@@ -30,7 +30,7 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use hexfleet_model::ShardId;
+use hexfleet_model::{ShardId, VehicleId, VehicleState};
 use hexfleet_protocol::{bus::NodeInfo, Redirect};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
@@ -658,6 +658,34 @@ impl Cluster {
         }
     }
 
+    /// Splits a shard's stored vehicles into those that are in it and the
+    /// leftovers of moves: vehicles whose locator names another shard. When
+    /// the locators cannot be read, all are taken (a leftover then goes
+    /// stale in time).
+    async fn leftovers(
+        &self,
+        shard: ShardId,
+        states: Vec<VehicleState>,
+    ) -> (Vec<VehicleState>, Vec<VehicleState>) {
+        let ids: Vec<VehicleId> = states.iter().map(|s| s.id.clone()).collect();
+        match self.store.locate(&ids).await {
+            Ok(located) => {
+                let (mut here, mut moved) = (Vec::new(), Vec::new());
+                for (state, at) in states.into_iter().zip(located) {
+                    match at {
+                        Some(at) if at != shard => moved.push(state),
+                        _ => here.push(state),
+                    }
+                }
+                (here, moved)
+            }
+            Err(e) => {
+                tracing::warn!(%shard, error = %e, "reading the locators of a shard taken over; taking every vehicle");
+                (states, Vec::new())
+            }
+        }
+    }
+
     /// A lease acquired: the shard's stored vehicles become this node's
     /// (those it does not already hold with a newer fix).
     async fn took(&self, shard: ShardId, value: Arc<str>) {
@@ -674,10 +702,19 @@ impl Cluster {
             self.wanted.lock().remove(&shard);
             return;
         }
+        let (states, leftovers) = self.leftovers(shard, states).await;
         self.holdings.write().insert(shard, Holding::Held(value));
         self.wanted.lock().remove(&shard);
         self.tainted.lock().remove(&shard);
         let taken = self.ingest.take_over(shard, states);
+        // Copies of vehicles that moved on (their removal from here was
+        // never written: their node died between the two writes).
+        for state in &leftovers {
+            self.writer.stage_removal(shard, state, None);
+        }
+        if !leftovers.is_empty() {
+            tracing::info!(%shard, leftovers = leftovers.len(), "removed copies of vehicles that had moved to other shards");
+        }
         // Removals its last holder could not write before losing it.
         self.apply_tombstones(shard).await;
         // Zone events its last holder wrote but did not relay.

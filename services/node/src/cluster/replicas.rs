@@ -173,7 +173,7 @@ impl Replicas {
                 _ = needed.changed() => {}
                 _ = held.changed() => {}
                 _ = check.tick() => {
-                    self.check(&mut conn, &mut stale).await;
+                    self.check(&mut conn, &config, &pushes_tx, &mut stale).await;
                     if stale.is_empty() {
                         continue;
                     }
@@ -238,7 +238,7 @@ impl Replicas {
             }
             match self.store.snapshot_shard(shard).await {
                 Ok((seq, states)) => {
-                    self.snapshot(shard, seq, states);
+                    self.snapshot(shard, seq, states).await;
                     stale.remove(&shard);
                 }
                 Err(e) => {
@@ -251,17 +251,39 @@ impl Replicas {
         self.metrics.replicas.set(self.replicas.len() as i64);
     }
 
-    /// Starts (or restarts) a replica from what the store holds.
-    fn snapshot(&mut self, shard: ShardId, seq: u64, states: Vec<VehicleState>) {
-        let replica = self.replicas.entry(shard).or_default();
+    /// Starts (or restarts) a replica from what the store holds. A vehicle
+    /// the replica had and the store no longer holds there left while the
+    /// replica was not listening: for another shard (its locator says
+    /// where: in transit, shown again from there) or for good (no locator:
+    /// signed off or evicted, removed at once).
+    async fn snapshot(&mut self, shard: ShardId, seq: u64, states: Vec<VehicleState>) {
         let fresh: HashMap<VehicleId, VehicleState> =
             states.into_iter().map(|s| (s.id.clone(), s)).collect();
-        for id in replica.vehicles.keys() {
-            if !fresh.contains_key(id) {
-                // It left while we were not listening: maybe for another shard.
-                self.fanout.vehicle_in_transit(id.clone(), shard);
+        let left: Vec<VehicleId> = self
+            .replicas
+            .get(&shard)
+            .map(|r| {
+                r.vehicles
+                    .keys()
+                    .filter(|id| !fresh.contains_key(*id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let located = match self.store.locate(&left).await {
+            Ok(located) => located,
+            // Unknown: in transit, until a replica or its node shows it.
+            Err(_) => vec![Some(shard); left.len()],
+        };
+        for (id, at) in left.into_iter().zip(located) {
+            match at {
+                Some(_) => self.fanout.vehicle_in_transit(id, shard),
+                None => self
+                    .fanout
+                    .vehicle_removed(id, RemoveReason::Offline, shard),
             }
         }
+        let replica = self.replicas.entry(shard).or_default();
         for state in fresh.values() {
             if let Some(position) = indexable(state) {
                 let (cell, _) = self.cells.locate(position);
@@ -273,16 +295,34 @@ impl Replicas {
     }
 
     /// Pings the bus, and reads again the replicas that missed a batch
-    /// (see the module notes).
-    async fn check(&mut self, conn: &mut BusConn, stale: &mut HashSet<ShardId>) {
+    /// (see the module notes). A bus that does not answer while the store
+    /// does is half-open: it is made again, and every replica read again.
+    /// When neither answers, Redis is away (stalled, or cut off): what it
+    /// will send when it is back is still in order, so nothing is read
+    /// again for that (a snapshot cannot tell a vehicle signed off from one
+    /// gone to another shard, and would show it in transit meanwhile).
+    async fn check(
+        &mut self,
+        conn: &mut BusConn,
+        config: &StoreConfig,
+        pushes: &mpsc::UnboundedSender<PushInfo>,
+        stale: &mut HashSet<ShardId>,
+    ) {
         if self.replicas.is_empty() {
             return;
         }
         let alive = tokio::time::timeout(BUS_CHECK / 2, conn.ping()).await;
         if !matches!(alive, Ok(Ok(()))) {
-            tracing::warn!(
-                "the bus connection does not answer; subscribing and reading every replica again"
-            );
+            let store = tokio::time::timeout(BUS_CHECK / 2, self.store.ping()).await;
+            if !matches!(store, Ok(Ok(()))) {
+                tracing::debug!("neither the bus nor the store answers; waiting for Redis");
+                return;
+            }
+            tracing::warn!("the bus connection does not answer while the store does; connecting again, subscribing and reading every replica again");
+            match BusConn::open(config, pushes.clone()).await {
+                Ok(fresh) => *conn = fresh,
+                Err(e) => tracing::warn!(error = %e, "connecting to the bus again; retrying"),
+            }
             self.metrics.bus_resnapshots.inc();
             self.lost_all(stale);
             return;

@@ -253,6 +253,14 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn locate(&self, ids: &[VehicleId]) -> Result<Vec<Option<ShardId>>, StoreError> {
+        let inner = self.inner.read();
+        Ok(ids
+            .iter()
+            .map(|id| inner.locator.get(id).copied())
+            .collect())
+    }
+
     async fn bus_seqs(&self, shards: &[ShardId]) -> Result<Vec<u64>, StoreError> {
         // No bus: one process holds every shard.
         Ok(vec![0; shards.len()])

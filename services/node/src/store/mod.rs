@@ -301,6 +301,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every shard that ever held a vehicle.
     async fn shards(&self) -> Result<Vec<ShardId>, StoreError>;
 
+    /// The shard each vehicle is in now, by its locator (`None`: no
+    /// locator, as for a vehicle signed off): a copy found in another shard
+    /// is a leftover of a move whose removal was never written.
+    async fn locate(&self, ids: &[VehicleId]) -> Result<Vec<Option<ShardId>>, StoreError>;
+
     /// The sequence number of each shard's last bus batch (0: none), for
     /// replicas checking that they missed none.
     async fn bus_seqs(&self, shards: &[ShardId]) -> Result<Vec<u64>, StoreError>;

@@ -295,6 +295,28 @@ impl RedisStore {
         &self.conn
     }
 
+    /// `GET` of each key, in order: one `MGET` on one server; on a cluster,
+    /// where each key may be in a slot of its own, one `GET` each.
+    async fn get_each<T: FromRedisValue>(&self, keys: &[String]) -> Result<Vec<T>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(match &self.conn {
+            Conn::Single(_) => self.conn.cmd(redis::cmd("MGET").arg(keys)).await?,
+            Conn::Cluster(_) => {
+                let gets: Vec<redis::Cmd> = keys
+                    .iter()
+                    .map(|k| {
+                        let mut get = redis::cmd("GET");
+                        get.arg(k);
+                        get
+                    })
+                    .collect();
+                try_join_all(gets.iter().map(|get| self.conn.cmd(get))).await?
+            }
+        })
+    }
+
     /// The command that publishes on a shard's channel: sharded pub/sub on
     /// a cluster, so the message travels only within the shard's slot; on
     /// one server, plain pub/sub does the same job.
@@ -1054,26 +1076,18 @@ impl Store for RedisStore {
         Ok(raw.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
+    async fn locate(&self, ids: &[VehicleId]) -> Result<Vec<Option<ShardId>>, StoreError> {
+        let keys: Vec<String> = ids.iter().map(keys::locator).collect();
+        let found: Vec<Option<String>> = self.get_each(&keys).await?;
+        Ok(found
+            .into_iter()
+            .map(|shard| shard.and_then(|s| s.parse().ok()))
+            .collect())
+    }
+
     async fn bus_seqs(&self, shards: &[ShardId]) -> Result<Vec<u64>, StoreError> {
         let keys: Vec<String> = shards.iter().map(|&s| keys::bus_seq(s)).collect();
-        let seqs: Vec<Option<u64>> = match &self.conn {
-            Conn::Single(_) if !keys.is_empty() => {
-                self.conn.cmd(redis::cmd("MGET").arg(&keys)).await?
-            }
-            Conn::Single(_) => Vec::new(),
-            // Each key in its own slot.
-            Conn::Cluster(_) => {
-                let gets: Vec<redis::Cmd> = keys
-                    .iter()
-                    .map(|k| {
-                        let mut get = redis::cmd("GET");
-                        get.arg(k);
-                        get
-                    })
-                    .collect();
-                try_join_all(gets.iter().map(|get| self.conn.cmd(get))).await?
-            }
-        };
+        let seqs: Vec<Option<u64>> = self.get_each(&keys).await?;
         Ok(seqs.into_iter().map(Option::unwrap_or_default).collect())
     }
 

@@ -1,0 +1,479 @@
+//! Faults as users live them: a moving fleet, riders on every node, a fault
+//! (a node killed, frozen or cut from Redis; Redis stalled), and a checker
+//! comparing what every rider sees with the truth, during the fault and
+//! after it.
+//!
+//! The truth is where each driver is: it drives on, on its circle, whatever
+//! its connection does (a driver whose node is gone is still moving, and
+//! sends its fixes as soon as it can). Every 100 ms each rider's
+//! view is compared with it: a vehicle is *bad* for a rider while it is
+//! missing from its view or shown more than 60 m from where it is. The
+//! figures are the longest bad streak of any (rider, vehicle) pair and how
+//! long after the fault every rider is right again. After convergence the
+//! store and every node's API are checked: no ghost (a signed-off vehicle
+//! still anywhere), no vehicle in two shards or listed twice, every
+//! driver's stored state its latest.
+//!
+//! The suite runs each scenario small (`chaos_*_small`, checking only what
+//! holds after convergence); `scripts/chaos.sh SCENARIO` runs it at the
+//! issue's scale in release mode and prints the figures.
+
+use hexfleet_model::geodesy::haversine_m;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+/// How far behind a shown vehicle may be before it counts as wrong.
+const BEHIND_M: f64 = 60.0;
+/// How often the checker looks at every rider's view.
+const SAMPLE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 of the node holding the most drivers.
+    Kill,
+    /// SIGSTOP of that node for the fault's length, then SIGCONT.
+    Freeze,
+    /// Redis SIGSTOPped (data kept), a sixth of the drivers signing off
+    /// meanwhile.
+    RedisStall,
+    /// One node cut from Redis (its clients still reach it), a sixth of
+    /// its drivers signing off meanwhile.
+    RedisCut,
+}
+
+impl Fault {
+    fn from_name(name: &str) -> Option<Fault> {
+        Some(match name {
+            "kill" => Fault::Kill,
+            "freeze" => Fault::Freeze,
+            "redis-stall" => Fault::RedisStall,
+            "redis-cut" => Fault::RedisCut,
+            _ => return None,
+        })
+    }
+}
+
+pub struct Scenario {
+    pub fault: Fault,
+    pub drivers: usize,
+    pub nodes: usize,
+    pub speed_mps: f64,
+    pub fix_every: Duration,
+    /// How long the fault lasts (a kill lasts for good).
+    pub fault_for: Duration,
+    /// How long the fleet runs before the fault.
+    pub warm_up: Duration,
+}
+
+impl Scenario {
+    /// The suite's size: small, quick, checking what holds afterwards.
+    pub fn small(fault: Fault) -> Self {
+        Scenario {
+            fault,
+            drivers: 24,
+            nodes: 3,
+            speed_mps: 25.0,
+            fix_every: Duration::from_millis(500),
+            fault_for: Duration::from_secs(3),
+            warm_up: Duration::from_secs(2),
+        }
+    }
+
+    /// The scale `scripts/chaos.sh` runs, from `CHAOS_*` variables.
+    pub fn from_env() -> Option<Self> {
+        let var = |name: &str| std::env::var(name).ok();
+        let fault = Fault::from_name(&var("CHAOS_SCENARIO")?)?;
+        let number =
+            |name: &str, default: u64| var(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+        Some(Scenario {
+            fault,
+            drivers: number("CHAOS_DRIVERS", 300) as usize,
+            nodes: 3,
+            speed_mps: 25.0,
+            fix_every: Duration::from_millis(number("CHAOS_FIX_MS", 1000)),
+            fault_for: Duration::from_secs(number("CHAOS_FAULT_S", 8)),
+            warm_up: Duration::from_secs(number("CHAOS_WARM_UP_S", 5)),
+        })
+    }
+}
+
+/// Where a driver is, and whether it is still on the road.
+#[derive(Debug, Clone, Copy)]
+struct Truth {
+    at: (f64, f64),
+    gone: bool,
+}
+
+/// A driver's route: a circle of 200 m at a steady speed, from a phase.
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    centre: (f64, f64),
+    phase: f64,
+    speed_mps: f64,
+}
+
+impl Route {
+    const RADIUS_M: f64 = 200.0;
+
+    fn at(&self, since_start: Duration) -> (f64, f64) {
+        let angle = self.phase + self.speed_mps * since_start.as_secs_f64() / Self::RADIUS_M;
+        offset(
+            self.centre,
+            Self::RADIUS_M * angle.cos(),
+            Self::RADIUS_M * angle.sin(),
+        )
+    }
+}
+
+/// What the checker found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The longest time any vehicle was wrong for any rider, from the
+    /// fault on.
+    pub longest_bad: Duration,
+    /// The 99th percentile of the (rider, vehicle) pairs' longest streaks.
+    pub p99_bad: Duration,
+    /// The largest share of pairs wrong at one moment.
+    pub worst_share: f64,
+    /// From the end of the fault to every rider right.
+    pub converged: Duration,
+    pub ghosts: Vec<String>,
+    pub duplicates: Vec<String>,
+    pub stale: Vec<String>,
+}
+
+/// A spot `m` metres east and `n` metres north of `from`.
+fn offset(from: (f64, f64), east_m: f64, north_m: f64) -> (f64, f64) {
+    let lat = from.0 + north_m / 111_320.0;
+    let lon = from.1 + east_m / (111_320.0 * from.0.to_radians().cos());
+    (lat, lon)
+}
+
+/// For each node, a spot in a shard it owns near the centre: its rider
+/// looks from there, so it stays on that node.
+fn lookouts(cluster: &Cluster) -> Vec<(String, (f64, f64))> {
+    let home = shard_of(CENTER.0, CENTER.1);
+    let near: Vec<ShardId> = home
+        .0
+        .grid_disk::<Vec<_>>(2)
+        .into_iter()
+        .map(ShardId)
+        .collect();
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let shard = near.iter().find(|s| cluster.owner(**s).id == n.id)?;
+            let c = h3o::LatLng::from(shard.0);
+            Some((n.id.clone(), (c.lat(), c.lng())))
+        })
+        .collect()
+}
+
+pub async fn run(s: Scenario) -> Report {
+    let redis = RedisServer::start();
+    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
+    let cut_id = format!("n{}", s.nodes - 1);
+    let urls = match s.fault {
+        Fault::RedisCut => HashMap::from([(cut_id.clone(), format!("redis://{}", relay.addr()))]),
+        _ => HashMap::new(),
+    };
+    let grace = Duration::from_secs(10);
+    let mut cluster =
+        Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await;
+
+    // Drivers on circles of 200 m around spots spread over ~1.5 km.
+    let began = Instant::now();
+    let gone: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut routes: Vec<(String, Route)> = Vec::new();
+    let stop = CancellationToken::new();
+    let mut leave = Vec::new();
+    let side = (s.drivers as f64).sqrt().ceil() as usize;
+    for i in 0..s.drivers {
+        let (row, col) = ((i / side) as f64, (i % side) as f64);
+        let half = (side as f64 - 1.0) / 2.0;
+        let step = 1_500.0 / side.max(1) as f64;
+        let centre = offset(CENTER, (col - half) * step, (row - half) * step);
+        let id = format!("car-{i}");
+        let route = Route {
+            centre,
+            phase: i as f64,
+            speed_mps: s.speed_mps,
+        };
+        routes.push((id.clone(), route));
+        let via = cluster.nodes[i % cluster.nodes.len()].quic;
+        let mut client = driver(&cluster, via, &id).await;
+        let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
+        leave.push((id.clone(), going.clone()));
+        let every = s.fix_every;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = going.cancelled() => {
+                        gone.lock().insert(id.clone());
+                        let _ = client.goodbye().await;
+                        return;
+                    }
+                    _ = tick.tick() => {}
+                }
+                let at = route.at(began.elapsed());
+                let _ = client.send_fix(FixInput::at(at.0, at.1)).await;
+            }
+        });
+    }
+    let truth = || -> HashMap<String, Truth> {
+        let (now, gone) = (began.elapsed(), gone.lock());
+        routes
+            .iter()
+            .map(|(id, route)| {
+                let t = Truth {
+                    at: route.at(now),
+                    gone: gone.contains(id),
+                };
+                (id.clone(), t)
+            })
+            .collect()
+    };
+    let mut riders = Vec::new();
+    for (node, at) in lookouts(&cluster) {
+        let node = cluster.by_id(&node);
+        let sub = Subscription::around(at.0, at.1, 5_000.0);
+        riders.push(rider(&cluster, node, &format!("rider-{}", node.id), sub).await);
+    }
+    let wrong = |r: &RiderClient, truth: &HashMap<String, Truth>| -> HashSet<String> {
+        let view = r.view();
+        truth
+            .iter()
+            .filter(|(id, t)| {
+                let shown = view.get(&VehicleId::new(id.as_str()).unwrap());
+                match (t.gone, shown) {
+                    (true, shown) => shown.is_some(),
+                    (false, None) => true,
+                    (false, Some(v)) => haversine_m(v.lat, v.lon, t.at.0, t.at.1) > BEHIND_M,
+                }
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    eventually(WAIT, "every rider sees the fleet right", async || {
+        let truth = truth();
+        riders
+            .iter()
+            .all(|r| wrong(r, &truth).is_empty())
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(s.warm_up).await;
+
+    // The fault, watched.
+    let victim = match s.fault {
+        Fault::RedisCut => cut_id.clone(),
+        _ => busiest(&cluster, &truth()),
+    };
+    let signing_off: Vec<String> = match s.fault {
+        Fault::RedisStall | Fault::RedisCut => leave
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 6 == 0)
+            .map(|(_, (id, _))| id.clone())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let started = Instant::now();
+    match s.fault {
+        Fault::Kill => {
+            let i = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
+            let mut node = cluster.nodes.remove(i);
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+        Fault::Freeze => cluster.by_id(&victim).signal(Signal::STOP),
+        Fault::RedisStall => redis.stall(),
+        Fault::RedisCut => relay.cut(),
+    }
+    for (id, going) in &leave {
+        if signing_off.contains(id) {
+            going.cancel();
+        }
+    }
+    let mut streaks: HashMap<(usize, String), (Instant, Duration)> = HashMap::new();
+    let mut longest: HashMap<(usize, String), Duration> = HashMap::new();
+    let mut worst_share: f64 = 0.0;
+    let mut ended: Option<Instant> = None;
+    let converged;
+    loop {
+        let now = Instant::now();
+        if ended.is_none() && now - started >= s.fault_for {
+            match s.fault {
+                Fault::Kill => {}
+                Fault::Freeze => cluster.by_id(&victim).signal(Signal::CONT),
+                Fault::RedisStall => redis.resume(),
+                Fault::RedisCut => relay.heal(),
+            }
+            ended = Some(now);
+        }
+        let truth = truth();
+        let mut bad_pairs = 0;
+        for (i, r) in riders.iter().enumerate() {
+            let bad = wrong(r, &truth);
+            bad_pairs += bad.len();
+            for id in &bad {
+                streaks
+                    .entry((i, id.clone()))
+                    .or_insert((now, Duration::ZERO));
+            }
+            streaks.retain(|(j, id), (since, _)| {
+                if *j != i || bad.contains(id) {
+                    return true;
+                }
+                let streak = now - *since;
+                let held = longest.entry((i, id.clone())).or_default();
+                *held = (*held).max(streak);
+                false
+            });
+        }
+        let pairs = (riders.len() * truth.len()).max(1);
+        worst_share = worst_share.max(bad_pairs as f64 / pairs as f64);
+        if let Some(end) = ended {
+            if bad_pairs == 0 {
+                converged = now - end;
+                break;
+            }
+            assert!(
+                now - end < Duration::from_secs(60),
+                "riders not right 60 s after the fault: {bad_pairs} pairs\n{}",
+                cluster.logs()
+            );
+        }
+        tokio::time::sleep(SAMPLE).await;
+    }
+    {
+        let mut worst: Vec<(&(usize, String), &Duration)> = longest.iter().collect();
+        worst.sort_by_key(|(_, d)| std::cmp::Reverse(**d));
+        let gone = gone.lock();
+        for ((rider, id), d) in worst.iter().take(5) {
+            let state = if gone.contains(id) {
+                "signed off"
+            } else {
+                "driving"
+            };
+            println!(
+                "  worst: rider {rider}, {id} ({state}): {} ms",
+                d.as_millis()
+            );
+        }
+    }
+    let mut all: Vec<Duration> = longest.values().copied().collect();
+    all.sort();
+    let p99 = all
+        .get((all.len() * 99 / 100).min(all.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default();
+    let mut report = Report {
+        longest_bad: all.last().copied().unwrap_or_default(),
+        p99_bad: p99,
+        worst_share,
+        converged,
+        ..Report::default()
+    };
+
+    // After convergence: the store and every node's API.
+    let settle = Instant::now();
+    loop {
+        let truth = truth();
+        report.ghosts.clear();
+        report.duplicates.clear();
+        report.stale.clear();
+        for (id, t) in &truth {
+            let (shards, located) = stored_copies(&redis, id);
+            if t.gone && (!shards.is_empty() || located) {
+                report.ghosts.push(id.clone());
+            }
+            if shards.len() > 1 {
+                report.duplicates.push(id.clone());
+            }
+            if !t.gone {
+                let stored = stored(&redis, id);
+                let fresh = stored
+                    .is_some_and(|st| haversine_m(st.lat, st.lon, t.at.0, t.at.1) <= BEHIND_M);
+                if !fresh {
+                    report.stale.push(id.clone());
+                }
+            }
+        }
+        for node in &cluster.nodes {
+            let Some(listed) = nearby_ids(node, CENTER, 5_000.0).await else {
+                continue;
+            };
+            let mut seen = HashSet::new();
+            for id in &listed {
+                if !seen.insert(id) {
+                    report
+                        .duplicates
+                        .push(format!("{id} (listed twice by {})", node.id));
+                }
+                if truth.get(id).is_some_and(|t| t.gone) {
+                    report.ghosts.push(format!("{id} (listed by {})", node.id));
+                }
+            }
+        }
+        let clean =
+            report.ghosts.is_empty() && report.duplicates.is_empty() && report.stale.is_empty();
+        if clean || settle.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    println!(
+        "chaos {:?}: {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
+         longest hidden or > {BEHIND_M} m behind {} ms (p99 of pairs {} ms), worst moment {:.0}% of pairs; \
+         every rider right {} ms after the fault; after: {} ghosts, {} duplicates, {} stale",
+        s.fault,
+        s.drivers,
+        s.speed_mps,
+        s.fix_every.as_millis(),
+        riders.len(),
+        s.nodes,
+        s.fault_for.as_secs(),
+        report.longest_bad.as_millis(),
+        report.p99_bad.as_millis(),
+        report.worst_share * 100.0,
+        report.converged.as_millis(),
+        report.ghosts.len(),
+        report.duplicates.len(),
+        report.stale.len(),
+    );
+    report
+}
+
+/// The node whose shards hold the most drivers now.
+fn busiest(cluster: &Cluster, truth: &HashMap<String, Truth>) -> String {
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for t in truth.values() {
+        *count
+            .entry(cluster.owner(shard_of(t.at.0, t.at.1)).id.clone())
+            .or_default() += 1;
+    }
+    count
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| "n0".into())
+}
+
+/// What holds after convergence, whatever the fault.
+pub fn assert_clean(report: &Report) {
+    assert!(report.ghosts.is_empty(), "ghosts: {:?}", report.ghosts);
+    assert!(
+        report.duplicates.is_empty(),
+        "duplicates: {:?}",
+        report.duplicates
+    );
+    assert!(report.stale.is_empty(), "stale: {:?}", report.stale);
+}
