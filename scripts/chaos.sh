@@ -14,7 +14,9 @@
 # through a relay, its clients still reaching it, a sixth of the drivers
 # signing off meanwhile). Defaults: 300 drivers, 8 s, a fix a second.
 #
-# The suite runs the same scenarios small (cluster.rs, chaos_*_small).
+# CHAOS_TRACE=1 prints every rider's count of wrong vehicles every 100 ms
+# for the first 4 s of the fault. The suite runs the same scenarios small
+# (cluster.rs, chaos_*_small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut [drivers] [fault seconds] [fix ms]}

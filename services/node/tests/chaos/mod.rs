@@ -337,6 +337,14 @@ pub async fn run(s: Scenario) -> Report {
                 false
             });
         }
+        if std::env::var("CHAOS_TRACE").is_ok() && now - started < Duration::from_secs(4) {
+            let per: Vec<usize> = riders.iter().map(|r| wrong(r, &truth).len()).collect();
+            let views: Vec<usize> = riders.iter().map(|r| r.view().len()).collect();
+            println!(
+                "TRACE {:>5} ms bad {per:?} shown {views:?}",
+                (now - started).as_millis()
+            );
+        }
         let pairs = (riders.len() * truth.len()).max(1);
         worst_share = worst_share.max(bad_pairs as f64 / pairs as f64);
         if let Some(end) = ended {
