@@ -611,7 +611,7 @@ impl Cluster {
         match self.store.take_tombstones(shard).await {
             Ok(removals) if !removals.is_empty() => {
                 let applied = self.ingest.apply_tombstones(shard, &removals);
-                tracing::info!(%shard, left = removals.len(), applied, "applied the removals the shard's last holder could not write");
+                tracing::info!(%shard, left = removals.len(), applied, "applied the removals another node left for this shard");
             }
             Ok(_) => {}
             Err(e) => {
@@ -672,8 +672,11 @@ impl Cluster {
             Ok(located) => {
                 let (mut here, mut moved) = (Vec::new(), Vec::new());
                 for (state, at) in states.into_iter().zip(located) {
+                    // A vehicle this node holds already is its own to place
+                    // (its locator may be behind this node's pending write).
+                    let held = self.ingest.table.get(&state.id).is_some();
                     match at {
-                        Some(at) if at != shard => moved.push(state),
+                        Some(at) if at != shard && !held => moved.push(state),
                         _ => here.push(state),
                     }
                 }

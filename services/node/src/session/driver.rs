@@ -24,7 +24,7 @@ use std::{sync::Arc, time::Instant};
 
 use futures_util::{stream, StreamExt};
 
-use hexfleet_model::{Position, VehicleClass, VehicleId, VehicleState, VehicleStatus};
+use hexfleet_model::{Position, ShardId, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{
     decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits, Redirect,
     RejectReason, Rejection, RemoveReason, Role, ServerMsg, Welcome, MAX_FRAME_LEN,
@@ -42,6 +42,7 @@ use crate::{
     clock,
     cluster::Cluster,
     ingest::Placed,
+    store::Version,
     validate::{LastFix, ValidFix, Validator},
 };
 
@@ -84,7 +85,7 @@ pub(super) async fn serve(
     // A driver handed over by another node continues from what it left;
     // one whose node died, from its last state written (its zones: an
     // entry is announced once, whichever node holds the vehicle).
-    let (inherited, zones) = match &ctx.cluster {
+    let (inherited, zones, stored_at) = match &ctx.cluster {
         Some(_) if ctx.ingest.table.get(&id).is_none() => {
             let handed = ctx.store.handed_over(&id).await.unwrap_or_else(|e| {
                 tracing::warn!(vehicle = %id, error = %e, "reading a handed-over driver's state");
@@ -94,18 +95,32 @@ pub(super) async fn serve(
                 tracing::warn!(vehicle = %id, error = %e, "reading a driver's last state");
                 None
             });
+            // Where the store holds it: if its first fix here lands in
+            // another shard, that copy must go (its holder may have loaded
+            // it when its last node died).
+            let shard = match &stored {
+                Some(_) => ctx
+                    .store
+                    .locate(std::slice::from_ref(&id))
+                    .await
+                    .ok()
+                    .and_then(|at| at.into_iter().next().flatten()),
+                None => None,
+            };
+            let stored_at = shard.zip(stored.as_ref().map(Version::of));
             // The newer of the two: a hand-over note outlives the hand-over.
             let zones = match (&handed, stored) {
                 (Some(h), Some(s)) if s.seq > h.seq => Some(s.zones),
                 (Some(h), _) => Some(h.zones.clone()),
                 (None, s) => s.map(|s| s.zones),
             };
-            (handed, zones)
+            (handed, zones, stored_at)
         }
-        _ => (None, None),
+        _ => (None, None, None),
     };
     let mut session = DriverSession::start(conn, ctx, id, inherited);
     session.inherited_zones = zones;
+    session.stored_at = stored_at;
     let outcome = session.run(tx, rx, expiry).await;
     let id = session.id;
     // Forget our registration, unless a newer session already replaced it.
@@ -177,6 +192,9 @@ struct DriverSession<'a> {
     /// The zones the vehicle was in on the node it comes from (or as last
     /// written), for its first fix here.
     inherited_zones: Option<Vec<hexfleet_model::Membership>>,
+    /// Where the store held the vehicle when the driver arrived, and that
+    /// state's version, until its first fix here is accepted.
+    stored_at: Option<(ShardId, Version)>,
     /// Highest accepted sequence, and the highest already acknowledged.
     acked_seq: u64,
     ack_sent: u64,
@@ -245,6 +263,7 @@ impl<'a> DriverSession<'a> {
             report,
             rejections: Vec::new(),
             inherited_zones: None,
+            stored_at: None,
             rejected_total: 0,
             rejected_unsent: false,
             crossed_at: None,
@@ -444,6 +463,14 @@ impl<'a> DriverSession<'a> {
             },
         };
         let inherited = self.inherited_zones.take();
+        if let Some((old, version)) = self.stored_at.take() {
+            if old != placed.shard {
+                // A copy in the shard it was last written to, which this
+                // node may not hold (then its holder gets a tombstone).
+                let writer = &self.ctx.ingest.writer;
+                writer.stage_removal_of(old, self.id.clone(), version, None);
+            }
+        }
         self.ctx.ingest.accept(
             &self.id,
             &valid,

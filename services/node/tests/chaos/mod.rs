@@ -150,23 +150,58 @@ fn offset(from: (f64, f64), east_m: f64, north_m: f64) -> (f64, f64) {
     (lat, lon)
 }
 
+/// A corner of the centre's shard where the most nodes' shards meet: the
+/// fleet around it is shared by them, as a city's is.
+fn meeting_point(cluster: &Cluster) -> (f64, f64) {
+    let home = shard_of(CENTER.0, CENTER.1);
+    let owners = |at: (f64, f64)| -> usize {
+        let around: HashSet<String> = [0.0_f64, 120.0, 240.0]
+            .iter()
+            .map(|deg| {
+                let (e, n) = (
+                    150.0 * deg.to_radians().cos(),
+                    150.0 * deg.to_radians().sin(),
+                );
+                let p = offset(at, e, n);
+                cluster.owner(shard_of(p.0, p.1)).id.clone()
+            })
+            .collect();
+        around.len()
+    };
+    home.0
+        .boundary()
+        .iter()
+        .map(|v| (v.lat(), v.lng()))
+        .max_by_key(|&v| owners(v))
+        .unwrap_or(CENTER)
+}
+
 /// For each node, a spot in a shard it owns near the centre: its rider
 /// looks from there, so it stays on that node.
-fn lookouts(cluster: &Cluster) -> Vec<(String, (f64, f64))> {
-    let home = shard_of(CENTER.0, CENTER.1);
-    let near: Vec<ShardId> = home
+fn lookouts(cluster: &Cluster, meeting: (f64, f64)) -> Vec<(String, (f64, f64))> {
+    let home = shard_of(meeting.0, meeting.1);
+    let centre = |s: &ShardId| {
+        let c = h3o::LatLng::from(s.0);
+        (c.lat(), c.lng())
+    };
+    let mut near: Vec<ShardId> = home
         .0
         .grid_disk::<Vec<_>>(2)
         .into_iter()
         .map(ShardId)
         .collect();
+    near.sort_by(|a, b| {
+        let (a, b) = (centre(a), centre(b));
+        let da = haversine_m(a.0, a.1, meeting.0, meeting.1);
+        let db = haversine_m(b.0, b.1, meeting.0, meeting.1);
+        da.total_cmp(&db)
+    });
     cluster
         .nodes
         .iter()
         .filter_map(|n| {
             let shard = near.iter().find(|s| cluster.owner(**s).id == n.id)?;
-            let c = h3o::LatLng::from(shard.0);
-            Some((n.id.clone(), (c.lat(), c.lng())))
+            Some((n.id.clone(), centre(shard)))
         })
         .collect()
 }
@@ -184,7 +219,9 @@ pub async fn run(s: Scenario) -> Report {
     let mut cluster =
         Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await;
 
-    // Drivers on circles of 200 m around spots spread over ~1.5 km.
+    // Drivers on circles of 200 m around spots spread over ~1.5 km, where
+    // shards of several nodes meet.
+    let meeting = meeting_point(&cluster);
     let began = Instant::now();
     let gone: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut routes: Vec<(String, Route)> = Vec::new();
@@ -195,7 +232,7 @@ pub async fn run(s: Scenario) -> Report {
         let (row, col) = ((i / side) as f64, (i % side) as f64);
         let half = (side as f64 - 1.0) / 2.0;
         let step = 1_500.0 / side.max(1) as f64;
-        let centre = offset(CENTER, (col - half) * step, (row - half) * step);
+        let centre = offset(meeting, (col - half) * step, (row - half) * step);
         let id = format!("car-{i}");
         let route = Route {
             centre,
@@ -240,7 +277,7 @@ pub async fn run(s: Scenario) -> Report {
             .collect()
     };
     let mut riders = Vec::new();
-    for (node, at) in lookouts(&cluster) {
+    for (node, at) in lookouts(&cluster, meeting) {
         let node = cluster.by_id(&node);
         let sub = Subscription::around(at.0, at.1, 5_000.0);
         riders.push(rider(&cluster, node, &format!("rider-{}", node.id), sub).await);
@@ -283,6 +320,14 @@ pub async fn run(s: Scenario) -> Report {
             .map(|(_, (id, _))| id.clone())
             .collect(),
         _ => Vec::new(),
+    };
+    let share = {
+        let truth = truth();
+        let held = truth
+            .values()
+            .filter(|t| cluster.owner(shard_of(t.at.0, t.at.1)).id == victim)
+            .count();
+        held as f64 / truth.len().max(1) as f64
     };
     let started = Instant::now();
     match s.fault {
@@ -408,14 +453,25 @@ pub async fn run(s: Scenario) -> Report {
             if !t.gone {
                 let stored = stored(&redis, id);
                 let fresh = stored
+                    .as_ref()
                     .is_some_and(|st| haversine_m(st.lat, st.lon, t.at.0, t.at.1) <= BEHIND_M);
                 if !fresh {
+                    if std::env::var("CHAOS_TRACE").is_ok() {
+                        let (shards, located) = stored_copies(&redis, id);
+                        let st = stored.as_ref();
+                        println!(
+                            "TRACE stale {id}: copies in {shards:?} (locator {located}), stored {:?}, truth {:?} in {}",
+                            st.map(|st| (st.lat, st.lon, st.seq, shard_of(st.lat, st.lon))),
+                            t.at,
+                            shard_of(t.at.0, t.at.1)
+                        );
+                    }
                     report.stale.push(id.clone());
                 }
             }
         }
         for node in &cluster.nodes {
-            let Some(listed) = nearby_ids(node, CENTER, 5_000.0).await else {
+            let Some(listed) = nearby_ids(node, meeting, 5_000.0).await else {
                 continue;
             };
             let mut seen = HashSet::new();
@@ -439,10 +495,12 @@ pub async fn run(s: Scenario) -> Report {
     }
     stop.cancel();
     println!(
-        "chaos {:?}: {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
+        "chaos {:?} ({} holding {:.0}% of the fleet): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
          longest hidden or > {BEHIND_M} m behind {} ms (p99 of pairs {} ms), worst moment {:.0}% of pairs; \
          every rider right {} ms after the fault; after: {} ghosts, {} duplicates, {} stale",
         s.fault,
+        victim,
+        share * 100.0,
         s.drivers,
         s.speed_mps,
         s.fix_every.as_millis(),
