@@ -311,6 +311,9 @@ impl Cluster {
                 _ = renew.tick() => self.renew().await,
                 _ = acquire.tick() => {
                     self.notice_members().await;
+                    // A check that failed (the store not answering yet) is
+                    // tried again here: its shard's changes wait on it.
+                    self.check_suspects().await;
                     self.acquire_wanted().await
                 }
                 _ = self.wake.notified() => {

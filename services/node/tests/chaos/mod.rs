@@ -465,6 +465,18 @@ pub async fn run(s: Scenario) -> Report {
                             t.at,
                             shard_of(t.at.0, t.at.1)
                         );
+                        for node in &cluster.nodes {
+                            let url = format!("http://{}/v1/vehicles/{id}", node.http);
+                            let found = api_json(url).await;
+                            let pending = node.metric("hexfleet_store_pending").await;
+                            let foreign = node.metric("hexfleet_store_foreign_dropped_total").await;
+                            println!(
+                                "TRACE   {}: seq {:?} lat {:?} pending {pending} foreign dropped {foreign}",
+                                node.id,
+                                found.as_ref().and_then(|f| f["seq"].as_u64()),
+                                found.as_ref().and_then(|f| f["lat"].as_f64()),
+                            );
+                        }
                     }
                     report.stale.push(id.clone());
                 }
