@@ -119,6 +119,8 @@ pub struct StoreWriter {
     /// Shards with changes the last flush left unwritten (failed, fenced,
     /// or waiting for a lease).
     unwritten: parking_lot::Mutex<HashSet<ShardId>>,
+    /// Flushes in a row whose changes to a shard waited for its lease.
+    waiting: parking_lot::Mutex<HashMap<ShardId, u32>>,
     /// Zone events staged since the last flush took them.
     events: parking_lot::Mutex<(Events, usize)>,
     /// Shards whose outbox holds events to relay, and who hears of them.
@@ -161,6 +163,7 @@ impl StoreWriter {
             flushes: watch::Sender::new(0),
             discarded: Default::default(),
             unwritten: Default::default(),
+            waiting: Default::default(),
             events: Default::default(),
             outboxes: Default::default(),
             outboxes_written: Notify::new(),
@@ -536,10 +539,29 @@ impl StoreWriter {
             Fence::Held(lease) => Some(Some(lease)),
             Fence::Awaiting | Fence::Foreign => None,
         });
+        self.note_waiting(&verdicts);
         for sb in &mut batch.shards {
             sb.publish = publish;
         }
         batch
+    }
+
+    /// Counts, per shard, the flushes in a row whose changes waited for the
+    /// shard's lease, and says so when it has been long: changes that wait
+    /// are served from memory but not stored.
+    fn note_waiting(&self, verdicts: &HashMap<ShardId, Fence>) {
+        const LONG: u32 = 200;
+        let mut waiting = self.waiting.lock();
+        waiting.retain(|shard, _| verdicts.get(shard) == Some(&Fence::Awaiting));
+        for (shard, fence) in verdicts {
+            if *fence == Fence::Awaiting {
+                let flushes = waiting.entry(*shard).or_default();
+                *flushes += 1;
+                if *flushes == LONG {
+                    tracing::warn!(%shard, flushes = LONG, "changes to a shard have waited for its lease this many flushes in a row");
+                }
+            }
+        }
     }
 
     fn refused(&self, refused: Refused, owed: &mut OwedLocators) {

@@ -465,6 +465,13 @@ pub async fn run(s: Scenario) -> Report {
                             t.at,
                             shard_of(t.at.0, t.at.1)
                         );
+                        for line in cluster
+                            .logs()
+                            .lines()
+                            .filter(|l| l.contains("waited for its lease") || l.starts_with("---"))
+                        {
+                            println!("TRACE   {}", &line[..line.len().min(220)]);
+                        }
                         for node in &cluster.nodes {
                             let url = format!("http://{}/v1/vehicles/{id}", node.http);
                             let found = api_json(url).await;
