@@ -477,6 +477,44 @@ pub async fn run(s: Scenario) -> Report {
                             let found = api_json(url).await;
                             let pending = node.metric("hexfleet_store_pending").await;
                             let foreign = node.metric("hexfleet_store_foreign_dropped_total").await;
+                            let redirected =
+                                node.metric("hexfleet_sessions_redirected_total").await;
+                            let handoffs = node.metric("hexfleet_handoffs_total").await;
+                            println!(
+                                "TRACE   {}: redirected {redirected} handoffs {handoffs}",
+                                node.id
+                            );
+                            if node.id == cluster.nodes[0].id {
+                                let mut conn = redis.conn();
+                                let all: Vec<String> = redis::cmd("KEYS")
+                                    .arg("hexfleet:state:*")
+                                    .query(&mut conn)
+                                    .unwrap_or_default();
+                                for key in all {
+                                    let there: bool = redis::cmd("HEXISTS")
+                                        .arg(&key)
+                                        .arg(id.as_str())
+                                        .query(&mut conn)
+                                        .unwrap_or(false);
+                                    if there {
+                                        let member: bool = redis::cmd("SISMEMBER")
+                                            .arg(keys::SHARDS)
+                                            .arg(
+                                                key.trim_start_matches("hexfleet:state:{")
+                                                    .trim_end_matches('}'),
+                                            )
+                                            .query(&mut conn)
+                                            .unwrap_or(false);
+                                        let loc: Option<String> = redis::cmd("GET")
+                                            .arg(keys::locator(
+                                                &VehicleId::new(id.as_str()).unwrap(),
+                                            ))
+                                            .query(&mut conn)
+                                            .unwrap_or(None);
+                                        println!("TRACE   found in {key} (registered {member}), locator {loc:?}");
+                                    }
+                                }
+                            }
                             println!(
                                 "TRACE   {}: seq {:?} lat {:?} pending {pending} foreign dropped {foreign}",
                                 node.id,
