@@ -611,14 +611,15 @@ async fn a_redis_outage_loses_no_vehicle_and_harms_no_driver() {
         last = driver.send_fix(fix).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eventually(WAIT, "fixes acknowledged during the outage", async || {
-        (driver.acked_seq() == last).then_some(())
-    })
-    .await;
     eventually(WAIT, "flush failures counted", async || {
         (node.metric("hexfleet_store_flush_errors_total").await > 0.0).then_some(())
     })
     .await;
+    // Accepted (the node answers for them from memory) but not
+    // acknowledged: an acknowledgement promises the fix is kept.
+    let (status, body) = node.get_json("/v1/vehicles/drv-o").await;
+    assert_eq!((status, body["seq"].as_u64()), (200, Some(last)), "{body}");
+    assert!(driver.acked_seq() < last, "acknowledged during the outage");
 
     // Redis comes back empty; the writer retries the latest state into it.
     redis.restart();
@@ -629,6 +630,8 @@ async fn a_redis_outage_loses_no_vehicle_and_harms_no_driver() {
     .await;
     assert_eq!(status, 200);
     assert!((body["lat"].as_f64().unwrap() - (41.39 + 19e-4)).abs() < 1e-9);
+    // Written: now acknowledged.
+    assert_eq!(driver.acknowledged(WAIT).await.unwrap(), last);
     assert_eq!(node.admin_json("/healthz").await.0, 200);
     node.stop().await;
 }

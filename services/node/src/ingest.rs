@@ -4,12 +4,13 @@
 //! state: fixes, reports, sign-offs and evictions all go through it, so the
 //! table, the store and the subscribers never disagree about what happened.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use hexfleet_model::{
     CellModel, IndexCell, Membership, Position, ShardId, VehicleId, VehicleState, ZoneId,
 };
 use hexfleet_protocol::{zone::ZoneCause, DriverReport, RemoveReason};
+use parking_lot::Mutex;
 
 use crate::{
     clock,
@@ -30,6 +31,34 @@ pub struct Ingest {
     /// Zone memberships are kept here, with the state: every change of a
     /// vehicle passes through, and its events are staged with its write.
     pub zones: Arc<Zones>,
+    /// Vehicles handed to another node as they crossed into its shard:
+    /// their copy here stays in the store (nearby reads and replicas keep
+    /// finding them) until the new node has written them and left a
+    /// tombstone for it, or until [`Ingest::handed_due`] lets it go.
+    pub handed: Mutex<HashMap<VehicleId, Handed>>,
+}
+
+/// A vehicle whose driver was sent to another node, and whose copy in
+/// `shard` (at `last`) waits for that node to write it, until `until`.
+#[derive(Debug, Clone, Copy)]
+pub struct Handed {
+    pub shard: ShardId,
+    pub last: Version,
+    pub until: Instant,
+}
+
+/// What becomes of a handed-off vehicle's copy in its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handing {
+    /// The shard itself changes hands: the vehicle stays in it for the new
+    /// owner.
+    WithShard,
+    /// It crossed into a shard another node owns: its copy here stays until
+    /// that node has written it (no gap in what reads find), or until
+    /// `until` if its driver arrives nowhere.
+    Crossing { until: Instant },
+    /// Another node holds a newer state of it already: its copy here goes.
+    HeldElsewhere,
 }
 
 /// Where an accepted fix is indexed and stored: its index cell, and the
@@ -143,6 +172,7 @@ impl Ingest {
     /// The vehicle is gone (signed off, or offline for too long).
     pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) {
         if let Some(entry) = self.table.remove(id) {
+            tracing::debug!(vehicle = %id, shard = %entry.shard, ?reason, "signed off");
             self.gone(&entry, reason, ZoneCause::SignedOff, clock::now_ms());
         }
     }
@@ -170,6 +200,9 @@ impl Ingest {
             let outdated = |e: &Entry| e.shard == shard && Version::of(&e.state) <= r.last;
             let Some(entry) = self.table.remove_if(&r.id, outdated) else {
                 if self.table.get(&r.id).is_none() {
+                    // Most often a driver handed off as it crossed, now
+                    // written by its new node.
+                    self.handed.lock().remove(&r.id);
                     // Not held here: the store may still hold it.
                     self.writer
                         .stage_removal_of(shard, r.id.clone(), r.last, r.gone);
@@ -202,14 +235,23 @@ impl Ingest {
 
     /// The driver is handed to another node: this node forgets the vehicle
     /// without signing it off. Riders keep seeing it (in transit) until its
-    /// new node's first fix moves it. `leaves_shard`: the vehicle goes to
-    /// another shard (it crossed into one another node owns), so it leaves
-    /// this one in the store; otherwise its shard itself changes hands and
-    /// it stays there for the new owner. Returns what this node last held.
-    pub fn hand_off(&self, id: &VehicleId, leaves_shard: bool) -> Option<Entry> {
+    /// new node's first fix moves it; `how` says what becomes of its copy
+    /// in the store. Returns what this node last held.
+    pub fn hand_off(&self, id: &VehicleId, how: Handing) -> Option<Entry> {
         let entry = self.table.remove(id)?;
-        if leaves_shard {
-            self.writer.stage_removal(entry.shard, &entry.state, None);
+        match how {
+            Handing::WithShard => {}
+            Handing::Crossing { until } => {
+                let handed = Handed {
+                    shard: entry.shard,
+                    last: Version::of(&entry.state),
+                    until,
+                };
+                self.handed.lock().insert(id.clone(), handed);
+            }
+            Handing::HeldElsewhere => {
+                self.writer.stage_removal(entry.shard, &entry.state, None);
+            }
         }
         self.fanout.vehicle_in_transit(id.clone(), entry.shard);
         self.metrics.handoffs.inc();
@@ -217,11 +259,45 @@ impl Ingest {
         Some(entry)
     }
 
+    /// The handed-off vehicles past their wait whose new node has not taken
+    /// them (no tombstone came back), and that are not held here again: they
+    /// leave the handed set, for their copies to go.
+    pub fn handed_due(&self, now: Instant) -> Vec<(VehicleId, Handed)> {
+        let mut due = Vec::new();
+        self.handed.lock().retain(|id, h| {
+            if h.until > now {
+                return true;
+            }
+            if self.table.get(id).is_none() {
+                due.push((id.clone(), *h));
+            }
+            false
+        });
+        due
+    }
+
+    /// Lets go of a handed-off vehicle's copy that its new node never took:
+    /// `arrived` says whether its driver was written elsewhere since (then
+    /// only the copy here goes); if not, the vehicle is gone (offline) for
+    /// riders and the store.
+    pub fn let_go(&self, id: VehicleId, handed: Handed, arrived: bool) {
+        if arrived {
+            self.writer
+                .stage_removal_of(handed.shard, id, handed.last, None);
+            return;
+        }
+        let reason = RemoveReason::Offline;
+        self.writer
+            .stage_removal_of(handed.shard, id.clone(), handed.last, Some(reason));
+        self.fanout.vehicle_removed(id, reason, handed.shard);
+    }
+
     /// The shard is no longer this node's: its vehicles stay in the store
     /// for the new owner, and leave this node's table (in transit for the
     /// fan-out, until a replica or their new node shows them again).
     pub fn release_shard(&self, shard: ShardId) -> usize {
         let released = self.table.remove_in(shard);
+        tracing::debug!(%shard, released = released.len(), "shard released");
         for entry in &released {
             self.fanout
                 .vehicle_in_transit(entry.state.id.clone(), shard);
@@ -243,6 +319,7 @@ impl Ingest {
         let evicted = self.table.evict_stale(cutoff_ms);
         let now_ms = clock::now_ms();
         for entry in &evicted {
+            tracing::debug!(vehicle = %entry.state.id, shard = %entry.shard, "evicted");
             self.gone(entry, RemoveReason::Stale, ZoneCause::Stale, now_ms);
         }
         self.metrics.vehicles_evicted.inc_by(evicted.len() as u64);
@@ -320,6 +397,7 @@ impl Ingest {
                 // Held here already, newer: a copy taken over in another
                 // shard is a leftover, removed from there.
                 if let Some(shard) = shard.filter(|&s| s != held.shard) {
+                    tracing::debug!(vehicle = %state.id, %shard, held = %held.shard, "leftover removed");
                     self.writer.stage_removal(shard, &state, None);
                 }
                 continue;

@@ -343,6 +343,7 @@ impl Node {
             fanout: fanout.clone(),
             metrics: metrics.clone(),
             zones: zones.clone(),
+            handed: Default::default(),
         });
         // A single node owns everything in the store; a cluster node takes
         // over the shards it owns as it acquires their leases.
@@ -426,6 +427,11 @@ impl Node {
                             writer.clone(),
                             ingest.clone(),
                             metrics.clone(),
+                            cluster::reach::Peers::new(
+                                config.http.tls,
+                                &certificates.chain(),
+                                config.cluster.renew_interval / 4,
+                            ),
                         )
                     },
                     ClusterError::is_transient,

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub shards_held: Gauge,
     pub shards_taken_over: Counter,
     pub shards_released: Counter,
+    pub cluster_cut_off: Counter,
     pub shards_reclaimed: Counter,
     pub replicas: Gauge,
     pub bus_batches: Counter,
@@ -270,6 +271,12 @@ impl Metrics {
                 &mut r,
                 "shards_released",
                 "Shard leases given up or lost",
+                Counter::default(),
+            ),
+            cluster_cut_off: registered(
+                &mut r,
+                "cluster_cut_off",
+                "Times this node stopped serving its shards, cut from the store while its peers reached it",
                 Counter::default(),
             ),
             shards_reclaimed: registered(

@@ -142,6 +142,12 @@ impl Certificates {
         Ok(())
     }
 
+    /// The certificate chain handshakes present now: what a peer's HTTPS
+    /// client trusts, nodes of one cluster sharing a certificate or its CA.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current.read().cert.clone()
+    }
+
     /// The files a reload reads (none for a development certificate).
     pub fn files(&self) -> Vec<PathBuf> {
         [&self.config.cert, &self.config.key]

@@ -227,7 +227,10 @@ impl Cluster {
             .env_remove("HEXFLEET_DEV")
             .env("HEXFLEET_TOKEN_SECRET", SECRET)
             .env("HEXFLEET_DEV_DIR", self.dir.path())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .args(["--config", config.to_str().unwrap()])
             .stdin(Stdio::null());
         let child = on_chosen_ports(&mut command, &log)
@@ -1021,10 +1024,14 @@ async fn a_node_shut_down_gracefully_hands_its_shards_over_at_once_with_every_fi
         let deadline = Instant::now() + WAIT;
         let mut seq = 0;
         while !(client.node() == owner && client.acked_seq() >= seq) {
-            seq = client
-                .send_fix(FixInput::at(d.at.0 + 1e-4, d.at.1))
-                .await
-                .unwrap();
+            // A fix is acknowledged once written: each is given a moment
+            // before the next supersedes it.
+            if client.acked_seq() >= seq || client.node() != owner {
+                seq = client
+                    .send_fix(FixInput::at(d.at.0 + 1e-4, d.at.1))
+                    .await
+                    .unwrap();
+            }
             assert!(
                 Instant::now() < deadline,
                 "{}: on {} (owner {owner}), acked {} of {seq}, closed {:?}, reconnects {}",
@@ -1940,18 +1947,7 @@ async fn removals_a_node_cut_from_redis_could_not_write_reach_the_shards_new_own
     let cluster = Cluster::start_reaching("redis", redis.url(), urls, 2, false, grace).await;
     let cut = cluster.by_id("n0");
     let other = cluster.by_id("n1");
-    // The centre of a shard the cut node owns.
-    let shard = shard_of(CENTER.0, CENTER.1)
-        .0
-        .grid_disk::<Vec<_>>(2)
-        .into_iter()
-        .map(ShardId)
-        .find(|s| cluster.owner(*s).id == cut.id)
-        .expect("a shard the first node owns near the centre");
-    let spot = {
-        let c = h3o::LatLng::from(shard.0);
-        (c.lat(), c.lng())
-    };
+    let (shard, spot) = owned_near_centre(&cluster, cut);
     let sub = Subscription::around(spot.0, spot.1, 1_500.0);
     let watcher = rider(&cluster, other, "watch", sub).await;
     let going = leavers(&cluster, spot, 3, &[&watcher]).await;
@@ -1986,6 +1982,132 @@ async fn removals_a_node_cut_from_redis_could_not_write_reach_the_shards_new_own
     );
     assert!(left >= gone.len() as f64, "{}", cluster.logs());
     assert!(applied >= 1.0, "{}", cluster.logs());
+}
+
+/// A node cut from Redis while its clients still reach it (issue 23, item
+/// 2): its peers say they reach Redis, so it stops serving its shards
+/// before their leases can expire, sends its drivers away (they end on the
+/// node that takes the shards), and acknowledges nothing it could not
+/// write: at every moment, every driver's acknowledged fix is in Redis.
+/// Once it reaches Redis again it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_redis_stops_serving_before_its_shards_can_be_taken_and_acknowledges_only_what_it_wrote(
+) {
+    let redis = RedisServer::start();
+    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
+    let urls = HashMap::from([("n0".to_string(), format!("redis://{}", relay.addr()))]);
+    let grace = Duration::from_secs(10);
+    let cluster = Cluster::start_reaching("redis", redis.url(), urls, 2, false, grace).await;
+    let (cut, other) = (cluster.by_id("n0"), cluster.by_id("n1"));
+    let (shard, spot) = owned_near_centre(&cluster, cut);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut fleet = Vec::new();
+    for i in 0..4 {
+        let id = format!("cut-{i}");
+        let client = driver(&cluster, cut.quic, &id).await;
+        let at = (spot.0 + i as f64 * 1e-4, spot.1);
+        fleet.push(Standing {
+            id,
+            at,
+            client: Arc::new(tokio::sync::Mutex::new(client)),
+        });
+    }
+    keep_reporting(&fleet, &stop);
+    eventually(
+        WAIT,
+        "every driver acknowledged on the cut node",
+        async || {
+            for d in &fleet {
+                let c = d.client.lock().await;
+                if c.node() != cut.quic || c.acked_seq() == 0 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+
+    relay.cut();
+    let cut_at = Instant::now();
+    // Until the drivers are acknowledged by the other node, look at every
+    // acknowledged fix: Redis has it (or a newer one).
+    let mut stopped_serving = None;
+    let mut taken = None;
+    loop {
+        for d in &fleet {
+            let acked = d.client.lock().await.acked_seq();
+            let stored = stored(&redis, &d.id).map_or(0, |s| s.seq);
+            assert!(
+                acked <= stored,
+                "{}: acknowledged {acked}, Redis holds {stored} ({} ms into the cut)\n{}",
+                d.id,
+                cut_at.elapsed().as_millis(),
+                cluster.logs()
+            );
+        }
+        if stopped_serving.is_none() && cut.metric("hexfleet_cluster_cut_off_total").await >= 1.0 {
+            stopped_serving = Some(cut_at.elapsed());
+        }
+        let lease: Option<String> = redis::cmd("GET")
+            .arg(keys::lease(shard))
+            .query(&mut redis.conn())
+            .unwrap_or(None);
+        if taken.is_none() && lease.is_some_and(|v| v.starts_with("n1 ")) {
+            taken = Some(cut_at.elapsed());
+            assert!(
+                stopped_serving.is_some(),
+                "the other node took the shard while the cut one still served it\n{}",
+                cluster.logs()
+            );
+        }
+        let mut moved = taken.is_some();
+        for d in &fleet {
+            let c = d.client.lock().await;
+            moved &= c.node() == other.quic
+                && stored(&redis, &d.id)
+                    .is_some_and(|s| s.seq >= c.acked_seq() && c.acked_seq() > 0);
+        }
+        if moved {
+            break;
+        }
+        assert!(
+            cut_at.elapsed() < WAIT,
+            "the drivers did not end on the other node\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (stopped_serving, taken) = (stopped_serving.unwrap(), taken.unwrap());
+    let moved = cut_at.elapsed();
+    relay.heal();
+    let healed = Instant::now();
+    eventually(WAIT, "the cut node serves again", async || {
+        (cut.metric("hexfleet_shards_held").await >= 1.0).then_some(())
+    })
+    .await;
+    println!(
+        "cut from Redis: stopped serving {} ms into the cut, the shard taken {} ms in, its drivers on the other node {} ms in; serving again {} ms after the heal",
+        stopped_serving.as_millis(),
+        taken.as_millis(),
+        moved.as_millis(),
+        healed.elapsed().as_millis()
+    );
+    stop.cancel();
+}
+
+/// A shard `node` owns near the centre, and its centre.
+fn owned_near_centre(cluster: &Cluster, node: &Node) -> (ShardId, (f64, f64)) {
+    let shard = shard_of(CENTER.0, CENTER.1)
+        .0
+        .grid_disk::<Vec<_>>(2)
+        .into_iter()
+        .map(ShardId)
+        .find(|s| cluster.owner(*s).id == node.id)
+        .expect("a shard the node owns near the centre");
+    let c = h3o::LatLng::from(shard.0);
+    (shard, (c.lat(), c.lng()))
 }
 
 /// Waits until node `node` holds the lease of `shard`.

@@ -62,6 +62,18 @@ impl ShardChanges {
     }
 }
 
+/// What a node tells a peer that asks whether it reaches the store
+/// (`GET /v1/cluster/reach`): a node whose own renewals are late tells its
+/// own cut from a store that is down for everyone by asking its peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerReach {
+    pub id: String,
+    pub instance: u64,
+    /// How long ago its last complete renewal (membership and leases)
+    /// succeeded; `None` before the first.
+    pub store_reached_ms_ago: Option<u64>,
+}
+
 /// What a node announces in the membership registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {

@@ -330,7 +330,8 @@ pub struct Rejection {
     pub reason: RejectReason,
 }
 
-/// Acknowledges fixes: `seq` is the highest sequence accepted so far, and
+/// Acknowledges fixes: `seq` is the highest sequence accepted and written to
+/// the store so far (a promise the fix is kept), and
 /// `rejected` lists the fixes refused since the previous `Ack` (at most
 /// [`MAX_REJECTIONS_PER_ACK`]; `rejected_total` counts them all).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@
 
 pub mod leases;
 pub mod membership;
+pub mod reach;
 pub mod replicas;
 
 use std::{
@@ -128,6 +129,14 @@ pub struct Cluster {
     leaving: CancellationToken,
     /// Cancelled when another process holds this node's id: the node stops.
     replaced: CancellationToken,
+    /// When the last complete renewal (membership and every lease) that
+    /// succeeded was sent: no lease of this node expires before that plus
+    /// `lease_ttl`.
+    reached: Mutex<std::time::Instant>,
+    /// Set while this node is cut from the store and its peers are not: it
+    /// serves no shard (see [`reach`]).
+    cut_off: AtomicBool,
+    peers: reach::Peers,
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
     ingest: Arc<Ingest>,
@@ -145,7 +154,9 @@ impl Cluster {
         writer: Arc<StoreWriter>,
         ingest: Arc<Ingest>,
         metrics: Arc<Metrics>,
+        peers: reach::Peers,
     ) -> Result<Arc<Cluster>, ClusterError> {
+        let sent = std::time::Instant::now();
         let ttl = config.lease_ttl.as_millis() as u64;
         let renewed = match membership::renew(&conn, &me, ttl).await? {
             Membership::Renewed(renewed) => renewed,
@@ -178,6 +189,9 @@ impl Cluster {
             wake: Notify::new(),
             leaving: CancellationToken::new(),
             replaced: CancellationToken::new(),
+            reached: Mutex::new(sent),
+            cut_off: AtomicBool::new(false),
+            peers,
             store,
             writer,
             ingest,
@@ -214,10 +228,12 @@ impl Cluster {
             .read()
             .owner(shard)
             .is_some_and(|owner| owner.id == self.id);
-        mine && !matches!(
-            self.holdings.read().get(&shard),
-            Some(Holding::Releasing(_))
-        ) && !self.tainted.lock().contains(&shard)
+        mine && !self.cut_off.load(Ordering::Relaxed)
+            && !matches!(
+                self.holdings.read().get(&shard),
+                Some(Holding::Releasing(_))
+            )
+            && !self.tainted.lock().contains(&shard)
     }
 
     /// Where a client of `shard` should go, if not here.
@@ -231,6 +247,21 @@ impl Cluster {
             https: owner.http,
             shard: shard.to_string(),
         })
+    }
+
+    /// Whether this node serves nothing, cut from the store (see [`reach`]).
+    pub fn is_cut_off(&self) -> bool {
+        self.cut_off.load(Ordering::Relaxed)
+    }
+
+    /// What this node tells a peer asking whether it reaches the store.
+    pub fn reach(&self) -> hexfleet_protocol::bus::PeerReach {
+        let me = self.me.read();
+        hexfleet_protocol::bus::PeerReach {
+            id: me.id.clone(),
+            instance: me.instance,
+            store_reached_ms_ago: Some(self.reached.lock().elapsed().as_millis() as u64),
+        }
     }
 
     /// Changes whenever ownership may have: the live set, a lease held,
@@ -285,6 +316,9 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let stop = self.leaving.clone();
         let replaced = self.replaced.clone();
+        // Its own task: a renewal to a store that does not answer waits for
+        // its timeout, longer than a lease.
+        tokio::spawn(self.clone().guard_reach(stop.clone()));
         let mut renew = tokio::time::interval(self.config.renew_interval);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut acquire = tokio::time::interval(ACQUIRE_INTERVAL);
@@ -296,15 +330,7 @@ impl Cluster {
                 _ = replaced.cancelled() => {
                     // Stop serving as this id at once, then shut the node
                     // down: its leases are the other process's now.
-                    let held: Vec<(ShardId, Arc<str>)> = self
-                        .holdings
-                        .read()
-                        .iter()
-                        .map(|(s, h)| (*s, h.value().clone()))
-                        .collect();
-                    for (shard, value) in held {
-                        self.step_down(shard, &value);
-                    }
+                    self.step_down_all();
                     shutdown.cancel();
                     break;
                 }
@@ -314,7 +340,8 @@ impl Cluster {
                     // A check that failed (the store not answering yet) is
                     // tried again here: its shard's changes wait on it.
                     self.check_suspects().await;
-                    self.acquire_wanted().await
+                    self.acquire_wanted().await;
+                    self.let_go_of_handed().await
                 }
                 _ = self.wake.notified() => {
                     self.check_suspects().await;
@@ -325,7 +352,9 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = renew.tick() => self.renew_leases().await,
+                _ = renew.tick() => {
+                    self.renew_leases().await;
+                }
                 _ = self.wake.notified() => self.check_suspects().await,
             }
         }
@@ -375,6 +404,8 @@ impl Cluster {
     }
 
     async fn renew(self: &Arc<Self>) {
+        let sent = std::time::Instant::now();
+        let mut reached = false;
         let me = self.me.read().clone();
         let ttl = self.config.lease_ttl;
         match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {
@@ -391,6 +422,7 @@ impl Cluster {
                 was_absent,
                 version,
             })) => {
+                reached = true;
                 self.members_seen.store(version, Ordering::Relaxed);
                 if was_absent && self.registered.load(Ordering::Relaxed) {
                     tracing::warn!(
@@ -408,12 +440,81 @@ impl Cluster {
             }
             Err(e) => tracing::warn!(error = %e, "renewing membership"),
         }
-        self.renew_leases().await;
+        if self.renew_leases().await && reached {
+            *self.reached.lock() = sent;
+        }
+    }
+
+    /// Watches how long ago this node last reached the store, and stops
+    /// serving before its leases can expire if its peers say it is the one
+    /// cut off (see [`reach`]); serves again once it reaches the store.
+    async fn guard_reach(self: Arc<Self>, stop: CancellationToken) {
+        let (ttl, every) = (self.config.lease_ttl, self.config.renew_interval);
+        let mut tick = tokio::time::interval(ACQUIRE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut said: Option<(reach::PeersSay, std::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let reached = *self.reached.lock();
+            let since = reached.elapsed();
+            if self.is_cut_off() {
+                if since < every {
+                    self.cut_off.store(false, Ordering::Relaxed);
+                    self.changed();
+                    self.wake.notify_one();
+                    tracing::warn!("the store answers again: serving again, as the leases say");
+                }
+                continue;
+            }
+            if since < every + every / 2 {
+                said = None;
+                continue;
+            }
+            // Renewals are late: what do the peers see?
+            if said.is_none_or(|(_, at)| at.elapsed() >= every / 4) {
+                let live: Vec<NodeInfo> = self.live.read().nodes.values().cloned().collect();
+                let answer = if live.iter().all(|n| n.id == self.id) {
+                    // Alone: nobody can take a shard over.
+                    reach::PeersSay::NotReached
+                } else {
+                    self.peers.ask(&self.id, live, reach::healthy(every)).await
+                };
+                said = Some((answer, std::time::Instant::now()));
+            }
+            if std::time::Instant::now() < reach::deadline(reached, ttl, every) {
+                continue;
+            }
+            match said.map(|(s, _)| s) {
+                Some(reach::PeersSay::NotReached) => {}
+                peers => self.stop_serving(peers, since),
+            }
+        }
+    }
+
+    /// Cut from the store while peers are not (or none answers): every
+    /// shard is given up here before its lease can expire elsewhere. Its
+    /// removals wait as tombstones for the store; its drivers are refused
+    /// and reconnect through the seeds.
+    fn stop_serving(&self, peers: Option<reach::PeersSay>, since: Duration) {
+        self.cut_off.store(true, Ordering::Relaxed);
+        let shards = self.step_down_all();
+        self.changed();
+        self.metrics.cluster_cut_off.inc();
+        tracing::error!(
+            shards,
+            ?peers,
+            since_ms = since.as_millis() as u64,
+            "cut from the store while the peers reach it: serving no shard before their leases can expire elsewhere; drivers are refused until the store answers again"
+        );
     }
 
     /// Renews every lease held; steps down from those lost, and applies
-    /// the tombstones other nodes left for the others.
-    async fn renew_leases(self: &Arc<Self>) {
+    /// the tombstones other nodes left for the others. Returns whether the
+    /// store answered every renewal.
+    async fn renew_leases(self: &Arc<Self>) -> bool {
         let ttl = self.config.lease_ttl;
         let holdings: Vec<(ShardId, Holding)> = self
             .holdings
@@ -428,6 +529,7 @@ impl Cluster {
                 .map(|(shard, h)| leases::renew(&self.conn, *shard, me, h.value(), ttl)),
         )
         .await;
+        let answered = renewed.iter().all(Result::is_ok);
         for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
             if let Ok((_, true)) = result {
                 self.apply_tombstones(shard).await;
@@ -445,6 +547,7 @@ impl Cluster {
                 Err(e) => tracing::warn!(%shard, error = %e, "renewing a shard lease"),
             }
         }
+        answered
     }
 
     /// After the live set changed: gives up the shards that moved away, and
@@ -514,6 +617,30 @@ impl Cluster {
         self.drop_holding(shard, &value);
     }
 
+    /// Lets go of the copies of vehicles handed off as they crossed whose
+    /// new node never took them: the copy goes; the vehicle too if the
+    /// store's locator still names the shard (its driver arrived nowhere).
+    async fn let_go_of_handed(&self) {
+        let due = self.ingest.handed_due(std::time::Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        let ids: Vec<VehicleId> = due.iter().map(|(id, _)| id.clone()).collect();
+        let located = match self.store.locate(&ids).await {
+            Ok(located) => located,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading handed-off vehicles' locators; trying again");
+                self.ingest.handed.lock().extend(due);
+                return;
+            }
+        };
+        for ((id, handed), at) in due.into_iter().zip(located) {
+            let arrived = at != Some(handed.shard);
+            tracing::debug!(vehicle = %id, shard = %handed.shard, arrived, "letting a handed-off vehicle's copy go");
+            self.ingest.let_go(id, handed, arrived);
+        }
+    }
+
     /// Checks the leases of shards whose write was fenced: another node's
     /// now (step down), or lost by the store with nobody holding it since
     /// (hold it again, keep the vehicles).
@@ -575,6 +702,20 @@ impl Cluster {
     /// This node lost a shard it thought it held: it writes nothing more
     /// there and forgets the shard's vehicles (the new owner has them). The
     /// removals it could not write are left to the new owner as tombstones.
+    /// Steps down from every shard held; returns how many.
+    fn step_down_all(&self) -> usize {
+        let held: Vec<(ShardId, Arc<str>)> = self
+            .holdings
+            .read()
+            .iter()
+            .map(|(s, h)| (*s, h.value().clone()))
+            .collect();
+        for (shard, value) in &held {
+            self.step_down(*shard, value);
+        }
+        held.len()
+    }
+
     fn step_down(&self, shard: ShardId, value: &str) {
         let current = self.holdings.read().get(&shard).map(|h| h.value().clone());
         if current.as_deref() != Some(value) {

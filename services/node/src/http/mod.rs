@@ -81,6 +81,9 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/zones/{id}/vehicles", get(zones::vehicles))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_reader))
+        // Peers ask it without a token: it tells only whether this node
+        // reaches its store (see `cluster::reach`).
+        .route("/v1/cluster/reach", get(reach))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(api)
 }
@@ -246,6 +249,20 @@ struct NearbyItem {
 struct NearbyAnswer {
     count: usize,
     vehicles: Vec<NearbyItem>,
+}
+
+/// Whether this node reaches its store, for a peer whose own renewals are
+/// late.
+async fn reach(
+    State(api): State<Api>,
+) -> Result<Json<hexfleet_protocol::bus::PeerReach>, ApiError> {
+    match &api.cluster {
+        Some(cluster) => Ok(Json(cluster.reach())),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this node is not in a cluster",
+        )),
+    }
 }
 
 /// Reads a required or optional numeric parameter with a clear complaint.

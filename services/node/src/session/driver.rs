@@ -1,7 +1,9 @@
 //! A driver session: reads fixes from datagrams (and from the control stream
 //! as a fallback), validates each with its own [`Validator`], and hands valid
 //! ones to [`Ingest`](crate::ingest::Ingest). It acknowledges the highest
-//! accepted sequence and lists rejections with their reasons at most once per
+//! sequence accepted *and written to the store* (an `Ack` is a promise that
+//! the fix is kept: a node that cannot write, cut from Redis, acknowledges
+//! nothing) and lists rejections with their reasons at most once per
 //! `ack_interval` (at once when the last `Ack` is older than that; within a
 //! second when there are rejections): each `Ack` is a packet the phone must
 //! wake for, and acknowledge, while QUIC already acknowledges every
@@ -20,7 +22,7 @@
 //! (riders keep seeing it), and the driver is told `Redirect`. A driver
 //! whose first fix lands in another node's shard is redirected at once.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use futures_util::{stream, StreamExt};
 
@@ -41,8 +43,8 @@ use crate::{
     budget::{RequestBudget, Verdict},
     clock,
     cluster::Cluster,
-    ingest::Placed,
-    store::Version,
+    ingest::{Handing, Placed},
+    store::{writer::Ticket, Version},
     validate::{LastFix, ValidFix, Validator},
 };
 
@@ -50,6 +52,14 @@ use crate::{
 /// interval is longer: the app learns what is wrong with its fixes while it
 /// can still tell its user.
 const REJECTIONS_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long an `AckNow` waits for the fixes accepted before it to be
+/// written; then it is answered with what is.
+const ACK_NOW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Accepted fixes a session remembers while they wait to be written; past
+/// this, the oldest is forgotten (a newer one acknowledges it).
+const MAX_UNWRITTEN_ACKS: usize = 64;
 
 /// What wakes a driver session.
 enum Event {
@@ -169,7 +179,7 @@ async fn go_offline(ctx: &Context, id: &VehicleId) {
                 // Its copy leaves this node's shard: only this node writes
                 // there while it holds the lease (and a write without it is
                 // fenced), so the other node's copy is never touched.
-                ctx.ingest.hand_off(id, true);
+                ctx.ingest.hand_off(id, Handing::HeldElsewhere);
                 return;
             }
             Ok(_) => {}
@@ -195,7 +205,14 @@ struct DriverSession<'a> {
     /// Where the store held the vehicle when the driver arrived, and that
     /// state's version, until its first fix here is accepted.
     stored_at: Option<(ShardId, Version)>,
-    /// Highest accepted sequence, and the highest already acknowledged.
+    /// Fixes accepted and not yet known to be written: acknowledged only
+    /// once they are (an `Ack` is a promise the fix is kept).
+    accepted: VecDeque<(u64, ShardId, Ticket)>,
+    /// An `AckNow` waiting for what it asked about to be written, and the
+    /// latest it is answered.
+    ack_now_by: Option<tokio::time::Instant>,
+    /// Highest sequence accepted and written, and the highest already
+    /// acknowledged.
     acked_seq: u64,
     ack_sent: u64,
     /// When the last `Ack` went out (long ago at the start: the first fix
@@ -250,6 +267,8 @@ impl<'a> DriverSession<'a> {
         let seq = last.map_or(0, |l| l.seq);
         Self {
             validator: Validator::new(ctx.limits, last),
+            accepted: VecDeque::new(),
+            ack_now_by: None,
             acked_seq: seq,
             ack_sent: seq,
             ack_sent_at: tokio::time::Instant::now()
@@ -297,12 +316,17 @@ impl<'a> DriverSession<'a> {
         let mut ack_armed = false;
         loop {
             let event = tokio::select! {
-                event = events.next() => event,
-                _ = &mut ack_due, if ack_armed => {
-                    ack_armed = false;
-                    self.send_ack(tx).await?;
-                    continue;
+                event = events.next() => Some(event),
+                _ = &mut ack_due, if ack_armed => None,
+            };
+            let Some(event) = event else {
+                ack_armed = false;
+                self.on_ack_due(tx).await?;
+                if let Some(due) = self.ack_due(tokio::time::Instant::now()) {
+                    ack_due.as_mut().reset(due);
+                    ack_armed = true;
                 }
+                continue;
             };
             match event {
                 Some(Event::Datagram(Some(bytes))) => self.on_datagram(&bytes).await?,
@@ -327,7 +351,7 @@ impl<'a> DriverSession<'a> {
                         self.conn.close(CloseAs::Goodbye, "goodbye").await;
                         return Ok(Goodbye);
                     }
-                    ClientMsg::AckNow => self.on_ack_now(tx).await?,
+                    ClientMsg::AckNow => self.on_ack_now()?,
                     ClientMsg::Hello(_) => {
                         return Err(
                             Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into(),
@@ -360,19 +384,15 @@ impl<'a> DriverSession<'a> {
                     );
                 }
             }
-            if self.unacknowledged() {
-                // At most one `Ack` per `ack_interval` (rejections within a
-                // second): at once if the last one is that old, else when
-                // the interval is up; a rejection brings a later one closer.
-                let wait = if self.rejected_unsent {
-                    self.ctx.ack_interval.min(REJECTIONS_WITHIN)
-                } else {
-                    self.ctx.ack_interval
-                };
-                let due = self.ack_sent_at + wait;
-                if due <= tokio::time::Instant::now() {
+            let now = tokio::time::Instant::now();
+            if let Some(due) = self.ack_due(now) {
+                if due <= now {
                     ack_armed = false;
-                    self.send_ack(tx).await?;
+                    self.on_ack_due(tx).await?;
+                    if let Some(due) = self.ack_due(now) {
+                        ack_due.as_mut().reset(due);
+                        ack_armed = true;
+                    }
                 } else if !ack_armed || due < ack_due.deadline() {
                     ack_due.as_mut().reset(due);
                     ack_armed = true;
@@ -479,7 +499,13 @@ impl<'a> DriverSession<'a> {
             placed,
             inherited.as_deref(),
         );
-        self.acked_seq = valid.fix.seq;
+        if self.accepted.len() == MAX_UNWRITTEN_ACKS {
+            // A newer one stands for it: acknowledging it says as much.
+            self.accepted.pop_front();
+        }
+        let ticket = self.ctx.ingest.writer.ticket();
+        self.accepted
+            .push_back((valid.fix.seq, placed.shard, ticket));
         Ok(())
     }
 
@@ -517,6 +543,11 @@ impl<'a> DriverSession<'a> {
             return Ok(());
         }
         self.ownership_seen = changes;
+        if cluster.is_cut_off() {
+            // This node serves nothing now: the driver goes at once, to a
+            // node that can keep what it sends.
+            return self.leave(cluster, Route::Unavailable, false).await;
+        }
         let Some(entry) = self.ctx.ingest.table.get(&self.id) else {
             return Ok(());
         };
@@ -549,7 +580,13 @@ impl<'a> DriverSession<'a> {
             {
                 tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state");
             }
-            self.ctx.ingest.hand_off(&self.id, leaves_shard);
+            let how = match leaves_shard {
+                true => Handing::Crossing {
+                    until: Instant::now() + self.ctx.offline_grace,
+                },
+                false => Handing::WithShard,
+            };
+            self.ctx.ingest.hand_off(&self.id, how);
         }
         match away {
             Route::Away(redirect) => Err(Stop::Redirected(redirect)),
@@ -575,13 +612,83 @@ impl<'a> DriverSession<'a> {
         self.rejected_unsent || self.acked_seq != self.ack_sent
     }
 
+    /// When acknowledgements are next looked at, if anything waits for one.
+    /// At most one `Ack` per `ack_interval` (rejections within a second): at
+    /// once if the last one is that old, else when the interval is up; a
+    /// rejection brings a later one closer. Fixes accepted and not written
+    /// yet are looked at again an interval later. An `AckNow` is answered
+    /// as soon as what it asked about is written, or after
+    /// [`ACK_NOW_WAIT`] with what is.
+    fn ack_due(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.settle();
+        if let Some(by) = self.ack_now_by {
+            return Some(match self.accepted.is_empty() {
+                true => now,
+                false => by.min(now + self.ctx.flush_interval),
+            });
+        }
+        let wait = if self.rejected_unsent {
+            self.ctx.ack_interval.min(REJECTIONS_WITHIN)
+        } else {
+            self.ctx.ack_interval
+        };
+        if self.unacknowledged() {
+            return Some(self.ack_sent_at + wait);
+        }
+        // Waiting for the writer: looked at again a flush later, then less
+        // often the longer the store keeps them waiting (an outage must not
+        // wake every session at every flush).
+        let due = self.ack_sent_at + wait;
+        let overdue = now
+            .saturating_duration_since(due)
+            .min(self.ctx.ack_interval);
+        (!self.accepted.is_empty()).then(|| due.max(now + overdue.max(self.ctx.flush_interval)))
+    }
+
+    /// The acknowledgement timer is up: an `AckNow` waiting is answered,
+    /// else news are sent.
+    async fn on_ack_due(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
+        match self.ack_now_by {
+            Some(by) => {
+                self.settle();
+                if self.accepted.is_empty() || tokio::time::Instant::now() >= by {
+                    self.ack_now_by = None;
+                    self.send_ack_now(tx).await?;
+                }
+                Ok(())
+            }
+            None => self.send_ack(tx).await,
+        }
+    }
+
+    /// Moves what the writer has written since from `accepted` to
+    /// `acked_seq`. Fixes supersede each other: the newest written one
+    /// stands for those before it.
+    fn settle(&mut self) {
+        let writer = &self.ctx.ingest.writer;
+        let written = self
+            .accepted
+            .iter()
+            .filter(|(_, shard, ticket)| writer.is_written(*shard, *ticket))
+            .map(|(seq, _, _)| *seq)
+            .max();
+        if let Some(seq) = written {
+            self.acked_seq = self.acked_seq.max(seq);
+            self.accepted.retain(|(s, _, _)| *s > seq);
+        }
+    }
+
     /// The driver asks what was accepted so far: it is told at once, even
     /// if nothing changed since the last `Ack`, so it always hears back.
     /// Requests share the fix budget: a flood of them is refused, then
     /// closed, as a flood of fixes is.
-    async fn on_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
+    fn on_ack_now(&mut self) -> Result<(), Stop> {
         if self.spend()? {
-            self.send_ack_now(tx).await
+            // Answered once what was accepted before it is written (at the
+            // next acknowledgement look, `ack_due`).
+            let by = tokio::time::Instant::now() + ACK_NOW_WAIT;
+            self.ack_now_by = Some(self.ack_now_by.map_or(by, |b| b.min(by)));
+            Ok(())
         } else {
             self.ctx.ingest.metrics.rate_limited(Role::Driver).inc();
             Ok(())
@@ -590,14 +697,16 @@ impl<'a> DriverSession<'a> {
 
     /// Sends an `Ack` when something happened since the last one.
     async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
-        if !self.unacknowledged() {
+        self.settle();
+        if !self.rejected_unsent && self.acked_seq == self.ack_sent {
             return Ok(());
         }
         self.send_ack_now(tx).await
     }
 
-    /// Sends an `Ack` of what was accepted and rejected so far.
+    /// Sends an `Ack` of what was accepted and written, and rejected, so far.
     async fn send_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
+        self.settle();
         self.ack_sent_at = tokio::time::Instant::now();
         let ack = ServerMsg::Ack(Ack {
             seq: self.acked_seq,

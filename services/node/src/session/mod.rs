@@ -42,6 +42,9 @@ pub struct Context {
     auth: Arc<Auth>,
     limits: Limits,
     ack_interval: Duration,
+    /// How often the writer flushes: how soon an accepted fix can be
+    /// acknowledged as written.
+    flush_interval: Duration,
     handshake_timeout: Duration,
     /// A WebSocket session silent this long is lost (QUIC's own idle
     /// timeout does this for QUIC).
@@ -79,6 +82,7 @@ impl Context {
             auth,
             limits: Limits::new(&config.ingest, config.store.stale_after),
             ack_interval: config.ingest.ack_interval,
+            flush_interval: config.store.flush_interval,
             handshake_timeout: config.quic.handshake_timeout,
             idle_timeout: config.quic.idle_timeout,
             offline_grace: config.ingest.offline_grace,

@@ -170,6 +170,15 @@ return v
 
 /// Deletes a zone (its version stays, without a Feature: a tombstone).
 /// KEYS as [`PUT_ZONE`]. ARGV: id. Returns the new version, or 0.
+/// Deletes a vehicle's locator (`KEYS[1]`) if it still names shard
+/// `ARGV[1]`.
+const FORGET_LOCATOR: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 const DELETE_ZONE: &str = r#"
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
   return 0
@@ -583,8 +592,14 @@ impl RedisStore {
         let written = |sb: &&ShardBatch| applied.written(sb.shard);
         for sb in batch.shards.iter().filter(written) {
             for r in sb.removals.iter().filter(|r| r.forget()) {
-                let mut cmd = redis::cmd("DEL");
-                cmd.arg(keys::locator(&r.id));
+                // Only a locator still naming this shard: the vehicle may
+                // have been written elsewhere since (a driver that arrived
+                // at another node as its copy here was let go).
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(FORGET_LOCATOR)
+                    .arg(1)
+                    .arg(keys::locator(&r.id))
+                    .arg(sb.shard.to_string());
                 cmds.push(cmd);
             }
         }

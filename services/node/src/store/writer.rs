@@ -116,6 +116,9 @@ pub struct StoreWriter {
     flushes: watch::Sender<u64>,
     /// Shards whose changes must not be written (the lease was lost).
     discarded: parking_lot::Mutex<HashSet<ShardId>>,
+    /// The flush that last dropped changes to a shard (discarded, or
+    /// another node's), for [`StoreWriter::is_written`].
+    dropped_at: parking_lot::Mutex<HashMap<ShardId, u64>>,
     /// Shards with changes the last flush left unwritten (failed, fenced,
     /// or waiting for a lease).
     unwritten: parking_lot::Mutex<HashSet<ShardId>>,
@@ -127,6 +130,11 @@ pub struct StoreWriter {
     outboxes: parking_lot::Mutex<HashSet<ShardId>>,
     outboxes_written: Notify,
 }
+
+/// The flushes completed when a change was staged (see
+/// [`StoreWriter::is_written`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
 
 /// Folds a newer change into an older one for the same vehicle and shard.
 /// The newer wins, except that a pending relocation or last-seen write is
@@ -162,6 +170,7 @@ impl StoreWriter {
             recovered: Notify::new(),
             flushes: watch::Sender::new(0),
             discarded: Default::default(),
+            dropped_at: Default::default(),
             unwritten: Default::default(),
             waiting: Default::default(),
             events: Default::default(),
@@ -212,6 +221,35 @@ impl StoreWriter {
     /// left as tombstones for the shard's holder.
     pub fn discard(&self, shard: ShardId) {
         self.discarded.lock().insert(shard);
+    }
+
+    /// Where the writer's work stands now, for a change about to be staged:
+    /// see [`StoreWriter::is_written`].
+    pub fn ticket(&self) -> Ticket {
+        Ticket(*self.flushes.borrow())
+    }
+
+    /// Whether a change to `shard` staged after `ticket` was taken is in
+    /// the store: a flush that began after it has ended, nothing of the
+    /// shard is left unwritten (fenced, failed, waiting for its lease), and
+    /// nothing of it was dropped since (a lease lost). What a driver is
+    /// acknowledged waits for this.
+    pub fn is_written(&self, shard: ShardId, ticket: Ticket) -> bool {
+        let done = *self.flushes.borrow();
+        done != u64::MAX
+            && done >= ticket.0.saturating_add(2)
+            && !self.unwritten.lock().contains(&shard)
+            && self
+                .dropped_at
+                .lock()
+                .get(&shard)
+                .is_none_or(|&at| at <= ticket.0)
+    }
+
+    /// Marks what this flush drops of `shard`.
+    fn dropping(&self, shard: ShardId) {
+        let this_flush = self.flushes.borrow().saturating_add(1);
+        self.dropped_at.lock().insert(shard, this_flush);
     }
 
     /// Waits until everything staged before the call has been through a
@@ -318,6 +356,9 @@ impl StoreWriter {
             }
         }
         let discarded = std::mem::take(&mut *self.discarded.lock());
+        for &shard in &discarded {
+            self.dropping(shard);
+        }
         if !discarded.is_empty() {
             stage.retain(|(shard, id), change| {
                 if !discarded.contains(shard) {
@@ -518,6 +559,7 @@ impl StoreWriter {
             if verdict(*shard) != Fence::Foreign {
                 return true;
             }
+            self.dropping(*shard);
             entomb(tombs, *shard, id, change);
             false
         });

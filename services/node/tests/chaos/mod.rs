@@ -224,6 +224,9 @@ pub async fn run(s: Scenario) -> Report {
     let meeting = meeting_point(&cluster);
     let began = Instant::now();
     let gone: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // What each driver's client last said (CHAOS_TRACE): its node, its
+    // reconnects, its last send's error, its acknowledged and next seq.
+    let client_side: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut routes: Vec<(String, Route)> = Vec::new();
     let stop = CancellationToken::new();
     let mut leave = Vec::new();
@@ -243,6 +246,7 @@ pub async fn run(s: Scenario) -> Report {
         let via = cluster.nodes[i % cluster.nodes.len()].quic;
         let mut client = driver(&cluster, via, &id).await;
         let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
+        let client_side = client_side.clone();
         leave.push((id.clone(), going.clone()));
         let every = s.fix_every;
         tokio::spawn(async move {
@@ -259,7 +263,18 @@ pub async fn run(s: Scenario) -> Report {
                     _ = tick.tick() => {}
                 }
                 let at = route.at(began.elapsed());
-                let _ = client.send_fix(FixInput::at(at.0, at.1)).await;
+                let sent = client.send_fix(FixInput::at(at.0, at.1)).await;
+                client_side.lock().insert(
+                    id.clone(),
+                    format!(
+                        "on {} reconnects {} acked {} next {} last send {:?}",
+                        client.node(),
+                        client.reconnects(),
+                        client.acked_seq(),
+                        client.next_seq(),
+                        sent.err()
+                    ),
+                );
             }
         });
     }
@@ -470,6 +485,7 @@ pub async fn run(s: Scenario) -> Report {
                             t.at,
                             shard_of(t.at.0, t.at.1)
                         );
+                        println!("TRACE   client: {:?}", client_side.lock().get(id));
                         for line in cluster
                             .logs()
                             .lines()
@@ -486,8 +502,8 @@ pub async fn run(s: Scenario) -> Report {
                                 node.metric("hexfleet_sessions_redirected_total").await;
                             let handoffs = node.metric("hexfleet_handoffs_total").await;
                             println!(
-                                "TRACE   {}: redirected {redirected} handoffs {handoffs}",
-                                node.id
+                                "TRACE   {} (quic {}): redirected {redirected} handoffs {handoffs}",
+                                node.id, node.quic
                             );
                             if node.id == cluster.nodes[0].id {
                                 let mut conn = redis.conn();
@@ -556,6 +572,9 @@ pub async fn run(s: Scenario) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.cancel();
+    if std::env::var("CHAOS_TRACE").is_ok() {
+        let _ = std::fs::write("/tmp/chaos-nodes.log", cluster.logs());
+    }
     println!(
         "chaos {:?} ({} holding {:.0}% of the fleet): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
          longest hidden or > {BEHIND_M} m behind {} ms (p99 of pairs {} ms), worst moment {:.0}% of pairs; \
@@ -580,12 +599,13 @@ pub async fn run(s: Scenario) -> Report {
     report
 }
 
-/// Whether `check` holds in five looks 100 ms apart. A vehicle crossing
-/// between shards is, for a moment, in both, or (to a scan that reads the
-/// two at different times) in neither: what the store holds after a fault
-/// is judged by what lasts.
+/// Whether `check` holds in ten looks 100 ms apart. A vehicle crossing
+/// between shards is, for a moment, in both: its old node keeps its copy
+/// until the new one has written it and the old one has seen the tombstone
+/// it left (at its next renewal, 500 ms here). What the store holds after
+/// a fault is judged by what lasts.
 async fn lasting(check: impl Fn() -> bool) -> bool {
-    for _ in 0..5 {
+    for _ in 0..10 {
         if !check() {
             return false;
         }
