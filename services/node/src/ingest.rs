@@ -170,11 +170,12 @@ impl Ingest {
     }
 
     /// The vehicle is gone (signed off, or offline for too long).
-    pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) {
-        if let Some(entry) = self.table.remove(id) {
-            tracing::debug!(vehicle = %id, shard = %entry.shard, ?reason, "signed off");
-            self.gone(&entry, reason, ZoneCause::SignedOff, clock::now_ms());
-        }
+    /// Returns the shard it leaves, if it was held here.
+    pub fn sign_off(&self, id: &VehicleId, reason: RemoveReason) -> Option<ShardId> {
+        let entry = self.table.remove(id)?;
+        tracing::debug!(vehicle = %id, shard = %entry.shard, ?reason, "signed off");
+        self.gone(&entry, reason, ZoneCause::SignedOff, clock::now_ms());
+        Some(entry.shard)
     }
 
     /// A vehicle removed from the table is gone for good: it leaves its

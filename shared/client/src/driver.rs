@@ -93,6 +93,13 @@ const RECONNECT_ATTEMPTS: u32 = 10;
 /// its end (its last word: a redirect or a refusal).
 const LAST_WORD_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a goodbye waits for the node to confirm it (the node waits up
+/// to 2 s for the removal to be written), how many times it is said at
+/// most, and the pause before the next (growing with each).
+const GOODBYE_WAIT: Duration = Duration::from_secs(3);
+const GOODBYE_ATTEMPTS: u32 = 5;
+const GOODBYE_PAUSE: Duration = Duration::from_millis(300);
+
 pub struct DriverClient {
     conn: Conn,
     tx: ControlWrite,
@@ -470,12 +477,46 @@ impl DriverClient {
         self.closed_error().unwrap_or(e)
     }
 
-    /// Signs off: the node removes the vehicle at once.
+    /// Signs off: the node removes the vehicle at once. A node that cannot
+    /// write the removal (cut from its store) says so (`unavailable`); with
+    /// [`DriverOptions::reconnect`] the goodbye is said again through
+    /// another node, a few times at most.
     pub async fn goodbye(mut self) -> Result<(), ClientError> {
-        self.send(ClientMsg::Goodbye).await?;
-        self.tx.finish();
-        // The node closes the connection once it has taken the Goodbye.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.conn.closed()).await;
+        for attempt in 0..GOODBYE_ATTEMPTS {
+            let last = attempt + 1 == GOODBYE_ATTEMPTS || !self.options.reconnect;
+            if attempt > 0 {
+                // The shard's next owner may need a lease's time to take
+                // over: the attempts are spread over a few seconds.
+                tokio::time::sleep(GOODBYE_PAUSE * attempt).await;
+            }
+            if self.options.reconnect && (attempt > 0 || self.conn.is_closed()) {
+                self.reconnect().await?;
+            }
+            match self.send(ClientMsg::Goodbye).await {
+                Ok(()) => {}
+                Err(_) if !last => continue,
+                Err(e) => return Err(e),
+            }
+            self.tx.finish();
+            // The node closes the connection once the removal is written.
+            let _ = tokio::time::timeout(GOODBYE_WAIT, self.conn.closed()).await;
+            if !self.reader.is_finished() {
+                let _ = tokio::time::timeout(LAST_WORD_GRACE, &mut self.reader).await;
+            }
+            let refused = self.shared.closed.lock().take();
+            match refused {
+                Some((ErrorCode::Unavailable, reason)) => {
+                    tracing::debug!(%reason, "goodbye not written; saying it through another node");
+                    if last {
+                        return Err(ClientError::Refused {
+                            code: ErrorCode::Unavailable,
+                            reason,
+                        });
+                    }
+                }
+                _ => break,
+            }
+        }
         self.conn.close(CloseAs::Goodbye, "goodbye");
         Ok(())
     }

@@ -62,16 +62,18 @@ impl ShardChanges {
     }
 }
 
-/// What a node tells a peer that asks whether it reaches the store
-/// (`GET /v1/cluster/reach`): a node whose own renewals are late tells its
-/// own cut from a store that is down for everyone by asking its peers.
+/// What a node tells a peer that asks which parts of the store it reaches
+/// (`GET /v1/cluster/reach?shards=…&members=…`): a node whose own renewals
+/// are late tells its own cut from a store (or a Redis Cluster master) that
+/// is down for everyone by asking its peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerReach {
     pub id: String,
     pub instance: u64,
-    /// How long ago its last complete renewal (membership and leases)
-    /// succeeded; `None` before the first.
-    pub store_reached_ms_ago: Option<u64>,
+    /// Whether it reached the live set's key, when asked.
+    pub members: bool,
+    /// The shards (of those asked) whose lease key it reached.
+    pub shards: Vec<String>,
 }
 
 /// What a node announces in the membership registry.

@@ -205,8 +205,20 @@ impl RedisCluster {
     }
 
     pub fn try_start(masters: usize) -> Result<Self, TestkitError> {
+        Self::try_start_with(masters, 0)
+    }
+
+    /// Starts one with a replica per master, failing a dead master over
+    /// within about a second (`cluster-node-timeout` 1000 ms), and waits
+    /// until every slot is served and every replica in sync, or panics.
+    pub fn start_with_replicas(masters: usize) -> Self {
+        Self::try_start_with(masters, 1)
+            .unwrap_or_else(|e| panic!("could not start a Redis Cluster with replicas: {e}"))
+    }
+
+    fn try_start_with(masters: usize, replicas: usize) -> Result<Self, TestkitError> {
         let mut servers = Vec::new();
-        for _ in 0..masters {
+        for _ in 0..masters * (1 + replicas) {
             let port = free_tcp_port();
             let mut server = RedisServer {
                 child: None,
@@ -215,7 +227,14 @@ impl RedisCluster {
             };
             let conf = server.dir.path().join("nodes.conf");
             let conf = conf.to_string_lossy().into_owned();
-            server.spawn_with(&["--cluster-enabled", "yes", "--cluster-config-file", &conf])?;
+            server.spawn_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "1000",
+            ])?;
             servers.push(server);
         }
         let addrs: Vec<String> = servers
@@ -226,7 +245,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .map_err(TestkitError::Spawn)?;
         if !out.status.success() {
@@ -244,12 +263,55 @@ impl RedisCluster {
                     .query(&mut conn)
                     .unwrap_or_default();
                 info.contains("cluster_state:ok")
-            }) {
+            }) && cluster.replicas_in_sync() == masters * replicas
+            {
                 return Ok(cluster);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(TestkitError::NoAnswer)
+    }
+
+    /// How many replicas have finished their first sync with a master.
+    fn replicas_in_sync(&self) -> usize {
+        self.servers
+            .iter()
+            .filter(|s| {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut s.conn())
+                    .unwrap_or_default();
+                info.contains("role:slave") && info.contains("master_link_status:up")
+            })
+            .count()
+    }
+
+    /// The live servers that are masters now (failovers promote replicas).
+    pub fn masters(&mut self) -> Vec<&mut RedisServer> {
+        self.servers
+            .iter_mut()
+            .filter(|s| {
+                s.child.is_some() && {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query(&mut s.conn())
+                        .unwrap_or_default();
+                    info.contains("role:master")
+                }
+            })
+            .collect()
+    }
+
+    /// Whether every live server says every slot is served (after a
+    /// failover: once a replica has taken the dead master's slots).
+    pub fn serving(&self) -> bool {
+        self.servers.iter().filter(|s| s.child.is_some()).all(|s| {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut s.conn())
+                .unwrap_or_default();
+            info.contains("cluster_state:ok")
+        })
     }
 
     /// The seed list a cluster client takes: every server, comma-separated.

@@ -129,12 +129,13 @@ pub struct Cluster {
     leaving: CancellationToken,
     /// Cancelled when another process holds this node's id: the node stops.
     replaced: CancellationToken,
-    /// When the last complete renewal (membership and every lease) that
-    /// succeeded was sent: no lease of this node expires before that plus
-    /// `lease_ttl`.
+    /// When the last membership renewal that succeeded was sent: this
+    /// node's membership does not expire before that plus `lease_ttl`.
     reached: Mutex<std::time::Instant>,
-    /// Set while this node is cut from the store and its peers are not: it
-    /// serves no shard (see [`reach`]).
+    /// The same for each lease held.
+    renewed: Mutex<HashMap<ShardId, std::time::Instant>>,
+    /// Set while this node is cut from the live set's key and its peers are
+    /// not: it serves nothing (see [`reach`]).
     cut_off: AtomicBool,
     peers: reach::Peers,
     store: Arc<dyn Store>,
@@ -190,6 +191,7 @@ impl Cluster {
             leaving: CancellationToken::new(),
             replaced: CancellationToken::new(),
             reached: Mutex::new(sent),
+            renewed: Mutex::default(),
             cut_off: AtomicBool::new(false),
             peers,
             store,
@@ -254,13 +256,67 @@ impl Cluster {
         self.cut_off.load(Ordering::Relaxed)
     }
 
-    /// What this node tells a peer asking whether it reaches the store.
-    pub fn reach(&self) -> hexfleet_protocol::bus::PeerReach {
+    /// What this node tells a peer asking which of `shards`' lease keys,
+    /// and (with `members`) the live set's key, it reaches now.
+    pub async fn reach(
+        &self,
+        shards: &[ShardId],
+        members: bool,
+    ) -> hexfleet_protocol::bus::PeerReach {
+        // Well within the asking peer's patience (a quarter interval).
+        let within = self.config.renew_interval / 8;
+        self.reach_within(shards, members, within, false).await
+    }
+
+    /// Which of the keys this node reaches within `within`. `any_answer`:
+    /// an error answer (a Redis Cluster failing over says `CLUSTERDOWN` or
+    /// `TRYAGAIN`) counts as reaching it: this node talks to Redis, so it is
+    /// not the one cut off. For a peer only a real answer counts.
+    async fn reach_within(
+        &self,
+        shards: &[ShardId],
+        members: bool,
+        within: Duration,
+        any_answer: bool,
+    ) -> hexfleet_protocol::bus::PeerReach {
+        let reaches = |key: String| async move {
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(key);
+            let exists = self.conn.cmd::<bool>(&cmd);
+            match tokio::time::timeout(within, exists).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => {
+                    any_answer
+                        && !(e.is_io_error()
+                            || e.is_timeout()
+                            || e.is_connection_dropped()
+                            || e.is_connection_refusal())
+                }
+                Err(_) => false,
+            }
+        };
+        let (members, shards) = futures_util::join!(
+            async {
+                match members {
+                    true => reaches(keys::MEMBERS.to_string()).await,
+                    false => false,
+                }
+            },
+            join_all(
+                shards
+                    .iter()
+                    .take(reach::MAX_ASKED)
+                    .map(|&shard| async move {
+                        reaches(keys::lease(shard)).await.then(|| shard.to_string())
+                    })
+            )
+        );
         let me = self.me.read();
         hexfleet_protocol::bus::PeerReach {
             id: me.id.clone(),
             instance: me.instance,
-            store_reached_ms_ago: Some(self.reached.lock().elapsed().as_millis() as u64),
+            members,
+            shards: shards.into_iter().flatten().collect(),
         }
     }
 
@@ -440,16 +496,19 @@ impl Cluster {
             }
             Err(e) => tracing::warn!(error = %e, "renewing membership"),
         }
-        if self.renew_leases().await && reached {
+        if reached {
             *self.reached.lock() = sent;
         }
+        self.renew_leases().await;
     }
 
-    /// Watches how long ago this node last reached the store, and stops
-    /// serving before its leases can expire if its peers say it is the one
-    /// cut off (see [`reach`]); serves again once it reaches the store.
+    /// Watches how long ago each lease and the membership were last
+    /// renewed; past their deadline, steps down from what the peers say
+    /// this node is cut from (see [`reach`]); serves again once it renews
+    /// its membership.
     async fn guard_reach(self: Arc<Self>, stop: CancellationToken) {
         let (ttl, every) = (self.config.lease_ttl, self.config.renew_interval);
+        let late_after = reach::late_after(every);
         let mut tick = tokio::time::interval(ACQUIRE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut said: Option<(reach::PeersSay, std::time::Instant)> = None;
@@ -458,56 +517,96 @@ impl Cluster {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let now = std::time::Instant::now();
             let reached = *self.reached.lock();
-            let since = reached.elapsed();
-            if self.is_cut_off() {
-                if since < every {
-                    self.cut_off.store(false, Ordering::Relaxed);
-                    self.changed();
-                    self.wake.notify_one();
-                    tracing::warn!("the store answers again: serving again, as the leases say");
-                }
-                continue;
+            let members_late = now - reached >= late_after;
+            if self.is_cut_off() && !members_late {
+                self.cut_off.store(false, Ordering::Relaxed);
+                self.changed();
+                self.wake.notify_one();
+                tracing::warn!("the store answers again: serving again, as the leases say");
             }
-            if since < every + every / 2 {
+            let late: Vec<(ShardId, std::time::Instant)> = self
+                .renewed
+                .lock()
+                .iter()
+                .filter(|(_, at)| now - **at >= late_after)
+                .map(|(s, at)| (*s, *at))
+                .collect();
+            let members_late = members_late && !self.is_cut_off();
+            if late.is_empty() && !members_late {
                 said = None;
                 continue;
             }
-            // Renewals are late: what do the peers see?
-            if said.is_none_or(|(_, at)| at.elapsed() >= every / 4) {
-                let live: Vec<NodeInfo> = self.live.read().nodes.values().cloned().collect();
-                let answer = if live.iter().all(|n| n.id == self.id) {
-                    // Alone: nobody can take a shard over.
-                    reach::PeersSay::NotReached
-                } else {
-                    self.peers.ask(&self.id, live, reach::healthy(every)).await
-                };
-                said = Some((answer, std::time::Instant::now()));
-            }
-            if std::time::Instant::now() < reach::deadline(reached, ttl, every) {
+            let live: Vec<NodeInfo> = self.live.read().nodes.values().cloned().collect();
+            if live.iter().all(|n| n.id == self.id) {
+                // Alone: nobody can take anything over.
                 continue;
             }
-            match said.map(|(s, _)| s) {
-                Some(reach::PeersSay::NotReached) => {}
-                peers => self.stop_serving(peers, since),
+            if said
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= every / 4)
+            {
+                let shards: Vec<ShardId> = late.iter().map(|(s, _)| *s).collect();
+                let answer = self.peers.ask(&self.id, &live, &shards, members_late).await;
+                said = Some((answer, std::time::Instant::now()));
+            }
+            let Some((peers, _)) = &said else { continue };
+            let now = std::time::Instant::now();
+            let members_due = members_late
+                && now >= reach::deadline(reached, ttl, every)
+                && peers.cut_from(peers.members);
+            let due: Vec<(ShardId, std::time::Instant)> = late
+                .into_iter()
+                .filter(|(shard, at)| {
+                    now >= reach::deadline(*at, ttl, every)
+                        && peers.cut_from(peers.shards.contains(shard))
+                })
+                .collect();
+            if !members_due && due.is_empty() {
+                continue;
+            }
+            // Only a renewal late for its own reasons (the store just came
+            // back, a Redis Cluster client still finding a promoted
+            // replica): this node reaches the keys too, and its next
+            // renewal says whether they are still its.
+            let shards: Vec<ShardId> = due.iter().map(|(s, _)| *s).collect();
+            let mine = self
+                .reach_within(&shards, members_due, every / 4, true)
+                .await;
+            let now = std::time::Instant::now();
+            if members_due && !mine.members {
+                self.stop_serving(peers, now - reached);
+                continue;
+            }
+            for (shard, at) in due {
+                if !mine.shards.contains(&shard.to_string()) {
+                    let value = self.holdings.read().get(&shard).map(|h| h.value().clone());
+                    if let Some(value) = value {
+                        tracing::error!(%shard, answered = peers.answered, late_ms = (now - at).as_millis() as u64, "cut from the shard's lease while the peers reach it: stepping down before it can expire elsewhere");
+                        self.metrics.cluster_cut_off.inc();
+                        self.step_down(shard, &value);
+                    }
+                }
             }
         }
     }
 
-    /// Cut from the store while peers are not (or none answers): every
-    /// shard is given up here before its lease can expire elsewhere. Its
-    /// removals wait as tombstones for the store; its drivers are refused
-    /// and reconnect through the seeds.
-    fn stop_serving(&self, peers: Option<reach::PeersSay>, since: Duration) {
+    /// Cut from the live set's key while the peers are not (or none
+    /// answers): this node's membership is about to expire, and the others
+    /// will own everything. Every shard is given up here before its lease
+    /// can expire elsewhere (its removals wait as tombstones for the store)
+    /// and every client is refused, to reconnect through the seeds.
+    fn stop_serving(&self, peers: &reach::PeersSay, since: Duration) {
         self.cut_off.store(true, Ordering::Relaxed);
         let shards = self.step_down_all();
         self.changed();
         self.metrics.cluster_cut_off.inc();
         tracing::error!(
             shards,
-            ?peers,
+            answered = peers.answered,
             since_ms = since.as_millis() as u64,
-            "cut from the store while the peers reach it: serving no shard before their leases can expire elsewhere; drivers are refused until the store answers again"
+            "cut from the store while the peers reach it: serving nothing before this node's leases can expire elsewhere; clients are refused until the store answers again"
         );
     }
 
@@ -523,11 +622,16 @@ impl Cluster {
             .map(|(s, h)| (*s, h.clone()))
             .collect();
         let me = self.node_id();
-        let renewed = join_all(
-            holdings
-                .iter()
-                .map(|(shard, h)| leases::renew(&self.conn, *shard, me, h.value(), ttl)),
-        )
+        let sent = std::time::Instant::now();
+        // Each renewal noted as it returns: on a Redis Cluster one failing
+        // master must not make the others' leases look late.
+        let renewed = join_all(holdings.iter().map(|(shard, h)| async move {
+            let result = leases::renew(&self.conn, *shard, me, h.value(), ttl).await;
+            if matches!(result, Ok((Renewal::Renewed | Renewal::Reclaimed(_), _))) {
+                self.renewed_at(*shard, h.value(), sent);
+            }
+            result
+        }))
         .await;
         let answered = renewed.iter().all(Result::is_ok);
         for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
@@ -652,7 +756,11 @@ impl Cluster {
                 self.doubt.lock().remove(&shard);
                 continue;
             };
+            let sent = std::time::Instant::now();
             let renewed = leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await;
+            if matches!(renewed, Ok((Renewal::Renewed | Renewal::Reclaimed(_), _))) {
+                self.renewed_at(shard, &value, sent);
+            }
             match renewed.map(|(renewal, _)| renewal) {
                 Ok(Renewal::Renewed) => {
                     // Taken back since the write was fenced: write again.
@@ -702,6 +810,19 @@ impl Cluster {
     /// This node lost a shard it thought it held: it writes nothing more
     /// there and forgets the shard's vehicles (the new owner has them). The
     /// removals it could not write are left to the new owner as tombstones.
+    /// Notes a renewal of `shard`'s lease sent at `sent`, if this node
+    /// still holds it under `value`.
+    fn renewed_at(&self, shard: ShardId, value: &str, sent: std::time::Instant) {
+        let held = self
+            .holdings
+            .read()
+            .get(&shard)
+            .is_some_and(|h| &**h.value() == value);
+        if held {
+            self.renewed.lock().insert(shard, sent);
+        }
+    }
+
     /// Steps down from every shard held; returns how many.
     fn step_down_all(&self) -> usize {
         let held: Vec<(ShardId, Arc<str>)> = self
@@ -741,6 +862,7 @@ impl Cluster {
             }
         };
         if dropped {
+            self.renewed.lock().remove(&shard);
             self.doubt.lock().remove(&shard);
             let released = self.ingest.release_shard(shard);
             self.metrics.shards_released.inc();
@@ -787,6 +909,7 @@ impl Cluster {
         }
         let me = self.node_id();
         let ttl = self.config.lease_ttl;
+        let sent = std::time::Instant::now();
         let results = join_all(
             wanted
                 .iter()
@@ -795,7 +918,7 @@ impl Cluster {
         .await;
         for (shard, result) in wanted.into_iter().zip(results) {
             match result {
-                Ok(Some(value)) => self.took(shard, value.into()).await,
+                Ok(Some(value)) => self.took(shard, value.into(), sent).await,
                 Ok(None) => {}
                 Err(e) => tracing::warn!(%shard, error = %e, "acquiring a shard lease"),
             }
@@ -835,7 +958,7 @@ impl Cluster {
 
     /// A lease acquired: the shard's stored vehicles become this node's
     /// (those it does not already hold with a newer fix).
-    async fn took(&self, shard: ShardId, value: Arc<str>) {
+    async fn took(&self, shard: ShardId, value: Arc<str>, sent: std::time::Instant) {
         let states = match self.store.load_shard(shard).await {
             Ok(states) => states,
             Err(e) => {
@@ -851,6 +974,7 @@ impl Cluster {
         }
         let (states, leftovers) = self.leftovers(shard, states).await;
         self.holdings.write().insert(shard, Holding::Held(value));
+        self.renewed.lock().insert(shard, sent);
         self.wanted.lock().remove(&shard);
         self.tainted.lock().remove(&shard);
         let taken = self.ingest.take_over(shard, states);

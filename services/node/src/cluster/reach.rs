@@ -1,41 +1,57 @@
 //! A node cut from the store while its clients still reach it must stop
-//! serving its shards before another node can own them, or two nodes serve
+//! serving before another node can own what it serves, or two nodes serve
 //! one shard (split brain) and what the cut one accepts is lost.
 //!
-//! A node knows when it last reached the store: the send time of its last
-//! complete renewal (membership and every lease). Redis set those leases'
-//! expiry no earlier, so none of them can be taken before that time plus
-//! `lease_ttl`. When renewals are late, the node asks its peers over HTTP
-//! (`GET /v1/cluster/reach`) whether *they* reach the store:
+//! A node knows when it last renewed each lease, and its membership (the
+//! send time of the last renewal that succeeded): Redis set their expiry
+//! no earlier, so none can be taken before that time plus `lease_ttl`. When
+//! renewals are late, the node asks its peers over HTTP
+//! (`GET /v1/cluster/reach`) whether *they* reach those keys:
 //!
-//! - a peer that renewed within the last [`healthy`] does: this node is the
-//!   one cut off, and at its deadline (last reached + `lease_ttl` − half a
-//!   renewal interval) it stops serving every shard (fixes are refused
-//!   with `unavailable`, drivers reconnect through the seeds), before any
-//!   peer can hold one of them;
-//! - peers that do not (Redis stalled or down for everyone) mean nobody
-//!   can take a shard over: the node keeps serving, and takes its leases
-//!   back when the store returns;
-//! - no peer answering (this node cut from everything) is treated as a cut:
-//!   peers may well be taking its shards.
+//! - a key some peer reaches means this node is the one cut from it: at its
+//!   deadline ([`deadline`]: last renewed + `lease_ttl` − half a renewal
+//!   interval) the node steps down from that shard; if it is the live set's
+//!   key, the node's membership is about to expire and the others will own
+//!   everything: it serves nothing (every client is refused with
+//!   `unavailable` and reconnects through the seeds) until it renews again;
+//! - a key no answering peer reaches is down for everyone (Redis stalled, a
+//!   Redis Cluster master failing over): nobody can take it over, and the
+//!   node keeps serving, taking its leases back when the store returns;
+//! - no peer answering at all (this node cut from everything) counts as a
+//!   cut: its peers may well be taking over.
 //!
 //! The cut node acknowledges nothing meanwhile: acknowledgements wait for
 //! the store (see `session::driver`).
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use futures_util::future::join_all;
+use hexfleet_model::ShardId;
 use hexfleet_protocol::bus::{NodeInfo, PeerReach};
 
-/// How the peers answered about the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeersSay {
-    /// At least one reaches it: this node is the one cut off.
-    Reached,
-    /// Every peer that answered is cut too: the store is away for all.
-    NotReached,
-    /// None answered (or there are none to ask).
-    Silent,
+/// At most this many shards are asked about (or answered for) at once.
+pub const MAX_ASKED: usize = 256;
+
+/// What the peers said about the keys asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeersSay {
+    /// How many peers answered.
+    pub answered: usize,
+    /// Whether some peer reached the live set's key.
+    pub members: bool,
+    /// The shards whose lease key some peer reached.
+    pub shards: HashSet<ShardId>,
+}
+
+impl PeersSay {
+    /// Whether this node is the one cut from a key: some peer reaches it,
+    /// or no peer answers at all.
+    pub fn cut_from(&self, reached: bool) -> bool {
+        self.answered == 0 || reached
+    }
 }
 
 /// The HTTP client that asks the peers.
@@ -77,42 +93,56 @@ impl Peers {
         }
     }
 
-    /// Asks every peer in `live` but `me` at once; `reached` tells when a
-    /// peer's answer says it reaches the store.
-    pub async fn ask(&self, me: &str, live: Vec<NodeInfo>, healthy: Duration) -> PeersSay {
-        let asked = live.iter().filter(|n| n.id != me).map(|peer| async move {
-            let url = format!("{}://{}/v1/cluster/reach", self.scheme, peer.http);
-            let answer = self.client.get(url).send().await.ok()?;
-            let reach: PeerReach = answer.error_for_status().ok()?.json().await.ok()?;
-            Some(
-                reach
-                    .store_reached_ms_ago
-                    .is_some_and(|ago| Duration::from_millis(ago) < healthy),
-            )
+    /// Asks every peer in `live` but `me` at once which of `shards`' lease
+    /// keys, and (with `members`) the live set's key, it reaches.
+    pub async fn ask(
+        &self,
+        me: &str,
+        live: &[NodeInfo],
+        shards: &[ShardId],
+        members: bool,
+    ) -> PeersSay {
+        let list: Vec<String> = shards
+            .iter()
+            .take(MAX_ASKED)
+            .map(|s| s.to_string())
+            .collect();
+        let query = format!("shards={}&members={members}", list.join(","));
+        let asked = live.iter().filter(|n| n.id != me).map(|peer| {
+            let url = format!("{}://{}/v1/cluster/reach?{query}", self.scheme, peer.http);
+            async move {
+                let answer = self.client.get(url).send().await.ok()?;
+                answer
+                    .error_for_status()
+                    .ok()?
+                    .json::<PeerReach>()
+                    .await
+                    .ok()
+            }
         });
-        let answers: Vec<bool> = join_all(asked).await.into_iter().flatten().collect();
-        if answers.iter().any(|&reached| reached) {
-            PeersSay::Reached
-        } else if answers.is_empty() {
-            PeersSay::Silent
-        } else {
-            PeersSay::NotReached
+        let mut said = PeersSay::default();
+        for reach in join_all(asked).await.into_iter().flatten() {
+            said.answered += 1;
+            said.members |= reach.members;
+            said.shards.extend(
+                reach
+                    .shards
+                    .iter()
+                    .filter_map(|s| s.parse::<ShardId>().ok()),
+            );
         }
+        said
     }
 }
 
-/// How recently a node that reaches the store has renewed: it renews every
-/// `renew_interval`. A store stalled for everyone leaves every peer at
-/// least `lease_ttl − renew_interval` behind by the deadline, which the
-/// configuration keeps past this (`lease_ttl ≥ 3 × renew_interval`).
-pub fn healthy(renew_interval: Duration) -> Duration {
-    renew_interval + renew_interval / 4
+/// When renewals of a key count as late, and the peers are asked.
+pub fn late_after(renew_interval: Duration) -> Duration {
+    renew_interval + renew_interval / 2
 }
 
-/// The last moment this node may serve its shards, having last reached
-/// the store at `reached`.
-pub fn deadline(reached: Instant, lease_ttl: Duration, renew_interval: Duration) -> Instant {
-    reached + lease_ttl.saturating_sub(renew_interval / 2)
+/// The last moment this node may serve what it last renewed at `renewed`.
+pub fn deadline(renewed: Instant, lease_ttl: Duration, renew_interval: Duration) -> Instant {
+    renewed + lease_ttl.saturating_sub(renew_interval / 2)
 }
 
 #[cfg(test)]
@@ -120,16 +150,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_peer_renewing_on_time_reaches_the_store_and_one_stalled_with_us_does_not() {
+    fn peers_are_asked_before_the_deadline_and_the_deadline_is_before_the_lease_ends() {
         let (ttl, renew) = (Duration::from_millis(1500), Duration::from_millis(500));
-        let reached = Instant::now();
-        let at_deadline = deadline(reached, ttl, renew) - reached;
-        assert_eq!(at_deadline, Duration::from_millis(1250));
-        // A peer that renewed up to one interval after us, then stalled
-        // with the store, is this far behind at our deadline.
-        let stalled_peer = at_deadline - renew;
-        assert!(stalled_peer >= healthy(renew));
-        // A peer renewing on time is never further behind than an interval.
-        assert!(renew < healthy(renew));
+        let renewed = Instant::now();
+        let deadline = deadline(renewed, ttl, renew);
+        assert!(renewed + late_after(renew) < deadline);
+        assert!(deadline < renewed + ttl);
+    }
+
+    #[test]
+    fn a_key_is_cut_off_when_a_peer_reaches_it_or_no_peer_answers() {
+        let silent = PeersSay::default();
+        assert!(silent.cut_from(false));
+        let answered = PeersSay {
+            answered: 2,
+            ..PeersSay::default()
+        };
+        assert!(!answered.cut_from(false));
+        assert!(answered.cut_from(true));
     }
 }

@@ -33,7 +33,7 @@ use axum::{
 };
 use hexfleet_model::{CellModel, Position, ShardId, VehicleId, VehicleState, MAX_INDEXED_LAT};
 use hexfleet_protocol::Role;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -251,18 +251,40 @@ struct NearbyAnswer {
     vehicles: Vec<NearbyItem>,
 }
 
-/// Whether this node reaches its store, for a peer whose own renewals are
-/// late.
+/// Which of the shards' lease keys (and the live set's key) this node
+/// reaches, for a peer whose own renewals are late.
+#[derive(Deserialize)]
+struct ReachQuery {
+    #[serde(default)]
+    shards: String,
+    #[serde(default)]
+    members: bool,
+}
+
 async fn reach(
     State(api): State<Api>,
+    Query(q): Query<ReachQuery>,
 ) -> Result<Json<hexfleet_protocol::bus::PeerReach>, ApiError> {
-    match &api.cluster {
-        Some(cluster) => Ok(Json(cluster.reach())),
-        None => Err(ApiError::new(
+    let Some(cluster) = &api.cluster else {
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "this node is not in a cluster",
-        )),
+        ));
+    };
+    let mut shards = Vec::new();
+    for s in q.shards.split(',').filter(|s| !s.is_empty()) {
+        let shard = s
+            .parse::<ShardId>()
+            .map_err(|e| ApiError::bad_request(format!("shard {s:?}: {e}")))?;
+        shards.push(shard);
     }
+    if shards.len() > crate::cluster::reach::MAX_ASKED {
+        return Err(ApiError::bad_request(format!(
+            "at most {} shards at once",
+            crate::cluster::reach::MAX_ASKED
+        )));
+    }
+    Ok(Json(cluster.reach(&shards, q.members).await))
 }
 
 /// Reads a required or optional numeric parameter with a clear complaint.

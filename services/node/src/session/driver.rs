@@ -191,6 +191,10 @@ async fn go_offline(ctx: &Context, id: &VehicleId) {
     ctx.ingest.sign_off(id, RemoveReason::Offline);
 }
 
+/// How long a `Goodbye` waits for its removal to be written before the
+/// driver is told to say it through another node.
+const GOODBYE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 struct DriverSession<'a> {
     conn: &'a Peer,
     ctx: &'a Context,
@@ -339,7 +343,7 @@ impl<'a> DriverSession<'a> {
                         self.ctx.ingest.report(&self.id, report, clock::now_ms());
                     }
                     ClientMsg::Goodbye => {
-                        self.ctx.ingest.sign_off(&self.id, RemoveReason::Offline);
+                        self.sign_off_kept().await?;
                         // The last word on what was accepted, received
                         // before the close (which discards unsent data).
                         let _ = tokio::time::timeout(ERROR_FRAME_GRACE, async {
@@ -509,6 +513,33 @@ impl<'a> DriverSession<'a> {
         Ok(())
     }
 
+    /// Signs the vehicle off for good: held here, it goes as ever; not held
+    /// (the driver came from another node and sent no fix here yet), its
+    /// stored copy goes (a tombstone if another node holds that shard).
+    /// Confirmed only once the removal is in the store: a node that cannot
+    /// write it (cut from Redis) tells the driver to say it elsewhere.
+    async fn sign_off_kept(&mut self) -> Result<(), Stop> {
+        let reason = RemoveReason::Offline;
+        let shard = self.ctx.ingest.sign_off(&self.id, reason).or_else(|| {
+            let (shard, version) = self.stored_at.take()?;
+            let writer = &self.ctx.ingest.writer;
+            writer.stage_removal_of(shard, self.id.clone(), version, Some(reason));
+            Some(shard)
+        });
+        let Some(shard) = shard else {
+            return Ok(());
+        };
+        let written = self.ctx.ingest.writer.written(shard, || true);
+        match tokio::time::timeout(GOODBYE_WRITE_WAIT, written).await {
+            Ok(true) => Ok(()),
+            _ => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                "the sign-off could not be written here; say goodbye through another node",
+            )
+            .into()),
+        }
+    }
+
     /// Where a valid fix belongs (see the module notes on hysteresis).
     fn route(&mut self, cluster: &Cluster, placed: Placed, valid: &ValidFix) -> Route {
         if cluster.owns(placed.shard) {
@@ -543,11 +574,6 @@ impl<'a> DriverSession<'a> {
             return Ok(());
         }
         self.ownership_seen = changes;
-        if cluster.is_cut_off() {
-            // This node serves nothing now: the driver goes at once, to a
-            // node that can keep what it sends.
-            return self.leave(cluster, Route::Unavailable, false).await;
-        }
         let Some(entry) = self.ctx.ingest.table.get(&self.id) else {
             return Ok(());
         };

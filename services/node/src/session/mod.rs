@@ -177,7 +177,7 @@ fn common_sources<'s, E: Send + 's>(
     shutting_down: E,
 ) -> Vec<Source<'s, E>> {
     let shutdown = ctx.shutdown.clone().cancelled_owned();
-    vec![
+    let mut sources: Vec<Source<'s, E>> = vec![
         Box::pin(stream::unfold(rx, move |rx| async move {
             let msg = next_message(rx).await;
             Some((control(msg), rx))
@@ -187,7 +187,25 @@ fn common_sources<'s, E: Send + 's>(
             shutdown.await;
             shutting_down
         })),
-    ]
+    ];
+    if let Some(cluster) = ctx.cluster.clone() {
+        // A node cut from its store serves no one: what it shows is
+        // frozen, and what it is sent cannot be kept. Its clients go to
+        // another node (their SDK reconnects through the seeds).
+        let mut changes = cluster.watch_changes();
+        sources.push(Box::pin(stream::once(async move {
+            while !cluster.is_cut_off() {
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            expired(Refusal::new(
+                ErrorCode::Unavailable,
+                "this node cannot reach its store; connect to another node",
+            ))
+        })));
+    }
+    sources
 }
 
 /// Decrements the open-connections gauge however the session ends.

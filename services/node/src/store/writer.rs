@@ -443,10 +443,13 @@ impl StoreWriter {
                 )
                 .instrument(span)
                 .await;
+            // Removals waiting to be left as tombstones are not in the
+            // store yet either.
             *self.unwritten.lock() = pending
                 .keys()
                 .map(|(shard, _)| *shard)
                 .chain(events.keys().copied())
+                .chain(tombs.keys().copied())
                 .collect();
             self.flushes.send_modify(|n| *n += 1);
             if asked {
