@@ -2095,6 +2095,7 @@ async fn a_node_cut_from_redis_stops_serving_before_its_shards_can_be_taken_and_
         },
     )
     .await;
+    peers_are_answered_within_bounds(other, shard).await;
 
     relay.cut();
     let cut_at = Instant::now();
@@ -2162,6 +2163,53 @@ async fn a_node_cut_from_redis_stops_serving_before_its_shards_can_be_taken_and_
         healed.elapsed().as_millis()
     );
     stop.cancel();
+}
+
+/// What a node answers a peer asking which keys it reaches: a question
+/// needs no token, so it costs a bounded amount: only shards a live node
+/// announces are looked at, at most 256 at a time, and nonsense is
+/// refused with a reason.
+async fn peers_are_answered_within_bounds(node: &Node, announced: ShardId) {
+    let ask = |query: String| async move {
+        let url = format!("http://{}/v1/cluster/reach?{query}", node.http);
+        let answer = reqwest::get(url).await.unwrap();
+        let status = answer.status().as_u16();
+        (
+            status,
+            answer.json::<serde_json::Value>().await.unwrap_or_default(),
+        )
+    };
+    // Announced by the node holding it.
+    let unannounced = announced
+        .0
+        .grid_disk::<Vec<_>>(40)
+        .into_iter()
+        .last()
+        .map(ShardId)
+        .unwrap();
+    let (status, body) = eventually(WAIT, "the held shard announced", async || {
+        let (status, body) = ask(format!("shards={announced},{unannounced}&members=true")).await;
+        (body["shards"].as_array().is_some_and(|a| !a.is_empty())).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["members"], true, "{body}");
+    assert_eq!(
+        body["shards"],
+        serde_json::json!([announced.to_string()]),
+        "{body}"
+    );
+    let (status, body) = ask("shards=nonsense".into()).await;
+    assert_eq!(status, 400, "{body}");
+    let many: Vec<String> = announced
+        .0
+        .grid_disk::<Vec<_>>(10)
+        .into_iter()
+        .take(257)
+        .map(|c| c.to_string())
+        .collect();
+    let (status, body) = ask(format!("shards={}", many.join(","))).await;
+    assert_eq!(status, 400, "{body}");
 }
 
 /// A shard `node` owns near the centre, and its centre.

@@ -138,6 +138,8 @@ pub struct Cluster {
     /// not: it serves nothing (see [`reach`]).
     cut_off: AtomicBool,
     peers: reach::Peers,
+    /// Peers' reach questions answered at once, at most.
+    reach_slots: tokio::sync::Semaphore,
     store: Arc<dyn Store>,
     writer: Arc<StoreWriter>,
     ingest: Arc<Ingest>,
@@ -194,6 +196,7 @@ impl Cluster {
             renewed: Mutex::default(),
             cut_off: AtomicBool::new(false),
             peers,
+            reach_slots: tokio::sync::Semaphore::new(reach::ANSWERED_AT_ONCE),
             store,
             writer,
             ingest,
@@ -257,15 +260,31 @@ impl Cluster {
     }
 
     /// What this node tells a peer asking which of `shards`' lease keys,
-    /// and (with `members`) the live set's key, it reaches now.
+    /// and (with `members`) the live set's key, it reaches now. The question
+    /// needs no token, so what it costs is bounded: only shards some live
+    /// node announces are looked at (others are answered unreached), and a
+    /// few questions at a time (`None`: too many now).
     pub async fn reach(
         &self,
         shards: &[ShardId],
         members: bool,
-    ) -> hexfleet_protocol::bus::PeerReach {
+    ) -> Option<hexfleet_protocol::bus::PeerReach> {
+        let _slot = self.reach_slots.try_acquire().ok()?;
+        let announced: HashSet<String> = self
+            .live
+            .read()
+            .nodes
+            .values()
+            .flat_map(|n| n.shards.iter().cloned())
+            .collect();
+        let shards: Vec<ShardId> = shards
+            .iter()
+            .copied()
+            .filter(|s| announced.contains(&s.to_string()))
+            .collect();
         // Well within the asking peer's patience (a quarter interval).
         let within = self.config.renew_interval / 8;
-        self.reach_within(shards, members, within, false).await
+        Some(self.reach_within(&shards, members, within, false).await)
     }
 
     /// Which of the keys this node reaches within `within`. `any_answer`:

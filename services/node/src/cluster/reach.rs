@@ -35,6 +35,11 @@ use hexfleet_protocol::bus::{NodeInfo, PeerReach};
 /// At most this many shards are asked about (or answered for) at once.
 pub const MAX_ASKED: usize = 256;
 
+/// At most this many peers' questions are answered at once; more are
+/// refused (429): a node asks each peer once a quarter interval, and only
+/// while its renewals are late.
+pub const ANSWERED_AT_ONCE: usize = 8;
+
 /// What the peers said about the keys asked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeersSay {

@@ -284,7 +284,13 @@ async fn reach(
             crate::cluster::reach::MAX_ASKED
         )));
     }
-    Ok(Json(cluster.reach(&shards, q.members).await))
+    match cluster.reach(&shards, q.members).await {
+        Some(reach) => Ok(Json(reach)),
+        None => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many reach questions at once; ask again shortly",
+        )),
+    }
 }
 
 /// Reads a required or optional numeric parameter with a clear complaint.
