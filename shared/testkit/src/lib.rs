@@ -277,10 +277,7 @@ impl RedisCluster {
         self.servers
             .iter()
             .filter(|s| {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query(&mut s.conn())
-                    .unwrap_or_default();
+                let info = replication(s);
                 info.contains("role:slave") && info.contains("master_link_status:up")
             })
             .count()
@@ -290,16 +287,29 @@ impl RedisCluster {
     pub fn masters(&mut self) -> Vec<&mut RedisServer> {
         self.servers
             .iter_mut()
-            .filter(|s| {
-                s.child.is_some() && {
-                    let info: String = redis::cmd("INFO")
-                        .arg("replication")
-                        .query(&mut s.conn())
-                        .unwrap_or_default();
-                    info.contains("role:master")
-                }
-            })
+            .filter(|s| s.child.is_some() && replication(s).contains("role:master"))
             .collect()
+    }
+
+    /// Asks a replica to take its master's place (`CLUSTER FAILOVER`, the
+    /// operator's planned switch-over); returns its port.
+    pub fn fail_over(&mut self) -> Option<u16> {
+        let replica = self
+            .servers
+            .iter()
+            .find(|s| s.child.is_some() && replication(s).contains("role:slave"))?;
+        redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query::<()>(&mut replica.conn())
+            .ok()?;
+        Some(replica.port)
+    }
+
+    /// Whether the server on `port` is a master now.
+    pub fn is_master(&self, port: u16) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.port == port && s.child.is_some() && replication(s).contains("role:master"))
     }
 
     /// Whether every live server says every slot is served (after a
@@ -322,6 +332,14 @@ impl RedisCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// A server's `INFO replication` (empty if it does not answer).
+fn replication(server: &RedisServer) -> String {
+    redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut server.conn())
+        .unwrap_or_default()
 }
 
 impl Drop for RedisServer {

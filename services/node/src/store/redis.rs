@@ -19,7 +19,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::LazyLock,
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
@@ -214,7 +214,63 @@ static SNAPSHOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SNAPSHOT
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<HealingCluster>),
+}
+
+/// A Redis Cluster connection made again when it stops answering. After a
+/// planned `CLUSTER FAILOVER` the client's slot refresh can wedge, every
+/// command then timing out while the cluster itself is fine (seen here in
+/// about one run in four of `a_manual_redis_cluster_failover_…`): a few
+/// timeouts in a row and a new connection replaces it.
+pub struct HealingCluster {
+    client: redis::cluster::ClusterClient,
+    conn: parking_lot::RwLock<ClusterConnection>,
+    timeouts_in_a_row: std::sync::atomic::AtomicU32,
+    remaking: std::sync::atomic::AtomicBool,
+}
+
+/// Timeouts in a row after which a cluster connection is made again.
+const WEDGED_AFTER: u32 = 3;
+
+impl HealingCluster {
+    fn current(&self) -> ClusterConnection {
+        self.conn.read().clone()
+    }
+
+    /// Counts timeouts in a row; past [`WEDGED_AFTER`], makes the
+    /// connection again (once at a time, in the background).
+    fn observe<T>(self: &Arc<Self>, result: &redis::RedisResult<T>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match result {
+            Err(e) if e.is_timeout() => {
+                let n = self.timeouts_in_a_row.fetch_add(1, Relaxed) + 1;
+                if n >= WEDGED_AFTER && !self.remaking.swap(true, Relaxed) {
+                    tokio::spawn(self.clone().remake());
+                }
+            }
+            Ok(_) => self.timeouts_in_a_row.store(0, Relaxed),
+            Err(_) => {}
+        }
+    }
+
+    async fn remake(self: Arc<Self>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let made = tokio::time::timeout(RESPONSE_TIMEOUT, self.client.get_async_connection()).await;
+        match made {
+            Ok(Ok(conn)) => {
+                *self.conn.write() = conn;
+                self.timeouts_in_a_row.store(0, Relaxed);
+                tracing::warn!("the Redis Cluster connection stopped answering; made it again");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "making the Redis Cluster connection again; trying later")
+            }
+            Err(_) => {
+                tracing::warn!("making the Redis Cluster connection again timed out; trying later")
+            }
+        }
+        self.remaking.store(false, Relaxed);
+    }
 }
 
 impl Conn {
@@ -225,7 +281,11 @@ impl Conn {
     ) -> redis::RedisResult<T> {
         match self {
             Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
-            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(h) => {
+                let result = invocation.invoke_async(&mut h.current()).await;
+                h.observe(&result);
+                result
+            }
         }
     }
 
@@ -236,14 +296,22 @@ impl Conn {
     pub async fn query<T: FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
         match self {
             Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(h) => {
+                let result = pipe.query_async(&mut h.current()).await;
+                h.observe(&result);
+                result
+            }
         }
     }
 
     pub async fn cmd<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
             Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(h) => {
+                let result = cmd.query_async(&mut h.current()).await;
+                h.observe(&result);
+                result
+            }
         }
     }
 }
@@ -292,7 +360,12 @@ impl RedisStore {
             .max_retry_wait(200)
             .build()?;
         let conn = client.get_async_connection().await?;
-        Ok(Self::with(Conn::Cluster(conn)))
+        Ok(Self::with(Conn::Cluster(Arc::new(HealingCluster {
+            client,
+            conn: parking_lot::RwLock::new(conn),
+            timeouts_in_a_row: Default::default(),
+            remaking: Default::default(),
+        }))))
     }
 
     fn with(conn: Conn) -> Self {
