@@ -427,9 +427,7 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = renew.tick() => {
-                    self.renew_leases().await;
-                }
+                _ = renew.tick() => self.renew_leases().await,
                 _ = self.wake.notified() => self.check_suspects().await,
             }
         }
@@ -630,9 +628,8 @@ impl Cluster {
     }
 
     /// Renews every lease held; steps down from those lost, and applies
-    /// the tombstones other nodes left for the others. Returns whether the
-    /// store answered every renewal.
-    async fn renew_leases(self: &Arc<Self>) -> bool {
+    /// the tombstones other nodes left for the others.
+    async fn renew_leases(self: &Arc<Self>) {
         let ttl = self.config.lease_ttl;
         let holdings: Vec<(ShardId, Holding)> = self
             .holdings
@@ -652,7 +649,6 @@ impl Cluster {
             result
         }))
         .await;
-        let answered = renewed.iter().all(Result::is_ok);
         for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
             if let Ok((_, true)) = result {
                 self.apply_tombstones(shard).await;
@@ -670,7 +666,6 @@ impl Cluster {
                 Err(e) => tracing::warn!(%shard, error = %e, "renewing a shard lease"),
             }
         }
-        answered
     }
 
     /// After the live set changed: gives up the shards that moved away, and

@@ -642,7 +642,8 @@ impl<'a> DriverSession<'a> {
     /// At most one `Ack` per `ack_interval` (rejections within a second): at
     /// once if the last one is that old, else when the interval is up; a
     /// rejection brings a later one closer. Fixes accepted and not written
-    /// yet are looked at again an interval later. An `AckNow` is answered
+    /// yet are looked at again when an `Ack` would be due, a flush later at
+    /// the soonest and less often the longer they wait. An `AckNow` is answered
     /// as soon as what it asked about is written, or after
     /// [`ACK_NOW_WAIT`] with what is.
     fn ack_due(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {

@@ -358,8 +358,9 @@ pub struct ZoneChanges {
 
 /// Each vehicle once, as its newest state (highest sequence, then last
 /// heard): a read over several shards can meet a vehicle twice, in the
-/// shard it left and the one it went to, when a node died between the two
-/// writes.
+/// shard it left and the one it went to: for a moment at every crossing
+/// into another node's shard (the old copy stays until the new node has
+/// written it), and when a node died between the two writes.
 pub(crate) fn each_vehicle_once(found: impl IntoIterator<Item = Nearby>) -> Vec<Nearby> {
     let mut newest: HashMap<VehicleId, Nearby> = HashMap::new();
     for n in found {
