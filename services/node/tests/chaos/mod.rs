@@ -224,8 +224,8 @@ pub async fn run(s: Scenario) -> Report {
     let meeting = meeting_point(&cluster);
     let began = Instant::now();
     let gone: Arc<Mutex<HashSet<String>>> = Arc::default();
-    // What each driver's client last said (CHAOS_TRACE): its node, its
-    // reconnects, its last send's error, its acknowledged and next seq.
+    // What each driver's client last said: its node, its reconnects, its
+    // last send's error, its acknowledged and next seq.
     let client_side: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut routes: Vec<(String, Route)> = Vec::new();
     let stop = CancellationToken::new();
@@ -430,9 +430,16 @@ pub async fn run(s: Scenario) -> Report {
             } else {
                 "driving"
             };
+            let nodes: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| format!("{}={}", n.id, n.quic))
+                .collect();
             println!(
-                "  worst: rider {rider}, {id} ({state}): {} ms",
-                d.as_millis()
+                "  worst: rider {rider}, {id} ({state}): {} ms; its client: {} (nodes {})",
+                d.as_millis(),
+                client_side.lock().get(id).map_or("-", String::as_str),
+                nodes.join(" ")
             );
         }
     }
