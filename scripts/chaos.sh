@@ -15,7 +15,8 @@
 # signing off meanwhile). Defaults: 300 drivers, 8 s, a fix a second.
 #
 # CHAOS_TRACE=1 prints every rider's count of wrong vehicles every 100 ms
-# for the first 4 s of the fault. The suite runs the same scenarios small
+# for the first 4 s of the fault; CHAOS_NODE_LOGS=FILE keeps the nodes'
+# logs there (NODE_LOG sets their RUST_LOG). The suite runs the same scenarios small
 # (cluster.rs, chaos_*_small).
 set -euo pipefail
 cd "$(dirname "$0")/.."

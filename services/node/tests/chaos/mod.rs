@@ -579,8 +579,8 @@ pub async fn run(s: Scenario) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.cancel();
-    if std::env::var("CHAOS_TRACE").is_ok() {
-        let _ = std::fs::write("/tmp/chaos-nodes.log", cluster.logs());
+    if let Ok(path) = std::env::var("CHAOS_NODE_LOGS") {
+        let _ = std::fs::write(path, cluster.logs());
     }
     println!(
         "chaos {:?} ({} holding {:.0}% of the fleet): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
