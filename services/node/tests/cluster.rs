@@ -2064,12 +2064,7 @@ async fn drivers_signing_off_during_a_redis_stall_past_the_lease_leave_no_ghost(
 /// Redis, the API and every rider's view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removals_a_node_cut_from_redis_could_not_write_reach_the_shards_new_owner() {
-    let redis = RedisServer::start();
-    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
-    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
-    let urls = HashMap::from([("n0".to_string(), format!("redis://{}", relay.addr()))]);
-    let grace = Duration::from_secs(10);
-    let cluster = Cluster::start_reaching("redis", redis.url(), urls, 2, false, grace).await;
+    let (redis, relay, cluster) = two_nodes_n0_through_a_relay().await;
     let cut = cluster.by_id("n0");
     let other = cluster.by_id("n1");
     let (shard, spot) = owned_near_centre(&cluster, cut);
@@ -2125,12 +2120,7 @@ async fn removals_a_node_cut_from_redis_could_not_write_reach_the_shards_new_own
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_from_redis_stops_serving_before_its_shards_can_be_taken_and_acknowledges_only_what_it_wrote(
 ) {
-    let redis = RedisServer::start();
-    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
-    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
-    let urls = HashMap::from([("n0".to_string(), format!("redis://{}", relay.addr()))]);
-    let grace = Duration::from_secs(10);
-    let cluster = Cluster::start_reaching("redis", redis.url(), urls, 2, false, grace).await;
+    let (redis, relay, cluster) = two_nodes_n0_through_a_relay().await;
     let (cut, other) = (cluster.by_id("n0"), cluster.by_id("n1"));
     let (shard, spot) = owned_near_centre(&cluster, cut);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -2275,6 +2265,18 @@ async fn peers_are_answered_within_bounds(node: &Node, announced: ShardId) {
         .collect();
     let (status, body) = ask(format!("shards={}", many.join(","))).await;
     assert_eq!(status, 400, "{body}");
+}
+
+/// Two nodes on a private Redis, the first (`n0`) reaching it through a
+/// relay that can be cut while its clients still reach it.
+async fn two_nodes_n0_through_a_relay() -> (RedisServer, hexfleet_testkit::TcpRelay, Cluster) {
+    let redis = RedisServer::start();
+    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
+    let urls = HashMap::from([("n0".to_string(), format!("redis://{}", relay.addr()))]);
+    let grace = Duration::from_secs(10);
+    let cluster = Cluster::start_reaching("redis", redis.url(), urls, 2, false, grace).await;
+    (redis, relay, cluster)
 }
 
 /// A shard `node` owns near the centre, and its centre.
