@@ -304,13 +304,7 @@ impl Cluster {
             let exists = self.conn.cmd::<bool>(&cmd);
             match tokio::time::timeout(within, exists).await {
                 Ok(Ok(_)) => true,
-                Ok(Err(e)) => {
-                    any_answer
-                        && !(e.is_io_error()
-                            || e.is_timeout()
-                            || e.is_connection_dropped()
-                            || e.is_connection_refusal())
-                }
+                Ok(Err(e)) => any_answer && !crate::store::unanswered(&e),
                 Err(_) => false,
             }
         };

@@ -200,10 +200,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Redis(e) => {
-                e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
+                unanswered(e)
                     || e.is_cluster_error()
                     || matches!(
                         e.kind(),
@@ -215,6 +212,12 @@ impl StoreError {
             Self::Corrupt { .. } | Self::Encode(_) | Self::Bus(_) => false,
         }
     }
+}
+
+/// Whether Redis gave no answer at all (unreachable, dropped, timed out),
+/// rather than an error reply: a node that gets a reply talks to Redis.
+pub fn unanswered(e: &::redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
 #[async_trait]
