@@ -55,6 +55,7 @@ pub struct Metrics {
     pub sessions_redirected: Counter,
     pub handoffs: Counter,
     pub cluster_nodes: Gauge,
+    pub cluster_silent: Gauge,
     pub shards_held: Gauge,
     pub shards_taken_over: Counter,
     pub shards_released: Counter,
@@ -260,6 +261,12 @@ impl Metrics {
                 Counter::default(),
             ),
             cluster_nodes: registered(&mut r, "cluster_nodes", "Live nodes this node sees", Gauge::default()),
+            cluster_silent: registered(
+                &mut r,
+                "cluster_silent_nodes",
+                "Live nodes that have not renewed their membership for 1.5 renewal intervals while this node has: their shards' drivers go to their successors",
+                Gauge::default(),
+            ),
             shards_held: registered(&mut r, "shards_held", "Shard leases this node holds", Gauge::default()),
             shards_taken_over: registered(
                 &mut r,

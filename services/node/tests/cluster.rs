@@ -130,6 +130,8 @@ struct Cluster {
     redis_url_of: HashMap<String, String>,
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
+    /// The nodes' shard and membership lease.
+    lease_ttl: Duration,
 }
 
 /// One cluster at a time: each is several processes, and two cores shared
@@ -168,7 +170,7 @@ impl Cluster {
         offline_grace: Duration,
     ) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             _turn: turn,
             https,
             offline_grace,
@@ -177,7 +179,33 @@ impl Cluster {
             redis_url_of,
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
+            lease_ttl: Duration::from_millis(1500),
         };
+        cluster.launch(count).await
+    }
+
+    /// Nodes on one Redis whose leases last `lease_ttl` (renewed every
+    /// 500 ms, as everywhere here).
+    async fn start_leasing(redis_url: String, count: usize, lease_ttl: Duration) -> Self {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let cluster = Cluster {
+            _turn: turn,
+            https: false,
+            offline_grace: Duration::from_secs(10),
+            store: "redis".into(),
+            redis_url,
+            redis_url_of: HashMap::new(),
+            dir: tempfile::tempdir().unwrap(),
+            nodes: Vec::new(),
+            lease_ttl,
+        };
+        cluster.launch(count).await
+    }
+
+    /// Starts `count` nodes, one after the other, and waits until each sees
+    /// them all.
+    async fn launch(mut self, count: usize) -> Self {
+        let cluster = &mut self;
         for i in 0..count {
             // The first writes the shared certificate; the others reuse it.
             let node = cluster.spawn(&format!("n{i}")).await;
@@ -185,7 +213,7 @@ impl Cluster {
             cluster.nodes.push(node);
         }
         cluster.converged(count).await;
-        cluster
+        self
     }
 
     /// Starts node `id` on ports it chooses itself, and learns them.
@@ -212,11 +240,12 @@ impl Cluster {
                  [cells]\nshard_res = {SHARD_RES}\n\
                  [ingest]\nack_interval = \"100ms\"\noffline_grace = \"{}ms\"\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
-                 [cluster]\nenabled = true\nlease_ttl = \"1500ms\"\nrenew_interval = \"500ms\"\n",
+                 [cluster]\nenabled = true\nlease_ttl = \"{}ms\"\nrenew_interval = \"500ms\"\n",
                 self.https,
                 self.offline_grace.as_millis(),
                 self.store,
-                self.redis_url_of.get(id).unwrap_or(&self.redis_url)
+                self.redis_url_of.get(id).unwrap_or(&self.redis_url),
+                self.lease_ttl.as_millis()
             ),
         )
         .unwrap();
@@ -290,6 +319,7 @@ impl Cluster {
                     (n.id.clone(), info)
                 })
                 .collect(),
+            silent: Default::default(),
         }
     }
 
@@ -323,8 +353,10 @@ async fn api_json(url: String) -> Option<serde_json::Value> {
 async fn live_set(http: SocketAddr) -> Option<LiveSet> {
     let body = api_json(format!("http://{http}/v1/cluster")).await?;
     let nodes: Vec<NodeInfo> = serde_json::from_value(body["nodes"].clone()).ok()?;
+    let silent = serde_json::from_value(body["silent"].clone()).unwrap_or_default();
     Some(LiveSet {
         nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
+        silent,
     })
 }
 
@@ -1038,6 +1070,186 @@ async fn a_driver_back_through_another_node_within_its_grace_is_not_signed_off_b
     seen.extend(backend.read().await);
     let entered = ("tunnel".into(), "entered".into(), "moved".into());
     assert_eq!(seen, [entered], "one entry, no exit");
+}
+
+/// A driver creeping east from a shard's centre, one step per fix every
+/// 200 ms, through `via` (then wherever it is sent); `step` is how far it is.
+fn creeping(
+    client: DriverClient,
+    from: (f64, f64),
+    stop: &tokio_util::sync::CancellationToken,
+) -> Arc<std::sync::atomic::AtomicU64> {
+    let step = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (counter, stop) = (step.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut client = client;
+        while !stop.is_cancelled() {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let _ = client
+                .send_fix(FixInput::at(from.0, from.1 + n as f64 * STEP_DEG))
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    step
+}
+
+/// About 70 cm east at the test's latitude.
+const STEP_DEG: f64 = 1e-5;
+
+/// How far east a rider shows `id`, in steps of [`creeping`].
+fn shown_step(r: &RiderClient, id: &str, from: (f64, f64)) -> Option<u64> {
+    let v = r.view().get(&VehicleId::new(id).unwrap())?.clone();
+    Some(((v.lon - from.1) / STEP_DEG).round() as u64)
+}
+
+/// Waits until a rider shows `id` past step `past` of [`creeping`].
+async fn shown_past(r: &RiderClient, id: &str, from: (f64, f64), past: u64) {
+    eventually(WAIT, "the rider sees the driver move on", async || {
+        shown_step(r, id, from).filter(|&s| s > past)
+    })
+    .await;
+}
+
+/// How far east the store holds `id`, in steps of [`creeping`].
+fn stored_step(redis: &RedisServer, id: &str, from: (f64, f64)) -> Option<u64> {
+    let stored = stored(redis, id)?;
+    Some(((stored.lon - from.1) / STEP_DEG).round() as u64)
+}
+
+/// Waits until the store holds `id` past step `past` and within two steps
+/// of where it is; that step and the driver's.
+async fn written_up_to_date(
+    redis: &RedisServer,
+    id: &str,
+    from: (f64, f64),
+    step: &std::sync::atomic::AtomicU64,
+    past: u64,
+) -> (u64, u64) {
+    eventually(WAIT, "the driver's latest is written", async || {
+        let stored = stored_step(redis, id, from)?;
+        let now = step.load(std::sync::atomic::Ordering::SeqCst);
+        (stored > past && now.saturating_sub(stored) <= 2).then_some((stored, now))
+    })
+    .await
+}
+
+/// The lease value of `shard` in Redis (`"<node> <epoch>"`), if any.
+fn lease_of(redis: &RedisServer, shard: ShardId) -> Option<String> {
+    redis::cmd("GET")
+        .arg(keys::lease(shard))
+        .query(&mut redis.conn())
+        .ok()?
+}
+
+/// Item 10 of the faults issue, and its false alarm. A node that stops
+/// renewing is *silent* to the others after 1.5 renewal intervals, long
+/// before its lease runs out (8 s here, so "before" is unmistakable): its
+/// drivers, reconnecting elsewhere, go to the node that will own its shard,
+/// which serves them at once from memory and writes them once it holds the
+/// lease. A node that was only slow (frozen for less than its lease) keeps
+/// its shard, and gets its drivers back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nodes_drivers_are_served_by_its_successor_before_its_lease_runs_out() {
+    let redis = RedisServer::start();
+    let lease = Duration::from_secs(8);
+    let mut cluster = Cluster::start_leasing(redis.url(), 3, lease).await;
+    let victim = cluster.nodes[0].id.clone();
+    let (shard, from) = owned_near_centre(&cluster, &cluster.nodes[0]);
+    let mut without = cluster.live();
+    without.silent.insert(victim.clone());
+    let successor_id = without.owner(shard).unwrap().id.clone();
+    let successor = cluster.by_id(&successor_id);
+    let sub = Subscription::around(from.0, from.1, 500.0);
+    let watching = rider(&cluster, successor, "watching", sub).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let id = "creeper";
+    let client = driver(&cluster, cluster.nodes[0].quic, id).await;
+    let step = creeping(client, from, &stop);
+    lease_held_by(&redis, shard, &victim).await;
+    let held = lease_of(&redis, shard).unwrap();
+    eventually(WAIT, "the rider sees the driver", async || {
+        shown_step(&watching, id, from).filter(|&s| s > 0)
+    })
+    .await;
+
+    // A false alarm: frozen for less than its lease.
+    let victim_node = cluster.by_id(&victim);
+    let released = victim_node.metric("hexfleet_shards_released_total").await;
+    victim_node.signal(Signal::STOP);
+    let frozen = Instant::now();
+    let at_freeze = step.load(std::sync::atomic::Ordering::SeqCst);
+    eventually(WAIT, "the others see the frozen node silent", async || {
+        live_set(successor.http)
+            .await?
+            .silent
+            .contains(&victim)
+            .then_some(())
+    })
+    .await;
+    let silent_after = frozen.elapsed();
+    shown_past(&watching, id, from, at_freeze + 2).await;
+    let served_after = frozen.elapsed();
+    assert_eq!(
+        lease_of(&redis, shard).as_deref(),
+        Some(held.as_str()),
+        "the lease stayed the frozen node's"
+    );
+    victim_node.signal(Signal::CONT);
+    eventually(WAIT, "the node is not silent once it renews", async || {
+        let live = live_set(successor.http).await?;
+        (!live.silent.contains(&victim)).then_some(())
+    })
+    .await;
+    let (store_at, truth) = written_up_to_date(&redis, id, from, &step, 0).await;
+    assert_eq!(
+        lease_of(&redis, shard).as_deref(),
+        Some(held.as_str()),
+        "the slow node kept its lease throughout"
+    );
+    assert_eq!(
+        victim_node.metric("hexfleet_shards_released_total").await,
+        released,
+        "the slow node gave nothing up"
+    );
+    assert_eq!(
+        nearby_ids(successor, from, 300.0).await.unwrap(),
+        vec![id.to_string()],
+        "listed once"
+    );
+    println!(
+        "false alarm: silent {} ms into a freeze, its driver served by the successor {} ms in; back on its node, stored at step {store_at} of {truth}",
+        silent_after.as_millis(),
+        served_after.as_millis()
+    );
+
+    // The real thing: killed, with 8 s left on its lease.
+    let index = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
+    let mut dead = cluster.nodes.remove(index);
+    let at_kill = step.load(std::sync::atomic::Ordering::SeqCst);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    let killed = Instant::now();
+    let successor = cluster.by_id(&successor_id);
+    shown_past(&watching, id, from, at_kill + 2).await;
+    let served_after = killed.elapsed();
+    assert!(
+        lease_of(&redis, shard).is_some_and(|v| v.starts_with(&format!("{victim} "))),
+        "served while the dead node's lease stood"
+    );
+    assert!(
+        served_after < lease,
+        "served {served_after:?} after the kill, not before the lease ran out"
+    );
+    lease_held_by(&redis, shard, &successor.id).await;
+    let held_after = killed.elapsed();
+    written_up_to_date(&redis, id, from, &step, at_kill + 2).await;
+    println!(
+        "kill -9: the driver served by the successor {} ms after, its lease taken {} ms after",
+        served_after.as_millis(),
+        held_after.as_millis()
+    );
+    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,10 @@
 //! the shard over the live node ids: every node computes the same owner with
 //! no coordination, and a node joining or leaving moves only its own share.
 
-use std::{collections::BTreeMap, sync::LazyLock};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::LazyLock,
+};
 
 use hexfleet_model::ShardId;
 use hexfleet_protocol::bus::NodeInfo;
@@ -17,8 +20,9 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 use crate::store::{keys, redis::Conn, StoreError};
 
 /// Renews this node's membership and returns whether it was absent (just
-/// joined, or the store lost it), the members' version, then every live
-/// node's id and info; a node joining or expiring bumps the version. When
+/// joined, or the store lost it), the members' version, Redis's time, every
+/// member's expiry (id, score) and then every live node's id and info; a
+/// node joining or expiring bumps the version. When
 /// a live member already uses the id with another instance (a second
 /// process started with the same id, or this one stalled past its TTL and
 /// was replaced), nothing is written and `{'taken', its info}` comes back:
@@ -44,10 +48,11 @@ if joined > 0 or #expired > 0 then
   redis.call('INCR', KEYS[3])
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-local all = redis.call('HGETALL', KEYS[2])
-table.insert(all, 1, tostring(joined))
-table.insert(all, 2, tostring(redis.call('GET', KEYS[3]) or '0'))
-return all
+local scores = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local out = {tostring(joined), tostring(redis.call('GET', KEYS[3]) or '0'), tostring(now), tostring(#scores)}
+for _, v in ipairs(scores) do table.insert(out, v) end
+for _, v in ipairs(redis.call('HGETALL', KEYS[2])) do table.insert(out, v) end
+return out
 "#;
 
 /// Leaves the live set, if this instance is the one in it.
@@ -63,13 +68,32 @@ redis.call('INCR', KEYS[3])
 return 1
 "#;
 
+/// The members' version, Redis's time and every member's expiry (id,
+/// score): a look between renewals at who has renewed since.
+/// KEYS: members, version.
+const LOOK: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {tostring(redis.call('GET', KEYS[2]) or '0'), tostring(now)}
+for _, v in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')) do
+  table.insert(out, v)
+end
+return out
+"#;
+
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+static LOOK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOK));
 static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEAVE));
 
 /// The live nodes, by id.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LiveSet {
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// Members that have not renewed for a while, while this node has: still
+    /// live (their leases run on), but owning nothing new. Their drivers,
+    /// reconnecting elsewhere, go to the node that will own their shards
+    /// once they expire, which takes them into memory at once.
+    pub silent: BTreeSet<String>,
 }
 
 /// What a renewal found.
@@ -81,6 +105,9 @@ pub struct Renewed {
     pub was_absent: bool,
     /// The members' version this live set is as of.
     pub version: u64,
+    /// How long each member's membership runs on, as of the renewal (in
+    /// Redis's clock; negative once lapsed and not yet removed).
+    pub expires_in_ms: BTreeMap<String, i64>,
 }
 
 /// What renewing this node's membership found.
@@ -93,17 +120,25 @@ pub enum Membership {
 }
 
 impl LiveSet {
-    /// The owner of a shard among the live nodes: the node whose id hashes
-    /// highest with it.
+    /// The owner of a shard among the live nodes that are not silent: the
+    /// node whose id hashes highest with it.
     pub fn owner(&self, shard: ShardId) -> Option<&NodeInfo> {
-        self.nodes
-            .values()
+        self.owning()
             .max_by_key(|node| (weight(&node.id, shard), &node.id))
     }
 
-    /// Whether the same nodes are live (their shards may differ).
-    pub fn same_members(&self, other: &LiveSet) -> bool {
-        self.nodes.keys().eq(other.nodes.keys())
+    /// The members that own shards: the live ones not silent.
+    fn owning(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes
+            .values()
+            .filter(|node| !self.silent.contains(&node.id))
+    }
+
+    /// Whether the same nodes own shards (their shards may differ).
+    pub fn same_owners(&self, other: &LiveSet) -> bool {
+        self.owning()
+            .map(|n| &n.id)
+            .eq(other.owning().map(|n| &n.id))
     }
 }
 
@@ -140,10 +175,13 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Membership
             });
         return Ok(Membership::Taken(other));
     }
+    let number = |i: usize| raw.get(i).and_then(|v| v.parse::<i64>().ok());
     let was_absent = raw.first().is_some_and(|joined| joined != "0");
-    let version = raw.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let version = number(1).unwrap_or(0) as u64;
+    let scored = number(3).unwrap_or(0).max(0) as usize;
+    let expires_in_ms = expiries(number(2), raw.get(4..4 + scored));
     let nodes = raw
-        .get(2..)
+        .get(4 + scored..)
         .unwrap_or_default()
         .chunks_exact(2)
         .filter_map(|pair| {
@@ -158,10 +196,51 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Membership
         })
         .collect();
     Ok(Membership::Renewed(Renewed {
-        live: LiveSet { nodes },
+        live: LiveSet {
+            nodes,
+            silent: BTreeSet::new(),
+        },
         was_absent,
         version,
+        expires_in_ms,
     }))
+}
+
+/// Each member's time left, from Redis's time and the members' scores (as
+/// Redis prints doubles).
+fn expiries(now: Option<i64>, scores: Option<&[String]>) -> BTreeMap<String, i64> {
+    let now = now.unwrap_or(0);
+    scores
+        .unwrap_or_default()
+        .chunks_exact(2)
+        .filter_map(|pair| {
+            let expiry = pair[1].parse::<f64>().ok()? as i64;
+            Some((pair[0].clone(), expiry - now))
+        })
+        .collect()
+}
+
+/// What a look between renewals finds.
+#[derive(Debug, Clone)]
+pub struct Look {
+    /// The members' version: it changes whenever a node joins, leaves or
+    /// expires.
+    pub version: u64,
+    /// How long each member's membership runs on (see [`Renewed`]).
+    pub expires_in_ms: BTreeMap<String, i64>,
+}
+
+/// Reads the members' version and how long each membership runs on, in
+/// one step: cheap enough for every acquire tick.
+pub async fn look(conn: &Conn) -> Result<Look, StoreError> {
+    let mut call = LOOK_SCRIPT.prepare_invoke();
+    call.key(keys::MEMBERS).key(keys::MEMBERS_VERSION);
+    let raw: Vec<String> = conn.invoke(&call).await?;
+    let number = |i: usize| raw.get(i).and_then(|v| v.parse::<i64>().ok());
+    Ok(Look {
+        version: number(0).unwrap_or(0) as u64,
+        expires_in_ms: expiries(number(1), raw.get(2..)),
+    })
 }
 
 /// Leaves the live set at once (a graceful shutdown), unless another
@@ -176,15 +255,6 @@ pub async fn leave(conn: &Conn, me: &NodeInfo) -> Result<(), StoreError> {
         .arg(me.instance.to_string());
     conn.invoke::<i64>(&call).await?;
     Ok(())
-}
-
-/// The members' version: it changes whenever a node joins, leaves or
-/// expires.
-pub async fn version(conn: &Conn) -> Result<u64, StoreError> {
-    let v: Option<u64> = conn
-        .cmd(redis::cmd("GET").arg(keys::MEMBERS_VERSION))
-        .await?;
-    Ok(v.unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -204,6 +274,7 @@ mod tests {
     fn live(ids: &[&str]) -> LiveSet {
         LiveSet {
             nodes: ids.iter().map(|id| (id.to_string(), node(id))).collect(),
+            silent: BTreeSet::new(),
         }
     }
 
@@ -232,6 +303,18 @@ mod tests {
         // 469 shards over three nodes: each gets a fair share.
         for (node, count) in per_node {
             assert!((100..=220).contains(&count), "{node} owns {count}");
+        }
+    }
+
+    #[test]
+    fn a_silent_members_shards_go_where_they_will_go_when_it_expires_and_no_other_moves() {
+        let mut three = live(&["a", "b", "c"]);
+        let two = live(&["a", "c"]);
+        let before = three.clone();
+        three.silent.insert("b".into());
+        assert!(three.same_owners(&two) && !three.same_owners(&before));
+        for shard in shards() {
+            assert_eq!(three.owner(shard).unwrap().id, two.owner(shard).unwrap().id);
         }
     }
 

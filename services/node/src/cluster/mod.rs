@@ -22,7 +22,7 @@ pub mod reach;
 pub mod replicas;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -134,6 +134,13 @@ pub struct Cluster {
     reached: Mutex<std::time::Instant>,
     /// The same for each lease held.
     renewed: Mutex<HashMap<ShardId, std::time::Instant>>,
+    /// When each member last renewed its membership, as of the last read of
+    /// the live set (this node's clock).
+    heard: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Since when this node's own renewals have gone through without a
+    /// late one: a member is silent only if it did not renew while this
+    /// node did (a store that stalled for everyone makes nobody silent).
+    heard_since: Mutex<std::time::Instant>,
     /// Set while this node is cut from the live set's key and its peers are
     /// not: it serves nothing (see [`reach`]).
     cut_off: AtomicBool,
@@ -170,6 +177,8 @@ impl Cluster {
                 })
             }
         };
+        let received = std::time::Instant::now();
+        let heard = heard_at(&renewed.expires_in_ms, received, config.lease_ttl);
         let (live, version) = (renewed.live, renewed.version);
         metrics.cluster_nodes.set(live.nodes.len() as i64);
         tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
@@ -194,6 +203,8 @@ impl Cluster {
             replaced: CancellationToken::new(),
             reached: Mutex::new(sent),
             renewed: Mutex::default(),
+            heard: Mutex::new(heard),
+            heard_since: Mutex::new(sent),
             cut_off: AtomicBool::new(false),
             peers,
             reach_slots: tokio::sync::Semaphore::new(reach::ANSWERED_AT_ONCE),
@@ -239,6 +250,12 @@ impl Cluster {
                 Some(Holding::Releasing(_))
             )
             && !self.tainted.lock().contains(&shard)
+    }
+
+    /// Whether this node holds `shard`'s lease or is about to (its writes
+    /// there may still land).
+    pub fn may_write(&self, shard: ShardId) -> bool {
+        self.holdings.read().contains_key(&shard) || self.owns(shard)
     }
 
     /// Where a client of `shard` should go, if not here.
@@ -406,6 +423,7 @@ impl Cluster {
                 _ = renew.tick() => self.renew().await,
                 _ = acquire.tick() => {
                     self.notice_members().await;
+                    self.notice_silence().await;
                     // A check that failed (the store not answering yet) is
                     // tried again here: its shard's changes wait on it.
                     self.check_suspects().await;
@@ -459,20 +477,26 @@ impl Cluster {
         self.held.send_replace(Arc::new(held));
     }
 
-    /// Reads the live set at once when the members' version moved (a node
-    /// joined, left or expired), rather than at the next renewal: a node
-    /// shutting down hands its shards over within one acquire tick.
+    /// Notes who has renewed since the last look (so a member that stops
+    /// is seen silent within an acquire tick of it), and reads the live set
+    /// at once when the members' version moved (a node joined, left or
+    /// expired), rather than at the next renewal: a node shutting down
+    /// hands its shards over within one acquire tick.
     async fn notice_members(self: &Arc<Self>) {
-        match membership::version(&self.conn).await {
-            Ok(v) if v != self.members_seen.load(Ordering::Relaxed) => self.renew().await,
-            Ok(_) => {}
+        match membership::look(&self.conn).await {
+            Ok(look) => {
+                let received = std::time::Instant::now();
+                *self.heard.lock() = heard_at(&look.expires_in_ms, received, self.config.lease_ttl);
+                if look.version != self.members_seen.load(Ordering::Relaxed) {
+                    self.renew().await
+                }
+            }
             Err(e) => tracing::debug!(error = %e, "reading the members' version"),
         }
     }
 
     async fn renew(self: &Arc<Self>) {
         let sent = std::time::Instant::now();
-        let mut reached = false;
         let me = self.me.read().clone();
         let ttl = self.config.lease_ttl;
         match membership::renew(&self.conn, &me, ttl.as_millis() as u64).await {
@@ -485,32 +509,112 @@ impl Cluster {
                 self.replaced.cancel();
             }
             Ok(Membership::Renewed(membership::Renewed {
-                live,
+                mut live,
                 was_absent,
                 version,
+                expires_in_ms,
             })) => {
-                reached = true;
+                let received = std::time::Instant::now();
+                let previous = std::mem::replace(&mut *self.reached.lock(), sent);
+                if sent.saturating_duration_since(previous)
+                    >= reach::late_after(self.config.renew_interval)
+                {
+                    *self.heard_since.lock() = sent;
+                }
+                *self.heard.lock() = heard_at(&expires_in_ms, received, ttl);
+                live.silent = self.silent_at(received, &live);
                 self.members_seen.store(version, Ordering::Relaxed);
                 if was_absent && self.registered.load(Ordering::Relaxed) {
-                    tracing::warn!(
-                        "the store had lost this node's membership (it restarted empty, or this node stalled): taking no new shard for {ttl:?}, until every live node has said so again"
-                    );
-                    *self.settling_until.lock() = Some(tokio::time::Instant::now() + ttl);
+                    self.rejoined(&live);
                 }
-                let changed = !live.same_members(&self.live.read());
                 self.metrics.cluster_nodes.set(live.nodes.len() as i64);
-                *self.live.write() = live;
-                if changed {
-                    tracing::info!(nodes = ?self.live.read().nodes.keys().collect::<Vec<_>>(), "the live set changed");
-                    self.rebalance().await;
-                }
+                self.set_live(live).await;
             }
             Err(e) => tracing::warn!(error = %e, "renewing membership"),
         }
-        if reached {
-            *self.reached.lock() = sent;
-        }
         self.renew_leases().await;
+    }
+
+    /// This node's membership had lapsed: it stalled (or was cut off) past
+    /// it, or the store lost the live set (a restart). Only in the second
+    /// case are members missing that were there before, and ownership
+    /// computed now would be wrong: then no new shard is taken for one
+    /// lease, until every live node has said it is here again. A node that
+    /// only stalled takes its shards back at once: the others' leases on
+    /// them go as they hand them over.
+    fn rejoined(&self, live: &LiveSet) {
+        let ttl = self.config.lease_ttl;
+        let old = self.live.read().clone();
+        let missing: Vec<&String> = old
+            .nodes
+            .keys()
+            .filter(|id| **id != self.id && !old.silent.contains(*id))
+            .filter(|id| !live.nodes.contains_key(*id))
+            .collect();
+        if missing.is_empty() {
+            tracing::warn!("this node's membership had lapsed (it stalled or was cut off past it) while every other member stayed: joining again, taking its shards back as they are handed over");
+            return;
+        }
+        tracing::warn!(
+            ?missing,
+            "the store had lost this node's membership and others' (it restarted empty): taking no new shard for {ttl:?}, until every live node has said so again"
+        );
+        *self.settling_until.lock() = Some(tokio::time::Instant::now() + ttl);
+    }
+
+    /// Members silent as of `now` (see [`LiveSet::silent`]): they have not
+    /// renewed for [`reach::late_after`] while this node did.
+    fn silent_at(&self, now: std::time::Instant, live: &LiveSet) -> BTreeSet<String> {
+        let late = reach::late_after(self.config.renew_interval);
+        let since = *self.heard_since.lock();
+        let heard = self.heard.lock();
+        live.nodes
+            .keys()
+            .filter(|id| **id != self.id)
+            .filter(|id| {
+                let last = heard.get(*id).map_or(since, |at| (*at).max(since));
+                now.saturating_duration_since(last) >= late
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Looks again at which members are silent, as time passes between
+    /// reads of the live set. While this node's own view is late (it has
+    /// not renewed for a while either), what it says stands.
+    async fn notice_silence(self: &Arc<Self>) {
+        let now = std::time::Instant::now();
+        let late = reach::late_after(self.config.renew_interval);
+        if now.saturating_duration_since(*self.reached.lock()) >= late {
+            return;
+        }
+        let mut live = self.live.read().clone();
+        let silent = self.silent_at(now, &live);
+        if silent == live.silent {
+            return;
+        }
+        live.silent = silent;
+        self.set_live(live).await;
+    }
+
+    /// Takes a new view of the live set; when the nodes that own shards
+    /// changed, gives up and wants shards accordingly.
+    async fn set_live(self: &Arc<Self>, live: LiveSet) {
+        let old = std::mem::replace(&mut *self.live.write(), live.clone());
+        self.metrics.cluster_silent.set(live.silent.len() as i64);
+        for id in live.silent.difference(&old.silent) {
+            let heard = self.heard.lock().get(id).map(|at| at.elapsed());
+            tracing::warn!(node = %id, silent_ms = heard.map(|d| d.as_millis() as u64), "a member has stopped renewing: its shards' drivers go to the nodes that will own them when its lease runs out, which take them in at once");
+        }
+        for id in old.silent.difference(&live.silent) {
+            if live.nodes.contains_key(id) {
+                tracing::info!(node = %id, "a silent member renewed again: its shards are its own again");
+            }
+        }
+        if !live.same_owners(&old) {
+            tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), silent = ?live.silent, "the nodes that own shards changed");
+            self.rebalance().await;
+        }
     }
 
     /// Watches how long ago each lease and the membership were last
@@ -1002,6 +1106,24 @@ impl Cluster {
         tracing::info!(%shard, vehicles = taken, "took the shard over");
         self.publish_held();
     }
+}
+
+/// When each member last renewed, in this node's clock: a read `received`
+/// said its membership runs on for `expires_in_ms`, and a renewal gives it
+/// `ttl` (the cluster's nodes share one).
+fn heard_at(
+    expires_in_ms: &BTreeMap<String, i64>,
+    received: std::time::Instant,
+    ttl: Duration,
+) -> BTreeMap<String, std::time::Instant> {
+    expires_in_ms
+        .iter()
+        .map(|(id, &ms)| {
+            let since_renewal = ttl.saturating_sub(Duration::from_millis(ms.max(0) as u64));
+            let at = received.checked_sub(since_renewal).unwrap_or(received);
+            (id.clone(), at)
+        })
+        .collect()
 }
 
 impl Fences for Cluster {

@@ -377,8 +377,9 @@ async fn nearby(
     }))
 }
 
-/// The live nodes, the shards each holds, and, for `?lat=&lon=`, the shard
-/// there and the node that owns it.
+/// The live nodes, the shards each holds, those silent (not renewing: their
+/// shards' drivers go to their successors), and, for `?lat=&lon=`, the
+/// shard there and the node that owns it.
 async fn cluster(
     State(api): State<Api>,
     Query(params): Query<HashMap<String, String>>,
@@ -416,6 +417,7 @@ async fn cluster(
         "node": &*api.node_id,
         "clustered": true,
         "nodes": live.nodes.values().collect::<Vec<_>>(),
+        "silent": live.silent,
         "owner": owner,
     })))
 }

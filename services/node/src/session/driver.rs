@@ -194,6 +194,11 @@ async fn go_offline(ctx: &Context, id: &VehicleId) {
 /// How long a `Goodbye` waits for its removal to be written before the
 /// driver is told to say it through another node.
 const GOODBYE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a driver being handed over waits for its state to be left for
+/// the next node.
+const HAND_OVER_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often a waiting `Goodbye` looks whether this node may still write.
+const GOODBYE_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct DriverSession<'a> {
     conn: &'a Peer,
@@ -529,10 +534,28 @@ impl<'a> DriverSession<'a> {
         let Some(shard) = shard else {
             return Ok(());
         };
-        let written = self.ctx.ingest.writer.written(shard, || true);
-        match tokio::time::timeout(GOODBYE_WRITE_WAIT, written).await {
-            Ok(true) => Ok(()),
-            _ => Err(Refusal::new(
+        // Waits while this node may still write the shard: one that steps
+        // down (cut from the store) says so at once.
+        let cluster = self.ctx.cluster.as_deref();
+        let may_write = || cluster.is_none_or(|c| c.may_write(shard));
+        let written = self.ctx.ingest.writer.written(shard, may_write);
+        tokio::pin!(written);
+        let until = tokio::time::Instant::now() + GOODBYE_WRITE_WAIT;
+        let kept = loop {
+            tokio::select! {
+                done = &mut written => break done,
+                // A flush stuck on a store that does not answer is not
+                // waited out once this node may no longer write there.
+                _ = tokio::time::sleep(GOODBYE_LOOK_EVERY) => {
+                    if !may_write() || tokio::time::Instant::now() >= until {
+                        break false;
+                    }
+                }
+            }
+        };
+        match kept {
+            true => Ok(()),
+            false => Err(Refusal::new(
                 ErrorCode::Unavailable,
                 "the sign-off could not be written here; say goodbye through another node",
             )
@@ -598,13 +621,21 @@ impl<'a> DriverSession<'a> {
         leaves_shard: bool,
     ) -> Result<(), Stop> {
         if let Some(entry) = self.ctx.ingest.table.get(&self.id) {
-            if let Err(e) = self
+            // A help to the next node (it reads the stored state without
+            // it), so a store that does not answer (this node cut from it)
+            // does not hold the driver here.
+            let handing = self
                 .ctx
                 .store
-                .hand_over(&entry.state, cluster.handoff_ttl())
-                .await
-            {
-                tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state");
+                .hand_over(&entry.state, cluster.handoff_ttl());
+            match tokio::time::timeout(HAND_OVER_WAIT, handing).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state")
+                }
+                Err(_) => {
+                    tracing::warn!(vehicle = %self.id, "leaving a handed-over driver's state: the store did not answer in time; the next node reads its stored state")
+                }
             }
             let how = match leaves_shard {
                 true => Handing::Crossing {
