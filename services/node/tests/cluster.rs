@@ -726,6 +726,9 @@ enum ClusterFault {
     MasterKilled,
     /// `CLUSTER FAILOVER` on a replica: the planned switch-over.
     ManualFailover,
+    /// Resharding: every slot holding the fleet's shards moved to another
+    /// master with its keys, one after the other, while drivers report.
+    SlotsMoved,
 }
 
 /// A Redis Cluster master killed (kill -9) under a live fleet, with its
@@ -745,6 +748,11 @@ async fn a_redis_cluster_master_killed_fails_over_with_every_vehicle_once_and_cu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_redis_cluster_failover_keeps_every_vehicle_once_and_current() {
     redis_cluster_fault(ClusterFault::ManualFailover).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_slots_moved_under_load_keep_every_vehicle_once_and_current() {
+    redis_cluster_fault(ClusterFault::SlotsMoved).await;
 }
 
 async fn redis_cluster_fault(fault: ClusterFault) {
@@ -769,6 +777,30 @@ async fn redis_cluster_fault(fault: ClusterFault) {
                 (redis.is_master(promoted) && redis.serving()).then_some(())
             })
             .await;
+        }
+        ClusterFault::SlotsMoved => {
+            let shards: HashSet<ShardId> = watched
+                .fleet
+                .iter()
+                .map(|d| shard_of(d.at.0, d.at.1))
+                .collect();
+            let mut slots: Vec<u16> = shards
+                .iter()
+                .map(|&shard| redis.slot_of(&keys::lease(shard)).expect("a key's slot"))
+                .collect();
+            slots.sort_unstable();
+            slots.dedup();
+            for &slot in &slots {
+                let redis = &redis;
+                tokio::task::block_in_place(|| redis.move_slot(slot))
+                    .unwrap_or_else(|e| panic!("moving slot {slot}: {e}"));
+            }
+            println!(
+                "moved {} slots holding {} shards in {} ms",
+                slots.len(),
+                shards.len(),
+                started.elapsed().as_millis()
+            );
         }
     }
     let failed_over = started.elapsed();
@@ -805,14 +837,19 @@ async fn redis_cluster_fault(fault: ClusterFault) {
     let what = match fault {
         ClusterFault::MasterKilled => "master kill -9",
         ClusterFault::ManualFailover => "CLUSTER FAILOVER",
+        ClusterFault::SlotsMoved => "slots moved",
     };
+    let remade = cluster
+        .logs()
+        .matches("the Redis Cluster connection stopped answering; made it again")
+        .count();
     println!(
-        "redis cluster {what}: slots served again {} ms after, every rider current {} ms after; steps down for a cut: {cut_off}",
+        "redis cluster {what}: slots served again {} ms after, every rider current {} ms after; steps down for a cut: {cut_off}; client connections made again: {remade}",
         failed_over.as_millis(),
         converged.as_millis()
     );
     match fault {
-        ClusterFault::MasterKilled => {
+        ClusterFault::MasterKilled | ClusterFault::SlotsMoved => {
             assert_eq!(
                 cut_off,
                 0.0,

@@ -36,6 +36,17 @@ pub enum TestkitError {
     PortTaken(u16),
     #[error("redis-cli --cluster create: {0}")]
     ClusterCreate(String),
+    #[error("redis: {0}")]
+    Redis(redis::RedisError),
+    #[error("moving a slot: {0}")]
+    Slot(String),
+}
+
+/// A master of a Redis Cluster and the slot ranges it serves.
+struct SlotMaster {
+    id: String,
+    port: u16,
+    slots: Vec<(u16, u16)>,
 }
 
 /// A `redis-server` of its own, on a free port, in a temp directory.
@@ -322,6 +333,122 @@ impl RedisCluster {
                 .unwrap_or_default();
             info.contains("cluster_state:ok")
         })
+    }
+
+    /// Moves hash slot `slot` to another master with its keys, the way
+    /// `redis-cli --cluster reshard` does it (`SETSLOT IMPORTING` and
+    /// `MIGRATING`, `MIGRATE` in batches, then `SETSLOT NODE` everywhere),
+    /// while clients go on using it (they follow `ASK` and `MOVED`).
+    /// Returns the ports it moved from and to.
+    pub fn move_slot(&self, slot: u16) -> Result<(u16, u16), TestkitError> {
+        let masters = self.slot_masters()?;
+        let from = masters
+            .iter()
+            .find(|m| m.slots.iter().any(|&(lo, hi)| lo <= slot && slot <= hi))
+            .ok_or_else(|| TestkitError::Slot(format!("no master serves slot {slot}")))?;
+        let to = masters
+            .iter()
+            .find(|m| m.id != from.id)
+            .ok_or_else(|| TestkitError::Slot("no other master to move a slot to".into()))?;
+        let server = |port: u16| {
+            self.servers
+                .iter()
+                .find(|s| s.port == port)
+                .ok_or_else(|| TestkitError::Slot(format!("no server of this cluster on {port}")))
+        };
+        let (mut src, mut dst) = (server(from.port)?.conn(), server(to.port)?.conn());
+        let setslot = |conn: &mut redis::Connection, how: &str, id: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(how)
+                .arg(id)
+                .query::<()>(conn)
+                .map_err(TestkitError::Redis)
+        };
+        setslot(&mut dst, "IMPORTING", &from.id)?;
+        setslot(&mut src, "MIGRATING", &to.id)?;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query(&mut src)
+                .map_err(TestkitError::Redis)?;
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to.port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query::<()>(&mut src)
+                .map_err(TestkitError::Redis)?;
+        }
+        setslot(&mut dst, "NODE", &to.id)?;
+        setslot(&mut src, "NODE", &to.id)?;
+        for other in masters.iter().filter(|m| m.id != from.id && m.id != to.id) {
+            setslot(&mut server(other.port)?.conn(), "NODE", &to.id)?;
+        }
+        Ok((from.port, to.port))
+    }
+
+    /// The masters and their slot ranges, as `CLUSTER NODES` on a live
+    /// master says.
+    fn slot_masters(&self) -> Result<Vec<SlotMaster>, TestkitError> {
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.child.is_some() && replication(s).contains("role:master"))
+            .ok_or(TestkitError::NoAnswer)?;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut server.conn())
+            .map_err(TestkitError::Redis)?;
+        Ok(nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = fields.get(2)?;
+                if !flags.contains("master") || flags.contains("fail") {
+                    return None;
+                }
+                let port = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                let slots = fields
+                    .get(8..)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|f| !f.starts_with('['))
+                    .filter_map(|range| {
+                        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                        Some((lo.parse().ok()?, hi.parse().ok()?))
+                    })
+                    .collect();
+                Some(SlotMaster {
+                    id: fields.first()?.to_string(),
+                    port,
+                    slots,
+                })
+            })
+            .collect())
+    }
+
+    /// The hash slot of `key`.
+    pub fn slot_of(&self, key: &str) -> Result<u16, TestkitError> {
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.child.is_some())
+            .ok_or(TestkitError::NoAnswer)?;
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut server.conn())
+            .map_err(TestkitError::Redis)
     }
 
     /// The seed list a cluster client takes: every server, comma-separated.

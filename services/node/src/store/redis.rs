@@ -231,6 +231,11 @@ pub struct HealingCluster {
 
 /// Timeouts in a row after which a cluster connection is made again.
 const WEDGED_AFTER: u32 = 3;
+/// How often a cluster connection is pinged, and how long the answer may
+/// take: a wedged client is noticed within a few of these.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// Probes unanswered in a row after which it is made again.
+const PROBES_MISSED: u32 = 2;
 
 impl HealingCluster {
     fn current(&self) -> ClusterConnection {
@@ -250,6 +255,42 @@ impl HealingCluster {
             }
             Ok(_) => self.timeouts_in_a_row.store(0, Relaxed),
             Err(_) => {}
+        }
+    }
+
+    /// Pings the connection every [`PROBE_EVERY`] while the store lives;
+    /// [`PROBES_MISSED`] unanswered in a row make it again. The redis-rs
+    /// cluster client can wedge in a slot refresh that never ends (seen
+    /// here after `CLUSTER FAILOVER` and while slots move): every command
+    /// then waits out its response timeout, for good. Commands alone would
+    /// notice after [`WEDGED_AFTER`] of those (about 5 s, long enough for a
+    /// node to be taken for cut off); the probe notices in well under a
+    /// second. A store that is down for everyone fails the probe too: the
+    /// connection is then made again in the background until it answers,
+    /// which costs nothing while it is down.
+    async fn probe(this: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut missed = 0;
+        loop {
+            tick.tick().await;
+            let Some(healing) = this.upgrade() else {
+                return;
+            };
+            let ping = redis::cmd("PING");
+            let mut conn = healing.current();
+            let answered =
+                tokio::time::timeout(PROBE_EVERY, ping.query_async::<()>(&mut conn)).await;
+            missed = match answered {
+                Err(_) => missed + 1,
+                Ok(_) => 0,
+            };
+            use std::sync::atomic::Ordering::Relaxed;
+            if missed >= PROBES_MISSED && !healing.remaking.swap(true, Relaxed) {
+                tracing::debug!(missed, "the Redis Cluster connection does not answer pings");
+                missed = 0;
+                tokio::spawn(healing.remake());
+            }
         }
     }
 
@@ -360,12 +401,14 @@ impl RedisStore {
             .max_retry_wait(200)
             .build()?;
         let conn = client.get_async_connection().await?;
-        Ok(Self::with(Conn::Cluster(Arc::new(HealingCluster {
+        let healing = Arc::new(HealingCluster {
             client,
             conn: parking_lot::RwLock::new(conn),
             timeouts_in_a_row: Default::default(),
             remaking: Default::default(),
-        }))))
+        });
+        tokio::spawn(HealingCluster::probe(Arc::downgrade(&healing)));
+        Ok(Self::with(Conn::Cluster(healing)))
     }
 
     fn with(conn: Conn) -> Self {
