@@ -12,7 +12,11 @@
 # SIGCONT), redis-stall (SIGSTOP of Redis, data kept, a sixth of the
 # drivers signing off meanwhile), redis-cut (one node cut from Redis
 # through a relay, its clients still reaching it, a sixth of the drivers
-# signing off meanwhile). Defaults: 300 drivers, 8 s, a fix a second.
+# signing off meanwhile); on a three-master Redis Cluster with a replica
+# each: cluster-master-kill (kill -9 of a master), cluster-failover
+# (CLUSTER FAILOVER on a replica), cluster-slots (every slot holding the
+# fleet's shards moved to another master with its keys). Defaults: 300
+# drivers, 8 s, a fix a second.
 #
 # CHAOS_TRACE=1 prints every rider's count of wrong vehicles every 100 ms
 # for the first 4 s of the fault; CHAOS_NODE_LOGS=FILE keeps the nodes'
@@ -20,7 +24,7 @@
 # (cluster.rs, chaos_*_small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut [drivers] [fault seconds] [fix ms]}
+scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots [drivers] [fault seconds] [fix ms]}
 export CHAOS_SCENARIO=$scenario
 export CHAOS_DRIVERS=${2:-300}
 export CHAOS_FAULT_S=${3:-8}

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{healthy, listening, loopback, on_chosen_ports, stored};
+use common::{healthy, listening, loopback, on_chosen_ports, stored, stored_in};
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_client::{
     Connector, DriverClient, DriverOptions, Event, FixInput, RiderClient, RiderOptions,
@@ -784,20 +784,9 @@ async fn redis_cluster_fault(fault: ClusterFault) {
                 .iter()
                 .map(|d| shard_of(d.at.0, d.at.1))
                 .collect();
-            let mut slots: Vec<u16> = shards
-                .iter()
-                .map(|&shard| redis.slot_of(&keys::lease(shard)).expect("a key's slot"))
-                .collect();
-            slots.sort_unstable();
-            slots.dedup();
-            for &slot in &slots {
-                let redis = &redis;
-                tokio::task::block_in_place(|| redis.move_slot(slot))
-                    .unwrap_or_else(|e| panic!("moving slot {slot}: {e}"));
-            }
+            let slots = move_slots_of(&redis, &shards);
             println!(
-                "moved {} slots holding {} shards in {} ms",
-                slots.len(),
+                "moved {slots} slots holding {} shards in {} ms",
                 shards.len(),
                 started.elapsed().as_millis()
             );
@@ -871,6 +860,22 @@ async fn redis_cluster_fault(fault: ClusterFault) {
         }
     }
     watched.stop.cancel();
+}
+
+/// Moves every slot holding `shards`' keys to another master, one after
+/// the other; returns how many.
+fn move_slots_of(redis: &RedisCluster, shards: &HashSet<ShardId>) -> usize {
+    let mut slots: Vec<u16> = shards
+        .iter()
+        .map(|&shard| redis.slot_of(&keys::lease(shard)).expect("a key's slot"))
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    for &slot in &slots {
+        tokio::task::block_in_place(|| redis.move_slot(slot))
+            .unwrap_or_else(|e| panic!("moving slot {slot}: {e}"));
+    }
+    slots.len()
 }
 
 /// A point `m` metres from `from` towards `to` (flat-earth, fine for a km).
@@ -2125,21 +2130,28 @@ async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
 /// Every shard whose state hash or geo set holds vehicle `id`, and whether
 /// its locator is still there.
 fn stored_copies(redis: &RedisServer, id: &str) -> (Vec<ShardId>, bool) {
-    let mut conn = redis.conn();
+    stored_copies_in(&mut redis.conn(), id)
+}
+
+/// The same, through any connection (one server's, or a Redis Cluster's).
+fn stored_copies_in(conn: &mut dyn redis::ConnectionLike, id: &str) -> (Vec<ShardId>, bool) {
     let shards: Vec<String> = redis::cmd("SMEMBERS")
         .arg(keys::SHARDS)
-        .query(&mut conn)
+        .query(conn)
         .unwrap();
     let mut found = Vec::new();
     for shard in shards.iter().filter_map(|s| s.parse::<ShardId>().ok()) {
-        let (in_state, in_geo): (bool, Option<f64>) = redis::pipe()
-            .cmd("HEXISTS")
+        // Two commands, not a pipeline: a Redis Cluster connection takes no
+        // pipeline through `ConnectionLike`.
+        let in_state: bool = redis::cmd("HEXISTS")
             .arg(keys::state(shard))
             .arg(id)
-            .cmd("ZSCORE")
+            .query(conn)
+            .unwrap();
+        let in_geo: Option<f64> = redis::cmd("ZSCORE")
             .arg(keys::geo(shard))
             .arg(id)
-            .query(&mut conn)
+            .query(conn)
             .unwrap();
         if in_state || in_geo.is_some() {
             found.push(shard);
@@ -2148,7 +2160,7 @@ fn stored_copies(redis: &RedisServer, id: &str) -> (Vec<ShardId>, bool) {
     let id = VehicleId::new(id).unwrap();
     let located: bool = redis::cmd("EXISTS")
         .arg(keys::locator(&id))
-        .query(&mut conn)
+        .query(conn)
         .unwrap();
     (found, located)
 }
@@ -2686,7 +2698,9 @@ async fn a_replica_that_missed_a_quiet_shards_last_batch_reads_it_again() {
 #[ignore = "a long run: scripts/chaos.sh SCENARIO"]
 async fn chaos() {
     let scenario =
-        chaos::Scenario::from_env().expect("CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut");
+        chaos::Scenario::from_env().expect(
+        "CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots",
+    );
     chaos::assert_clean(&chaos::run(scenario).await);
 }
 

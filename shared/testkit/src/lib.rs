@@ -451,6 +451,20 @@ impl RedisCluster {
             .map_err(TestkitError::Redis)
     }
 
+    /// A cluster client's connection (it follows `MOVED` and `ASK`), for a
+    /// test to look at what the cluster holds.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        let seeds: Vec<String> = self
+            .servers
+            .iter()
+            .filter(|s| s.child.is_some())
+            .map(RedisServer::url)
+            .collect();
+        redis::cluster::ClusterClient::new(seeds)
+            .and_then(|client| client.get_connection())
+            .expect("a connection to the Redis Cluster")
+    }
+
     /// The seed list a cluster client takes: every server, comma-separated.
     pub fn seeds(&self) -> String {
         self.servers

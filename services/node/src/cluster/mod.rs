@@ -117,6 +117,9 @@ pub struct Cluster {
     /// restarted empty), and the other nodes have not all said they are
     /// here again, so ownership computed now would be wrong.
     settling_until: Mutex<Option<tokio::time::Instant>>,
+    /// Members the store lost with this node's membership, counted as live
+    /// while settling (see [`Cluster::presume`]).
+    presumed: Mutex<BTreeMap<String, NodeInfo>>,
     /// Shards whose write was fenced: their lease is checked at once (lost
     /// to another node, or lost by the store and taken again).
     suspect: Mutex<HashSet<ShardId>>,
@@ -141,6 +144,10 @@ pub struct Cluster {
     /// late one: a member is silent only if it did not renew while this
     /// node did (a store that stalled for everyone makes nobody silent).
     heard_since: Mutex<std::time::Instant>,
+    /// When the store last answered a read of the members' renewal times:
+    /// silence is judged as of then, never from time passing alone (a
+    /// store that stalls stops everyone's renewals, and its answers too).
+    looked: Mutex<std::time::Instant>,
     /// Set while this node is cut from the live set's key and its peers are
     /// not: it serves nothing (see [`reach`]).
     cut_off: AtomicBool,
@@ -196,6 +203,7 @@ impl Cluster {
             members_seen: AtomicU64::new(version),
             registered: AtomicBool::new(true),
             settling_until: Mutex::new(None),
+            presumed: Mutex::default(),
             suspect: Mutex::default(),
             doubt: Mutex::default(),
             wake: Notify::new(),
@@ -205,6 +213,7 @@ impl Cluster {
             renewed: Mutex::default(),
             heard: Mutex::new(heard),
             heard_since: Mutex::new(sent),
+            looked: Mutex::new(received),
             cut_off: AtomicBool::new(false),
             peers,
             reach_slots: tokio::sync::Semaphore::new(reach::ANSWERED_AT_ONCE),
@@ -487,6 +496,7 @@ impl Cluster {
             Ok(look) => {
                 let received = std::time::Instant::now();
                 *self.heard.lock() = heard_at(&look.expires_in_ms, received, self.config.lease_ttl);
+                *self.looked.lock() = received;
                 if look.version != self.members_seen.load(Ordering::Relaxed) {
                     self.renew().await
                 }
@@ -522,11 +532,13 @@ impl Cluster {
                     *self.heard_since.lock() = sent;
                 }
                 *self.heard.lock() = heard_at(&expires_in_ms, received, ttl);
-                live.silent = self.silent_at(received, &live);
+                *self.looked.lock() = received;
                 self.members_seen.store(version, Ordering::Relaxed);
                 if was_absent && self.registered.load(Ordering::Relaxed) {
                     self.rejoined(&live);
                 }
+                self.presume(&mut live);
+                live.silent = self.silent_at(received, &live);
                 self.metrics.cluster_nodes.set(live.nodes.len() as i64);
                 self.set_live(live).await;
             }
@@ -557,9 +569,31 @@ impl Cluster {
         }
         tracing::warn!(
             ?missing,
-            "the store had lost this node's membership and others' (it restarted empty): taking no new shard for {ttl:?}, until every live node has said so again"
+            "the store had lost this node's membership and others' (it restarted empty, failed over, or stalled past them): taking no new shard for {ttl:?}, and counting the missing members in, until every live node has said so again"
         );
+        *self.presumed.lock() = missing
+            .into_iter()
+            .filter_map(|id| old.nodes.get(id).map(|n| (id.clone(), n.clone())))
+            .collect();
         *self.settling_until.lock() = Some(tokio::time::Instant::now() + ttl);
+    }
+
+    /// While settling, members the store lost count as live (those that do
+    /// not say so again soon turn silent, like any other): ownership stays
+    /// where it was rather than collapsing onto whoever renewed first.
+    fn presume(&self, live: &mut LiveSet) {
+        let settling = self
+            .settling_until
+            .lock()
+            .is_some_and(|t| tokio::time::Instant::now() < t);
+        let mut presumed = self.presumed.lock();
+        if !settling {
+            presumed.clear();
+            return;
+        }
+        for (id, node) in presumed.iter() {
+            live.nodes.entry(id.clone()).or_insert_with(|| node.clone());
+        }
     }
 
     /// Members silent as of `now` (see [`LiveSet::silent`]): they have not
@@ -579,9 +613,10 @@ impl Cluster {
             .collect()
     }
 
-    /// Looks again at which members are silent, as time passes between
-    /// reads of the live set. While this node's own view is late (it has
-    /// not renewed for a while either), what it says stands.
+    /// Looks again at which members are silent, as of the last look at
+    /// their renewal times (every acquire tick). While this node's own view
+    /// is late (it has not renewed for a while either), what it says
+    /// stands.
     async fn notice_silence(self: &Arc<Self>) {
         let now = std::time::Instant::now();
         let late = reach::late_after(self.config.renew_interval);
@@ -589,7 +624,8 @@ impl Cluster {
             return;
         }
         let mut live = self.live.read().clone();
-        let silent = self.silent_at(now, &live);
+        let looked = *self.looked.lock();
+        let silent = self.silent_at(looked, &live);
         if silent == live.silent {
             return;
         }

@@ -40,6 +40,13 @@ pub enum Fault {
     /// One node cut from Redis (its clients still reach it), a sixth of
     /// its drivers signing off meanwhile.
     RedisCut,
+    /// On a Redis Cluster with a replica per master: kill -9 of a master.
+    MasterKill,
+    /// The same: `CLUSTER FAILOVER` on a replica.
+    MasterFailover,
+    /// The same: every slot holding a shard of the fleet moved to another
+    /// master with its keys.
+    SlotsMoved,
 }
 
 impl Fault {
@@ -49,8 +56,39 @@ impl Fault {
             "freeze" => Fault::Freeze,
             "redis-stall" => Fault::RedisStall,
             "redis-cut" => Fault::RedisCut,
+            "cluster-master-kill" => Fault::MasterKill,
+            "cluster-failover" => Fault::MasterFailover,
+            "cluster-slots" => Fault::SlotsMoved,
             _ => return None,
         })
+    }
+
+    /// Whether it runs on a Redis Cluster.
+    fn on_redis_cluster(self) -> bool {
+        matches!(
+            self,
+            Fault::MasterKill | Fault::MasterFailover | Fault::SlotsMoved
+        )
+    }
+}
+
+/// The store the nodes share: one server (which a relay in front of one
+/// node can cut from it), or a Redis Cluster with a replica per master.
+enum Store {
+    Single {
+        redis: RedisServer,
+        relay: hexfleet_testkit::TcpRelay,
+    },
+    Cluster(RedisCluster),
+}
+
+impl Store {
+    /// A connection to look at what it holds.
+    fn conn(&self) -> Box<dyn redis::ConnectionLike> {
+        match self {
+            Store::Single { redis, .. } => Box::new(redis.conn()),
+            Store::Cluster(cluster) => Box::new(cluster.conn()),
+        }
     }
 }
 
@@ -143,6 +181,38 @@ pub struct Report {
     pub stale: Vec<String>,
 }
 
+/// Brings a fault on a Redis Cluster about; says what it did.
+fn redis_cluster_fault(
+    redis: &mut RedisCluster,
+    fault: Fault,
+    truth: &HashMap<String, Truth>,
+) -> String {
+    match fault {
+        Fault::MasterKill => {
+            let master = &mut redis.masters()[0];
+            let port = master.port;
+            master.kill();
+            format!("the master on {port} killed")
+        }
+        Fault::MasterFailover => match redis.fail_over() {
+            Some(port) => format!("the replica on {port} promoted"),
+            None => panic!("no replica to promote"),
+        },
+        Fault::SlotsMoved => {
+            let started = Instant::now();
+            let shards: HashSet<ShardId> =
+                truth.values().map(|t| shard_of(t.at.0, t.at.1)).collect();
+            let slots = move_slots_of(redis, &shards);
+            format!(
+                "{slots} slots holding {} shards moved in {} ms",
+                shards.len(),
+                started.elapsed().as_millis()
+            )
+        }
+        _ => unreachable!("not a Redis Cluster fault"),
+    }
+}
+
 /// A spot `m` metres east and `n` metres north of `from`.
 fn offset(from: (f64, f64), east_m: f64, north_m: f64) -> (f64, f64) {
     let lat = from.0 + north_m / 111_320.0;
@@ -207,17 +277,29 @@ fn lookouts(cluster: &Cluster, meeting: (f64, f64)) -> Vec<(String, (f64, f64))>
 }
 
 pub async fn run(s: Scenario) -> Report {
-    let redis = RedisServer::start();
-    let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
-    let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
     let cut_id = format!("n{}", s.nodes - 1);
-    let urls = match s.fault {
-        Fault::RedisCut => HashMap::from([(cut_id.clone(), format!("redis://{}", relay.addr()))]),
-        _ => HashMap::new(),
-    };
     let grace = Duration::from_secs(10);
-    let mut cluster =
-        Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await;
+    let (mut store, mut cluster) = if s.fault.on_redis_cluster() {
+        let redis = RedisCluster::start_with_replicas(3);
+        let urls = HashMap::new();
+        let cluster =
+            Cluster::start_reaching("redis-cluster", redis.seeds(), urls, s.nodes, false, grace)
+                .await;
+        (Store::Cluster(redis), cluster)
+    } else {
+        let redis = RedisServer::start();
+        let target: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+        let relay = hexfleet_testkit::TcpRelay::start(target).await.unwrap();
+        let urls = match s.fault {
+            Fault::RedisCut => {
+                HashMap::from([(cut_id.clone(), format!("redis://{}", relay.addr()))])
+            }
+            _ => HashMap::new(),
+        };
+        let cluster =
+            Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await;
+        (Store::Single { redis, relay }, cluster)
+    };
 
     // Drivers on circles of 200 m around spots spread over ~1.5 km, where
     // shards of several nodes meet.
@@ -345,6 +427,7 @@ pub async fn run(s: Scenario) -> Report {
         held as f64 / truth.len().max(1) as f64
     };
     let started = Instant::now();
+    let mut what = format!("{victim} holding {:.0}% of the fleet", share * 100.0);
     match s.fault {
         Fault::Kill => {
             let i = cluster.nodes.iter().position(|n| n.id == victim).unwrap();
@@ -353,8 +436,17 @@ pub async fn run(s: Scenario) -> Report {
             let _ = node.child.wait();
         }
         Fault::Freeze => cluster.by_id(&victim).signal(Signal::STOP),
-        Fault::RedisStall => redis.stall(),
-        Fault::RedisCut => relay.cut(),
+        Fault::RedisStall | Fault::RedisCut => match &store {
+            Store::Single { redis, .. } if s.fault == Fault::RedisStall => redis.stall(),
+            Store::Single { relay, .. } => relay.cut(),
+            Store::Cluster(_) => unreachable!("on one server"),
+        },
+        Fault::MasterKill | Fault::MasterFailover | Fault::SlotsMoved => {
+            let Store::Cluster(redis) = &mut store else {
+                unreachable!("on a Redis Cluster")
+            };
+            what = redis_cluster_fault(redis, s.fault, &truth());
+        }
     }
     for (id, going) in &leave {
         if signing_off.contains(id) {
@@ -370,10 +462,14 @@ pub async fn run(s: Scenario) -> Report {
         let now = Instant::now();
         if ended.is_none() && now - started >= s.fault_for {
             match s.fault {
-                Fault::Kill => {}
                 Fault::Freeze => cluster.by_id(&victim).signal(Signal::CONT),
-                Fault::RedisStall => redis.resume(),
-                Fault::RedisCut => relay.heal(),
+                Fault::RedisStall | Fault::RedisCut => match &store {
+                    Store::Single { redis, .. } if s.fault == Fault::RedisStall => redis.resume(),
+                    Store::Single { relay, .. } => relay.heal(),
+                    Store::Cluster(_) => {}
+                },
+                // For good, or over at once.
+                _ => {}
             }
             ended = Some(now);
         }
@@ -465,11 +561,11 @@ pub async fn run(s: Scenario) -> Report {
         report.duplicates.clear();
         report.stale.clear();
         for (id, t) in &truth {
-            let (shards, located) = stored_copies(&redis, id);
+            let (shards, located) = stored_copies_in(&mut *store.conn(), id);
             if t.gone && (!shards.is_empty() || located) {
                 report.ghosts.push(id.clone());
             }
-            let twice = || stored_copies(&redis, id).0.len() > 1;
+            let twice = || stored_copies_in(&mut *store.conn(), id).0.len() > 1;
             if shards.len() > 1 && lasting(twice).await {
                 report.duplicates.push(id.clone());
             }
@@ -477,14 +573,14 @@ pub async fn run(s: Scenario) -> Report {
                 let route = routes.iter().find(|(r, _)| r == id).map(|(_, r)| *r);
                 let stale = || {
                     let now = route.map_or(t.at, |r| r.at(began.elapsed()));
-                    !stored(&redis, id)
+                    !stored_in(&mut *store.conn(), id)
                         .is_some_and(|st| haversine_m(st.lat, st.lon, now.0, now.1) <= BEHIND_M)
                 };
-                let stored = stored(&redis, id);
+                let stored = stored_in(&mut *store.conn(), id);
                 let fresh = !(stale() && lasting(stale).await);
                 if !fresh {
                     if std::env::var("CHAOS_TRACE").is_ok() {
-                        let (shards, located) = stored_copies(&redis, id);
+                        let (shards, located) = stored_copies_in(&mut *store.conn(), id);
                         let st = stored.as_ref();
                         println!(
                             "TRACE stale {id}: copies in {shards:?} (locator {located}), stored {:?}, truth {:?} in {}",
@@ -513,16 +609,16 @@ pub async fn run(s: Scenario) -> Report {
                                 node.id, node.quic
                             );
                             if node.id == cluster.nodes[0].id {
-                                let mut conn = redis.conn();
+                                let mut conn = store.conn();
                                 let all: Vec<String> = redis::cmd("KEYS")
                                     .arg("hexfleet:state:*")
-                                    .query(&mut conn)
+                                    .query(&mut *conn)
                                     .unwrap_or_default();
                                 for key in all {
                                     let there: bool = redis::cmd("HEXISTS")
                                         .arg(&key)
                                         .arg(id.as_str())
-                                        .query(&mut conn)
+                                        .query(&mut *conn)
                                         .unwrap_or(false);
                                     if there {
                                         let member: bool = redis::cmd("SISMEMBER")
@@ -531,13 +627,13 @@ pub async fn run(s: Scenario) -> Report {
                                                 key.trim_start_matches("hexfleet:state:{")
                                                     .trim_end_matches('}'),
                                             )
-                                            .query(&mut conn)
+                                            .query(&mut *conn)
                                             .unwrap_or(false);
                                         let loc: Option<String> = redis::cmd("GET")
                                             .arg(keys::locator(
                                                 &VehicleId::new(id.as_str()).unwrap(),
                                             ))
-                                            .query(&mut conn)
+                                            .query(&mut *conn)
                                             .unwrap_or(None);
                                         println!("TRACE   found in {key} (registered {member}), locator {loc:?}");
                                     }
@@ -583,12 +679,10 @@ pub async fn run(s: Scenario) -> Report {
         let _ = std::fs::write(path, cluster.logs());
     }
     println!(
-        "chaos {:?} ({} holding {:.0}% of the fleet): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
+        "chaos {:?} ({what}): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
          longest hidden or > {BEHIND_M} m behind {} ms (p99 of pairs {} ms), worst moment {:.0}% of pairs; \
          every rider right {} ms after the fault; after: {} ghosts, {} duplicates, {} stale",
         s.fault,
-        victim,
-        share * 100.0,
         s.drivers,
         s.speed_mps,
         s.fix_every.as_millis(),

@@ -86,16 +86,17 @@ pub async fn healthy(admin: SocketAddr) {
 
 /// The state Redis holds for a vehicle, found through its locator.
 pub fn stored(redis: &RedisServer, id: &str) -> Option<VehicleState> {
-    let mut conn = redis.conn();
+    stored_in(&mut redis.conn(), id)
+}
+
+/// The same, through any connection (one server's, or a Redis Cluster's).
+pub fn stored_in(conn: &mut dyn redis::ConnectionLike, id: &str) -> Option<VehicleState> {
     let id = VehicleId::new(id).ok()?;
-    let shard: Option<String> = redis::cmd("GET")
-        .arg(keys::locator(&id))
-        .query(&mut conn)
-        .ok()?;
+    let shard: Option<String> = redis::cmd("GET").arg(keys::locator(&id)).query(conn).ok()?;
     let bytes: Option<Vec<u8>> = redis::cmd("HGET")
         .arg(keys::state(shard?.parse().ok()?))
         .arg(id.as_str())
-        .query(&mut conn)
+        .query(conn)
         .ok()?;
     rmp_serde::from_slice(&bytes?).ok()
 }
