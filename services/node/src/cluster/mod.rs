@@ -548,12 +548,13 @@ impl Cluster {
     }
 
     /// This node's membership had lapsed: it stalled (or was cut off) past
-    /// it, or the store lost the live set (a restart). Only in the second
-    /// case are members missing that were there before, and ownership
-    /// computed now would be wrong: then no new shard is taken for one
-    /// lease, until every live node has said it is here again. A node that
-    /// only stalled takes its shards back at once: the others' leases on
-    /// them go as they hand them over.
+    /// it, or the store lost the live set or let every membership lapse (a
+    /// restart, a failover or a stall longer than the lease). Only in the
+    /// second case are members missing that were there before, and
+    /// ownership computed now would be wrong: then no new shard is taken
+    /// for one lease, the missing members counted in meanwhile (see
+    /// [`Cluster::presume`]). A node that only stalled takes its shards back
+    /// at once: the others' leases on them go as they hand them over.
     fn rejoined(&self, live: &LiveSet) {
         let ttl = self.config.lease_ttl;
         let old = self.live.read().clone();
