@@ -495,8 +495,7 @@ impl Cluster {
         match membership::look(&self.conn).await {
             Ok(look) => {
                 let received = std::time::Instant::now();
-                *self.heard.lock() = heard_at(&look.expires_in_ms, received, self.config.lease_ttl);
-                *self.looked.lock() = received;
+                self.heard_from(&look.expires_in_ms, received);
                 if look.version != self.members_seen.load(Ordering::Relaxed) {
                     self.renew().await
                 }
@@ -531,14 +530,13 @@ impl Cluster {
                 {
                     *self.heard_since.lock() = sent;
                 }
-                *self.heard.lock() = heard_at(&expires_in_ms, received, ttl);
-                *self.looked.lock() = received;
+                self.heard_from(&expires_in_ms, received);
                 self.members_seen.store(version, Ordering::Relaxed);
                 if was_absent && self.registered.load(Ordering::Relaxed) {
                     self.rejoined(&live);
                 }
                 self.presume(&mut live);
-                live.silent = self.silent_at(received, &live);
+                live.silent = self.silent(&live);
                 self.metrics.cluster_nodes.set(live.nodes.len() as i64);
                 self.set_live(live).await;
             }
@@ -597,10 +595,18 @@ impl Cluster {
         }
     }
 
-    /// Members silent as of `now` (see [`LiveSet::silent`]): they have not
-    /// renewed for [`reach::late_after`] while this node did.
-    fn silent_at(&self, now: std::time::Instant, live: &LiveSet) -> BTreeSet<String> {
+    /// Notes each member's last renewal from a read the store answered at
+    /// `received`.
+    fn heard_from(&self, expires_in_ms: &BTreeMap<String, i64>, received: std::time::Instant) {
+        *self.heard.lock() = heard_at(expires_in_ms, received, self.config.lease_ttl);
+        *self.looked.lock() = received;
+    }
+
+    /// Members silent as of the last look (see [`LiveSet::silent`]): they
+    /// had not renewed for [`reach::late_after`] while this node did.
+    fn silent(&self, live: &LiveSet) -> BTreeSet<String> {
         let late = reach::late_after(self.config.renew_interval);
+        let now = *self.looked.lock();
         let since = *self.heard_since.lock();
         let heard = self.heard.lock();
         live.nodes
@@ -625,8 +631,7 @@ impl Cluster {
             return;
         }
         let mut live = self.live.read().clone();
-        let looked = *self.looked.lock();
-        let silent = self.silent_at(looked, &live);
+        let silent = self.silent(&live);
         if silent == live.silent {
             return;
         }

@@ -249,8 +249,8 @@ impl HealingCluster {
         match result {
             Err(e) if e.is_timeout() => {
                 let n = self.timeouts_in_a_row.fetch_add(1, Relaxed) + 1;
-                if n >= WEDGED_AFTER && !self.remaking.swap(true, Relaxed) {
-                    tokio::spawn(self.clone().remake());
+                if n >= WEDGED_AFTER {
+                    self.start_remaking();
                 }
             }
             Ok(_) => self.timeouts_in_a_row.store(0, Relaxed),
@@ -285,13 +285,22 @@ impl HealingCluster {
                 Err(_) => missed + 1,
                 Ok(_) => 0,
             };
-            use std::sync::atomic::Ordering::Relaxed;
-            if missed >= PROBES_MISSED && !healing.remaking.swap(true, Relaxed) {
+            if missed >= PROBES_MISSED && healing.start_remaking() {
                 tracing::debug!(missed, "the Redis Cluster connection does not answer pings");
                 missed = 0;
-                tokio::spawn(healing.remake());
             }
         }
+    }
+
+    /// Makes the connection again in the background, unless that is under
+    /// way already; whether it started now.
+    fn start_remaking(self: &Arc<Self>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.remaking.swap(true, Relaxed) {
+            return false;
+        }
+        tokio::spawn(self.clone().remake());
+        true
     }
 
     async fn remake(self: Arc<Self>) {
