@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::LazyLock,
+    time::{Duration, Instant},
 };
 
 use hexfleet_model::ShardId;
@@ -140,6 +141,36 @@ impl LiveSet {
             .map(|n| &n.id)
             .eq(other.owning().map(|n| &n.id))
     }
+}
+
+/// What a node knows of the others' renewals, in its own clock.
+pub struct Heard<'a> {
+    /// When each member last renewed, as of the last look.
+    pub at: &'a BTreeMap<String, Instant>,
+    /// Since when this node's own renewals have gone through without a
+    /// late one.
+    pub since: Instant,
+    /// When the store last answered a look.
+    pub looked: Instant,
+}
+
+/// The members (other than `me`) silent as of the last look: they had not
+/// renewed for `late` while this node did. Judged only as of a look the
+/// store answered, and only over time this node itself was renewing, so a
+/// store that stalls for everyone makes nobody silent.
+pub fn silent(live: &LiveSet, me: &str, heard: &Heard, late: Duration) -> BTreeSet<String> {
+    live.nodes
+        .keys()
+        .filter(|id| *id != me)
+        .filter(|id| {
+            let last = heard
+                .at
+                .get(*id)
+                .map_or(heard.since, |at| (*at).max(heard.since));
+            heard.looked.saturating_duration_since(last) >= late
+        })
+        .cloned()
+        .collect()
 }
 
 /// A node's weight for a shard: xxh3 (a stable, specified hash) of the
@@ -316,6 +347,44 @@ mod tests {
         for shard in shards() {
             assert_eq!(three.owner(shard).unwrap().id, two.owner(shard).unwrap().id);
         }
+    }
+
+    #[test]
+    fn a_member_is_silent_only_once_it_missed_renewals_this_node_made() {
+        let late = Duration::from_millis(750);
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let live = live(&["a", "b", "c"]);
+        // b renewed at 0 and not since; c at 600; this node (a) throughout.
+        let at: BTreeMap<String, Instant> =
+            [("b".to_string(), ms(0)), ("c".to_string(), ms(600))].into();
+        let look = |since: u64, looked: u64| Heard {
+            at: &at,
+            since: ms(since),
+            looked: ms(looked),
+        };
+        let none = BTreeSet::new();
+        let b: BTreeSet<String> = ["b".to_string()].into();
+        assert_eq!(
+            silent(&live, "a", &look(0, 700), late),
+            none,
+            "not yet late"
+        );
+        assert_eq!(
+            silent(&live, "a", &look(0, 800), late),
+            b,
+            "b missed, c did not"
+        );
+        // The store stalled until 1200 for everyone: this node's renewals
+        // start again then, and nobody is silent for a missed renewal that
+        // nobody could make.
+        assert_eq!(silent(&live, "a", &look(1200, 1300), late), none);
+        assert_eq!(
+            silent(&live, "a", &look(1200, 1950), late),
+            b.union(&["c".to_string()].into()).cloned().collect()
+        );
+        // Never this node itself, whatever its record says.
+        assert!(!silent(&live, "b", &look(0, 5000), late).contains("b"));
     }
 
     #[test]

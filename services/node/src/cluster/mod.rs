@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::{
     leases::Renewal,
-    membership::{LiveSet, Membership},
+    membership::{Heard, LiveSet, Membership},
 };
 use crate::{
     config::ClusterConfig,
@@ -605,19 +605,16 @@ impl Cluster {
     /// Members silent as of the last look (see [`LiveSet::silent`]): they
     /// had not renewed for [`reach::late_after`] while this node did.
     fn silent(&self, live: &LiveSet) -> BTreeSet<String> {
-        let late = reach::late_after(self.config.renew_interval);
-        let now = *self.looked.lock();
-        let since = *self.heard_since.lock();
-        let heard = self.heard.lock();
-        live.nodes
-            .keys()
-            .filter(|id| **id != self.id)
-            .filter(|id| {
-                let last = heard.get(*id).map_or(since, |at| (*at).max(since));
-                now.saturating_duration_since(last) >= late
-            })
-            .cloned()
-            .collect()
+        membership::silent(
+            live,
+            &self.id,
+            &Heard {
+                at: &self.heard.lock(),
+                since: *self.heard_since.lock(),
+                looked: *self.looked.lock(),
+            },
+            reach::late_after(self.config.renew_interval),
+        )
     }
 
     /// Looks again at which members are silent, as of the last look at
