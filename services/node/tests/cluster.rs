@@ -1294,6 +1294,46 @@ async fn a_silent_nodes_drivers_are_served_by_its_successor_before_its_lease_run
     stop.cancel();
 }
 
+/// `DriverClient::lost` and `resume`: a driver whose node dies is back at
+/// its last fix as soon as the loss is noticed, without waiting for the
+/// app's next one; the fix it sent into the dead connection is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_whose_node_dies_resumes_at_once_with_the_fix_the_dead_node_lost() {
+    let redis = RedisServer::start();
+    let mut cluster = Cluster::start("redis", redis.url(), 3).await;
+    let (_, at) = owned_near_centre(&cluster, &cluster.nodes[0]);
+    let id = "resumer";
+    let mut d = driver(&cluster, cluster.nodes[0].quic, id).await;
+    d.send_fix(FixInput::at(at.0, at.1)).await.unwrap();
+    eventually(WAIT, "the first fix is written", async || {
+        stored(&redis, id).filter(|s| s.lat == at.0)
+    })
+    .await;
+    let mut dead = cluster.nodes.remove(0);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    // Into the dead connection: nobody takes it.
+    let last = (at.0 + 0.0005, at.1);
+    let _ = d.send_fix(FixInput::at(last.0, last.1)).await;
+    // What an app does: whenever the connection is lost (the dead node, then
+    // a node that redirects it to the shard's new owner), resume; it sends
+    // no fix of its own meanwhile.
+    let deadline = Instant::now() + WAIT;
+    while stored(&redis, id).is_none_or(|s| s.lat != last.0) {
+        tokio::select! {
+            _ = d.lost() => d.resume().await.expect("connected again"),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lost fix never reached the new owner\n{}",
+            cluster.logs()
+        );
+    }
+    assert!(d.reconnects() >= 1 && d.node() != dead.quic);
+    assert_eq!(d.next_seq(), 3, "no fix but the two sent");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_vehicles_are_visible_again_to_every_rider_within_five_seconds() {
     let redis = RedisServer::start();

@@ -115,6 +115,8 @@ pub struct DriverClient {
     /// The node this connection goes to.
     node: SocketAddr,
     reconnects: u64,
+    /// The last fix sent, for [`DriverClient::resume`].
+    last_fix: Option<Fix>,
 }
 
 fn now_ms() -> i64 {
@@ -162,6 +164,7 @@ impl Connector {
             options,
             node,
             reconnects: 0,
+            last_fix: None,
         };
         driver.report(report).await?;
         Ok(driver)
@@ -298,6 +301,7 @@ impl DriverClient {
 
     async fn send_once(&mut self, fix: Fix) -> Result<(), ClientError> {
         self.next_seq = self.next_seq.max(fix.seq.saturating_add(1));
+        self.last_fix = Some(fix);
         if self.datagrams {
             self.conn.send_datagram(encode_datagram(&fix)?)?;
         } else {
@@ -375,6 +379,35 @@ impl DriverClient {
     /// The node this driver is connected to now.
     pub fn node(&self) -> SocketAddr {
         self.node
+    }
+
+    /// Resolves once the connection in use has ended: its node died or
+    /// handed the driver over, the network went. It borrows nothing, so an
+    /// app can wait on it beside its next fix; then [`resume`](Self::resume)
+    /// puts its vehicle back on the map at once rather than at that fix.
+    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.conn.ended()
+    }
+
+    /// With [`DriverOptions::reconnect`]: connects again now if the
+    /// connection has ended (through a redirect, the seeds, with the usual
+    /// backoff), and sends the last fix again if the node never
+    /// acknowledged it (a fix sent into a connection that was already dead
+    /// is lost with it). Nothing to do while connected. Call it whenever
+    /// [`lost`](Self::lost) resolves: the node reached may hand the driver
+    /// on to its shard's owner, ending this connection too.
+    pub async fn resume(&mut self) -> Result<(), ClientError> {
+        if !self.conn.is_closed() {
+            return Ok(());
+        }
+        if !self.options.reconnect {
+            return Err(self.closed_error().unwrap_or(ClientError::Timeout));
+        }
+        self.reconnect().await?;
+        match self.last_fix {
+            Some(fix) if fix.seq > self.acked_seq() => self.send_once(fix).await,
+            _ => Ok(()),
+        }
     }
 
     /// How this driver reaches its node now.

@@ -86,6 +86,24 @@ impl Conn {
         }
     }
 
+    /// Resolves once the connection has ended; holds no borrow of it.
+    pub(crate) fn ended(&self) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        match self {
+            Conn::Quic(conn) => {
+                let conn = conn.clone();
+                Box::pin(async move {
+                    conn.closed().await;
+                })
+            }
+            Conn::Ws(ws) => {
+                let mut closed = ws.closed.clone();
+                Box::pin(async move {
+                    let _ = closed.wait_for(|c| c.is_some()).await;
+                })
+            }
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         match self {
             Conn::Quic(conn) => conn.close_reason().is_some(),

@@ -397,6 +397,15 @@ impl Driver {
                     continue;
                 }
                 _ = crew.stop.cancelled() => break,
+                // Its node died or handed it over: back at its last fix at
+                // once, as an app using the SDK does, not at its next.
+                _ = client.lost() => {
+                    if let Err(e) = client.resume().await {
+                        crew.stats.error(format!("{}: {e}", self.id));
+                        return Some(acknowledged);
+                    }
+                    continue;
+                }
             }
             let now = Instant::now();
             let dt = now.duration_since(then).as_secs_f64();

@@ -102,6 +102,9 @@ pub struct Scenario {
     pub fault_for: Duration,
     /// How long the fleet runs before the fault.
     pub warm_up: Duration,
+    /// Whether drivers connect again as soon as their connection is lost
+    /// (`DriverClient::lost`, `resume`), or only at their next fix.
+    pub resume: bool,
 }
 
 impl Scenario {
@@ -115,6 +118,7 @@ impl Scenario {
             fix_every: Duration::from_millis(500),
             fault_for: Duration::from_secs(3),
             warm_up: Duration::from_secs(2),
+            resume: true,
         }
     }
 
@@ -132,6 +136,7 @@ impl Scenario {
             fix_every: Duration::from_millis(number("CHAOS_FIX_MS", 1000)),
             fault_for: Duration::from_secs(number("CHAOS_FAULT_S", 8)),
             warm_up: Duration::from_secs(number("CHAOS_WARM_UP_S", 5)),
+            resume: number("CHAOS_RESUME", 1) != 0,
         })
     }
 }
@@ -330,7 +335,7 @@ pub async fn run(s: Scenario) -> Report {
         let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
         let client_side = client_side.clone();
         leave.push((id.clone(), going.clone()));
-        let every = s.fix_every;
+        let (every, resume) = (s.fix_every, s.resume);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -343,6 +348,12 @@ pub async fn run(s: Scenario) -> Report {
                         return;
                     }
                     _ = tick.tick() => {}
+                    // An app that takes its vehicle back to the map as soon
+                    // as its connection is lost, not at its next fix.
+                    _ = client.lost(), if resume => {
+                        let _ = client.resume().await;
+                        continue;
+                    }
                 }
                 let at = route.at(began.elapsed());
                 let sent = client.send_fix(FixInput::at(at.0, at.1)).await;
