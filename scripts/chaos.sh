@@ -18,8 +18,11 @@
 # fleet's shards moved to another master with its keys). Defaults: 300
 # drivers, 8 s, a fix a second.
 #
-# CHAOS_TRACE=1 prints every rider's count of wrong vehicles every 100 ms
-# for the first 4 s of the fault; CHAOS_NODE_LOGS=FILE keeps the nodes'
+# Drivers connect again as soon as their connection is lost (the SDK's
+# DriverClient::lost and resume); CHAOS_RESUME=0 makes them wait for their
+# next fix, as an app that does not use them. CHAOS_TRACE=1 prints every
+# rider's count of wrong vehicles every 100 ms for the first 4 s of the
+# fault; CHAOS_NODE_LOGS=FILE keeps the nodes'
 # logs there (NODE_LOG sets their RUST_LOG). The suite runs the same scenarios small
 # (cluster.rs, chaos_*_small).
 set -euo pipefail
