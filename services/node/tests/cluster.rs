@@ -838,7 +838,7 @@ async fn redis_cluster_fault(fault: ClusterFault) {
         converged.as_millis()
     );
     match fault {
-        ClusterFault::MasterKilled | ClusterFault::SlotsMoved => {
+        ClusterFault::SlotsMoved => {
             assert_eq!(
                 cut_off,
                 0.0,
@@ -846,10 +846,14 @@ async fn redis_cluster_fault(fault: ClusterFault) {
                 cluster.logs()
             );
         }
-        ClusterFault::ManualFailover => {
+        ClusterFault::ManualFailover | ClusterFault::MasterKilled => {
             // A node whose Redis Cluster client wedged after the switch-over
             // is cut off indeed (its peers reach Redis): it steps out, makes
-            // its connection again and serves again.
+            // its connection again and serves again. After a kill the
+            // leases on the dead master's keys (1.5 s) run out before its
+            // replica is promoted (about 2 s): a node whose client finds the
+            // new master after its peers' do is past its deadline, and
+            // steps down as it must.
             for node in &cluster.nodes {
                 eventually(WAIT, "every node renews its membership again", async || {
                     let live = live_set(node.http).await?;
@@ -1313,7 +1317,7 @@ async fn a_driver_whose_node_dies_resumes_at_once_with_the_fix_the_dead_node_los
     dead.child.kill().unwrap();
     let _ = dead.child.wait();
     // Into the dead connection: nobody takes it.
-    let last = (at.0 + 0.0005, at.1);
+    let last = (at.0 + 0.0002, at.1);
     let _ = d.send_fix(FixInput::at(last.0, last.1)).await;
     // What an app does: whenever the connection is lost (the dead node, then
     // a node that redirects it to the shard's new owner), resume; it sends
@@ -1326,7 +1330,11 @@ async fn a_driver_whose_node_dies_resumes_at_once_with_the_fix_the_dead_node_los
         }
         assert!(
             Instant::now() < deadline,
-            "the lost fix never reached the new owner\n{}",
+            "the lost fix never reached the new owner: {} reconnects, at {} (the nodes: {:?}), {:?}\n{}",
+            d.reconnects(),
+            d.node(),
+            cluster.nodes.iter().map(|n| (&n.id, n.quic)).collect::<Vec<_>>(),
+            d.stats(),
             cluster.logs()
         );
     }
