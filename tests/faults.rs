@@ -119,6 +119,7 @@ async fn a_reconnect_storm_after_a_restart_is_paced_and_everyone_is_back() {
     let options = DriverOptions {
         reconnect: true,
         seeds: vec![quic],
+        ..Default::default()
     };
     let mut drivers = Vec::with_capacity(DRIVERS);
     for chunk in 0..DRIVERS / 50 {
@@ -180,4 +181,176 @@ async fn a_reconnect_storm_after_a_restart_is_paced_and_everyone_is_back() {
         DRIVERS as f64
     );
     second.stop().await;
+}
+
+/// One phone of the clocks test: how its clock is off, and who corrects it.
+struct Phone {
+    id: &'static str,
+    /// Device clock minus true time, ms.
+    skew_ms: i64,
+    /// The SDK reads the device's clock (and corrects it at connect); else
+    /// the app stamps fixes itself with the wrong clock, and only the node
+    /// can tell.
+    sdk_clock: bool,
+}
+
+/// Phones' clocks are often off; their vehicles are on the map anyway, from
+/// their second fix, with fix times in node time: the SDK measures its
+/// offset at connect, and the node works out the offset of a client that
+/// does not from its fixes' arrivals. The app is told. A clock that jumps
+/// mid-run is followed; a burst of fixes buffered while offline stays as
+/// old as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phones_whose_clocks_are_wrong_are_on_the_map_with_fix_times_in_node_time() {
+    let node = TestNode::start(None).await;
+    let phones = [
+        Phone {
+            id: "right",
+            skew_ms: 0,
+            sdk_clock: false,
+        },
+        Phone {
+            id: "ahead-20s",
+            skew_ms: 20_000,
+            sdk_clock: false,
+        },
+        Phone {
+            id: "behind-60s",
+            skew_ms: -60_000,
+            sdk_clock: false,
+        },
+        Phone {
+            id: "ahead-1h",
+            skew_ms: 3_600_000,
+            sdk_clock: false,
+        },
+        Phone {
+            id: "behind-1d",
+            skew_ms: -86_400_000,
+            sdk_clock: false,
+        },
+        Phone {
+            id: "sdk-ahead-1h",
+            skew_ms: 3_600_000,
+            sdk_clock: true,
+        },
+        Phone {
+            id: "sdk-behind-60s",
+            skew_ms: -60_000,
+            sdk_clock: true,
+        },
+    ];
+    let mut drivers = Vec::new();
+    for (i, phone) in phones.iter().enumerate() {
+        let options = DriverOptions {
+            clock_skew_ms: if phone.sdk_clock { phone.skew_ms } else { 0 },
+            ..Default::default()
+        };
+        let driver = node
+            .connector()
+            .driver_with(
+                node.node.quic_addr,
+                &driver_token(phone.id),
+                available(),
+                options,
+            )
+            .await
+            .expect("the driver connects");
+        drivers.push((phone, driver, (OSLO.0 + i as f64 * 0.001, OSLO.1)));
+    }
+    // A fix a second, each stamped by its phone's clock.
+    for step in 0..3 {
+        for (phone, driver, at) in &mut drivers {
+            let mut fix = FixInput::at(at.0 + step as f64 * 0.0001, at.1);
+            if !phone.sdk_clock {
+                fix.fix_time_ms = Some(now_ms() + phone.skew_ms);
+            }
+            driver.send_fix(fix).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for (phone, driver, _) in &mut drivers {
+        let acked = driver.acknowledged(Duration::from_secs(5)).await.unwrap();
+        assert!(
+            acked >= 2,
+            "{}: on the map from its second fix, not {acked}: {:?}",
+            phone.id,
+            driver.stats()
+        );
+        let (status, state) = node.get_json(&format!("/v1/vehicles/{}", phone.id)).await;
+        assert_eq!(status, 200, "{}: {state}", phone.id);
+        let fix_time = state["fix_time_ms"].as_i64().unwrap();
+        assert!(
+            (now_ms() - fix_time).abs() < 3_000,
+            "{}: its fix time is in node time: {state}",
+            phone.id
+        );
+        // What the device's clock is off by, as the node and the app see it.
+        let offset = state["clock_offset_ms"].as_i64().unwrap_or(0);
+        assert!(
+            (offset + phone.skew_ms).abs() < 1_000,
+            "{}: offset {offset}: {state}",
+            phone.id
+        );
+        assert!(
+            (driver.clock_offset_ms() + phone.skew_ms).abs() < 1_000,
+            "{}: the app is told {} ms",
+            phone.id,
+            driver.clock_offset_ms()
+        );
+    }
+    let corrected = node.metric("hexfleet_fixes_time_corrected_total").await;
+    assert!(
+        corrected >= 8.0,
+        "the node corrected the raw phones' fixes: {corrected}"
+    );
+    let offsets = node
+        .metric("hexfleet_device_clock_offset_seconds_count")
+        .await;
+    assert!(offsets >= 6.0, "each wrong clock counted: {offsets}");
+
+    // A clock set a minute ahead mid-run: refused for a fix, then followed,
+    // its fix times still in node time and in order.
+    let (_, right, at) = drivers.iter_mut().find(|(p, ..)| p.id == "right").unwrap();
+    let before = right.stats().rejected_total;
+    let mut times = Vec::new();
+    for step in 0..4 {
+        let mut fix = FixInput::at(at.0 + 0.0004 + step as f64 * 0.0001, at.1);
+        fix.fix_time_ms = Some(now_ms() + 60_000);
+        right.send_fix(fix).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, state) = node.get_json("/v1/vehicles/right").await;
+        times.push(state["fix_time_ms"].as_i64().unwrap());
+    }
+    right.acknowledged(Duration::from_secs(5)).await.unwrap();
+    let (_, state) = node.get_json("/v1/vehicles/right").await;
+    assert_eq!(state["seq"], 7, "followed after the jump: {state}");
+    assert!((now_ms() - state["fix_time_ms"].as_i64().unwrap()).abs() < 3_000);
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {times:?}"
+    );
+    assert!(
+        right.stats().rejected_total - before <= 1,
+        "{:?}",
+        right.stats()
+    );
+
+    // Ten fixes buffered while offline, sent at once, then a live one: the
+    // old ones are not made live, and nothing is corrected.
+    let mut late = node.driver("tunnel", available()).await;
+    let now = now_ms();
+    for i in 0..10 {
+        let mut fix = FixInput::at(OSLO.0 - 0.01 + i as f64 * 0.0001, OSLO.1);
+        fix.fix_time_ms = Some(now - 20_000 + i * 1_000);
+        late.send_fix(fix).await.unwrap();
+    }
+    let mut live = FixInput::at(OSLO.0 - 0.01 + 0.0011, OSLO.1);
+    live.fix_time_ms = Some(now_ms());
+    late.send_fix(live).await.unwrap();
+    assert_eq!(late.acknowledged(Duration::from_secs(5)).await.unwrap(), 11);
+    let (_, state) = node.get_json("/v1/vehicles/tunnel").await;
+    assert_eq!(state["clock_offset_ms"].as_i64().unwrap_or(0), 0, "{state}");
+    assert!((now_ms() - state["fix_time_ms"].as_i64().unwrap()).abs() < 2_000);
+    node.stop().await;
 }

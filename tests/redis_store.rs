@@ -45,6 +45,7 @@ fn state(id: &str, lat: f64, lon: f64, seq: u64) -> VehicleState {
         status: VehicleStatus::Available,
         seen_ms: now_ms(),
         zones: Vec::new(),
+        clock_offset_ms: 0,
     }
 }
 

@@ -377,6 +377,7 @@ pub fn parked_fleet(
             status: VehicleStatus::Available,
             seen_ms: now_ms(),
             zones: Vec::new(),
+            clock_offset_ms: 0,
         })
         .collect()
 }

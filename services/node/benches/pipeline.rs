@@ -39,6 +39,7 @@ fn state(id: &VehicleId, lat: f64) -> VehicleState {
         status: VehicleStatus::Available,
         seen_ms: NOW,
         zones: Vec::new(),
+        clock_offset_ms: 0,
     }
 }
 

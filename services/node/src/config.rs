@@ -267,6 +267,12 @@ pub struct IngestConfig {
     /// How old a fix may be when it arrives.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// A device clock off by more than this has its fix times put in node
+    /// time (see `device_clock`); within it, a device's offset cannot be
+    /// told from the time its fixes take to arrive, and is left alone.
+    /// `max_future` and `max_age` apply after the correction.
+    #[serde(with = "humantime_serde")]
+    pub clock_tolerance: Duration,
     /// How often a driver's fixes are acknowledged, at most (rejections
     /// within a second).
     #[serde(with = "humantime_serde")]
@@ -455,6 +461,7 @@ impl Default for IngestConfig {
             jitter_m: 50.0,
             max_future: Duration::from_secs(5),
             max_age: Duration::from_secs(30),
+            clock_tolerance: Duration::from_secs(1),
             ack_interval: Duration::from_secs(30),
             offline_grace: Duration::from_secs(10),
             fixes: RequestLimits {

@@ -106,6 +106,7 @@ impl Ingest {
             status: report.status,
             seen_ms: now_ms,
             zones: Vec::new(),
+            clock_offset_ms: valid.clock_offset_ms,
         };
         let mut events = Vec::new();
         let mut kept = None;

@@ -31,6 +31,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod dashboard;
+pub mod device_clock;
 pub mod endpoint;
 pub mod fanout;
 pub mod http;

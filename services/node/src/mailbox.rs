@@ -193,6 +193,7 @@ mod tests {
             status: VehicleStatus::Available,
             seen_ms: 0,
             zones: Vec::new(),
+            clock_offset_ms: 0,
         }
     }
 

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub subscriptions_replaced: Counter,
     pub fixes_accepted: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
+    pub fixes_time_corrected: Counter,
+    pub device_clock_offset_seconds: Histogram,
     pub vehicles: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub vehicles_evicted: Counter,
     pub store_flush_seconds: Histogram,
@@ -186,6 +188,18 @@ impl Metrics {
                 registered(&mut r, "fixes_rejected", "Driver fixes rejected, by reason", Family::default()),
                 "reason",
                 RejectReason::ALL.map(RejectReason::as_str),
+            ),
+            fixes_time_corrected: registered(
+                &mut r,
+                "fixes_time_corrected",
+                "Driver fixes whose time was put in node time, their device's clock being off by more than ingest.clock_tolerance",
+                Counter::default(),
+            ),
+            device_clock_offset_seconds: registered(
+                &mut r,
+                "device_clock_offset_seconds",
+                "How far off drivers' device clocks are (either way), once per session and on each change",
+                Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3_600.0, 86_400.0]),
             ),
             vehicles: registered(&mut r, "vehicles", "Live vehicles in this node's table", Gauge::default()),
             vehicles_evicted: registered(

@@ -357,6 +357,7 @@ mod tests {
             status: VehicleStatus::Available,
             seen_ms,
             zones: Vec::new(),
+            clock_offset_ms: 0,
         }
     }
 

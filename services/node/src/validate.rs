@@ -17,13 +17,18 @@
 use hexfleet_model::Position;
 use hexfleet_protocol::{Fix, RejectReason};
 
-use crate::config::IngestConfig;
+use crate::{config::IngestConfig, device_clock::DeviceClock};
 
-/// A fix that passed validation; its position is known to be valid.
+/// A fix that passed validation; its position is known to be valid and its
+/// time is in node time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ValidFix {
     pub fix: Fix,
     pub position: Position,
+    /// How far off the device's clock is (see [`VehicleState`]'s field).
+    ///
+    /// [`VehicleState`]: hexfleet_model::VehicleState
+    pub clock_offset_ms: i64,
 }
 
 /// The limits a fix is held to, taken from configuration.
@@ -33,6 +38,7 @@ pub struct Limits {
     pub jitter_m: f64,
     pub max_future_ms: i64,
     pub max_age_ms: i64,
+    pub clock_tolerance_ms: i64,
     /// After this long without an accepted fix, the next one is not checked
     /// for speed: the vehicle went stale and may reappear anywhere.
     pub stale_after_ms: i64,
@@ -45,6 +51,7 @@ impl Limits {
             jitter_m: ingest.jitter_m,
             max_future_ms: ingest.max_future.as_millis() as i64,
             max_age_ms: ingest.max_age.as_millis() as i64,
+            clock_tolerance_ms: ingest.clock_tolerance.as_millis() as i64,
             stale_after_ms: stale_after.as_millis() as i64,
         }
     }
@@ -66,6 +73,15 @@ pub struct Validator {
     /// docs); it moves to the newest accepted fix once that is at least
     /// [`ANCHOR_SPAN_MS`] younger.
     anchor: Option<LastFix>,
+    /// The device's clock as its fixes tell it; fix times are corrected by
+    /// it before they are checked.
+    clock: DeviceClock,
+    /// Whether `last` was taken in this session before the clock's offset
+    /// was known, as the device stamped it.
+    taken_as_stamped: bool,
+    /// The offset the client said it applied itself (its fixes are in
+    /// node time already, give or take).
+    reported_offset_ms: i64,
 }
 
 /// How long the anchor holds before it moves up to the newest accepted fix.
@@ -88,6 +104,9 @@ impl Validator {
             limits,
             last,
             anchor: last,
+            clock: DeviceClock::new(limits.clock_tolerance_ms),
+            taken_as_stamped: false,
+            reported_offset_ms: 0,
         }
     }
 
@@ -95,10 +114,43 @@ impl Validator {
         self.last
     }
 
+    /// How far off the device's clock is: what the client applied and
+    /// what this node adds.
+    pub fn clock_offset_ms(&self) -> i64 {
+        self.reported_offset_ms
+            .saturating_add(self.clock.correction_ms())
+    }
+
+    /// What this node adds to the device's fix times.
+    pub fn clock_correction_ms(&self) -> i64 {
+        self.clock.correction_ms()
+    }
+
+    /// The client says it stamps its fixes in node time, having measured
+    /// its clock `offset_ms` off.
+    pub fn reported_offset(&mut self, offset_ms: i64) {
+        self.reported_offset_ms = offset_ms;
+    }
+
     /// Checks a fix against the driver's last accepted one and the node's
     /// clock (`now_ms`, Unix milliseconds). On success the fix becomes the
     /// new reference.
     pub fn check(&mut self, fix: &Fix, now_ms: i64) -> Result<ValidFix, RejectReason> {
+        let observed = self.clock.observe(fix.fix_time_ms, now_ms);
+        if let Some(from) = observed.changed_from.filter(|_| observed.first) {
+            // What this session took before the offset was known is put in
+            // node time too, so the next fix is not "back in time".
+            if self.taken_as_stamped {
+                let by = observed.correction_ms.saturating_sub(from);
+                for reference in [&mut self.last, &mut self.anchor].into_iter().flatten() {
+                    reference.fix_time_ms = reference.fix_time_ms.saturating_add(by);
+                }
+            }
+        }
+        let fix = &Fix {
+            fix_time_ms: fix.fix_time_ms.saturating_add(observed.correction_ms),
+            ..*fix
+        };
         let position =
             Position::new(fix.lat, fix.lon).map_err(|_| RejectReason::InvalidCoordinate)?;
         if !position.is_indexable() {
@@ -152,9 +204,11 @@ impl Validator {
             self.anchor = Some(accepted);
         }
         self.last = Some(accepted);
+        self.taken_as_stamped = !self.clock.confirmed();
         Ok(ValidFix {
             fix: *fix,
             position,
+            clock_offset_ms: self.clock_offset_ms(),
         })
     }
 

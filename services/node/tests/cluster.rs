@@ -371,6 +371,7 @@ async fn driver(cluster: &Cluster, via: SocketAddr, id: &str) -> DriverClient {
     let options = DriverOptions {
         reconnect: true,
         seeds: cluster.seeds(),
+        ..Default::default()
     };
     cluster
         .connector()
@@ -1045,6 +1046,7 @@ async fn a_driver_back_through_another_node_within_its_grace_is_not_signed_off_b
     let options = DriverOptions {
         reconnect: true,
         seeds: cluster.seeds(),
+        ..Default::default()
     };
     let mut back = cluster
         .connector()
@@ -1890,6 +1892,7 @@ async fn a_write_under_a_lease_that_is_no_longer_held_lands_nothing() {
         status: VehicleStatus::Available,
         seen_ms: 1,
         zones: Vec::new(),
+        clock_offset_ms: 0,
     };
     let batch = |fence: &str| Batch {
         shards: vec![ShardBatch {
@@ -2095,6 +2098,7 @@ async fn clients_over_websocket_are_redirected_to_the_owner_over_websocket() {
     let options = DriverOptions {
         reconnect: true,
         seeds: Vec::new(),
+        ..Default::default()
     };
     let mut driver = connector
         .driver_with(

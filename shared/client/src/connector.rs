@@ -80,6 +80,11 @@ pub(crate) struct Established {
     pub tx: ControlWrite,
     pub rx: ControlRead,
     pub welcome: Welcome,
+    /// How long `Hello` took to be answered, and the machine's clock when
+    /// it was (Unix ms): with the welcome's `node_time_ms`, the clock's
+    /// offset.
+    pub round_trip: std::time::Duration,
+    pub welcomed_ms: i64,
 }
 
 /// What the node answered to `Hello`.
@@ -562,6 +567,7 @@ impl Connector {
         token: &str,
     ) -> Result<Greeting, ClientError> {
         let (conn, mut tx, mut rx) = self.open(addr).await?;
+        let sent = std::time::Instant::now();
         tx.send(ClientMsg::Hello(Hello {
             version: PROTOCOL_VERSION,
             role,
@@ -574,6 +580,8 @@ impl Connector {
                 tx,
                 rx,
                 welcome,
+                round_trip: sent.elapsed(),
+                welcomed_ms: crate::driver::now_ms(),
             }))),
             Some(Ok(ServerMsg::Redirect(r))) => {
                 conn.close(CloseAs::Redirected, "redirected");

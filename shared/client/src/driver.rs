@@ -18,7 +18,8 @@ use std::{
 
 use futures_util::StreamExt;
 use hexfleet_protocol::{
-    encode_datagram, ClientMsg, DriverReport, ErrorCode, Fix, RejectReason, Role, ServerMsg,
+    encode_datagram, ClientMsg, ClockReport, DriverReport, ErrorCode, Fix, RejectReason, Role,
+    ServerMsg,
 };
 use parking_lot::Mutex;
 
@@ -36,7 +37,8 @@ pub struct FixInput {
     pub heading_deg: f32,
     pub speed_mps: f32,
     pub accuracy_m: f32,
-    /// Unix milliseconds; `None` means now.
+    /// Unix milliseconds in the device's clock; `None` means now. The SDK
+    /// puts it in the node's clock (see [`DriverClient::clock_offset_ms`]).
     pub fix_time_ms: Option<i64>,
 }
 
@@ -63,6 +65,10 @@ pub struct DriverStats {
     /// to 64 per acknowledgement; `rejected_total` counts all).
     pub rejections: Vec<(u64, RejectReason)>,
     pub rejected_total: u64,
+    /// What the node adds to this driver's fix times, as its last `Ack`
+    /// said: non-zero when the device's clock is off by more than the
+    /// node's tolerance even after the SDK's own correction.
+    pub node_clock_correction_ms: i64,
 }
 
 #[derive(Default)]
@@ -83,7 +89,15 @@ pub struct DriverOptions {
     pub reconnect: bool,
     /// Other nodes to try when the one in use does not answer.
     pub seeds: Vec<SocketAddr>,
+    /// For simulations: how far this device's clock is off (milliseconds
+    /// added to the machine's clock wherever the SDK reads the device's
+    /// time), as phones' clocks often are.
+    pub clock_skew_ms: i64,
 }
+
+/// Beyond this (either way), a device's clock is wrong enough for an app
+/// to tell its user (see [`DriverClient::clock_offset_ms`]).
+pub const CLOCK_WARNING_MS: i64 = 10_000;
 
 /// Attempts to reconnect before giving up; with the backoff (50 ms doubling
 /// to 1 s, with jitter) they span about six seconds.
@@ -117,9 +131,14 @@ pub struct DriverClient {
     reconnects: u64,
     /// The last fix sent, for [`DriverClient::resume`].
     last_fix: Option<Fix>,
+    /// What the SDK adds to device times to put them in node time, as
+    /// measured at the last connect.
+    clock_offset_ms: i64,
+    /// The round trip that was measured over.
+    clock_round_trip_ms: u32,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -149,6 +168,7 @@ impl Connector {
     ) -> Result<DriverClient, ClientError> {
         let (node, established) = self.welcomed(addr, token).await?;
         let shared = Arc::new(Shared::default());
+        let clock = measured(&established, options.clock_skew_ms);
         let link = attach(established, &shared, self);
         let mut driver = DriverClient {
             datagrams: link.datagrams,
@@ -165,8 +185,11 @@ impl Connector {
             node,
             reconnects: 0,
             last_fix: None,
+            clock_offset_ms: 0,
+            clock_round_trip_ms: 0,
         };
         driver.report(report).await?;
+        driver.clock(clock).await?;
         Ok(driver)
     }
 
@@ -186,6 +209,21 @@ impl Connector {
     }
 }
 
+/// The device clock's offset from the node's (node minus device, ms) and
+/// the round trip it was measured over, NTP-style: the node's time when it
+/// welcomed, against the device's halfway through the `Hello` round trip.
+/// `None` from a node that does not say its time.
+fn measured(established: &Established, skew_ms: i64) -> Option<(i64, u32)> {
+    let node_ms = established.welcome.node_time_ms;
+    if node_ms == 0 {
+        return None;
+    }
+    let round_trip_ms = established.round_trip.as_millis() as i64;
+    let device_ms = established.welcomed_ms.saturating_add(skew_ms);
+    let offset = node_ms.saturating_sub(device_ms.saturating_sub(round_trip_ms / 2));
+    Some((offset, round_trip_ms.clamp(0, u32::MAX as i64) as u32))
+}
+
 /// A welcomed connection put to work: its control stream read into
 /// `shared`.
 struct Link {
@@ -203,6 +241,7 @@ fn attach(established: Established, shared: &Arc<Shared>, connector: &Connector)
         tx,
         rx,
         welcome,
+        ..
     } = established;
     shared
         .acked_seq
@@ -243,6 +282,7 @@ async fn read_control(mut rx: ControlRead, shared: Arc<Shared>, connector: Conne
                 let mut stats = shared.stats.lock();
                 stats.acked_seq = stats.acked_seq.max(ack.seq);
                 stats.rejected_total = ack.rejected_total;
+                stats.node_clock_correction_ms = ack.clock_offset_ms;
                 stats
                     .rejections
                     .extend(ack.rejected.iter().map(|r| (r.seq, r.reason)));
@@ -269,9 +309,10 @@ impl DriverClient {
     /// superseded by the next.
     pub async fn send_fix(&mut self, input: FixInput) -> Result<u64, ClientError> {
         let seq = self.next_seq;
+        let device_ms = input.fix_time_ms.unwrap_or_else(|| self.device_now_ms());
         let fix = Fix {
             seq,
-            fix_time_ms: input.fix_time_ms.unwrap_or_else(now_ms),
+            fix_time_ms: device_ms.saturating_add(self.clock_offset_ms),
             lat: input.lat,
             lon: input.lon,
             heading_deg: input.heading_deg,
@@ -362,6 +403,7 @@ impl DriverClient {
         node: SocketAddr,
         established: Established,
     ) -> Result<(), ClientError> {
+        let clock = measured(&established, self.options.clock_skew_ms);
         self.reader.abort();
         *self.shared.closed.lock() = None;
         let link = attach(established, &self.shared, &self.connector);
@@ -373,7 +415,45 @@ impl DriverClient {
         self.next_seq = self.next_seq.max(link.resume_seq + 1);
         self.reconnects += 1;
         let report = self.report;
-        self.send(ClientMsg::Driver(report)).await
+        self.send(ClientMsg::Driver(report)).await?;
+        self.clock(clock).await
+    }
+
+    /// Applies a measurement of the device's clock from now on, and tells
+    /// the node (its fixes come in node time).
+    async fn clock(&mut self, measured: Option<(i64, u32)>) -> Result<(), ClientError> {
+        let Some((offset_ms, round_trip_ms)) = measured else {
+            return Ok(());
+        };
+        self.clock_offset_ms = offset_ms;
+        self.clock_round_trip_ms = round_trip_ms;
+        self.send(ClientMsg::Clock(ClockReport {
+            offset_ms,
+            round_trip_ms,
+        }))
+        .await
+    }
+
+    /// The device's clock: the machine's, or as far off as a simulation
+    /// said.
+    fn device_now_ms(&self) -> i64 {
+        now_ms().saturating_add(self.options.clock_skew_ms)
+    }
+
+    /// How far off the device's clock is from the node's, in milliseconds
+    /// (positive when the device is behind): what the SDK measured at
+    /// connect (it stamps fixes in node time) and what the node still adds.
+    /// Past [`CLOCK_WARNING_MS`] an app may tell its user to set the
+    /// phone's clock; fixes are kept right either way.
+    pub fn clock_offset_ms(&self) -> i64 {
+        let node = self.shared.stats.lock().node_clock_correction_ms;
+        self.clock_offset_ms.saturating_add(node)
+    }
+
+    /// What the SDK adds to the device's times, and the round trip it was
+    /// measured over (its uncertainty is half that).
+    pub fn clock_measurement(&self) -> (i64, u32) {
+        (self.clock_offset_ms, self.clock_round_trip_ms)
     }
 
     /// The node this driver is connected to now.

@@ -24,6 +24,6 @@ pub use connector::{
     https_config, ClientError, Connector, TransportPolicy, DEFAULT_QUIC_TIMEOUT,
     DEFAULT_REMEMBER_FOR,
 };
-pub use driver::{DriverClient, DriverOptions, DriverStats, FixInput};
+pub use driver::{DriverClient, DriverOptions, DriverStats, FixInput, CLOCK_WARNING_MS};
 pub use rider::{Applied, Event, Observer, RiderClient, RiderOptions, RiderStats, Subscription};
 pub use transport::Transport;

@@ -138,6 +138,11 @@ pub struct DriverStats {
     pub udp_datagrams_received: u64,
     /// Locations waiting for the connection to come back.
     pub buffered: u64,
+    /// How far off the phone's clock is from the node's, in milliseconds
+    /// (positive when the phone is behind). The SDK puts fix times in the
+    /// node's clock either way; past `CLOCK_WARNING_MS` (10 s) an app may
+    /// tell its user to set the phone's clock.
+    pub clock_offset_ms: i64,
 }
 
 enum Command {
@@ -405,6 +410,7 @@ impl Supervisor {
             let options = DriverOptions {
                 reconnect: false,
                 seeds: Vec::new(),
+                ..Default::default()
             };
             let connected = self
                 .target
@@ -627,6 +633,7 @@ impl Supervisor {
         if let Some(client) = &self.client {
             stats.acked_seq = client.acked_seq();
             stats.rejected = client.stats().rejected_total;
+            stats.clock_offset_ms = client.clock_offset_ms();
         }
     }
 }

@@ -148,10 +148,20 @@ pub struct VehicleState {
     /// The zones the vehicle is in, by zone id, each with when it entered.
     /// Kept with the state so that whichever node holds the vehicle next
     /// (a hand-off, a failover) continues from it: an entry is announced
-    /// once. Last, and left out when empty, so states stored before zones
-    /// existed still decode.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// once. States stored before zones existed still decode.
+    #[serde(default)]
     pub zones: Vec<Membership>,
+    /// How far the device's clock is off, in milliseconds: what was added
+    /// to its fix times to put them in node time (the client's own
+    /// measurement and the node's correction together; positive when the
+    /// device is behind). Last, and left out when zero, so states stored
+    /// before it existed still decode.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clock_offset_ms: i64,
+}
+
+fn is_zero(ms: &i64) -> bool {
+    *ms == 0
 }
 
 /// A vehicle's presence in a zone.

@@ -80,6 +80,18 @@ pub enum ClientMsg {
     /// (to the background, or at the end of a load run). Counted against
     /// the connection's fix budget.
     AckNow,
+    /// The client measured its device's clock `offset_ms` off the node's
+    /// (what it adds to device times) and stamps its fixes in node time.
+    Clock(ClockReport),
+}
+
+/// A client's measurement of its device's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockReport {
+    /// Node time minus device time, milliseconds.
+    pub offset_ms: i64,
+    /// The round trip it was measured over (its uncertainty is half this).
+    pub round_trip_ms: u32,
 }
 
 /// Limits the node holds the client to.
@@ -100,6 +112,11 @@ pub struct Welcome {
     /// reconnecting client continues above it.
     pub resume_seq: u64,
     pub limits: Limits,
+    /// The node's clock as it sent this (Unix milliseconds): with the times
+    /// the client sent `Hello` and received this, its offset from the
+    /// node's clock, NTP-style. Zero from a node that does not say.
+    #[serde(default)]
+    pub node_time_ms: i64,
 }
 
 /// The shard of the driver is owned by another node: connect there.
@@ -339,6 +356,13 @@ pub struct Ack {
     pub seq: u64,
     pub rejected: Vec<Rejection>,
     pub rejected_total: u64,
+    /// What the node adds to this driver's fix times to put them in its
+    /// own clock (zero when the device's clock, or the client's own
+    /// correction, is right within `ingest.clock_tolerance`). Sent at once
+    /// when it changes: an app may warn its user that the phone's clock is
+    /// wrong.
+    #[serde(default)]
+    pub clock_offset_ms: i64,
 }
 
 pub const MAX_REJECTIONS_PER_ACK: usize = 64;

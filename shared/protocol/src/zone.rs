@@ -199,6 +199,7 @@ mod tests {
                     zone: ZoneId::new("airport").unwrap(),
                     entered_ms: 1_700_000_000_123,
                 }],
+                clock_offset_ms: 0,
             },
         };
         let fields = event.fields();

@@ -100,6 +100,10 @@ fn mutated_client_messages() {
         }),
         ClientMsg::Goodbye,
         ClientMsg::AckNow,
+        ClientMsg::Clock(hexfleet_protocol::ClockReport {
+            offset_ms: -3_600_000,
+            round_trip_ms: 40,
+        }),
     ];
     let encoded: Vec<BytesMut> = messages
         .iter()

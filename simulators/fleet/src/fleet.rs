@@ -343,6 +343,7 @@ impl Driver {
         let options = DriverOptions {
             reconnect: true,
             seeds: self.target.seeds.clone(),
+            ..Default::default()
         };
         gated(&self.crew, &self.id, || {
             self.connector

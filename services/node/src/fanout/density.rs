@@ -128,6 +128,7 @@ mod tests {
             status,
             seen_ms: 0,
             zones: Vec::new(),
+            clock_offset_ms: 0,
         }
     }
 

@@ -230,6 +230,8 @@ struct DriverSession<'a> {
     rejections: Vec<Rejection>,
     rejected_total: u64,
     rejected_unsent: bool,
+    /// The device clock's offset changed since the last `Ack` said it.
+    clock_unsent: bool,
     /// Where the driver crossed into a shard this node does not own, while
     /// it stays here (hand-off hysteresis).
     crossed_at: Option<Position>,
@@ -294,6 +296,7 @@ impl<'a> DriverSession<'a> {
             stored_at: None,
             rejected_total: 0,
             rejected_unsent: false,
+            clock_unsent: false,
             crossed_at: None,
             ownership_seen: 0,
             budget: RequestBudget::new(&ctx.fix_budget, Instant::now()),
@@ -316,6 +319,7 @@ impl<'a> DriverSession<'a> {
                 datagrams,
                 ack_interval_ms: self.ctx.ack_interval.as_millis() as u32,
             },
+            node_time_ms: clock::now_ms(),
         });
         send(tx, welcome, self.ctx).await?;
         let mut events = self.events(rx, expiry);
@@ -361,6 +365,12 @@ impl<'a> DriverSession<'a> {
                         return Ok(Goodbye);
                     }
                     ClientMsg::AckNow => self.on_ack_now()?,
+                    ClientMsg::Clock(report) => {
+                        let before = self.validator.clock_offset_ms();
+                        self.validator.reported_offset(report.offset_ms);
+                        tracing::debug!(vehicle = %self.id, offset_ms = report.offset_ms, round_trip_ms = report.round_trip_ms, "the client measured its clock");
+                        self.clock_noted(before);
+                    }
                     ClientMsg::Hello(_) => {
                         return Err(
                             Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into(),
@@ -476,13 +486,19 @@ impl<'a> DriverSession<'a> {
             return Ok(());
         }
         let now = clock::now_ms();
-        let valid = match self.validator.check(fix, now) {
+        let before = self.validator.clock_offset_ms();
+        let checked = self.validator.check(fix, now);
+        self.clock_noted(before);
+        let valid = match checked {
             Ok(valid) => valid,
             Err(reason) => {
                 self.reject(fix.seq, reason);
                 return Ok(());
             }
         };
+        if valid.fix.fix_time_ms != fix.fix_time_ms {
+            self.ctx.ingest.metrics.fixes_time_corrected.inc();
+        }
         let placed = self.ctx.ingest.locate(valid.position);
         let placed = match &self.ctx.cluster {
             None => placed,
@@ -666,7 +682,25 @@ impl<'a> DriverSession<'a> {
 
     /// Whether something happened since the last `Ack`.
     fn unacknowledged(&self) -> bool {
-        self.rejected_unsent || self.acked_seq != self.ack_sent
+        self.rejected_unsent || self.clock_unsent || self.acked_seq != self.ack_sent
+    }
+
+    /// The device clock's offset may have changed (from `before`): counted,
+    /// logged when it is off, and said to the app in the next `Ack`, soon.
+    fn clock_noted(&mut self, before: i64) {
+        let offset = self.validator.clock_offset_ms();
+        if offset == before {
+            return;
+        }
+        let metrics = &self.ctx.ingest.metrics;
+        metrics
+            .device_clock_offset_seconds
+            .observe(offset.unsigned_abs() as f64 / 1000.0);
+        let correction = self.validator.clock_correction_ms();
+        if correction != 0 {
+            tracing::info!(vehicle = %self.id, offset_ms = offset, correction_ms = correction, "a driver's device clock is off: its fix times are put in node time");
+        }
+        self.clock_unsent = true;
     }
 
     /// When acknowledgements are next looked at, if anything waits for one.
@@ -685,7 +719,7 @@ impl<'a> DriverSession<'a> {
                 false => by.min(now + self.ctx.flush_interval),
             });
         }
-        let wait = if self.rejected_unsent {
+        let wait = if self.rejected_unsent || self.clock_unsent {
             self.ctx.ack_interval.min(REJECTIONS_WITHIN)
         } else {
             self.ctx.ack_interval
@@ -756,7 +790,7 @@ impl<'a> DriverSession<'a> {
     /// Sends an `Ack` when something happened since the last one.
     async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         self.settle();
-        if !self.rejected_unsent && self.acked_seq == self.ack_sent {
+        if !self.rejected_unsent && !self.clock_unsent && self.acked_seq == self.ack_sent {
             return Ok(());
         }
         self.send_ack_now(tx).await
@@ -770,8 +804,10 @@ impl<'a> DriverSession<'a> {
             seq: self.acked_seq,
             rejected: std::mem::take(&mut self.rejections),
             rejected_total: self.rejected_total,
+            clock_offset_ms: self.validator.clock_correction_ms(),
         });
         self.rejected_unsent = false;
+        self.clock_unsent = false;
         self.ack_sent = self.acked_seq;
         send(tx, ack, self.ctx).await
     }

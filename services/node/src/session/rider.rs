@@ -94,6 +94,7 @@ pub(super) async fn serve(
             datagrams: false,
             ack_interval_ms: 0,
         },
+        node_time_ms: crate::clock::now_ms(),
     });
     send(tx, welcome, ctx).await?;
     // Only a connection that is gone refuses a stream the node may open.

@@ -1285,3 +1285,65 @@ impl Store for RedisStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hexfleet_model::{Membership, VehicleClass, VehicleId, VehicleStatus, ZoneId};
+
+    use super::*;
+
+    fn state() -> VehicleState {
+        VehicleState {
+            id: VehicleId::new("car-1").unwrap(),
+            lat: 52.5,
+            lon: 13.4,
+            heading_deg: 90.0,
+            speed_mps: 3.0,
+            accuracy_m: 4.0,
+            fix_time_ms: 1_800_000_000_000,
+            seq: 7,
+            class: VehicleClass::Economy,
+            status: VehicleStatus::Available,
+            seen_ms: 1_800_000_000_100,
+            zones: Vec::new(),
+            clock_offset_ms: 0,
+        }
+    }
+
+    #[test]
+    fn states_stored_by_every_version_decode() {
+        // Before zones: the first ten fields only.
+        let fields = (
+            "car-1",
+            52.5,
+            13.4,
+            90.0f32,
+            3.0f32,
+            4.0f32,
+            1_800_000_000_000i64,
+            7u64,
+            VehicleClass::Economy,
+            VehicleStatus::Available,
+            1_800_000_000_100i64,
+        );
+        let old = rmp_serde::to_vec(&fields).unwrap();
+        assert_eq!(decode("car-1", &old).unwrap(), state());
+        // With zones, with and without a clock offset.
+        let mut zoned = state();
+        zoned.zones.push(Membership {
+            zone: ZoneId::new("airport").unwrap(),
+            entered_ms: 1_800_000_000_050,
+        });
+        for state in [
+            state(),
+            zoned.clone(),
+            VehicleState {
+                clock_offset_ms: -3_600_000,
+                ..zoned
+            },
+        ] {
+            let bytes = rmp_serde::to_vec(&state).unwrap();
+            assert_eq!(decode("car-1", &bytes).unwrap(), state);
+        }
+    }
+}
