@@ -15,7 +15,10 @@
 # signing off meanwhile); on a three-master Redis Cluster with a replica
 # each: cluster-master-kill (kill -9 of a master), cluster-failover
 # (CLUSTER FAILOVER on a replica), cluster-slots (every slot holding the
-# fleet's shards moved to another master with its keys). Defaults: 300
+# fleet's shards moved to another master with its keys); clocks (phones'
+# clocks wrong from the start: a sixth 20 s ahead, a sixth 60 s behind, a
+# sixth an hour ahead, each stamping its fixes itself, a sixth a day behind
+# read by the SDK; at the fault a sixth jump a minute ahead). Defaults: 300
 # drivers, 8 s, a fix a second.
 #
 # Drivers connect again as soon as their connection is lost (the SDK's
@@ -27,7 +30,7 @@
 # (cluster.rs, chaos_*_small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots [drivers] [fault seconds] [fix ms]}
+scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks [drivers] [fault seconds] [fix ms]}
 export CHAOS_SCENARIO=$scenario
 export CHAOS_DRIVERS=${2:-300}
 export CHAOS_FAULT_S=${3:-8}

@@ -339,6 +339,8 @@ async fn phones_whose_clocks_are_wrong_are_on_the_map_with_fix_times_in_node_tim
     // Ten fixes buffered while offline, sent at once, then a live one: the
     // old ones are not made live, and nothing is corrected.
     let mut late = node.driver("tunnel", available()).await;
+    // On the control stream, so the `AckNow` below comes after them.
+    late.use_stream_for_fixes();
     let now = now_ms();
     for i in 0..10 {
         let mut fix = FixInput::at(OSLO.0 - 0.01 + i as f64 * 0.0001, OSLO.1);
@@ -348,9 +350,13 @@ async fn phones_whose_clocks_are_wrong_are_on_the_map_with_fix_times_in_node_tim
     let mut live = FixInput::at(OSLO.0 - 0.01 + 0.0011, OSLO.1);
     live.fix_time_ms = Some(now_ms());
     late.send_fix(live).await.unwrap();
-    assert_eq!(late.acknowledged(Duration::from_secs(5)).await.unwrap(), 11);
+    let acked = late.acknowledged(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(acked, 11, "{:?}", late.stats());
     let (_, state) = node.get_json("/v1/vehicles/tunnel").await;
-    assert_eq!(state["clock_offset_ms"].as_i64().unwrap_or(0), 0, "{state}");
+    // Only what the SDK measured at connect (a millisecond, here).
+    let offset = state["clock_offset_ms"].as_i64().unwrap_or(0);
+    assert!(offset.abs() < 100, "{state}");
+    assert_eq!(late.stats().node_clock_correction_ms, 0);
     assert!((now_ms() - state["fix_time_ms"].as_i64().unwrap()).abs() < 2_000);
     node.stop().await;
 }

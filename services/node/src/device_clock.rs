@@ -79,6 +79,18 @@ impl DeviceClock {
         self.correction_ms
     }
 
+    /// Starts from what an earlier session of the same device found (a
+    /// driver handed over, or back after a lost connection), until this
+    /// session's fixes confirm an offset of their own.
+    pub fn assume(&mut self, correction_ms: i64) {
+        if !self.confirmed {
+            self.correction_ms = match correction_ms.abs() <= self.tolerance_ms {
+                true => 0,
+                false => correction_ms,
+            };
+        }
+    }
+
     /// Whether an offset (perhaps none) was ever confirmed.
     pub fn confirmed(&self) -> bool {
         self.confirmed
@@ -225,6 +237,26 @@ mod tests {
         assert_eq!(*back.last().unwrap(), 0, "{back:?}");
         let held = back.iter().take_while(|&&c| c != 0).count() as i64;
         assert!(held * 1_000 <= WINDOW_MS + 1_000, "{back:?}");
+    }
+
+    #[test]
+    fn an_earlier_sessions_offset_holds_until_this_sessions_fixes_confirm_one() {
+        let mut clock = DeviceClock::new(TOLERANCE);
+        clock.assume(-3_600_000);
+        // Its first fix is taken at once.
+        assert_eq!(
+            clock.observe(NOW + 3_600_000, NOW + 50).correction_ms,
+            -3_600_000
+        );
+        // The next confirms this session's own measure.
+        let corrections = run(&mut clock, NOW + 1_000, 2, 3_600_000, 50);
+        assert_eq!(corrections, vec![-3_599_950, -3_599_950]);
+        clock.assume(0);
+        assert_eq!(
+            clock.correction_ms(),
+            -3_599_950,
+            "a confirmed offset stays"
+        );
     }
 
     #[test]

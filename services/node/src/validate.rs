@@ -82,6 +82,8 @@ pub struct Validator {
     /// The offset the client said it applied itself (its fixes are in
     /// node time already, give or take).
     reported_offset_ms: i64,
+    /// The device's whole offset as an earlier session found it.
+    assumed_offset_ms: Option<i64>,
 }
 
 /// How long the anchor holds before it moves up to the newest accepted fix.
@@ -107,6 +109,7 @@ impl Validator {
             clock: DeviceClock::new(limits.clock_tolerance_ms),
             taken_as_stamped: false,
             reported_offset_ms: 0,
+            assumed_offset_ms: None,
         }
     }
 
@@ -130,6 +133,17 @@ impl Validator {
     /// its clock `offset_ms` off.
     pub fn reported_offset(&mut self, offset_ms: i64) {
         self.reported_offset_ms = offset_ms;
+        if let Some(total) = self.assumed_offset_ms {
+            self.clock.assume(total.saturating_sub(offset_ms));
+        }
+    }
+
+    /// The device's clock was `total_ms` off in an earlier session (its
+    /// vehicle's state says): assumed until this session's fixes say.
+    pub fn assume_offset(&mut self, total_ms: i64) {
+        self.assumed_offset_ms = Some(total_ms);
+        self.clock
+            .assume(total_ms.saturating_sub(self.reported_offset_ms));
     }
 
     /// Checks a fix against the driver's last accepted one and the node's

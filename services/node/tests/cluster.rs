@@ -2751,9 +2751,15 @@ async fn a_replica_that_missed_a_quiet_shards_last_batch_reads_it_again() {
 async fn chaos() {
     let scenario =
         chaos::Scenario::from_env().expect(
-        "CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots",
+        "CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks",
     );
     chaos::assert_clean(&chaos::run(scenario).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_clocks_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::Clocks)).await;
+    chaos::assert_clean(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,8 +230,10 @@ struct DriverSession<'a> {
     rejections: Vec<Rejection>,
     rejected_total: u64,
     rejected_unsent: bool,
-    /// The device clock's offset changed since the last `Ack` said it.
+    /// This node's correction of the device's clock changed since the
+    /// last `Ack` said it (`correction_said`).
     clock_unsent: bool,
+    correction_said: i64,
     /// Where the driver crossed into a shard this node does not own, while
     /// it stays here (hand-off hysteresis).
     crossed_at: Option<Position>,
@@ -276,8 +278,12 @@ impl<'a> DriverSession<'a> {
             older.cancel();
         }
         let seq = last.map_or(0, |l| l.seq);
+        let mut validator = Validator::new(ctx.limits, last);
+        if let Some(state) = &previous {
+            validator.assume_offset(state.clock_offset_ms);
+        }
         Self {
-            validator: Validator::new(ctx.limits, last),
+            validator,
             accepted: VecDeque::new(),
             ack_now_by: None,
             acked_seq: seq,
@@ -297,6 +303,7 @@ impl<'a> DriverSession<'a> {
             rejected_total: 0,
             rejected_unsent: false,
             clock_unsent: false,
+            correction_said: 0,
             crossed_at: None,
             ownership_seen: 0,
             budget: RequestBudget::new(&ctx.fix_budget, Instant::now()),
@@ -686,7 +693,9 @@ impl<'a> DriverSession<'a> {
     }
 
     /// The device clock's offset may have changed (from `before`): counted,
-    /// logged when it is off, and said to the app in the next `Ack`, soon.
+    /// logged when it is off, and, when this node's correction changed,
+    /// said to the app in the next `Ack`, soon (what its SDK measured, the
+    /// app knows).
     fn clock_noted(&mut self, before: i64) {
         let offset = self.validator.clock_offset_ms();
         if offset == before {
@@ -700,7 +709,7 @@ impl<'a> DriverSession<'a> {
         if correction != 0 {
             tracing::info!(vehicle = %self.id, offset_ms = offset, correction_ms = correction, "a driver's device clock is off: its fix times are put in node time");
         }
-        self.clock_unsent = true;
+        self.clock_unsent |= correction != self.correction_said;
     }
 
     /// When acknowledgements are next looked at, if anything waits for one.
@@ -800,11 +809,12 @@ impl<'a> DriverSession<'a> {
     async fn send_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         self.settle();
         self.ack_sent_at = tokio::time::Instant::now();
+        self.correction_said = self.validator.clock_correction_ms();
         let ack = ServerMsg::Ack(Ack {
             seq: self.acked_seq,
             rejected: std::mem::take(&mut self.rejections),
             rejected_total: self.rejected_total,
-            clock_offset_ms: self.validator.clock_correction_ms(),
+            clock_offset_ms: self.correction_said,
         });
         self.rejected_unsent = false;
         self.clock_unsent = false;

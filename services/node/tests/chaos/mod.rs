@@ -18,6 +18,8 @@
 //! holds after convergence); `scripts/chaos.sh SCENARIO` runs it at the
 //! issue's scale in release mode and prints the figures.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use hexfleet_model::geodesy::haversine_m;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +49,32 @@ pub enum Fault {
     /// The same: every slot holding a shard of the fleet moved to another
     /// master with its keys.
     SlotsMoved,
+    /// Phones whose clocks are wrong from the start (see [`phone_clock`]);
+    /// at the fault, a sixth of them jump a minute ahead.
+    Clocks,
 }
+
+/// How driver `i`'s phone clock is off in the `clocks` scenario (ms), and
+/// whether the SDK reads it (and corrects it at connect) or the app stamps
+/// its fixes itself (then only the node can tell): a sixth right, a sixth
+/// 20 s ahead, a sixth 60 s behind, a sixth an hour ahead (the app's own
+/// stamps), a sixth a day behind (read by the SDK), and a sixth right until
+/// the fault, then a minute ahead.
+fn phone_clock(i: usize) -> (i64, bool) {
+    match i % 6 {
+        1 => (20_000, false),
+        2 => (-60_000, false),
+        3 => (3_600_000, false),
+        4 => (-86_400_000, true),
+        _ => (0, false),
+    }
+}
+
+/// The clocks that jump at the fault, and by how much.
+fn jumps(i: usize) -> bool {
+    i % 6 == 5
+}
+const JUMP_MS: i64 = 60_000;
 
 impl Fault {
     fn from_name(name: &str) -> Option<Fault> {
@@ -59,6 +86,7 @@ impl Fault {
             "cluster-master-kill" => Fault::MasterKill,
             "cluster-failover" => Fault::MasterFailover,
             "cluster-slots" => Fault::SlotsMoved,
+            "clocks" => Fault::Clocks,
             _ => return None,
         })
     }
@@ -184,6 +212,12 @@ pub struct Report {
     pub ghosts: Vec<String>,
     pub duplicates: Vec<String>,
     pub stale: Vec<String>,
+    /// The longest a vehicle took, from its driver's connect, to be shown
+    /// right to every rider.
+    pub on_map_after: Duration,
+    /// Stored states whose fix time is not in node time (more than 2 s
+    /// from when the node heard it).
+    pub untimely: Vec<String>,
 }
 
 /// Brings a fault on a Redis Cluster about; says what it did.
@@ -315,6 +349,9 @@ pub async fn run(s: Scenario) -> Report {
     // last send's error, its acknowledged and next seq.
     let client_side: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut routes: Vec<(String, Route)> = Vec::new();
+    let mut connected: HashMap<String, Instant> = HashMap::new();
+    // The jump of the clocks that jump, once the fault is on.
+    let jumped = Arc::new(AtomicI64::new(0));
     let stop = CancellationToken::new();
     let mut leave = Vec::new();
     let side = (s.drivers as f64).sqrt().ceil() as usize;
@@ -331,7 +368,22 @@ pub async fn run(s: Scenario) -> Report {
         };
         routes.push((id.clone(), route));
         let via = cluster.nodes[i % cluster.nodes.len()].quic;
-        let mut client = driver(&cluster, via, &id).await;
+        let (skew_ms, sdk_clock) = match s.fault {
+            Fault::Clocks => phone_clock(i),
+            _ => (0, false),
+        };
+        let jump = (s.fault == Fault::Clocks && jumps(i)).then(|| jumped.clone());
+        let options = DriverOptions {
+            reconnect: true,
+            seeds: cluster.seeds(),
+            clock_skew_ms: if sdk_clock { skew_ms } else { 0 },
+        };
+        let mut client = cluster
+            .connector()
+            .driver_with(via, &token(Role::Driver, &id), report(), options)
+            .await
+            .unwrap_or_else(|e| panic!("{id} connects: {e}"));
+        connected.insert(id.clone(), Instant::now());
         let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
         let client_side = client_side.clone();
         leave.push((id.clone(), going.clone()));
@@ -356,7 +408,13 @@ pub async fn run(s: Scenario) -> Report {
                     }
                 }
                 let at = route.at(began.elapsed());
-                let sent = client.send_fix(FixInput::at(at.0, at.1)).await;
+                let mut fix = FixInput::at(at.0, at.1);
+                if !sdk_clock {
+                    // The app stamps its fixes with the phone's clock.
+                    let jump = jump.as_ref().map_or(0, |j| j.load(Ordering::Relaxed));
+                    fix.fix_time_ms = Some(hexfleet_node::clock::now_ms() + skew_ms + jump);
+                }
+                let sent = client.send_fix(fix).await;
                 client_side.lock().insert(
                     id.clone(),
                     format!(
@@ -405,14 +463,35 @@ pub async fn run(s: Scenario) -> Report {
             .map(|(id, _)| id.clone())
             .collect()
     };
-    eventually(WAIT, "every rider sees the fleet right", async || {
+    // Each vehicle's first moment right for every rider.
+    let mut on_map: HashMap<String, Instant> = HashMap::new();
+    let watching = Instant::now();
+    while on_map.len() < routes.len() {
         let truth = truth();
-        riders
-            .iter()
-            .all(|r| wrong(r, &truth).is_empty())
-            .then_some(())
-    })
-    .await;
+        let mut bad: HashSet<String> = HashSet::new();
+        for r in &riders {
+            bad.extend(wrong(r, &truth));
+        }
+        let now = Instant::now();
+        for (id, _) in &routes {
+            if !bad.contains(id) {
+                on_map.entry(id.clone()).or_insert(now);
+            }
+        }
+        assert!(
+            watching.elapsed() < WAIT,
+            "every rider sees the fleet right: {} of {} vehicles\n{}",
+            on_map.len(),
+            routes.len(),
+            cluster.logs()
+        );
+        tokio::time::sleep(SAMPLE).await;
+    }
+    let on_map_after = on_map
+        .iter()
+        .map(|(id, at)| at.saturating_duration_since(connected[id]))
+        .max()
+        .unwrap_or_default();
     tokio::time::sleep(s.warm_up).await;
 
     // The fault, watched.
@@ -457,6 +536,10 @@ pub async fn run(s: Scenario) -> Report {
                 unreachable!("on a Redis Cluster")
             };
             what = redis_cluster_fault(redis, s.fault, &truth());
+        }
+        Fault::Clocks => {
+            jumped.store(JUMP_MS, Ordering::Relaxed);
+            what = "a sixth of the phones' clocks jump a minute ahead".into();
         }
     }
     for (id, going) in &leave {
@@ -561,6 +644,7 @@ pub async fn run(s: Scenario) -> Report {
         p99_bad: p99,
         worst_share,
         converged,
+        on_map_after,
         ..Report::default()
     };
 
@@ -571,7 +655,16 @@ pub async fn run(s: Scenario) -> Report {
         report.ghosts.clear();
         report.duplicates.clear();
         report.stale.clear();
+        report.untimely.clear();
         for (id, t) in &truth {
+            if let Some(st) = stored_in(&mut *store.conn(), id) {
+                if (st.fix_time_ms - st.seen_ms).abs() > 2_000 {
+                    report.untimely.push(format!(
+                        "{id} (fix time {} ms from when it was heard)",
+                        st.fix_time_ms - st.seen_ms
+                    ));
+                }
+            }
             let (shards, located) = stored_copies_in(&mut *store.conn(), id);
             if t.gone && (!shards.is_empty() || located) {
                 report.ghosts.push(id.clone());
@@ -678,8 +771,10 @@ pub async fn run(s: Scenario) -> Report {
                 }
             }
         }
-        let clean =
-            report.ghosts.is_empty() && report.duplicates.is_empty() && report.stale.is_empty();
+        let clean = report.ghosts.is_empty()
+            && report.duplicates.is_empty()
+            && report.stale.is_empty()
+            && report.untimely.is_empty();
         if clean || settle.elapsed() > Duration::from_secs(5) {
             break;
         }
@@ -692,7 +787,8 @@ pub async fn run(s: Scenario) -> Report {
     println!(
         "chaos {:?} ({what}): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
          longest hidden or > {BEHIND_M} m behind {} ms (p99 of pairs {} ms), worst moment {:.0}% of pairs; \
-         every rider right {} ms after the fault; after: {} ghosts, {} duplicates, {} stale",
+         every rider right {} ms after the fault; every vehicle on the map {} ms after its driver connected; \
+         after: {} ghosts, {} duplicates, {} stale, {} fix times not in node time",
         s.fault,
         s.drivers,
         s.speed_mps,
@@ -704,9 +800,11 @@ pub async fn run(s: Scenario) -> Report {
         report.p99_bad.as_millis(),
         report.worst_share * 100.0,
         report.converged.as_millis(),
+        report.on_map_after.as_millis(),
         report.ghosts.len(),
         report.duplicates.len(),
         report.stale.len(),
+        report.untimely.len(),
     );
     report
 }
@@ -750,4 +848,9 @@ pub fn assert_clean(report: &Report) {
         report.duplicates
     );
     assert!(report.stale.is_empty(), "stale: {:?}", report.stale);
+    assert!(
+        report.untimely.is_empty(),
+        "fix times not in node time: {:?}",
+        report.untimely
+    );
 }
