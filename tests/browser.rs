@@ -13,7 +13,7 @@ use std::{
 };
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use hexfleet_client::FixInput;
+use hexfleet_client::{DriverOptions, FixInput};
 use hexfleet_model::{VehicleClass, VehicleStatus};
 use hexfleet_protocol::{DriverReport, Role};
 use hexfleet_tests::*;
@@ -113,7 +113,18 @@ async fn moving_fleet(node: &TestNode, stop: CancellationToken) -> tokio::task::
         };
         let (row, col) = ((i / 8) as f64, (i % 8) as f64);
         let position = (52.515 + row * 0.002, 13.395 + col * 0.002);
-        drivers.push((node.driver(&format!("veh-{i}"), report).await, position));
+        // veh-6's phone clock is an hour ahead (the SDK corrects it).
+        let options = DriverOptions {
+            clock_skew_ms: if i == 6 { 3_600_000 } else { 0 },
+            ..Default::default()
+        };
+        let id = format!("veh-{i}");
+        let driver = node
+            .connector()
+            .driver_with(node.node.quic_addr, &driver_token(&id), report, options)
+            .await
+            .expect("the driver connects");
+        drivers.push((driver, position));
     }
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -260,6 +271,7 @@ async fn the_dashboard_draws_the_live_fleet_and_finds_a_vehicle() {
         let shown = text(&client, "detail-id").await == "veh-6"
             && text(&client, "detail-class").await == "comfort"
             && text(&client, "detail-status").await == "on trip"
+            && text(&client, "detail-clock").await == "60 min ahead"
             && text(&client, "search-result").await.starts_with("veh-6");
         shown.then_some(())
     })

@@ -388,6 +388,20 @@ function showDetails() {
   $("detail-heading").textContent = `${Math.round(v.heading_deg)}°`;
   $("detail-age").textContent = age < 1 ? "just now" : `${age.toFixed(0)} s ago`;
   $("detail-position").textContent = `${v.lat.toFixed(5)}, ${v.lon.toFixed(5)}`;
+  $("detail-clock").textContent = clockText(v.clock_offset_ms);
+}
+
+// How far off a driver's phone clock is (node minus phone, ms; its fix
+// times are in node time either way).
+function clockText(offsetMs) {
+  if (!offsetMs || Math.abs(offsetMs) < 1000) return "right";
+  const s = Math.abs(offsetMs) / 1000;
+  const size =
+    s < 120 ? `${Math.round(s)} s`
+    : s < 7200 ? `${Math.round(s / 60)} min`
+    : s < 172800 ? `${Math.round(s / 3600)} h`
+    : `${Math.round(s / 86400)} d`;
+  return `${size} ${offsetMs < 0 ? "ahead" : "behind"}`;
 }
 
 // -------------------------------------------------------------- drawing --

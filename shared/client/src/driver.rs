@@ -78,8 +78,8 @@ struct Shared {
     closed: Mutex<Option<(ErrorCode, String)>>,
     /// Where the node said to go.
     redirect: Mutex<Option<SocketAddr>>,
-    /// How many `Ack`s arrived, on any connection.
-    acks: tokio::sync::watch::Sender<u64>,
+    /// How many `Ack`s answering an `AckNow` arrived, on any connection.
+    answers: tokio::sync::watch::Sender<u64>,
 }
 
 /// How a driver client keeps its connection.
@@ -287,7 +287,9 @@ async fn read_control(mut rx: ControlRead, shared: Arc<Shared>, connector: Conne
                     .rejections
                     .extend(ack.rejected.iter().map(|r| (r.seq, r.reason)));
                 drop(stats);
-                shared.acks.send_modify(|n| *n += 1);
+                if ack.answers_ack_now {
+                    shared.answers.send_modify(|n| *n += 1);
+                }
             }
             Ok(ServerMsg::Error(e)) => {
                 *shared.closed.lock() = Some((e.code, e.reason));
@@ -539,10 +541,10 @@ impl DriverClient {
     /// Returns the highest sequence acknowledged once the node answered,
     /// or [`ClientError::Timeout`] if it did not within `within`.
     pub async fn acknowledged(&mut self, within: Duration) -> Result<u64, ClientError> {
-        let mut acks = self.shared.acks.subscribe();
-        let before = *acks.borrow_and_update();
+        let mut answers = self.shared.answers.subscribe();
+        let before = *answers.borrow_and_update();
         self.send(ClientMsg::AckNow).await?;
-        let answered = tokio::time::timeout(within, acks.wait_for(|n| *n > before))
+        let answered = tokio::time::timeout(within, answers.wait_for(|n| *n > before))
             .await
             .is_ok_and(|arrived| arrived.is_ok());
         if answered {

@@ -363,6 +363,10 @@ pub struct Ack {
     /// wrong.
     #[serde(default)]
     pub clock_offset_ms: i64,
+    /// This `Ack` answers an `AckNow` (others come on the node's own
+    /// schedule, and may cross an `AckNow` on the way).
+    #[serde(default)]
+    pub answers_ack_now: bool,
 }
 
 pub const MAX_REJECTIONS_PER_ACK: usize = 64;

@@ -754,7 +754,7 @@ impl<'a> DriverSession<'a> {
                 self.settle();
                 if self.accepted.is_empty() || tokio::time::Instant::now() >= by {
                     self.ack_now_by = None;
-                    self.send_ack_now(tx).await?;
+                    self.send_ack_now(tx, true).await?;
                 }
                 Ok(())
             }
@@ -802,11 +802,12 @@ impl<'a> DriverSession<'a> {
         if !self.rejected_unsent && !self.clock_unsent && self.acked_seq == self.ack_sent {
             return Ok(());
         }
-        self.send_ack_now(tx).await
+        self.send_ack_now(tx, false).await
     }
 
-    /// Sends an `Ack` of what was accepted and written, and rejected, so far.
-    async fn send_ack_now(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
+    /// Sends an `Ack` of what was accepted and written, and rejected, so
+    /// far; `answering` an `AckNow`.
+    async fn send_ack_now(&mut self, tx: &mut ControlWrite, answering: bool) -> Result<(), Stop> {
         self.settle();
         self.ack_sent_at = tokio::time::Instant::now();
         self.correction_said = self.validator.clock_correction_ms();
@@ -815,6 +816,7 @@ impl<'a> DriverSession<'a> {
             rejected: std::mem::take(&mut self.rejections),
             rejected_total: self.rejected_total,
             clock_offset_ms: self.correction_said,
+            answers_ack_now: answering,
         });
         self.rejected_unsent = false;
         self.clock_unsent = false;

@@ -348,87 +348,20 @@ pub async fn run(s: Scenario) -> Report {
     // What each driver's client last said: its node, its reconnects, its
     // last send's error, its acknowledged and next seq.
     let client_side: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let mut routes: Vec<(String, Route)> = Vec::new();
-    let mut connected: HashMap<String, Instant> = HashMap::new();
-    // The jump of the clocks that jump, once the fault is on.
-    let jumped = Arc::new(AtomicI64::new(0));
-    let stop = CancellationToken::new();
-    let mut leave = Vec::new();
     let side = (s.drivers as f64).sqrt().ceil() as usize;
-    for i in 0..s.drivers {
-        let (row, col) = ((i / side) as f64, (i % side) as f64);
-        let half = (side as f64 - 1.0) / 2.0;
-        let step = 1_500.0 / side.max(1) as f64;
-        let centre = offset(meeting, (col - half) * step, (row - half) * step);
-        let id = format!("car-{i}");
-        let route = Route {
-            centre,
-            phase: i as f64,
-            speed_mps: s.speed_mps,
-        };
-        routes.push((id.clone(), route));
-        let via = cluster.nodes[i % cluster.nodes.len()].quic;
-        let (skew_ms, sdk_clock) = match s.fault {
-            Fault::Clocks => phone_clock(i),
-            _ => (0, false),
-        };
-        let jump = (s.fault == Fault::Clocks && jumps(i)).then(|| jumped.clone());
-        let options = DriverOptions {
-            reconnect: true,
-            seeds: cluster.seeds(),
-            clock_skew_ms: if sdk_clock { skew_ms } else { 0 },
-        };
-        let mut client = cluster
-            .connector()
-            .driver_with(via, &token(Role::Driver, &id), report(), options)
-            .await
-            .unwrap_or_else(|e| panic!("{id} connects: {e}"));
-        connected.insert(id.clone(), Instant::now());
-        let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
-        let client_side = client_side.clone();
-        leave.push((id.clone(), going.clone()));
-        let (every, resume) = (s.fix_every, s.resume);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = going.cancelled() => {
-                        gone.lock().insert(id.clone());
-                        let _ = client.goodbye().await;
-                        return;
-                    }
-                    _ = tick.tick() => {}
-                    // An app that takes its vehicle back to the map as soon
-                    // as its connection is lost, not at its next fix.
-                    _ = client.lost(), if resume => {
-                        let _ = client.resume().await;
-                        continue;
-                    }
-                }
-                let at = route.at(began.elapsed());
-                let mut fix = FixInput::at(at.0, at.1);
-                if !sdk_clock {
-                    // The app stamps its fixes with the phone's clock.
-                    let jump = jump.as_ref().map_or(0, |j| j.load(Ordering::Relaxed));
-                    fix.fix_time_ms = Some(hexfleet_node::clock::now_ms() + skew_ms + jump);
-                }
-                let sent = client.send_fix(fix).await;
-                client_side.lock().insert(
-                    id.clone(),
-                    format!(
-                        "on {} reconnects {} acked {} next {} last send {:?}",
-                        client.node(),
-                        client.reconnects(),
-                        client.acked_seq(),
-                        client.next_seq(),
-                        sent.err()
-                    ),
-                );
-            }
-        });
-    }
+    let routes: Vec<(String, Route)> = (0..s.drivers)
+        .map(|i| {
+            let (row, col) = ((i / side) as f64, (i % side) as f64);
+            let half = (side as f64 - 1.0) / 2.0;
+            let step = 1_500.0 / side.max(1) as f64;
+            let route = Route {
+                centre: offset(meeting, (col - half) * step, (row - half) * step),
+                phase: i as f64,
+                speed_mps: s.speed_mps,
+            };
+            (format!("car-{i}"), route)
+        })
+        .collect();
     let truth = || -> HashMap<String, Truth> {
         let (now, gone) = (began.elapsed(), gone.lock());
         routes
@@ -463,30 +396,107 @@ pub async fn run(s: Scenario) -> Report {
             .map(|(id, _)| id.clone())
             .collect()
     };
-    // Each vehicle's first moment right for every rider.
-    let mut on_map: HashMap<String, Instant> = HashMap::new();
-    let watching = Instant::now();
-    while on_map.len() < routes.len() {
-        let truth = truth();
-        let mut bad: HashSet<String> = HashSet::new();
-        for r in &riders {
-            bad.extend(wrong(r, &truth));
+    // The jump of the clocks that jump, once the fault is on.
+    let jumped = Arc::new(AtomicI64::new(0));
+    let stop = CancellationToken::new();
+    let mut leave = Vec::new();
+    // Drivers connect while the riders watch: each vehicle's first moment
+    // right for every rider, from its driver's connect.
+    let connected: Mutex<HashMap<String, Instant>> = Mutex::default();
+    let connecting = async {
+        for (i, (id, route)) in routes.iter().enumerate() {
+            let (id, route) = (id.clone(), *route);
+            let via = cluster.nodes[i % cluster.nodes.len()].quic;
+            let (skew_ms, sdk_clock) = match s.fault {
+                Fault::Clocks => phone_clock(i),
+                _ => (0, false),
+            };
+            let jump = (s.fault == Fault::Clocks && jumps(i)).then(|| jumped.clone());
+            let options = DriverOptions {
+                reconnect: true,
+                seeds: cluster.seeds(),
+                clock_skew_ms: if sdk_clock { skew_ms } else { 0 },
+            };
+            let mut client = cluster
+                .connector()
+                .driver_with(via, &token(Role::Driver, &id), report(), options)
+                .await
+                .unwrap_or_else(|e| panic!("{id} connects: {e}"));
+            connected.lock().insert(id.clone(), Instant::now());
+            let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
+            let client_side = client_side.clone();
+            leave.push((id.clone(), going.clone()));
+            let (every, resume) = (s.fix_every, s.resume);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = going.cancelled() => {
+                            gone.lock().insert(id.clone());
+                            let _ = client.goodbye().await;
+                            return;
+                        }
+                        _ = tick.tick() => {}
+                        // An app that takes its vehicle back to the map as soon
+                        // as its connection is lost, not at its next fix.
+                        _ = client.lost(), if resume => {
+                            let _ = client.resume().await;
+                            continue;
+                        }
+                    }
+                    let at = route.at(began.elapsed());
+                    let mut fix = FixInput::at(at.0, at.1);
+                    if !sdk_clock {
+                        // The app stamps its fixes with the phone's clock.
+                        let jump = jump.as_ref().map_or(0, |j| j.load(Ordering::Relaxed));
+                        fix.fix_time_ms = Some(hexfleet_node::clock::now_ms() + skew_ms + jump);
+                    }
+                    let sent = client.send_fix(fix).await;
+                    client_side.lock().insert(
+                        id.clone(),
+                        format!(
+                            "on {} reconnects {} acked {} next {} last send {:?}",
+                            client.node(),
+                            client.reconnects(),
+                            client.acked_seq(),
+                            client.next_seq(),
+                            sent.err()
+                        ),
+                    );
+                }
+            });
         }
-        let now = Instant::now();
-        for (id, _) in &routes {
-            if !bad.contains(id) {
-                on_map.entry(id.clone()).or_insert(now);
+    };
+    let watching = async {
+        let mut on_map: HashMap<String, Instant> = HashMap::new();
+        let watching = Instant::now();
+        while on_map.len() < routes.len() {
+            let truth = truth();
+            let mut bad: HashSet<String> = HashSet::new();
+            for r in &riders {
+                bad.extend(wrong(r, &truth));
             }
+            let now = Instant::now();
+            for id in connected.lock().keys() {
+                if !bad.contains(id) {
+                    on_map.entry(id.clone()).or_insert(now);
+                }
+            }
+            assert!(
+                watching.elapsed() < WAIT,
+                "every rider sees the fleet right: {} of {} vehicles\n{}",
+                on_map.len(),
+                routes.len(),
+                cluster.logs()
+            );
+            tokio::time::sleep(SAMPLE).await;
         }
-        assert!(
-            watching.elapsed() < WAIT,
-            "every rider sees the fleet right: {} of {} vehicles\n{}",
-            on_map.len(),
-            routes.len(),
-            cluster.logs()
-        );
-        tokio::time::sleep(SAMPLE).await;
-    }
+        on_map
+    };
+    let ((), on_map) = tokio::join!(connecting, watching);
+    let connected = connected.into_inner();
     let on_map_after = on_map
         .iter()
         .map(|(id, at)| at.saturating_duration_since(connected[id]))
