@@ -68,6 +68,27 @@ fn validate_and_locate(c: &mut Criterion) {
             cells.locate(valid.position)
         });
     });
+    // A phone an hour ahead, a fix a second: every fix corrected, the
+    // clock's 5 s of samples full.
+    g.bench_function("validate a fix from a wrong clock + cell + shard", |b| {
+        let mut validator = Validator::new(limits, None);
+        let mut seq = 0u64;
+        b.iter(|| {
+            seq += 1;
+            let arrival = NOW + seq as i64 * 1_000;
+            let fix = Fix {
+                seq,
+                fix_time_ms: arrival + 3_600_000,
+                lat: 52.52 + (seq % 100) as f64 * 1e-6,
+                lon: 13.405,
+                heading_deg: 90.0,
+                speed_mps: 10.0,
+                accuracy_m: 4.0,
+            };
+            let checked = validator.check(black_box(&fix), arrival);
+            checked.map(|valid| cells.locate(valid.position))
+        });
+    });
     g.finish();
 }
 

@@ -92,22 +92,7 @@ impl Ingest {
         inherited: Option<&[Membership]>,
     ) {
         let Placed { cell, shard } = placed;
-        let f = &valid.fix;
-        let state = VehicleState {
-            id: id.clone(),
-            lat: f.lat,
-            lon: f.lon,
-            heading_deg: f.heading_deg,
-            speed_mps: f.speed_mps,
-            accuracy_m: f.accuracy_m,
-            fix_time_ms: f.fix_time_ms,
-            seq: f.seq,
-            class: report.class,
-            status: report.status,
-            seen_ms: now_ms,
-            zones: Vec::new(),
-            clock_offset_ms: valid.clock_offset_ms,
-        };
+        let state = state_of(id, valid, report, now_ms);
         let mut events = Vec::new();
         let mut kept = None;
         let previous = self
@@ -412,6 +397,32 @@ impl Ingest {
         }
         self.metrics.vehicles.set(self.table.len() as i64);
         adopted
+    }
+}
+
+/// The state a validated fix of vehicle `id` makes, heard at `now_ms`
+/// (node clock), before its zones are worked out.
+pub fn state_of(
+    id: &VehicleId,
+    valid: &ValidFix,
+    report: DriverReport,
+    now_ms: i64,
+) -> VehicleState {
+    let f = &valid.fix;
+    VehicleState {
+        id: id.clone(),
+        lat: f.lat,
+        lon: f.lon,
+        heading_deg: f.heading_deg,
+        speed_mps: f.speed_mps,
+        accuracy_m: f.accuracy_m,
+        fix_time_ms: f.fix_time_ms,
+        seq: f.seq,
+        class: report.class,
+        status: report.status,
+        seen_ms: now_ms,
+        zones: Vec::new(),
+        clock_offset_ms: valid.clock_offset_ms,
     }
 }
 

@@ -1344,6 +1344,48 @@ async fn a_driver_whose_node_dies_resumes_at_once_with_the_fix_the_dead_node_los
     assert_eq!(d.next_seq(), 3, "no fix but the two sent");
 }
 
+/// A phone an hour ahead that stamps its own fixes, connected to a node
+/// that does not own its shard: that node works the offset out, and the
+/// owner it redirects the driver to starts from it, refusing nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_clock_found_by_one_node_is_known_to_the_node_it_redirects_to() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start("redis", redis.url(), 2).await;
+    let owner = &cluster.nodes[1];
+    let (_, at) = owned_near_centre(&cluster, owner);
+    let id = "ahead";
+    let mut d = driver(&cluster, cluster.nodes[0].quic, id).await;
+    for step in 0..4 {
+        let mut fix = FixInput::at(at.0 + step as f64 * 0.0001, at.1);
+        fix.fix_time_ms = Some(hexfleet_node::clock::now_ms() + 3_600_000);
+        d.send_fix(fix).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let state = eventually(WAIT, "the third and fourth fixes written", async || {
+        stored(&redis, id).filter(|s| s.seq == 4)
+    })
+    .await;
+    assert_eq!(d.node(), owner.quic, "redirected to the owner");
+    assert!(
+        (state.fix_time_ms - hexfleet_node::clock::now_ms()).abs() < 3_000,
+        "{state:?}"
+    );
+    assert!(
+        (state.clock_offset_ms + 3_600_000).abs() < 1_000,
+        "{state:?}"
+    );
+    let mut refused = 0.0;
+    for node in &cluster.nodes {
+        refused += node
+            .metric("hexfleet_fixes_rejected_total{reason=\"from_future\"}")
+            .await;
+    }
+    assert_eq!(
+        refused, 1.0,
+        "only the first fix, before the offset was known"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_vehicles_are_visible_again_to_every_rider_within_five_seconds() {
     let redis = RedisServer::start();

@@ -511,7 +511,19 @@ impl<'a> DriverSession<'a> {
             None => placed,
             Some(cluster) => match self.route(cluster, placed, &valid) {
                 Route::Here(placed) => placed,
-                away => return self.leave(cluster, away, true).await,
+                away => {
+                    // Not held here, its phone's clock found off: the next
+                    // node starts from that offset rather than over.
+                    let clock_off = valid.clock_offset_ms != self.validator.reported_offset_ms();
+                    if clock_off && self.ctx.ingest.table.get(&self.id).is_none() {
+                        let mut state = crate::ingest::state_of(&self.id, &valid, self.report, now);
+                        // Not accepted anywhere: the next node takes it
+                        // again if it is sent again.
+                        state.seq = state.seq.saturating_sub(1);
+                        self.hand_over(&state, cluster).await;
+                    }
+                    return self.leave(cluster, away, true).await;
+                }
             },
         };
         let inherited = self.inherited_zones.take();
@@ -644,22 +656,7 @@ impl<'a> DriverSession<'a> {
         leaves_shard: bool,
     ) -> Result<(), Stop> {
         if let Some(entry) = self.ctx.ingest.table.get(&self.id) {
-            // A help to the next node (it reads the stored state without
-            // it), so a store that does not answer (this node cut from it)
-            // does not hold the driver here.
-            let handing = self
-                .ctx
-                .store
-                .hand_over(&entry.state, cluster.handoff_ttl());
-            match tokio::time::timeout(HAND_OVER_WAIT, handing).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state")
-                }
-                Err(_) => {
-                    tracing::warn!(vehicle = %self.id, "leaving a handed-over driver's state: the store did not answer in time; the next node reads its stored state")
-                }
-            }
+            self.hand_over(&entry.state, cluster).await;
             let how = match leaves_shard {
                 true => Handing::Crossing {
                     until: Instant::now() + self.ctx.offline_grace,
@@ -675,6 +672,22 @@ impl<'a> DriverSession<'a> {
                 "this driver's shard is changing hands; connect again shortly",
             )
             .into()),
+        }
+    }
+
+    /// Leaves the driver's state for the next node. A help to it (it
+    /// reads the stored state without it), so a store that does not answer
+    /// (this node cut from it) does not hold the driver here.
+    async fn hand_over(&self, state: &VehicleState, cluster: &Cluster) {
+        let handing = self.ctx.store.hand_over(state, cluster.handoff_ttl());
+        match tokio::time::timeout(HAND_OVER_WAIT, handing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(vehicle = %self.id, error = %e, "leaving a handed-over driver's state")
+            }
+            Err(_) => {
+                tracing::warn!(vehicle = %self.id, "leaving a handed-over driver's state: the store did not answer in time; the next node reads its stored state")
+            }
         }
     }
 
