@@ -68,6 +68,16 @@ fn validate_and_locate(c: &mut Criterion) {
             cells.locate(valid.position)
         });
     });
+    // The device clock's share of it: one fix's sample and estimate, its
+    // 5 s of samples full.
+    g.bench_function("device clock: one fix a second, window full", |b| {
+        let mut clock = hexfleet_node::device_clock::DeviceClock::new(1_000);
+        let mut arrival = NOW;
+        b.iter(|| {
+            arrival += 1_000;
+            clock.observe(black_box(arrival + 3_600_000), arrival)
+        });
+    });
     // A phone an hour ahead, a fix a second: every fix corrected, the
     // clock's 5 s of samples full.
     g.bench_function("validate a fix from a wrong clock + cell + shard", |b| {
