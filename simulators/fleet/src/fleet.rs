@@ -323,6 +323,11 @@ struct Driver {
     crew: Crew,
 }
 
+/// How far off a phone's clock is, when it is (`wrong_clock_share`): what
+/// phones' clocks are seen to do (a time set by hand, a time zone applied
+/// twice, days without network time).
+const WRONG_CLOCKS_MS: [i64; 4] = [20_000, -60_000, 3_600_000, -86_400_000];
+
 /// What a driver's connections were acknowledged: per connection, the stats
 /// and the first sequence it used.
 type Acknowledged = Vec<(DriverStats, u64)>;
@@ -377,6 +382,11 @@ impl Driver {
         let mut acknowledged = Acknowledged::new();
         let mut storm = crew.storm.clone();
         let mut car = Car::new(self.city, plan.gps_noise_m, &mut rng);
+        // How far off this phone's clock is; it stamps its fixes with it.
+        let clock_skew_ms = match rng.random_bool(plan.wrong_clock_share) {
+            true => WRONG_CLOCKS_MS[rng.random_range(0..WRONG_CLOCKS_MS.len())],
+            false => 0,
+        };
         let mut off_duty_until: Option<Instant> = None;
         let mut last: Option<Fix> = None;
         let period = Duration::from_secs_f64(1.0 / plan.rate_hz);
@@ -443,7 +453,7 @@ impl Driver {
             let r = car.report(&mut rng);
             let fix = Fix {
                 seq: client.next_seq(),
-                fix_time_ms: hexfleet_node::clock::now_ms(),
+                fix_time_ms: hexfleet_node::clock::now_ms() + clock_skew_ms,
                 lat: r.lat,
                 lon: r.lon,
                 heading_deg: r.heading_deg,

@@ -317,6 +317,10 @@ struct LoadArgs {
     /// Share of deliberately bad fixes (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     bad_fix_share: f64,
+    /// Share of drivers whose phone's clock is wrong (0 to 1): 20 s ahead,
+    /// 60 s behind, an hour ahead or a day behind.
+    #[arg(long, default_value_t = 0.0)]
+    wrong_clock_share: f64,
     /// How long to run, e.g. 20s, 5m.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -351,6 +355,10 @@ struct DemoArgs {
     /// Simulated dispatch dashboards (WebSockets) watching the city.
     #[arg(long, default_value_t = 0)]
     dashboards: usize,
+    /// Share of drivers whose phone's clock is wrong (0 to 1): 20 s ahead,
+    /// 60 s behind, an hour ahead or a day behind.
+    #[arg(long, default_value_t = 0.0)]
+    wrong_clock_share: f64,
     /// Serve HTTPS and WSS with the development certificate (a browser
     /// warns about it), as production nodes do; default: plain HTTP on
     /// loopback.
@@ -392,6 +400,7 @@ impl LoadArgs {
         s.drivers.count = self.drivers;
         s.drivers.rate_hz = self.rate;
         s.drivers.bad_fix_share = self.bad_fix_share;
+        s.drivers.wrong_clock_share = self.wrong_clock_share;
         s.drivers.goodbye = self.goodbye;
         s.riders.count = self.riders;
         s.riders.radius_m = self.rider_radius;
@@ -626,6 +635,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ..Scenario::default()
     };
     scenario.drivers.count = args.drivers;
+    scenario.drivers.wrong_clock_share = args.wrong_clock_share;
     scenario.riders.count = args.riders;
     scenario.riders.lifetime = Some(Duration::from_secs(60));
     scenario.dashboards.count = args.dashboards;

@@ -45,6 +45,10 @@ pub struct DriverPlan {
     /// Share of fixes that are deliberately bad (null island, teleports,
     /// duplicates, time going backwards), to exercise validation.
     pub bad_fix_share: f64,
+    /// Share of drivers whose phone's clock is off (20 s ahead, 60 s
+    /// behind, an hour ahead or a day behind, at random), stamping their
+    /// fixes with it: the node puts them in its own clock.
+    pub wrong_clock_share: f64,
     /// Chance per driver per minute of going off duty for a while.
     pub off_duty_per_minute: f64,
     /// Sign off at the end rather than just disconnect.
@@ -108,6 +112,7 @@ impl Default for DriverPlan {
             rate_hz: 1.0,
             gps_noise_m: 3.0,
             bad_fix_share: 0.0,
+            wrong_clock_share: 0.0,
             off_duty_per_minute: 0.02,
             goodbye: false,
         }
@@ -172,6 +177,7 @@ impl Scenario {
             return invalid("drivers.rate_hz must be in (0, 100]");
         }
         if !(0.0..=1.0).contains(&self.drivers.bad_fix_share)
+            || !(0.0..=1.0).contains(&self.drivers.wrong_clock_share)
             || !(0.0..=1.0).contains(&self.riders.walking_share)
         {
             return invalid("shares must be in [0, 1]");
