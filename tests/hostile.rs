@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hexfleet_client::FixInput;
-use hexfleet_protocol::{encode_datagram, ClientMsg, ErrorCode, Fix, Hello, Role};
+use hexfleet_protocol::{encode_datagram, ClientMsg, ClockReport, ErrorCode, Fix, Hello, Role};
 use hexfleet_tests::*;
 use tokio::io::AsyncWriteExt;
 
@@ -91,6 +91,33 @@ async fn a_second_stream(t: Target) -> String {
     let uni = tokio::time::timeout(Duration::from_millis(500), conn.open_uni()).await;
     assert!(bi.is_err() && uni.is_err(), "a second stream opened");
     "no stream credit: cannot be opened".into()
+}
+
+/// Clock reports no clock could make, and a flood of them.
+async fn impossible_clocks(t: Target) -> String {
+    let (conn, mut tx, mut rx) = raw_connection_to(t.quic, &t.cert, 1 << 16).await;
+    hello(&mut tx, Role::Driver, driver_token("clock-flood")).await;
+    let _welcome = rx.next().await;
+    for _ in 0..5_000 {
+        let report = ClockReport {
+            offset_ms: 3_600_000,
+            round_trip_ms: 1,
+        };
+        if tx.send(ClientMsg::Clock(report)).await.is_err() {
+            break;
+        }
+    }
+    let (conn2, mut tx2, mut rx2) = raw_connection_to(t.quic, &t.cert, 1 << 16).await;
+    hello(&mut tx2, Role::Driver, driver_token("clock-min")).await;
+    let _welcome = rx2.next().await;
+    let report = ClockReport {
+        offset_ms: i64::MIN,
+        round_trip_ms: u32::MAX,
+    };
+    let _ = tx2.send(ClientMsg::Clock(report)).await;
+    let impossible = close_code(tokio::time::timeout(WAIT, conn2.closed()).await.unwrap());
+    let flood = close_code(tokio::time::timeout(WAIT, conn.closed()).await.unwrap());
+    format!("i64::MIN: {impossible}; 5,000 reports: {flood}")
 }
 
 async fn an_oversized_frame(t: Target) -> String {
@@ -374,6 +401,11 @@ async fn the_worst_clients_get_an_error_or_a_drop_counted_and_cost_the_others_no
             "hexfleet_sessions_refused_total{code=\"protocol_violation\"}",
         ),
         (
+            "impossible clock reports, and 5,000 of them",
+            |t| Box::pin(impossible_clocks(t)),
+            "hexfleet_sessions_refused_total{code=\"bad_request\"}",
+        ),
+        (
             "oversized and malformed datagrams",
             |t| Box::pin(oversized_and_malformed_datagrams(t)),
             "hexfleet_fixes_rejected_total{reason=\"malformed\"}",
@@ -451,10 +483,11 @@ async fn the_worst_clients_get_an_error_or_a_drop_counted_and_cost_the_others_no
             .await
             >= 3.0
     );
+    // The datagram flood's connection and the clock reports' flood.
     assert_eq!(
         node.metric("hexfleet_sessions_refused_total{code=\"rate_limited\"}")
             .await,
-        1.0
+        2.0
     );
     node.stop().await;
 }

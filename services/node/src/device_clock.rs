@@ -27,6 +27,16 @@ pub const WINDOW_MS: i64 = 5_000;
 /// offset: a bit less than one second, the usual interval between fixes.
 pub const CONFIRM_SPAN_MS: i64 = 800;
 
+/// The largest offset believed: a clock further off than a year is not a
+/// clock, and its fixes are refused as they come.
+pub const MAX_OFFSET_MS: i64 = 366 * 24 * 3_600_000;
+
+/// Whether `ms` is at most `bound` either way (whatever `ms` a client
+/// sent: `i64::MIN` has no absolute value).
+pub fn within(ms: i64, bound: i64) -> bool {
+    ms.unsigned_abs() <= bound.unsigned_abs()
+}
+
 /// Fixes arriving this close together make one sample (the least
 /// delayed), and samples are kept [`MAX_SAMPLES`] at most: the work per fix
 /// is bounded whatever the rate of fixes, and a fast sender still spans
@@ -83,8 +93,8 @@ impl DeviceClock {
     /// driver handed over, or back after a lost connection), until this
     /// session's fixes confirm an offset of their own.
     pub fn assume(&mut self, correction_ms: i64) {
-        if !self.confirmed {
-            self.correction_ms = match correction_ms.abs() <= self.tolerance_ms {
+        if !self.confirmed && within(correction_ms, MAX_OFFSET_MS) {
+            self.correction_ms = match within(correction_ms, self.tolerance_ms) {
                 true => 0,
                 false => correction_ms,
             };
@@ -141,10 +151,10 @@ impl DeviceClock {
         let (first_at, last_at) = agreeing.fold((i64::MAX, i64::MIN), |(a, b), s| {
             (a.min(s.arrival_ms), b.max(s.arrival_ms))
         });
-        if last_at.saturating_sub(first_at) < CONFIRM_SPAN_MS {
+        if last_at.saturating_sub(first_at) < CONFIRM_SPAN_MS || !within(least, MAX_OFFSET_MS) {
             return unchanged;
         }
-        let correction = match least.abs() <= self.tolerance_ms {
+        let correction = match within(least, self.tolerance_ms) {
             true => 0,
             false => least,
         };
@@ -257,6 +267,19 @@ mod tests {
             -3_599_950,
             "a confirmed offset stays"
         );
+    }
+
+    #[test]
+    fn a_time_no_clock_could_show_is_never_believed() {
+        for stamp in [i64::MIN, i64::MAX, 0, NOW + 2 * MAX_OFFSET_MS] {
+            let mut clock = DeviceClock::new(TOLERANCE);
+            for i in 0..10 {
+                let observed = clock.observe(stamp, NOW + i * 1_000);
+                assert_eq!(observed.correction_ms, 0, "{stamp}");
+            }
+            clock.assume(stamp);
+            assert_eq!(clock.correction_ms(), 0);
+        }
     }
 
     #[test]

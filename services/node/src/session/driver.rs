@@ -28,9 +28,9 @@ use futures_util::{stream, StreamExt};
 
 use hexfleet_model::{Position, ShardId, VehicleClass, VehicleId, VehicleState, VehicleStatus};
 use hexfleet_protocol::{
-    decode_datagram, Ack, ClientMsg, DriverReport, ErrorCode, Fix, Limits as WireLimits, Redirect,
-    RejectReason, Rejection, RemoveReason, Role, ServerMsg, Welcome, MAX_FRAME_LEN,
-    MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
+    decode_datagram, Ack, ClientMsg, ClockReport, DriverReport, ErrorCode, Fix,
+    Limits as WireLimits, Redirect, RejectReason, Rejection, RemoveReason, Role, ServerMsg,
+    Welcome, MAX_FRAME_LEN, MAX_REJECTIONS_PER_ACK, PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -372,12 +372,7 @@ impl<'a> DriverSession<'a> {
                         return Ok(Goodbye);
                     }
                     ClientMsg::AckNow => self.on_ack_now()?,
-                    ClientMsg::Clock(report) => {
-                        let before = self.validator.clock_offset_ms();
-                        self.validator.reported_offset(report.offset_ms);
-                        tracing::debug!(vehicle = %self.id, offset_ms = report.offset_ms, round_trip_ms = report.round_trip_ms, "the client measured its clock");
-                        self.clock_noted(before);
-                    }
+                    ClientMsg::Clock(report) => self.on_clock(report)?,
                     ClientMsg::Hello(_) => {
                         return Err(
                             Refusal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into(),
@@ -796,6 +791,25 @@ impl<'a> DriverSession<'a> {
     /// if nothing changed since the last `Ack`, so it always hears back.
     /// Requests share the fix budget: a flood of them is refused, then
     /// closed, as a flood of fixes is.
+    /// The client measured its clock and stamps its fixes in node time.
+    /// Counted against the fix budget, as `AckNow` is.
+    fn on_clock(&mut self, report: ClockReport) -> Result<(), Stop> {
+        if !crate::device_clock::within(report.offset_ms, crate::device_clock::MAX_OFFSET_MS) {
+            return Err(
+                Refusal::new(ErrorCode::BadRequest, "a clock offset of more than a year").into(),
+            );
+        }
+        if !self.spend()? {
+            self.ctx.ingest.metrics.rate_limited(Role::Driver).inc();
+            return Ok(());
+        }
+        let before = self.validator.clock_offset_ms();
+        self.validator.reported_offset(report.offset_ms);
+        tracing::debug!(vehicle = %self.id, offset_ms = report.offset_ms, round_trip_ms = report.round_trip_ms, "the client measured its clock");
+        self.clock_noted(before);
+        Ok(())
+    }
+
     fn on_ack_now(&mut self) -> Result<(), Stop> {
         if self.spend()? {
             // Answered once what was accepted before it is written (at the
