@@ -95,6 +95,9 @@ pub struct DriverOptions {
     pub clock_skew_ms: i64,
 }
 
+/// The largest offset the SDK applies, either way: a year.
+const MAX_CLOCK_OFFSET_MS: u64 = 366 * 24 * 3_600_000;
+
 /// Beyond this (either way), a device's clock is wrong enough for an app
 /// to tell its user (see [`DriverClient::clock_offset_ms`]).
 pub const CLOCK_WARNING_MS: i64 = 10_000;
@@ -221,6 +224,11 @@ fn measured(established: &Established, skew_ms: i64) -> Option<(i64, u32)> {
     let round_trip_ms = established.round_trip.as_millis() as i64;
     let device_ms = established.welcomed_ms.saturating_add(skew_ms);
     let offset = node_ms.saturating_sub(device_ms.saturating_sub(round_trip_ms / 2));
+    // Past a year it is not a clock's offset (the node refuses it too).
+    if offset.unsigned_abs() > MAX_CLOCK_OFFSET_MS {
+        tracing::warn!(offset_ms = offset, "the node's clock is implausibly far from this device's; fix times left as the device stamps them");
+        return None;
+    }
     Some((offset, round_trip_ms.clamp(0, u32::MAX as i64) as u32))
 }
 
