@@ -234,6 +234,8 @@ struct DriverSession<'a> {
     /// last `Ack` said it (`correction_said`).
     clock_unsent: bool,
     correction_said: i64,
+    /// `Clock` reports received.
+    clock_reports: u32,
     /// Where the driver crossed into a shard this node does not own, while
     /// it stays here (hand-off hysteresis).
     crossed_at: Option<Position>,
@@ -304,6 +306,7 @@ impl<'a> DriverSession<'a> {
             rejected_unsent: false,
             clock_unsent: false,
             correction_said: 0,
+            clock_reports: 0,
             crossed_at: None,
             ownership_seen: 0,
             budget: RequestBudget::new(&ctx.fix_budget, Instant::now()),
@@ -787,19 +790,17 @@ impl<'a> DriverSession<'a> {
         }
     }
 
-    /// The driver asks what was accepted so far: it is told at once, even
-    /// if nothing changed since the last `Ack`, so it always hears back.
-    /// Requests share the fix budget: a flood of them is refused, then
-    /// closed, as a flood of fixes is.
     /// The client measured its clock and stamps its fixes in node time.
-    /// Counted against the fix budget, as `AckNow` is.
+    /// The SDK says it once per connection; any more are counted against
+    /// the fix budget, as `AckNow` is.
     fn on_clock(&mut self, report: ClockReport) -> Result<(), Stop> {
         if !crate::device_clock::within(report.offset_ms, crate::device_clock::MAX_OFFSET_MS) {
             return Err(
                 Refusal::new(ErrorCode::BadRequest, "a clock offset of more than a year").into(),
             );
         }
-        if !self.spend()? {
+        self.clock_reports += 1;
+        if self.clock_reports > 1 && !self.spend()? {
             self.ctx.ingest.metrics.rate_limited(Role::Driver).inc();
             return Ok(());
         }
@@ -810,6 +811,10 @@ impl<'a> DriverSession<'a> {
         Ok(())
     }
 
+    /// The driver asks what was accepted so far: it is told at once, even
+    /// if nothing changed since the last `Ack`, so it always hears back.
+    /// Requests share the fix budget: a flood of them is refused, then
+    /// closed, as a flood of fixes is.
     fn on_ack_now(&mut self) -> Result<(), Stop> {
         if self.spend()? {
             // Answered once what was accepted before it is written (at the
