@@ -58,7 +58,8 @@ pub struct DeviceClock {
     samples: VecDeque<Sample>,
     /// What is added to a fix time now.
     correction_ms: i64,
-    /// Whether the correction was ever confirmed (before, it is zero).
+    /// Whether this session's fixes ever confirmed an offset (before, the
+    /// correction is zero or what an earlier session found).
     confirmed: bool,
 }
 
@@ -94,10 +95,15 @@ impl DeviceClock {
     /// session's fixes confirm an offset of their own.
     pub fn assume(&mut self, correction_ms: i64) {
         if !self.confirmed && within(correction_ms, MAX_OFFSET_MS) {
-            self.correction_ms = match within(correction_ms, self.tolerance_ms) {
-                true => 0,
-                false => correction_ms,
-            };
+            self.correction_ms = self.applied(correction_ms);
+        }
+    }
+
+    /// The correction an offset makes: none within the tolerance.
+    fn applied(&self, offset_ms: i64) -> i64 {
+        match within(offset_ms, self.tolerance_ms) {
+            true => 0,
+            false => offset_ms,
         }
     }
 
@@ -154,10 +160,7 @@ impl DeviceClock {
         if last_at.saturating_sub(first_at) < CONFIRM_SPAN_MS || !within(least, MAX_OFFSET_MS) {
             return unchanged;
         }
-        let correction = match within(least, self.tolerance_ms) {
-            true => 0,
-            false => least,
-        };
+        let correction = self.applied(least);
         let first = !self.confirmed;
         self.confirmed = true;
         if correction == self.correction_ms {

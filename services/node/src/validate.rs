@@ -124,11 +124,6 @@ impl Validator {
             .saturating_add(self.clock.correction_ms())
     }
 
-    /// The offset the client said it applied itself.
-    pub fn reported_offset_ms(&self) -> i64 {
-        self.reported_offset_ms
-    }
-
     /// What this node adds to the device's fix times.
     pub fn clock_correction_ms(&self) -> i64 {
         self.clock.correction_ms()

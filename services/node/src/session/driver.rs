@@ -512,7 +512,7 @@ impl<'a> DriverSession<'a> {
                 away => {
                     // Not held here, its phone's clock found off: the next
                     // node starts from that offset rather than over.
-                    let clock_off = valid.clock_offset_ms != self.validator.reported_offset_ms();
+                    let clock_off = self.validator.clock_correction_ms() != 0;
                     if clock_off && self.ctx.ingest.table.get(&self.id).is_none() {
                         let mut state = crate::ingest::state_of(&self.id, &valid, self.report, now);
                         // Not accepted anywhere: the next node takes it
@@ -831,7 +831,7 @@ impl<'a> DriverSession<'a> {
     /// Sends an `Ack` when something happened since the last one.
     async fn send_ack(&mut self, tx: &mut ControlWrite) -> Result<(), Stop> {
         self.settle();
-        if !self.rejected_unsent && !self.clock_unsent && self.acked_seq == self.ack_sent {
+        if !self.unacknowledged() {
             return Ok(());
         }
         self.send_ack_now(tx, false).await
