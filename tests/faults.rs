@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hexfleet_client::{DriverOptions, FixInput};
+use hexfleet_client::{DriverOptions, FixInput, TransportPolicy};
 use hexfleet_model::VehicleId;
 use hexfleet_tests::*;
 
@@ -115,7 +115,10 @@ async fn a_reconnect_storm_after_a_restart_is_paced_and_everyone_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let first = TestNode::start_in(dir.path(), None, |_| {}).await;
     let quic = first.node.quic_addr;
-    let connector = first.connector();
+    // QUIC's own pacing is measured: a WebSocket raced beside a handshake
+    // slowed by the storm (the SDK's default after 500 ms) would make a
+    // second connection of the same driver, whichever wins.
+    let connector = first.connector().with_transport(TransportPolicy::QuicOnly);
     let options = DriverOptions {
         reconnect: true,
         seeds: vec![quic],
