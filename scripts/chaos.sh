@@ -18,8 +18,14 @@
 # fleet's shards moved to another master with its keys); clocks (phones'
 # clocks wrong from the start: a sixth 20 s ahead, a sixth 60 s behind, a
 # sixth an hour ahead, each stamping its fixes itself, a sixth a day behind
-# read by the SDK; at the fault a sixth jump a minute ahead). Defaults: 300
-# drivers, 8 s, a fix a second.
+# read by the SDK; at the fault a sixth jump a minute ahead); a node's client
+# side, its QUIC address behind a UDP relay while it keeps Redis and its
+# peers (the drivers QUIC-only, as if its HTTPS went with it): clientcut
+# (every datagram dropped both ways), clientcut-in (toward it only),
+# clientcut-out (from it only), client-loss (30% each way); slow (the
+# busiest node at a 10% duty cycle, SIGSTOP 90 ms / SIGCONT 10 ms).
+# Defaults: 300 drivers, 8 s, a fix a second. CHAOS_CLUSTER_SETTINGS adds
+# lines to every node's [cluster] section (e.g. 'unreachable_handoff = "5s"').
 #
 # Drivers connect again as soon as their connection is lost (the SDK's
 # DriverClient::lost and resume); CHAOS_RESUME=0 makes them wait for their
@@ -30,7 +36,7 @@
 # (cluster.rs, chaos_*_small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks [drivers] [fault seconds] [fix ms]}
+scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks|clientcut|clientcut-in|clientcut-out|client-loss|slow [drivers] [fault seconds] [fix ms]}
 export CHAOS_SCENARIO=$scenario
 export CHAOS_DRIVERS=${2:-300}
 export CHAOS_FAULT_S=${3:-8}

@@ -156,6 +156,7 @@ fn hello(role: Role, token: String) -> Message {
         version: PROTOCOL_VERSION,
         role,
         token,
+        unreachable: Vec::new(),
     });
     Message::Binary(ws::encode(Channel::Control, &hello).unwrap().into())
 }

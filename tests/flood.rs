@@ -49,6 +49,7 @@ async fn quic_flood(
         version: 1,
         role,
         token: token(role, "flooder"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();

@@ -61,6 +61,7 @@ async fn hello(tx: &mut RawWrite, role: Role, token: String) {
         version: 1,
         role,
         token,
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();

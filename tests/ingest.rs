@@ -357,6 +357,7 @@ async fn a_malformed_frame_closes_only_that_connection() {
         version: 1,
         role: Role::Driver,
         token: driver_token("drv-raw"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();
@@ -384,6 +385,7 @@ async fn a_malformed_frame_closes_only_that_connection() {
         version: 99,
         role: Role::Driver,
         token: driver_token("drv-v"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();
@@ -546,6 +548,7 @@ async fn lost_connections_are_counted_as_lost_not_as_protocol_violations() {
             version: 1,
             role: Role::Rider,
             token: token(Role::Rider, &format!("rider-tunnel-{i}")),
+            unreachable: Vec::new(),
         }))
         .await
         .unwrap();
@@ -576,6 +579,7 @@ async fn a_driver_that_never_reads_its_acknowledgements_is_cut_off_as_a_slow_con
         version: 1,
         role: Role::Driver,
         token: driver_token("drv-deaf"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();

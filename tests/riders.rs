@@ -371,6 +371,7 @@ async fn a_rider_that_stops_reading_is_cut_off_without_slowing_anyone_else() {
         version: 1,
         role: Role::Rider,
         token: token(Role::Rider, "sleeper"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();
@@ -486,6 +487,7 @@ async fn bad_rider_input_gets_a_clear_error_and_harms_no_one() {
         version: 1,
         role: Role::Rider,
         token: token(Role::Rider, "g"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();
@@ -509,6 +511,7 @@ async fn bad_rider_input_gets_a_clear_error_and_harms_no_one() {
         version: 1,
         role: Role::Rider,
         token: token(Role::Rider, "h"),
+        unreachable: Vec::new(),
     }))
     .await
     .unwrap();

@@ -318,6 +318,21 @@ pub struct ClusterConfig {
     /// point where it crossed, so one driving along a boundary does not
     /// ping-pong between nodes.
     pub handoff_distance_m: f64,
+    /// How often this node dials each peer's advertised QUIC address (a
+    /// handshake and a close, as a client would connect): how the cluster
+    /// learns that a node its peers reach is one its clients cannot.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe not answered within this has failed; three failures in a
+    /// row make this node say the peer is unreachable for clients.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// A node its peers have found unreachable for clients this long hands
+    /// its shards to reachable nodes (until then the nodes its clients
+    /// reach forward their fixes to it); it takes them back once its peers
+    /// reach it again.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_handoff: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -329,6 +344,9 @@ impl Default for ClusterConfig {
             lease_ttl: Duration::from_secs(3),
             renew_interval: Duration::from_secs(1),
             handoff_distance_m: 250.0,
+            probe_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(1),
+            unreachable_handoff: Duration::from_secs(10),
         }
     }
 }
@@ -583,6 +601,8 @@ impl Config {
             ("store.sweep_interval", self.store.sweep_interval),
             ("cluster.lease_ttl", self.cluster.lease_ttl),
             ("cluster.renew_interval", self.cluster.renew_interval),
+            ("cluster.probe_interval", self.cluster.probe_interval),
+            ("cluster.probe_timeout", self.cluster.probe_timeout),
             ("tls.reload_interval", self.tls.reload_interval),
         ];
         if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {

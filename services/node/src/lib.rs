@@ -209,6 +209,7 @@ fn announcement(config: &Config, quic: SocketAddr, http: SocketAddr) -> NodeInfo
         shards: Vec::new(),
         // Below 2^53, so any JSON reader keeps it exact.
         instance: rand::random::<u64>() >> 11,
+        unreached: Default::default(),
     }
 }
 

@@ -58,6 +58,15 @@ pub struct Metrics {
     pub handoffs: Counter,
     pub cluster_nodes: Gauge,
     pub cluster_silent: Gauge,
+    pub cluster_unreachable: Gauge,
+    pub unreachable_for_clients: Gauge,
+    peer_probes: Family<Labels, Counter>,
+    pub probes_answered: Counter,
+    pub peers_unreached: Gauge,
+    pub clients_report_unreachable: Counter,
+    pub drivers_forwarded: Counter,
+    pub forwarded_sessions: Gauge,
+    forward_ended: Family<Labels, Counter>,
     pub shards_held: Gauge,
     pub shards_taken_over: Counter,
     pub shards_released: Counter,
@@ -281,6 +290,60 @@ impl Metrics {
                 "Live nodes that have not renewed their membership for 1.5 renewal intervals while this node has: their shards' drivers go to their successors",
                 Gauge::default(),
             ),
+            cluster_unreachable: registered(
+                &mut r,
+                "cluster_unreachable_nodes",
+                "Live nodes most of their peers cannot reach at their client (QUIC) address: no client is redirected there; their drivers' fixes are forwarded",
+                Gauge::default(),
+            ),
+            unreachable_for_clients: registered(
+                &mut r,
+                "cluster_unreachable_for_clients",
+                "1 while this node's peers cannot reach its client address (its clients probably cannot either)",
+                Gauge::default(),
+            ),
+            peer_probes: registered(
+                &mut r,
+                "peer_probes",
+                "Probes of peers' client addresses, by outcome: answered, failed",
+                Family::default(),
+            ),
+            probes_answered: registered(
+                &mut r,
+                "probes_answered",
+                "Peers' probes of this node's client address answered",
+                Counter::default(),
+            ),
+            peers_unreached: registered(
+                &mut r,
+                "peers_unreached",
+                "Peers whose client address this node's last three probes or more failed to reach",
+                Gauge::default(),
+            ),
+            clients_report_unreachable: registered(
+                &mut r,
+                "clients_report_unreachable",
+                "Clients that said they could not connect to a node they were redirected to",
+                Counter::default(),
+            ),
+            drivers_forwarded: registered(
+                &mut r,
+                "drivers_forwarded",
+                "Driver sessions kept here and relayed to their shard's owner, which its client cannot reach",
+                Counter::default(),
+            ),
+            forwarded_sessions: registered(
+                &mut r,
+                "forwarded_sessions",
+                "Driver sessions being relayed to their shard's owner now",
+                Gauge::default(),
+            ),
+            forward_ended: registered(
+                &mut r,
+                "forward_ended",
+                "Relayed driver sessions ended, by how: goodbye, lost, redirected, refused, owner_lost, owner_unavailable",
+                Family::default(),
+            ),
             shards_held: registered(&mut r, "shards_held", "Shard leases this node holds", Gauge::default()),
             shards_taken_over: registered(
                 &mut r,
@@ -494,6 +557,16 @@ impl Metrics {
     pub fn sessions(&self, role: Role) -> Gauge {
         self.sessions
             .get_or_create_owned(&[("role", role.as_str())])
+    }
+
+    pub fn probes(&self, answered: bool) -> Counter {
+        let outcome = if answered { "answered" } else { "failed" };
+        self.peer_probes
+            .get_or_create_owned(&[("outcome", outcome)])
+    }
+
+    pub fn forward_ended(&self, how: &'static str) -> Counter {
+        self.forward_ended.get_or_create_owned(&[("how", how)])
     }
 
     pub fn connection_refused(&self, reason: &'static str) -> Counter {

@@ -180,7 +180,8 @@ impl Certificates {
         ))
     }
 
-    /// The QUIC server configuration: TLS 1.3 with ALPN `hexfleet/1`, and a
+    /// The QUIC server configuration: TLS 1.3 with ALPN `hexfleet/1` (and
+    /// `hexfleet-probe/1`, the peers' probes of the client address), and a
     /// transport tuned for many small, mostly idle connections.
     pub fn quic(
         self: &Arc<Self>,
@@ -188,7 +189,10 @@ impl Certificates {
     ) -> Result<quinn::ServerConfig, TlsError> {
         let crypto = self.server(
             &[&rustls::version::TLS13],
-            vec![hexfleet_protocol::ALPN.to_vec()],
+            vec![
+                hexfleet_protocol::ALPN.to_vec(),
+                hexfleet_protocol::PROBE_ALPN.to_vec(),
+            ],
         )?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

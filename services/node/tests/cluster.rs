@@ -132,6 +132,11 @@ struct Cluster {
     nodes: Vec<Node>,
     /// The nodes' shard and membership lease.
     lease_ttl: Duration,
+    /// Nodes whose client-facing QUIC address is a relay a test can cut
+    /// (their advertised address), by id.
+    quic_relays: HashMap<String, hexfleet_testkit::UdpRelay>,
+    /// More of each node's `[cluster]` settings.
+    cluster_settings: String,
 }
 
 /// One cluster at a time: each is several processes, and two cores shared
@@ -180,15 +185,56 @@ impl Cluster {
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
             lease_ttl: Duration::from_millis(1500),
+            quic_relays: HashMap::new(),
+            cluster_settings: String::new(),
         };
         cluster.launch(count).await
+    }
+
+    /// Nodes on one Redis, those in `relayed` advertising a QUIC address
+    /// that is a relay (see [`Cluster::quic_relay`]), with more
+    /// `[cluster]` settings.
+    async fn start_relayed(
+        redis_url: String,
+        count: usize,
+        relayed: &[&str],
+        cluster_settings: &str,
+    ) -> Self {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let mut quic_relays = HashMap::new();
+        for id in relayed {
+            let relay = hexfleet_testkit::UdpRelay::start().await.unwrap();
+            quic_relays.insert(id.to_string(), relay);
+        }
+        let cluster = Cluster {
+            quic_relays,
+            cluster_settings: cluster_settings.into(),
+            ..Cluster::on_redis(turn, redis_url, Duration::from_millis(1500))
+        };
+        cluster.launch(count).await
+    }
+
+    /// The relay in front of node `id`'s client address.
+    fn quic_relay(&self, id: &str) -> &hexfleet_testkit::UdpRelay {
+        &self.quic_relays[id]
     }
 
     /// Nodes on one Redis whose leases last `lease_ttl` (renewed every
     /// 500 ms, as everywhere here).
     async fn start_leasing(redis_url: String, count: usize, lease_ttl: Duration) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
-        let cluster = Cluster {
+        Cluster::on_redis(turn, redis_url, lease_ttl)
+            .launch(count)
+            .await
+    }
+
+    /// Nodes yet to start on one Redis, with the node's defaults.
+    fn on_redis(
+        turn: tokio::sync::MutexGuard<'static, ()>,
+        redis_url: String,
+        lease_ttl: Duration,
+    ) -> Self {
+        Cluster {
             _turn: turn,
             https: false,
             offline_grace: Duration::from_secs(10),
@@ -198,8 +244,9 @@ impl Cluster {
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
             lease_ttl,
-        };
-        cluster.launch(count).await
+            quic_relays: HashMap::new(),
+            cluster_settings: String::new(),
+        }
     }
 
     /// Starts `count` nodes, one after the other, and waits until each sees
@@ -225,7 +272,13 @@ impl Cluster {
     /// to `<log>.log`; and learns its ports.
     async fn spawn_logging(&self, id: &str, log: &str) -> Node {
         let (child, log) = self.start_process(id, log);
-        Node::listening(id, child, log).await
+        let mut node = Node::listening(id, child, log).await;
+        if let Some(relay) = self.quic_relays.get(id) {
+            // Clients (and the peers' probes) reach it through the relay.
+            relay.set_target(node.quic);
+            node.quic = relay.addr();
+        }
+        node
     }
 
     /// Starts a `hexfleet-node` process as node `id`, logging to
@@ -240,12 +293,17 @@ impl Cluster {
                  [cells]\nshard_res = {SHARD_RES}\n\
                  [ingest]\nack_interval = \"100ms\"\noffline_grace = \"{}ms\"\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
-                 [cluster]\nenabled = true\nlease_ttl = \"{}ms\"\nrenew_interval = \"500ms\"\n",
+                 [cluster]\nenabled = true\nlease_ttl = \"{}ms\"\nrenew_interval = \"500ms\"\n{}{}",
                 self.https,
                 self.offline_grace.as_millis(),
                 self.store,
                 self.redis_url_of.get(id).unwrap_or(&self.redis_url),
-                self.lease_ttl.as_millis()
+                self.lease_ttl.as_millis(),
+                self.quic_relays
+                    .get(id)
+                    .map(|relay| format!("advertise_quic = \"{}\"\n", relay.addr()))
+                    .unwrap_or_default(),
+                self.cluster_settings,
             ),
         )
         .unwrap();
@@ -285,13 +343,20 @@ impl Cluster {
     }
 
     fn connector(&self) -> Connector {
-        Connector::new(
+        let connector = Connector::new(
             &self.dir.path().join(dev::DEV_CERT_FILE),
             dev::DEV_SERVER_NAME,
         )
         .unwrap()
         // Notice a dead node within a fraction of a second.
-        .with_liveness(Duration::from_millis(200), Duration::from_millis(700))
+        .with_liveness(Duration::from_millis(200), Duration::from_millis(700));
+        match self.quic_relays.is_empty() {
+            true => connector,
+            // A node's client-facing cut here is its QUIC address's: these
+            // clients do not fall back to its HTTPS, as if the cut took
+            // that too (a load balancer's target, one zone's ingress).
+            false => connector.with_transport(hexfleet_client::TransportPolicy::QuicOnly),
+        }
     }
 
     fn seeds(&self) -> Vec<SocketAddr> {
@@ -315,11 +380,12 @@ impl Cluster {
                         http: n.http.to_string(),
                         shards: Vec::new(),
                         instance: 0,
+                        unreached: Default::default(),
                     };
                     (n.id.clone(), info)
                 })
                 .collect(),
-            silent: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -354,9 +420,13 @@ async fn live_set(http: SocketAddr) -> Option<LiveSet> {
     let body = api_json(format!("http://{http}/v1/cluster")).await?;
     let nodes: Vec<NodeInfo> = serde_json::from_value(body["nodes"].clone()).ok()?;
     let silent = serde_json::from_value(body["silent"].clone()).unwrap_or_default();
+    let unreachable = serde_json::from_value(body["unreachable"].clone()).unwrap_or_default();
+    let away = serde_json::from_value(body["away"].clone()).unwrap_or_default();
     Some(LiveSet {
         nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
         silent,
+        unreachable,
+        away,
     })
 }
 
@@ -2793,9 +2863,20 @@ async fn a_replica_that_missed_a_quiet_shards_last_batch_reads_it_again() {
 async fn chaos() {
     let scenario =
         chaos::Scenario::from_env().expect(
-        "CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks",
+        "CHAOS_SCENARIO=kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks|clientcut|clientcut-in|clientcut-out|client-loss|slow",
     );
     chaos::assert_clean(&chaos::run(scenario).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_clientcut_small() {
+    let mut scenario = chaos::Scenario::small(chaos::Fault::ClientCut);
+    // Long enough for the peers to judge it unreachable, for its shards to
+    // move, and for it to take them back after.
+    scenario.fault_for = Duration::from_secs(6);
+    scenario.cluster_settings = "unreachable_handoff = \"3s\"\n".into();
+    let report = chaos::run(scenario).await;
+    chaos::assert_clean(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

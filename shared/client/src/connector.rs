@@ -134,7 +134,14 @@ struct Routes {
     network: String,
     /// Networks where QUIC did not connect and WebSocket did, until when.
     websocket_until: HashMap<String, Instant>,
+    /// Nodes this client could not connect to lately, and when: said in
+    /// every `Hello` for [`UNREACHABLE_MEMORY`], so a node does not send it
+    /// back there (it forwards its fixes instead).
+    unreachable: HashMap<SocketAddr, Instant>,
 }
+
+/// How long a node this client could not connect to is reported as such.
+pub const UNREACHABLE_MEMORY: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Connector {
@@ -231,6 +238,12 @@ fn https_with_roots(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig
     Ok(config)
 }
 
+/// Whether a failed attempt found nobody answering at the address (rather
+/// than a node that answered and refused).
+fn could_not_connect(e: &ClientError) -> bool {
+    udp_looks_blocked(e) || matches!(e, ClientError::WebSocket(_))
+}
+
 /// Whether a failed QUIC attempt looks like a network that drops UDP (no
 /// answer at all), rather than a node that answered.
 fn udp_looks_blocked(e: &ClientError) -> bool {
@@ -277,6 +290,7 @@ impl Connector {
                 https: HashMap::new(),
                 network: String::new(),
                 websocket_until: HashMap::new(),
+                unreachable: HashMap::new(),
             })),
             udp: Arc::default(),
         })
@@ -543,21 +557,65 @@ impl Connector {
     }
 
     /// Connects, says `Hello` and follows redirects to the node that owns the
-    /// client's shard.
+    /// client's shard. A node it is redirected to and cannot connect to is
+    /// one its peers may still reach: the client goes back to the node that
+    /// redirected it, saying so, and that node keeps it.
     pub(crate) async fn hello(
         &self,
         mut addr: SocketAddr,
         role: Role,
         token: &str,
     ) -> Result<Greeting, ClientError> {
-        for _ in 0..=MAX_REDIRECTS {
-            match tokio::time::timeout(self.timeout, self.hello_once(addr, role, token)).await {
-                Err(_) => return Err(ClientError::Timeout),
-                Ok(Ok(Greeting::Redirect(to))) => addr = to,
-                Ok(other) => return other,
+        let mut redirected_by = None;
+        for _ in 0..=MAX_REDIRECTS + 1 {
+            let said = tokio::time::timeout(self.timeout, self.hello_once(addr, role, token))
+                .await
+                .unwrap_or(Err(ClientError::Timeout));
+            match said {
+                Ok(Greeting::Redirect(to)) => {
+                    redirected_by = Some(addr);
+                    addr = to;
+                }
+                Err(e) if could_not_connect(&e) && redirected_by.is_some() => {
+                    tracing::debug!(%addr, error = %e, "could not reach the node redirected to; back to the one that sent it there");
+                    addr = redirected_by.take().unwrap_or(addr);
+                }
+                other => return other,
             }
         }
         Err(ClientError::TooManyRedirects)
+    }
+
+    /// The nodes this client could not connect to lately (see
+    /// [`UNREACHABLE_MEMORY`]).
+    pub fn unreachable(&self) -> Vec<SocketAddr> {
+        let mut routes = self.routes.lock();
+        let now = Instant::now();
+        routes
+            .unreachable
+            .retain(|_, at| now.duration_since(*at) < UNREACHABLE_MEMORY);
+        let mut addrs: Vec<(SocketAddr, Instant)> =
+            routes.unreachable.iter().map(|(a, t)| (*a, *t)).collect();
+        // The latest first, as many as a `Hello` carries.
+        addrs.sort_by_key(|a| std::cmp::Reverse(a.1));
+        addrs
+            .into_iter()
+            .take(hexfleet_protocol::MAX_UNREACHABLE_REPORTED)
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    /// Notes whether a connection to `addr` could be made.
+    fn reached(&self, addr: SocketAddr, reached: bool) {
+        let mut routes = self.routes.lock();
+        match reached {
+            true => {
+                routes.unreachable.remove(&addr);
+            }
+            false => {
+                routes.unreachable.insert(addr, Instant::now());
+            }
+        }
     }
 
     async fn hello_once(
@@ -566,12 +624,28 @@ impl Connector {
         role: Role,
         token: &str,
     ) -> Result<Greeting, ClientError> {
-        let (conn, mut tx, mut rx) = self.open(addr).await?;
+        let unreachable = self.unreachable();
+        let opened = tokio::time::timeout(self.timeout, self.open(addr))
+            .await
+            .unwrap_or(Err(ClientError::Timeout));
+        let (conn, mut tx, mut rx) = match opened {
+            Ok(opened) => {
+                self.reached(addr, true);
+                opened
+            }
+            Err(e) => {
+                if could_not_connect(&e) {
+                    self.reached(addr, false);
+                }
+                return Err(e);
+            }
+        };
         let sent = std::time::Instant::now();
         tx.send(ClientMsg::Hello(Hello {
             version: PROTOCOL_VERSION,
             role,
             token: token.to_string(),
+            unreachable: unreachable.iter().map(|a| a.to_string()).collect(),
         }))
         .await?;
         match rx.next().await {

@@ -7,6 +7,8 @@
 //! the write, so a replica that sees `seq` jump knows it missed a batch and
 //! reads the shard again.
 
+use std::collections::BTreeMap;
+
 use hexfleet_model::{VehicleId, VehicleState};
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +92,12 @@ pub struct NodeInfo {
     /// Changes each time the process starts: tells a restarted node from
     /// another process using the same id.
     pub instance: u64,
+    /// The peers whose client-facing QUIC address this node's probes have
+    /// failed to reach, each with how long it has failed (ms, as of this
+    /// announcement): what makes the cluster judge a node unreachable for
+    /// its clients.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreached: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

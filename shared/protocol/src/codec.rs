@@ -158,6 +158,7 @@ mod tests {
             version: 1,
             role: Role::Driver,
             token: "t".into(),
+            unreachable: Vec::new(),
         });
         codec.encode(hello.clone(), &mut buf).unwrap();
         codec.encode(ClientMsg::Fix(fix()), &mut buf).unwrap();

@@ -34,5 +34,10 @@ pub use token::{Claims, KeyError, SigningKey, TokenError, Verifier};
 /// The ALPN protocol id of hexfleet over QUIC.
 pub const ALPN: &[u8] = b"hexfleet/1";
 
+/// The ALPN protocol id of a node probing whether a peer's client-facing
+/// QUIC address answers: the peer completes the handshake and closes at
+/// once, with no session.
+pub const PROBE_ALPN: &[u8] = b"hexfleet-probe/1";
+
 /// The session protocol version a client announces in `Hello`.
 pub const PROTOCOL_VERSION: u16 = 1;

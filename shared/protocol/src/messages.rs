@@ -40,7 +40,18 @@ pub struct Hello {
     pub version: u16,
     pub role: Role,
     pub token: String,
+    /// Nodes' QUIC addresses this client was redirected to lately and
+    /// could not connect to within its timeout (a node its clients cannot
+    /// reach, though its peers can). A node that would redirect the client
+    /// to one of them keeps it and forwards its fixes to that node instead.
+    /// At most [`MAX_UNREACHABLE_REPORTED`] are read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
 }
+
+/// How many unreachable nodes a `Hello` may name (a cluster's own nodes;
+/// more are ignored).
+pub const MAX_UNREACHABLE_REPORTED: usize = 8;
 
 /// One GPS fix from a driver's device.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -81,6 +81,7 @@ fn mutated_client_messages() {
             version: 1,
             role: Role::Driver,
             token,
+            unreachable: Vec::new(),
         }),
         ClientMsg::Fix(Fix {
             seq: 7,

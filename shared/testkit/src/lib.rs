@@ -12,7 +12,7 @@
 
 mod relay;
 
-pub use relay::TcpRelay;
+pub use relay::{TcpRelay, UdpRelay};
 
 use std::{
     net::{TcpListener, UdpSocket},

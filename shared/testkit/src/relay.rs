@@ -117,3 +117,163 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
+
+/// A UDP relay on loopback in front of a QUIC endpoint, which a test can
+/// cut (both ways, or one way), heal, or make lossy: a node's client-facing
+/// address failing while the node itself, its store and its peers are fine
+/// (a broken load-balancer target, a firewall rule, a lossy NIC queue).
+///
+/// Each client source gets its own upstream socket, so the endpoint sees
+/// one peer per client, as it would through a NAT.
+pub struct UdpRelay {
+    addr: SocketAddr,
+    state: Arc<UdpState>,
+    task: JoinHandle<()>,
+}
+
+struct UdpState {
+    target: std::sync::Mutex<Option<SocketAddr>>,
+    /// Of every 1000 datagrams toward the target (inbound to it) and back
+    /// from it (outbound), how many are dropped.
+    drop_inbound: std::sync::atomic::AtomicU32,
+    drop_outbound: std::sync::atomic::AtomicU32,
+    forwarded: AtomicU64,
+    dropped: AtomicU64,
+    /// A counter that spreads drops evenly and reproducibly.
+    draws: AtomicU64,
+}
+
+impl UdpState {
+    fn drops(&self, permille: &std::sync::atomic::AtomicU32) -> bool {
+        let permille = u64::from(permille.load(Ordering::Relaxed));
+        if permille == 0 {
+            return false;
+        }
+        // Weyl sequence over 0..1000: every window of 1000 drops exactly
+        // `permille`, in no regular pattern.
+        let draw = self.draws.fetch_add(1, Ordering::Relaxed);
+        let spread = draw.wrapping_mul(618_034) % 1_000_000 / 1000;
+        let dropped = spread < permille;
+        if dropped {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
+    }
+}
+
+impl UdpRelay {
+    /// Listens on a free loopback port; relays nothing until given its
+    /// target ([`UdpRelay::set_target`]: an endpoint started with this
+    /// address as its advertised one learns its own port after).
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = Arc::new(tokio::net::UdpSocket::bind(("127.0.0.1", 0)).await?);
+        let addr = listener.local_addr()?;
+        let state = Arc::new(UdpState {
+            target: std::sync::Mutex::new(None),
+            drop_inbound: 0.into(),
+            drop_outbound: 0.into(),
+            forwarded: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            draws: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(relay_udp(listener, state.clone()));
+        Ok(Self { addr, state, task })
+    }
+
+    /// Where clients send instead of the target.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn set_target(&self, target: SocketAddr) {
+        if let Ok(mut t) = self.state.target.lock() {
+            *t = Some(target);
+        }
+    }
+
+    /// Drops every datagram, both ways.
+    pub fn cut(&self) {
+        self.set_loss(1.0, 1.0);
+    }
+
+    /// Forwards everything again.
+    pub fn heal(&self) {
+        self.set_loss(0.0, 0.0);
+    }
+
+    /// Drops this share of datagrams toward the target (`inbound`) and
+    /// back from it (`outbound`): 1.0 cuts that way.
+    pub fn set_loss(&self, inbound: f64, outbound: f64) {
+        let permille = |share: f64| (share.clamp(0.0, 1.0) * 1000.0).round() as u32;
+        let state = &self.state;
+        state
+            .drop_inbound
+            .store(permille(inbound), Ordering::Relaxed);
+        state
+            .drop_outbound
+            .store(permille(outbound), Ordering::Relaxed);
+    }
+
+    /// Datagrams forwarded and dropped so far, both ways.
+    pub fn counts(&self) -> (u64, u64) {
+        let state = &self.state;
+        (
+            state.forwarded.load(Ordering::Relaxed),
+            state.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The relay's loop: each client's datagrams go out of its own upstream
+/// socket, and what comes back to that socket goes to the client.
+async fn relay_udp(listener: Arc<tokio::net::UdpSocket>, state: Arc<UdpState>) {
+    let mut upstreams: std::collections::HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> =
+        std::collections::HashMap::new();
+    let mut returns = tokio::task::JoinSet::new();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, client)) = listener.recv_from(&mut buf).await else {
+            return;
+        };
+        let target = state.target.lock().ok().and_then(|t| *t);
+        let Some(target) = target else { continue };
+        if state.drops(&state.drop_inbound) {
+            continue;
+        }
+        let upstream = match upstreams.get(&client) {
+            Some(upstream) => upstream.clone(),
+            None => {
+                let Ok(socket) = tokio::net::UdpSocket::bind(("127.0.0.1", 0)).await else {
+                    continue;
+                };
+                if socket.connect(target).await.is_err() {
+                    continue;
+                }
+                let socket = Arc::new(socket);
+                upstreams.insert(client, socket.clone());
+                let (back, listener, state) = (socket.clone(), listener.clone(), state.clone());
+                returns.spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok(n) = back.recv(&mut buf).await {
+                        if state.drops(&state.drop_outbound) {
+                            continue;
+                        }
+                        if listener.send_to(&buf[..n], client).await.is_ok() {
+                            state.forwarded.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                socket
+            }
+        };
+        if upstream.send(&buf[..n]).await.is_ok() {
+            state.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -95,6 +95,14 @@ pub struct LiveSet {
     /// reconnecting elsewhere, go to the node that will own their shards
     /// once they expire, which takes them into memory at once.
     pub silent: BTreeSet<String>,
+    /// Members their peers judge unreachable for clients ([`judged`]): no
+    /// node redirects a client there; a driver whose shard one of them
+    /// owns is kept by the node it reached, which forwards its fixes.
+    pub unreachable: BTreeSet<String>,
+    /// Those unreachable for longer than the cluster waits
+    /// (`cluster.unreachable_handoff`): they own nothing, and hand their
+    /// shards to reachable nodes, until their peers reach them again.
+    pub away: BTreeSet<String>,
 }
 
 /// What a renewal found.
@@ -128,11 +136,20 @@ impl LiveSet {
             .max_by_key(|node| (weight(&node.id, shard), &node.id))
     }
 
-    /// The members that own shards: the live ones not silent.
+    /// The members that own shards: the live ones neither silent nor away.
     fn owning(&self) -> impl Iterator<Item = &NodeInfo> {
         self.nodes
             .values()
-            .filter(|node| !self.silent.contains(&node.id))
+            .filter(|node| !self.silent.contains(&node.id) && !self.away.contains(&node.id))
+    }
+
+    /// Whether clients can be sent to the node whose client address is
+    /// `quic` (as far as its peers' probes say).
+    pub fn reachable_at(&self, quic: &str) -> bool {
+        !self
+            .nodes
+            .values()
+            .any(|n| n.quic == quic && self.unreachable.contains(&n.id))
     }
 
     /// Whether the same nodes own shards (their shards may differ).
@@ -173,6 +190,51 @@ pub fn silent(live: &LiveSet, me: &str, heard: &Heard, late: Duration) -> BTreeS
         .collect()
 }
 
+/// The members judged unreachable for clients, and those of them judged
+/// so for at least `hand_off_after`, from what each member announces of its
+/// probes ([`NodeInfo::unreached`]). Every node reads the same
+/// announcements, so every node comes to the same verdict within a
+/// renewal. A member is judged by the others that are not silent, and a
+/// verdict needs most of them (at least one): a prober whose own outbound
+/// path is broken does not take a healthy node out alone. A prober that
+/// reaches none of two or more peers is not counted at all: it is the one
+/// cut off, more likely than all of them.
+pub fn judged(live: &LiveSet, hand_off_after: Duration) -> (BTreeSet<String>, BTreeSet<String>) {
+    let after = hand_off_after.as_millis() as u64;
+    let judges: Vec<&NodeInfo> = live
+        .nodes
+        .values()
+        .filter(|n| !live.silent.contains(&n.id))
+        .filter(|n| {
+            let peers = live.nodes.len().saturating_sub(1);
+            let reached_none = peers >= 2
+                && live
+                    .nodes
+                    .keys()
+                    .filter(|id| **id != n.id)
+                    .all(|id| n.unreached.contains_key(id));
+            !reached_none
+        })
+        .collect();
+    let (mut unreachable, mut away) = (BTreeSet::new(), BTreeSet::new());
+    for id in live.nodes.keys() {
+        let others: Vec<&&NodeInfo> = judges.iter().filter(|j| j.id != *id).collect();
+        let most = others.len() / 2 + 1;
+        let failing: Vec<u64> = others
+            .iter()
+            .filter_map(|j| j.unreached.get(id).copied())
+            .collect();
+        if others.is_empty() || failing.len() < most {
+            continue;
+        }
+        unreachable.insert(id.clone());
+        if failing.iter().filter(|ms| **ms >= after).count() >= most {
+            away.insert(id.clone());
+        }
+    }
+    (unreachable, away)
+}
+
 /// A node's weight for a shard: xxh3 (a stable, specified hash) of the
 /// shard, seeded by the node id's hash.
 pub fn weight(node: &str, shard: ShardId) -> u64 {
@@ -203,6 +265,7 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Membership
                 http: "unknown".into(),
                 shards: Vec::new(),
                 instance: 0,
+                unreached: Default::default(),
             });
         return Ok(Membership::Taken(other));
     }
@@ -229,7 +292,7 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Membership
     Ok(Membership::Renewed(Renewed {
         live: LiveSet {
             nodes,
-            silent: BTreeSet::new(),
+            ..LiveSet::default()
         },
         was_absent,
         version,
@@ -295,17 +358,18 @@ mod tests {
     fn node(id: &str) -> NodeInfo {
         NodeInfo {
             id: id.into(),
-            quic: String::new(),
+            quic: format!("{id}:quic"),
             http: String::new(),
             shards: Vec::new(),
             instance: 0,
+            unreached: Default::default(),
         }
     }
 
     fn live(ids: &[&str]) -> LiveSet {
         LiveSet {
             nodes: ids.iter().map(|id| (id.to_string(), node(id))).collect(),
-            silent: BTreeSet::new(),
+            ..LiveSet::default()
         }
     }
 
@@ -385,6 +449,56 @@ mod tests {
         );
         // Never this node itself, whatever its record says.
         assert!(!silent(&live, "b", &look(0, 5000), late).contains("b"));
+    }
+
+    #[test]
+    fn a_node_most_peers_cannot_reach_is_unreachable_and_owns_nothing_once_it_lasts() {
+        let bound = Duration::from_secs(5);
+        let mut three = live(&["a", "b", "c"]);
+        let say = |live: &mut LiveSet, who: &str, of: &str, ms: u64| {
+            let node = live.nodes.get_mut(who).unwrap();
+            node.unreached.insert(of.into(), ms);
+        };
+        let none = BTreeSet::new();
+        let b: BTreeSet<String> = ["b".to_string()].into();
+        // One of b's two peers is not most of them.
+        say(&mut three, "a", "b", 9000);
+        assert_eq!(judged(&three, bound), (none.clone(), none.clone()));
+        // Both: unreachable, and not yet long enough to hand off.
+        say(&mut three, "c", "b", 1000);
+        assert_eq!(judged(&three, bound), (b.clone(), none.clone()));
+        let before = three.clone();
+        say(&mut three, "c", "b", 6000);
+        let (unreachable, away) = judged(&three, bound);
+        assert_eq!((&unreachable, &away), (&b, &b));
+        three.unreachable = unreachable;
+        three.away = away;
+        assert!(!three.reachable_at("b:quic"));
+        assert!(three.reachable_at("a:quic"));
+        // b's shards go where they would go without it; no other moves.
+        let two = live(&["a", "c"]);
+        for shard in shards() {
+            assert_eq!(three.owner(shard).unwrap().id, two.owner(shard).unwrap().id);
+            let was = before.owner(shard).unwrap().id.clone();
+            if was != "b" {
+                assert_eq!(three.owner(shard).unwrap().id, was);
+            }
+        }
+        // A prober that reaches none of its peers is the one cut off: its
+        // say counts for nothing.
+        let mut cut = live(&["a", "b", "c"]);
+        say(&mut cut, "a", "b", 9000);
+        say(&mut cut, "a", "c", 9000);
+        assert_eq!(judged(&cut, bound), (none.clone(), none.clone()));
+        // Two nodes: the one peer's say is all there is.
+        let mut pair = live(&["a", "b"]);
+        say(&mut pair, "a", "b", 9000);
+        assert_eq!(judged(&pair, bound), (b.clone(), b.clone()));
+        // A silent member judges nobody.
+        let mut silent = live(&["a", "b", "c"]);
+        say(&mut silent, "a", "b", 9000);
+        silent.silent.insert("c".into());
+        assert_eq!(judged(&silent, bound), (b.clone(), b));
     }
 
     #[test]

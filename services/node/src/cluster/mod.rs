@@ -18,6 +18,7 @@
 
 pub mod leases;
 pub mod membership;
+pub mod probe;
 pub mod reach;
 pub mod replicas;
 
@@ -152,6 +153,11 @@ pub struct Cluster {
     /// not: it serves nothing (see [`reach`]).
     cut_off: AtomicBool,
     peers: reach::Peers,
+    /// Dials the peers' client addresses (see [`probe`]); `None` when its
+    /// socket could not be made (then this node judges nobody).
+    prober: Option<probe::Prober>,
+    /// Wakes the prober early: a client said it could not reach a node.
+    probe_now: Notify,
     /// Peers' reach questions answered at once, at most.
     reach_slots: tokio::sync::Semaphore,
     store: Arc<dyn Store>,
@@ -189,6 +195,14 @@ impl Cluster {
         let (live, version) = (renewed.live, renewed.version);
         metrics.cluster_nodes.set(live.nodes.len() as i64);
         tracing::info!(nodes = ?live.nodes.keys().collect::<Vec<_>>(), "joined the cluster");
+        let prober = match me.quic.parse::<std::net::SocketAddr>() {
+            Ok(family) => probe::Prober::new(config.probe_timeout, family)
+                .map_err(
+                    |e| tracing::warn!(error = %e, "peers' client addresses will not be probed"),
+                )
+                .ok(),
+            Err(_) => None,
+        };
         let cluster = Arc::new(Cluster {
             id: me.id.clone(),
             me: RwLock::new(me),
@@ -216,6 +230,8 @@ impl Cluster {
             looked: Mutex::new(received),
             cut_off: AtomicBool::new(false),
             peers,
+            prober,
+            probe_now: Notify::new(),
             reach_slots: tokio::sync::Semaphore::new(reach::ANSWERED_AT_ONCE),
             store,
             writer,
@@ -278,6 +294,34 @@ impl Cluster {
             https: owner.http,
             shard: shard.to_string(),
         })
+    }
+
+    /// The peers' HTTP and WebSocket client.
+    pub fn peers(&self) -> &reach::Peers {
+        &self.peers
+    }
+
+    /// Whether clients can be sent to the node at `quic` (its peers reach
+    /// its client address; see [`probe`]).
+    pub fn reachable_at(&self, quic: &str) -> bool {
+        self.live.read().reachable_at(quic)
+    }
+
+    /// A client could not connect to the node at `quic`: counted, and the
+    /// peers probed at once rather than at the next round.
+    pub fn client_reports_unreachable(&self, quic: &str) {
+        let live = self.live.read();
+        let Some(node) = live
+            .nodes
+            .values()
+            .find(|n| n.quic == quic && n.id != self.id)
+        else {
+            return;
+        };
+        self.metrics.clients_report_unreachable.inc();
+        tracing::debug!(node = %node.id, "a client could not reach a node it was sent to");
+        drop(live);
+        self.probe_now.notify_one();
     }
 
     /// Whether this node serves nothing, cut from the store (see [`reach`]).
@@ -414,6 +458,7 @@ impl Cluster {
         // Its own task: a renewal to a store that does not answer waits for
         // its timeout, longer than a lease.
         tokio::spawn(self.clone().guard_reach(stop.clone()));
+        tokio::spawn(self.clone().probe_peers(stop.clone()));
         let mut renew = tokio::time::interval(self.config.renew_interval);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut acquire = tokio::time::interval(ACQUIRE_INTERVAL);
@@ -537,6 +582,7 @@ impl Cluster {
                 }
                 self.presume(&mut live);
                 live.silent = self.silent(&live);
+                self.judge(&mut live);
                 self.metrics.cluster_nodes.set(live.nodes.len() as i64);
                 self.set_live(live).await;
             }
@@ -633,7 +679,37 @@ impl Cluster {
             return;
         }
         live.silent = silent;
+        self.judge(&mut live);
         self.set_live(live).await;
+    }
+
+    /// Who is unreachable for clients, and who for long enough to own
+    /// nothing, as the members' announcements say (see [`probe`]).
+    fn judge(&self, live: &mut LiveSet) {
+        (live.unreachable, live.away) = membership::judged(live, self.config.unreachable_handoff);
+    }
+
+    /// Probes the peers' client addresses every `probe_interval` (or at
+    /// once when a client says it could not reach one), and announces the
+    /// ones that do not answer at the next renewal.
+    async fn probe_peers(self: Arc<Self>, stop: CancellationToken) {
+        let Some(prober) = &self.prober else { return };
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.probe_now.notified() => {}
+            }
+            let live: Vec<NodeInfo> = self.live.read().nodes.values().cloned().collect();
+            let round = prober.round(&self.id, &live).await;
+            self.metrics.probes(true).inc_by(round.answered as u64);
+            self.metrics.probes(false).inc_by(round.failed as u64);
+            let unreached = prober.unreached();
+            self.metrics.peers_unreached.set(unreached.len() as i64);
+            self.me.write().unreached = unreached;
+        }
     }
 
     /// Takes a new view of the live set; when the nodes that own shards
@@ -641,6 +717,26 @@ impl Cluster {
     async fn set_live(self: &Arc<Self>, live: LiveSet) {
         let old = std::mem::replace(&mut *self.live.write(), live.clone());
         self.metrics.cluster_silent.set(live.silent.len() as i64);
+        self.metrics
+            .cluster_unreachable
+            .set(live.unreachable.len() as i64);
+        self.metrics
+            .unreachable_for_clients
+            .set(i64::from(live.unreachable.contains(&self.id)));
+        for id in live.unreachable.difference(&old.unreachable) {
+            match *id == self.id {
+                true => tracing::warn!("this node's peers cannot reach its client address: its clients probably cannot either; the other nodes keep them and forward their fixes here"),
+                false => tracing::warn!(node = %id, "a member's client address is unreachable: its drivers are kept where they connect and their fixes forwarded to it"),
+            }
+        }
+        for id in live.away.difference(&old.away) {
+            tracing::warn!(node = %id, "a member has been unreachable for clients for {:?}: its shards go to reachable nodes", self.config.unreachable_handoff);
+        }
+        for id in old.unreachable.difference(&live.unreachable) {
+            if live.nodes.contains_key(id) {
+                tracing::info!(node = %id, "a member's client address is reachable again");
+            }
+        }
         for id in live.silent.difference(&old.silent) {
             let heard = self.heard.lock().get(id).map(|at| at.elapsed());
             tracing::warn!(node = %id, silent_ms = heard.map(|d| d.as_millis() as u64), "a member has stopped renewing: its shards' drivers go to the nodes that will own them when its lease runs out, which take them in at once");

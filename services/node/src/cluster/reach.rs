@@ -59,11 +59,43 @@ impl PeersSay {
     }
 }
 
-/// The HTTP client that asks the peers.
-#[derive(Debug, Clone)]
+/// The HTTP client that asks the peers, and opens the WebSockets a
+/// driver's session is relayed over (see `session::forward`).
+#[derive(Clone)]
 pub struct Peers {
     client: reqwest::Client,
     scheme: &'static str,
+    /// TLS for peers' WebSockets, trusting what `client` trusts.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("scheme", &self.scheme)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A byte stream to a peer, over TLS or not.
+pub trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerIo for T {}
+
+/// A WebSocket to a peer's `GET /v1/connect`.
+pub type PeerSocket = tokio_tungstenite::WebSocketStream<Box<dyn PeerIo>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr}: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("WebSocket with {addr}: {reason}")]
+    WebSocket { addr: String, reason: String },
 }
 
 impl Peers {
@@ -78,6 +110,28 @@ impl Peers {
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout);
+        let tls = https.then(|| {
+            let mut store = rustls::RootCertStore::empty();
+            for der in roots {
+                if let Err(e) = store.add(der.clone()) {
+                    tracing::warn!(error = %e, "a certificate peers' WebSockets cannot be checked against");
+                }
+            }
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(store).with_no_client_auth());
+            match config {
+                Ok(mut config) => {
+                    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS for peers' WebSockets");
+                    None
+                }
+            }
+        });
         if https {
             for der in roots {
                 match reqwest::Certificate::from_der(der) {
@@ -95,7 +149,52 @@ impl Peers {
         Peers {
             client,
             scheme: if https { "https" } else { "http" },
+            tls: tls.flatten(),
         }
+    }
+
+    /// Opens a WebSocket to the client endpoint (`GET /v1/connect`) of the
+    /// peer whose HTTP API answers at `addr`.
+    pub async fn websocket(&self, addr: &str) -> Result<PeerSocket, PeerError> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| PeerError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn PeerIo> = match (self.scheme, &self.tls) {
+            ("https", Some(tls)) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name =
+                    rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+                        PeerError::Tls {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                let stream = tls.connect(name, tcp).await.map_err(|e| PeerError::Tls {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+                Box::new(stream)
+            }
+            _ => Box::new(tcp),
+        };
+        let scheme = if self.scheme == "https" { "wss" } else { "ws" };
+        let url = format!("{scheme}://{addr}{}", hexfleet_protocol::ws::PATH);
+        let max = hexfleet_protocol::MAX_FRAME_LEN + 1;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let (socket, _) = tokio_tungstenite::client_async_with_config(url, io, Some(config))
+            .await
+            .map_err(|e| PeerError::WebSocket {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(socket)
     }
 
     /// Asks every peer in `live` but `me` at once which of `shards`' lease

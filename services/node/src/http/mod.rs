@@ -377,9 +377,13 @@ async fn nearby(
     }))
 }
 
-/// The live nodes, the shards each holds, those silent (not renewing: their
-/// shards' drivers go to their successors), and, for `?lat=&lon=`, the
-/// shard there and the node that owns it.
+/// The live nodes, the shards each holds (and the peers whose client
+/// address each one's probes fail to reach), those silent (not renewing:
+/// their shards' drivers go to their successors), those unreachable for
+/// clients (no client is sent there; their drivers' fixes are forwarded)
+/// and those away (unreachable past `cluster.unreachable_handoff`: they own
+/// nothing), and, for `?lat=&lon=`, the shard there and the node that owns
+/// it.
 async fn cluster(
     State(api): State<Api>,
     Query(params): Query<HashMap<String, String>>,
@@ -418,6 +422,8 @@ async fn cluster(
         "clustered": true,
         "nodes": live.nodes.values().collect::<Vec<_>>(),
         "silent": live.silent,
+        "unreachable": live.unreachable,
+        "away": live.away,
         "owner": owner,
     })))
 }

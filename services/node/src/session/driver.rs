@@ -35,7 +35,7 @@ use hexfleet_protocol::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    common_sources, send,
+    common_sources, forward, send,
     transport::{CloseAs, ControlRead, ControlWrite, Peer},
     Context, Expiry, Goodbye, Outcome, Refusal, Source, Stop, ERROR_FRAME_GRACE,
 };
@@ -62,7 +62,7 @@ const ACK_NOW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_UNWRITTEN_ACKS: usize = 64;
 
 /// What wakes a driver session.
-enum Event {
+pub(super) enum Event {
     /// A datagram; `None` once the connection is gone.
     Datagram(Option<bytes::Bytes>),
     Control(Result<ClientMsg, Stop>),
@@ -75,6 +75,36 @@ enum Event {
 
 type Events<'s> = stream::SelectAll<Source<'s, Event>>;
 
+/// What a driver's client brings (see [`common_sources`]): its control
+/// messages, datagrams, the token's expiry, the node's shutdown, and a
+/// newer session of the same driver. A datagram does not re-poll the
+/// control stream, the expiry or the cancellation tokens.
+pub(super) fn client_events<'s>(
+    conn: &'s Peer,
+    rx: &'s mut ControlRead,
+    expiry: Expiry,
+    ctx: &Context,
+    superseded: &CancellationToken,
+) -> Vec<Source<'s, Event>> {
+    let superseded = superseded.clone().cancelled_owned();
+    let mut sources = common_sources(
+        rx,
+        expiry,
+        ctx,
+        Event::Control,
+        Event::Expired,
+        Event::ShuttingDown,
+    );
+    sources.push(Box::pin(stream::unfold(conn, |conn| async move {
+        Some((Event::Datagram(conn.read_datagram().await), conn))
+    })));
+    sources.push(Box::pin(stream::once(async move {
+        superseded.await;
+        Event::Superseded
+    })));
+    sources
+}
+
 /// Where an accepted fix goes.
 enum Route {
     Here(Placed),
@@ -84,14 +114,27 @@ enum Route {
     Unavailable,
 }
 
+/// Who said `Hello`, and what it said besides its token.
+pub(super) struct Greeted {
+    pub id: VehicleId,
+    pub token: String,
+    /// The nodes' QUIC addresses the client could not reach lately.
+    pub unreachable: Vec<String>,
+}
+
 pub(super) async fn serve(
     conn: &Peer,
     tx: &mut ControlWrite,
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
-    id: VehicleId,
+    greeted: Greeted,
     expiry: Expiry,
 ) -> Outcome {
+    let Greeted {
+        id,
+        token,
+        unreachable,
+    } = greeted;
     // A driver handed over by another node continues from what it left;
     // one whose node died, from its last state written (its zones: an
     // entry is announced once, whichever node holds the vehicle).
@@ -131,14 +174,33 @@ pub(super) async fn serve(
     let mut session = DriverSession::start(conn, ctx, id, inherited);
     session.inherited_zones = zones;
     session.stored_at = stored_at;
-    let outcome = session.run(tx, rx, expiry).await;
+    session.unreachable = unreachable;
+    let mut outcome = session.run(tx, rx, expiry).await;
+    // Its shard's owner is one its client cannot reach: the session goes
+    // on there, relayed (see `forward`).
+    let relayed = match (&outcome, session.forward_to.take()) {
+        (Err(Stop::Redirected(_)), Some((owner, first))) => {
+            let relay = forward::Relay {
+                token,
+                owner,
+                report: session.report,
+                first,
+                superseded: session.superseded.clone(),
+                expiry,
+            };
+            outcome = forward::relay(conn, tx, rx, ctx, &session.id, relay).await;
+            true
+        }
+        _ => false,
+    };
     let id = session.id;
     // Forget our registration, unless a newer session already replaced it.
     let replaced = ctx
         .drivers
         .remove_if(&id, |_, (generation, _)| *generation == session.generation)
         .is_none();
-    let lost = matches!(outcome, Err(Stop::Lost | Stop::Refused(_)));
+    // A relayed driver's vehicle is its owner's, which gives it its grace.
+    let lost = !relayed && matches!(outcome, Err(Stop::Lost | Stop::Refused(_)));
     if lost && !replaced && !ctx.shutdown.is_cancelled() {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -244,6 +306,12 @@ struct DriverSession<'a> {
     ownership_seen: u64,
     /// The connection's fix budget (`ingest.fixes`).
     budget: RequestBudget,
+    /// Nodes' client addresses this driver's client said it could not
+    /// reach: it is not redirected there.
+    unreachable: Vec<String>,
+    /// Set when the driver belongs on a node its client cannot reach: the
+    /// owner (as a redirect would name it) and the fix that found it.
+    forward_to: Option<(Redirect, Option<Fix>)>,
 }
 
 impl<'a> DriverSession<'a> {
@@ -310,6 +378,8 @@ impl<'a> DriverSession<'a> {
             crossed_at: None,
             ownership_seen: 0,
             budget: RequestBudget::new(&ctx.fix_budget, Instant::now()),
+            unreachable: Vec::new(),
+            forward_to: None,
         }
     }
 
@@ -425,30 +495,13 @@ impl<'a> DriverSession<'a> {
         }
     }
 
-    /// Everything a driver session waits for (see [`common_sources`]): a
-    /// datagram does not re-poll the control stream, the expiry or the
-    /// cancellation tokens.
+    /// Everything a driver session waits for (see [`client_events`]), and
+    /// the cluster's ownership changes.
     fn events<'s>(&self, rx: &'s mut ControlRead, expiry: Expiry) -> Events<'s>
     where
         'a: 's,
     {
-        let conn: &'s Peer = self.conn;
-        let superseded = self.superseded.clone().cancelled_owned();
-        let mut sources = common_sources(
-            rx,
-            expiry,
-            self.ctx,
-            Event::Control,
-            Event::Expired,
-            Event::ShuttingDown,
-        );
-        sources.push(Box::pin(stream::unfold(conn, |conn| async move {
-            Some((Event::Datagram(conn.read_datagram().await), conn))
-        })));
-        sources.push(Box::pin(stream::once(async move {
-            superseded.await;
-            Event::Superseded
-        })));
+        let mut sources = client_events(self.conn, rx, expiry, self.ctx, &self.superseded);
         if let Some(cluster) = &self.ctx.cluster {
             sources.push(Box::pin(stream::unfold(
                 cluster.watch_changes(),
@@ -520,7 +573,7 @@ impl<'a> DriverSession<'a> {
                         state.seq = state.seq.saturating_sub(1);
                         self.hand_over(&state, cluster).await;
                     }
-                    return self.leave(cluster, away, true).await;
+                    return self.leave(cluster, away, true, Some(*fix)).await;
                 }
             },
         };
@@ -642,16 +695,19 @@ impl<'a> DriverSession<'a> {
             None => Route::Unavailable,
         };
         // The shard itself moves: the vehicle stays in it for the new owner.
-        self.leave(cluster, away, false).await
+        self.leave(cluster, away, false, None).await
     }
 
     /// Hands the driver over: its last state is left for the next node, its
-    /// vehicle goes in transit here, and the client is told where to go.
+    /// vehicle goes in transit here, and the client is told where to go; or,
+    /// when its client cannot reach that node, its session is relayed there
+    /// (`fix`, not accepted here, goes first).
     async fn leave(
         &mut self,
         cluster: &Cluster,
         away: Route,
         leaves_shard: bool,
+        fix: Option<Fix>,
     ) -> Result<(), Stop> {
         if let Some(entry) = self.ctx.ingest.table.get(&self.id) {
             self.hand_over(&entry.state, cluster).await;
@@ -664,7 +720,14 @@ impl<'a> DriverSession<'a> {
             self.ctx.ingest.hand_off(&self.id, how);
         }
         match away {
-            Route::Away(redirect) => Err(Stop::Redirected(redirect)),
+            Route::Away(redirect) => {
+                let reachable = cluster.reachable_at(&redirect.addr)
+                    && !self.unreachable.contains(&redirect.addr);
+                if !reachable && !redirect.https.is_empty() {
+                    self.forward_to = Some((redirect.clone(), fix));
+                }
+                Err(Stop::Redirected(redirect))
+            }
             _ => Err(Refusal::new(
                 ErrorCode::Unavailable,
                 "this driver's shard is changing hands; connect again shortly",

@@ -11,6 +11,7 @@
 //! client's state.
 
 mod driver;
+mod forward;
 mod rider;
 mod transport;
 
@@ -20,7 +21,8 @@ use dashmap::DashMap;
 use futures_util::{stream, Stream, StreamExt};
 use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
-    ClientMsg, ErrorCode, ErrorFrame, FrameError, Redirect, Role, ServerMsg, PROTOCOL_VERSION,
+    ClientMsg, ErrorCode, ErrorFrame, FrameError, Hello, Redirect, Role, ServerMsg,
+    MAX_UNREACHABLE_REPORTED, PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 pub(crate) use transport::too_big;
@@ -237,6 +239,14 @@ pub async fn serve(
             return;
         }
     };
+    if is_probe(&conn) {
+        // A peer checking that clients can reach this address: answered by
+        // the handshake itself.
+        metrics.probes_answered.inc();
+        use crate::cluster::probe;
+        conn.close(probe::CLOSE_CODE.into(), probe::CLOSE_REASON);
+        return;
+    }
     metrics.connections.inc();
     metrics.connections_accepted.inc();
     let _open = OpenConnection(&metrics.connections);
@@ -255,6 +265,14 @@ pub async fn serve(
         }
     };
     run(peer, tx, rx, &ctx).await;
+}
+
+/// Whether a connection is a peer's probe (ALPN `hexfleet-probe/1`).
+fn is_probe(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .is_some_and(|alpn| alpn == hexfleet_protocol::PROBE_ALPN)
 }
 
 async fn accept_control(peer: &Peer) -> Option<(quinn::SendStream, quinn::RecvStream)> {
@@ -291,16 +309,31 @@ async fn run(peer: Peer, mut tx: ControlWrite, mut rx: ControlRead, ctx: &Arc<Co
             return;
         }
     };
-    let (role, subject, expires_at) = who;
+    let (role, subject, expires_at, hello) = who;
     tracing::Span::current()
         .record("role", role.as_str())
         .record("id", tracing::field::display(&subject));
+    // Nodes the client could not reach: it is not sent there.
+    let mut unreachable = hello.unreachable;
+    unreachable.truncate(MAX_UNREACHABLE_REPORTED);
+    if let Some(cluster) = &ctx.cluster {
+        for addr in &unreachable {
+            cluster.client_reports_unreachable(addr);
+        }
+    }
     let open = ctx.ingest.metrics.sessions(role);
     open.inc();
     let expiry = Expiry::at(expires_at);
     let outcome = match role {
-        Role::Driver => driver::serve(&peer, &mut tx, &mut rx, ctx, subject, expiry).await,
-        Role::Rider => rider::serve(&peer, &mut tx, &mut rx, ctx, expiry).await,
+        Role::Driver => {
+            let greeted = driver::Greeted {
+                id: subject,
+                token: hello.token,
+                unreachable,
+            };
+            driver::serve(&peer, &mut tx, &mut rx, ctx, greeted, expiry).await
+        }
+        Role::Rider => rider::serve(&peer, &mut tx, &mut rx, ctx, expiry, &unreachable).await,
         Role::Dashboard => Err(Refusal::new(
             ErrorCode::BadRequest,
             "dashboards connect to /v1/ws, not as drivers or riders",
@@ -371,7 +404,10 @@ async fn ended(outcome: Outcome, peer: &Peer, tx: Option<&mut ControlWrite>, ctx
 }
 
 /// Reads and checks `Hello`; returns who the client is.
-async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, VehicleId, u64), Stop> {
+async fn handshake(
+    rx: &mut ControlRead,
+    ctx: &Context,
+) -> Result<(Role, VehicleId, u64, Hello), Stop> {
     let ClientMsg::Hello(hello) = next_message(rx).await? else {
         let refusal = Refusal::new(
             ErrorCode::ProtocolViolation,
@@ -393,7 +429,7 @@ async fn handshake(rx: &mut ControlRead, ctx: &Context) -> Result<(Role, Vehicle
         .auth
         .verify_for(&hello.token, hello.role, clock::now_s())
         .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))?;
-    Ok((claims.role, claims.subject, claims.expires_at))
+    Ok((claims.role, claims.subject, claims.expires_at, hello))
 }
 
 const ERROR_FRAME_GRACE: Duration = Duration::from_millis(250);

@@ -84,6 +84,7 @@ pub(super) async fn serve(
     rx: &mut ControlRead,
     ctx: &Arc<Context>,
     expiry: Expiry,
+    unreachable: &[String],
 ) -> Outcome {
     let welcome = ServerMsg::Welcome(Welcome {
         node: ctx.node_id.clone(),
@@ -125,7 +126,8 @@ pub(super) async fn serve(
             Event::Expired(refusal) => break Err(refusal.into()),
             Event::Control(msg) => match msg {
                 Ok(ClientMsg::Subscribe(s)) => {
-                    match subscribe(s, !subscribed, id, &mailbox, &mut budget, tx, ctx).await {
+                    let first = (!subscribed).then_some(unreachable);
+                    match subscribe(s, first, id, &mailbox, &mut budget, tx, ctx).await {
                         Ok(taken) => subscribed |= taken,
                         Err(stop) => break Err(stop),
                     }
@@ -201,9 +203,11 @@ pub(super) async fn serve(
 /// it (replacing one of this rider's still waiting); over budget it is
 /// refused, and a connection that keeps going over is closed. Returns
 /// whether the fan-out took it.
+/// `first`: the rider's first look, and the nodes its client said it
+/// cannot reach (it may be redirected, but not there).
 async fn subscribe(
     s: Subscribe,
-    first: bool,
+    first: Option<&[String]>,
     id: SubscriberId,
     mailbox: &Arc<Mailbox>,
     budget: &mut RequestBudget,
@@ -229,8 +233,8 @@ async fn subscribe(
     // that owns the shard it looks at. Any node would show it the same
     // view, through replicas; on the owner, the rider's own shard needs
     // none, and each node replicates only the shards along its edges.
-    if first {
-        if let Some(redirect) = redirect_for(&s, ctx) {
+    if let Some(unreachable) = first {
+        if let Some(redirect) = redirect_for(&s, ctx, unreachable) {
             return Err(Stop::Redirected(redirect));
         }
     }
@@ -260,12 +264,16 @@ async fn refuse(
     send(tx, ServerMsg::SubscribeError(refused), ctx).await
 }
 
-/// Where a rider looking at `s` belongs, if not here.
-fn redirect_for(s: &Subscribe, ctx: &Context) -> Option<Redirect> {
+/// Where a rider looking at `s` belongs, if not here: the owner of its
+/// shard, unless its client cannot reach it (the peers' probes say so, or
+/// the client did). Then it stays: any node shows the same view.
+fn redirect_for(s: &Subscribe, ctx: &Context, unreachable: &[String]) -> Option<Redirect> {
     let cluster = ctx.cluster.as_ref()?;
     let center = Position::new(s.lat, s.lon).ok()?;
     let shard = ctx.ingest.locate(center).shard;
-    cluster.redirect_for(shard)
+    let redirect = cluster.redirect_for(shard)?;
+    let reachable = cluster.reachable_at(&redirect.addr) && !unreachable.contains(&redirect.addr);
+    reachable.then_some(redirect)
 }
 
 /// Checks a subscription and returns the cells it watches.

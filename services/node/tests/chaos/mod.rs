@@ -52,6 +52,19 @@ pub enum Fault {
     /// Phones whose clocks are wrong from the start (see [`phone_clock`]);
     /// at the fault, a sixth of them jump a minute ahead.
     Clocks,
+    /// One node's client-facing QUIC address (a relay its clients and its
+    /// peers' probes go through) drops every datagram both ways, while the
+    /// node keeps Redis and its peers. The drivers are QUIC-only clients:
+    /// a cut of the node's ingress takes its HTTPS with it.
+    ClientCut,
+    /// The same, datagrams toward the node dropped only.
+    ClientCutIn,
+    /// The same, datagrams from the node dropped only.
+    ClientCutOut,
+    /// The same node's client side losing 30% of datagrams each way.
+    ClientLoss,
+    /// The busiest node at a 10% duty cycle (SIGSTOP 90 ms, SIGCONT 10 ms).
+    Slow,
 }
 
 /// How driver `i`'s phone clock is off in the `clocks` scenario (ms), and
@@ -87,8 +100,33 @@ impl Fault {
             "cluster-failover" => Fault::MasterFailover,
             "cluster-slots" => Fault::SlotsMoved,
             "clocks" => Fault::Clocks,
+            "clientcut" => Fault::ClientCut,
+            "clientcut-in" => Fault::ClientCutIn,
+            "clientcut-out" => Fault::ClientCutOut,
+            "client-loss" => Fault::ClientLoss,
+            "slow" => Fault::Slow,
             _ => return None,
         })
+    }
+
+    /// Whether it is a fault of one node's client-facing side (its QUIC
+    /// address behind a relay).
+    fn on_client_side(self) -> bool {
+        matches!(
+            self,
+            Fault::ClientCut | Fault::ClientCutIn | Fault::ClientCutOut | Fault::ClientLoss
+        )
+    }
+
+    /// What the relay in front of the node drops (toward it, from it).
+    fn client_loss(self) -> (f64, f64) {
+        match self {
+            Fault::ClientCut => (1.0, 1.0),
+            Fault::ClientCutIn => (1.0, 0.0),
+            Fault::ClientCutOut => (0.0, 1.0),
+            Fault::ClientLoss => (0.3, 0.3),
+            _ => (0.0, 0.0),
+        }
     }
 
     /// Whether it runs on a Redis Cluster.
@@ -133,6 +171,8 @@ pub struct Scenario {
     /// Whether drivers connect again as soon as their connection is lost
     /// (`DriverClient::lost`, `resume`), or only at their next fix.
     pub resume: bool,
+    /// More `[cluster]` settings for every node.
+    pub cluster_settings: String,
 }
 
 impl Scenario {
@@ -147,6 +187,7 @@ impl Scenario {
             fault_for: Duration::from_secs(3),
             warm_up: Duration::from_secs(2),
             resume: true,
+            cluster_settings: String::new(),
         }
     }
 
@@ -165,6 +206,7 @@ impl Scenario {
             fault_for: Duration::from_secs(number("CHAOS_FAULT_S", 8)),
             warm_up: Duration::from_secs(number("CHAOS_WARM_UP_S", 5)),
             resume: number("CHAOS_RESUME", 1) != 0,
+            cluster_settings: var("CHAOS_CLUSTER_SETTINGS").unwrap_or_default(),
         })
     }
 }
@@ -335,8 +377,15 @@ pub async fn run(s: Scenario) -> Report {
             }
             _ => HashMap::new(),
         };
-        let cluster =
-            Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await;
+        let cluster = match s.fault.on_client_side() {
+            true => {
+                let relayed = [cut_id.as_str()];
+                Cluster::start_relayed(redis.url(), s.nodes, &relayed, &s.cluster_settings).await
+            }
+            false => {
+                Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await
+            }
+        };
         (Store::Single { redis, relay }, cluster)
     };
 
@@ -507,6 +556,7 @@ pub async fn run(s: Scenario) -> Report {
     // The fault, watched.
     let victim = match s.fault {
         Fault::RedisCut => cut_id.clone(),
+        fault if fault.on_client_side() => cut_id.clone(),
         _ => busiest(&cluster, &truth()),
     };
     let signing_off: Vec<String> = match s.fault {
@@ -527,6 +577,7 @@ pub async fn run(s: Scenario) -> Report {
         held as f64 / truth.len().max(1) as f64
     };
     let started = Instant::now();
+    let mut duty_cycle: Option<tokio::task::JoinHandle<()>> = None;
     let mut what = format!("{victim} holding {:.0}% of the fleet", share * 100.0);
     match s.fault {
         Fault::Kill => {
@@ -551,6 +602,27 @@ pub async fn run(s: Scenario) -> Report {
             jumped.store(JUMP_MS, Ordering::Relaxed);
             what = "a sixth of the phones' clocks jump a minute ahead".into();
         }
+        Fault::ClientCut | Fault::ClientCutIn | Fault::ClientCutOut | Fault::ClientLoss => {
+            let (inbound, outbound) = s.fault.client_loss();
+            cluster.quic_relay(&victim).set_loss(inbound, outbound);
+            what = format!(
+                "{what}: its client address dropping {:.0}% of datagrams toward it, {:.0}% from it",
+                inbound * 100.0,
+                outbound * 100.0
+            );
+        }
+        Fault::Slow => {
+            let pid = Pid::from_child(&cluster.by_id(&victim).child);
+            duty_cycle = Some(tokio::spawn(async move {
+                loop {
+                    let _ = kill_process(pid, Signal::STOP);
+                    tokio::time::sleep(Duration::from_millis(90)).await;
+                    let _ = kill_process(pid, Signal::CONT);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+            what = format!("{what}, at a 10% duty cycle");
+        }
     }
     for (id, going) in &leave {
         if signing_off.contains(id) {
@@ -572,6 +644,14 @@ pub async fn run(s: Scenario) -> Report {
                     Store::Single { relay, .. } => relay.heal(),
                     Store::Cluster(_) => {}
                 },
+                fault if fault.on_client_side() => cluster.quic_relay(&victim).heal(),
+                Fault::Slow => {
+                    if let Some(cycle) = duty_cycle.take() {
+                        cycle.abort();
+                        let _ = cycle.await;
+                    }
+                    cluster.by_id(&victim).signal(Signal::CONT);
+                }
                 // For good, or over at once.
                 _ => {}
             }
@@ -597,11 +677,15 @@ pub async fn run(s: Scenario) -> Report {
                 false
             });
         }
-        if std::env::var("CHAOS_TRACE").is_ok() && now - started < Duration::from_secs(4) {
+        if std::env::var("CHAOS_TRACE").is_ok() && now - started < Duration::from_secs(8) {
             let per: Vec<usize> = riders.iter().map(|r| wrong(r, &truth).len()).collect();
             let views: Vec<usize> = riders.iter().map(|r| r.view().len()).collect();
+            let links: Vec<String> = riders
+                .iter()
+                .map(|r| format!("{}:{:?}", r.stats().reconnects, r.transport()))
+                .collect();
             println!(
-                "TRACE {:>5} ms bad {per:?} shown {views:?}",
+                "TRACE {:>5} ms bad {per:?} shown {views:?} reconnects {links:?}",
                 (now - started).as_millis()
             );
         }
