@@ -12,7 +12,11 @@
 //! long after the fault every rider is right again. After convergence the
 //! store and every node's API are checked: no ghost (a signed-off vehicle
 //! still anywhere), no vehicle in two shards or listed twice, every
-//! driver's stored state its latest.
+//! driver's stored state its latest. Three round zones lie where the
+//! fleet drives in and out of them: once the fleet stops, every (vehicle,
+//! zone) pair's events in the stream must alternate, entry first, and end
+//! as the vehicle's last stored position says (inside, or outside or
+//! gone): an event doubled or lost shows.
 //!
 //! The suite runs each scenario small (`chaos_*_small`, checking only what
 //! holds after convergence); `scripts/chaos.sh SCENARIO` runs it at the
@@ -260,6 +264,82 @@ pub struct Report {
     /// Stored states whose fix time is not in node time (more than 2 s
     /// from when the node heard it).
     pub untimely: Vec<String>,
+    /// Zone events in the stream once the fleet stopped.
+    pub zone_events: usize,
+    /// (vehicle, zone) pairs whose events do not alternate, entry first,
+    /// or do not end where the vehicle is: an event doubled or lost.
+    pub zone_faults: Vec<String>,
+}
+
+/// The zones the fleet drives through: circles of this radius around the
+/// meeting point and two spots 450 m from it.
+const ZONE_RADIUS_M: f64 = 150.0;
+
+fn zones_around(meeting: (f64, f64)) -> Vec<(String, (f64, f64))> {
+    [(0.0, 0.0), (450.0, 0.0), (0.0, -450.0)]
+        .iter()
+        .enumerate()
+        .map(|(i, (east, north))| (format!("zone-{i}"), offset(meeting, *east, *north)))
+        .collect()
+}
+
+/// What is wrong with the zone events of `events` (in stream order), given
+/// where each vehicle was last stored (`None`: gone) once the fleet
+/// stopped.
+fn zone_faults(
+    events: &[hexfleet_protocol::zone::ZoneEvent],
+    zones: &[(String, (f64, f64))],
+    last_at: &HashMap<String, Option<(f64, f64)>>,
+) -> Vec<String> {
+    let mut inside: HashMap<(String, String), bool> = HashMap::new();
+    let mut faults = Vec::new();
+    for e in events {
+        let key = (e.vehicle.id.to_string(), e.zone.to_string());
+        let was = inside.entry(key.clone()).or_insert(false);
+        let entered = e.event == hexfleet_protocol::zone::ZoneEventKind::Entered;
+        if *was == entered {
+            faults.push(format!(
+                "{} {} {} twice in a row ({})",
+                key.0,
+                e.event.as_str(),
+                key.1,
+                e.cause.as_str()
+            ));
+        }
+        *was = entered;
+    }
+    for (id, at) in last_at {
+        for (zone, centre) in zones {
+            let is_inside = inside
+                .get(&(id.clone(), zone.clone()))
+                .copied()
+                .unwrap_or(false);
+            // Within 10 m of the edge (a 32-gon's sides cut the circle) it
+            // may be either.
+            let should = match at {
+                None => Some(false),
+                Some(p) => {
+                    let d = haversine_m(p.0, p.1, centre.0, centre.1);
+                    if d < ZONE_RADIUS_M - 10.0 {
+                        Some(true)
+                    } else if d > ZONE_RADIUS_M + 10.0 {
+                        Some(false)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if should.is_some_and(|should| should != is_inside) {
+                faults.push(format!(
+                    "{id} ends {} {zone} by its events, {} by where it is",
+                    if is_inside { "inside" } else { "outside" },
+                    if is_inside { "outside" } else { "inside" },
+                ));
+            }
+        }
+    }
+    faults.sort();
+    faults
 }
 
 /// Brings a fault on a Redis Cluster about; says what it did.
@@ -429,6 +509,16 @@ pub async fn run(s: Scenario) -> Report {
         let node = cluster.by_id(&node);
         let sub = Subscription::around(at.0, at.1, 5_000.0);
         riders.push(rider(&cluster, node, &format!("rider-{}", node.id), sub).await);
+    }
+    let zones = zones_around(meeting);
+    for (id, centre) in &zones {
+        put_zone(
+            &cluster,
+            &cluster.nodes[0],
+            id,
+            &round_zone(*centre, ZONE_RADIUS_M),
+        )
+        .await;
     }
     let wrong = |r: &RiderClient, truth: &HashMap<String, Truth>| -> HashSet<String> {
         let view = r.view();
@@ -875,6 +965,34 @@ pub async fn run(s: Scenario) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.cancel();
+    // The fleet stopped (its drivers' connections dropped, within their
+    // grace): every event is in the stream within a few flushes.
+    let gone_now = gone.lock().clone();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let last_at: HashMap<String, Option<(f64, f64)>> = routes
+            .iter()
+            .map(|(id, _)| {
+                let at = match gone_now.contains(id) {
+                    true => None,
+                    false => stored_in(&mut *store.conn(), id).map(|st| (st.lat, st.lon)),
+                };
+                (id.clone(), at)
+            })
+            .collect();
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(keys::ZONE_EVENTS)
+            .arg("-")
+            .arg("+")
+            .query(&mut *store.conn())
+            .unwrap_or(redis::Value::Nil);
+        let events = hexfleet_node::store::redis::zone_events_in(reply);
+        report.zone_events = events.len();
+        report.zone_faults = zone_faults(&events, &zones, &last_at);
+        if report.zone_faults.is_empty() {
+            break;
+        }
+    }
     if let Ok(path) = std::env::var("CHAOS_NODE_LOGS") {
         let _ = std::fs::write(path, cluster.logs());
     }
@@ -882,7 +1000,8 @@ pub async fn run(s: Scenario) -> Report {
         "chaos {:?} ({what}): {} drivers at {} m/s, fixes every {} ms, {} riders on {} nodes, fault {} s: \
          longest hidden or > {BEHIND_M} m behind {} ms (p99 of pairs {} ms), worst moment {:.0}% of pairs; \
          every rider right {} ms after the fault; every vehicle on the map {} ms after its driver connected; \
-         after: {} ghosts, {} duplicates, {} stale, {} fix times not in node time",
+         after: {} ghosts, {} duplicates, {} stale, {} fix times not in node time; \
+         {} zone events, {} (vehicle, zone) pairs with one doubled or lost",
         s.fault,
         s.drivers,
         s.speed_mps,
@@ -899,6 +1018,8 @@ pub async fn run(s: Scenario) -> Report {
         report.duplicates.len(),
         report.stale.len(),
         report.untimely.len(),
+        report.zone_events,
+        report.zone_faults.len(),
     );
     report
 }
@@ -946,5 +1067,11 @@ pub fn assert_clean(report: &Report) {
         report.untimely.is_empty(),
         "fix times not in node time: {:?}",
         report.untimely
+    );
+    assert!(report.zone_events > 0, "the fleet crossed no zone's edge");
+    assert!(
+        report.zone_faults.is_empty(),
+        "zone events doubled or lost: {:?}",
+        report.zone_faults
     );
 }
