@@ -66,6 +66,7 @@ pub struct Metrics {
     pub clients_report_unreachable: Counter,
     pub drivers_forwarded: Counter,
     pub forwarded_sessions: Gauge,
+    pub fixes_relayed: Counter,
     forward_ended: Family<Labels, Counter>,
     pub shards_held: Gauge,
     pub shards_taken_over: Counter,
@@ -337,6 +338,12 @@ impl Metrics {
                 "forwarded_sessions",
                 "Driver sessions being relayed to their shard's owner now",
                 Gauge::default(),
+            ),
+            fixes_relayed: registered(
+                &mut r,
+                "fixes_relayed",
+                "Fixes relayed driver sessions passed on to their shard's owner",
+                Counter::default(),
             ),
             forward_ended: registered(
                 &mut r,

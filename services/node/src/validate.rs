@@ -76,9 +76,11 @@ pub struct Validator {
     /// The device's clock as its fixes tell it; fix times are corrected by
     /// it before they are checked.
     clock: DeviceClock,
-    /// Whether `last` was taken in this session before the clock's offset
-    /// was known, as the device stamped it.
+    /// Whether `last`, and `anchor`, were taken in this session before the
+    /// clock's offset was known, as the device stamped them (an anchor from
+    /// an earlier session is in node time already).
     taken_as_stamped: bool,
+    anchor_as_stamped: bool,
     /// The offset the client said it applied itself (its fixes are in
     /// node time already, give or take).
     reported_offset_ms: i64,
@@ -108,6 +110,7 @@ impl Validator {
             anchor: last,
             clock: DeviceClock::new(limits.clock_tolerance_ms),
             taken_as_stamped: false,
+            anchor_as_stamped: false,
             reported_offset_ms: 0,
             assumed_offset_ms: None,
         }
@@ -154,9 +157,13 @@ impl Validator {
         if let Some(from) = observed.changed_from.filter(|_| observed.first) {
             // What this session took before the offset was known is put in
             // node time too, so the next fix is not "back in time".
-            if self.taken_as_stamped {
-                let by = observed.correction_ms.saturating_sub(from);
-                for reference in [&mut self.last, &mut self.anchor].into_iter().flatten() {
+            let by = observed.correction_ms.saturating_sub(from);
+            let stamped = [
+                (&mut self.last, self.taken_as_stamped),
+                (&mut self.anchor, self.anchor_as_stamped),
+            ];
+            for (reference, as_stamped) in stamped {
+                if let Some(reference) = reference.as_mut().filter(|_| as_stamped) {
                     reference.fix_time_ms = reference.fix_time_ms.saturating_add(by);
                 }
             }
@@ -214,11 +221,13 @@ impl Validator {
         let anchor_expired = self
             .anchor
             .is_none_or(|a| fix.fix_time_ms - a.fix_time_ms >= ANCHOR_SPAN_MS);
+        let as_stamped = !self.clock.confirmed();
         if fresh_start || anchor_expired {
             self.anchor = Some(accepted);
+            self.anchor_as_stamped = as_stamped;
         }
         self.last = Some(accepted);
-        self.taken_as_stamped = !self.clock.confirmed();
+        self.taken_as_stamped = as_stamped;
         Ok(ValidFix {
             fix: *fix,
             position,
@@ -261,6 +270,41 @@ mod tests {
         let mut v = Validator::new(limits(), None);
         v.check(&fix(10, NOW - 1_000, 52.5, 13.4), NOW).unwrap();
         v
+    }
+
+    #[test]
+    fn once_the_clock_is_known_fixes_taken_as_stamped_move_to_node_time_but_an_earlier_sessions_anchor_does_not(
+    ) {
+        let l = limits();
+        let (max, jitter) = (l.max_speed_mps, l.jitter_m);
+        // North of the start by `m` metres.
+        let north = |m: f64| 52.5 + m / 111_195.0;
+        // The earlier session's last fix, in node time, a second ago.
+        let earlier = LastFix {
+            seq: 10,
+            fix_time_ms: NOW - 1_000,
+            position: Position::new(52.5, 13.4).unwrap(),
+        };
+        let mut v = Validator::new(l, Some(earlier));
+        // The phone is 3 s ahead: its first fix here is taken as stamped
+        // (nothing tells yet), its second confirms the offset.
+        let ahead = 3_000;
+        let first = fix(11, NOW + ahead, north(max * 2.6), 13.4);
+        v.check(&first, NOW).expect("taken as stamped");
+        // 2 s after the earlier fix, in truth: further than 2 s at the
+        // limit allows, though not further than 5 s would (the earlier fix
+        // wrongly moved 3 s back with the first one).
+        let second = fix(12, NOW + 1_000 + ahead, north(max * 3.5 + jitter), 13.4);
+        assert_eq!(
+            v.check(&second, NOW + 1_000),
+            Err(RejectReason::TooFast),
+            "the anchor stays in node time"
+        );
+        assert_eq!(v.clock_correction_ms(), -ahead);
+        // The first fix moved to node time: the next second's step is fine.
+        let third = fix(13, NOW + 2_000 + ahead, north(max * 3.0), 13.4);
+        let valid = v.check(&third, NOW + 2_000).expect("a step at the limit");
+        assert_eq!(valid.fix.fix_time_ms, NOW + 2_000);
     }
 
     #[test]

@@ -161,6 +161,9 @@ async fn run(
                     // The owner's session looks after its shard's changes.
                     Some(Event::OwnershipChanged) => continue,
                 };
+                if matches!(msg, ClientMsg::Fix(_)) {
+                    ctx.ingest.metrics.fixes_relayed.inc();
+                }
                 if let Err(reason) = forward(&mut to_owner, &msg).await {
                     return Err(unavailable(&reason));
                 }

@@ -271,6 +271,36 @@ pub struct Report {
     pub zone_faults: Vec<String>,
 }
 
+/// A process's CPU time so far (user + system), from `/proc/PID/stat`.
+fn cpu_seconds(node: &Node) -> f64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/stat", node.child.id())).unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime are
+    // the 12th and 13th, in clock ticks (100 a second here).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Every node's CPU time and relayed fixes so far, by id.
+async fn costs(cluster: &Cluster) -> HashMap<String, (f64, f64)> {
+    let mut costs = HashMap::new();
+    for node in &cluster.nodes {
+        let relayed = node.metric("hexfleet_fixes_relayed_total").await;
+        costs.insert(node.id.clone(), (cpu_seconds(node), relayed));
+    }
+    costs
+}
+
 /// The zones the fleet drives through: circles of this radius around the
 /// meeting point and two spots 450 m from it.
 const ZONE_RADIUS_M: f64 = 150.0;
@@ -635,6 +665,7 @@ pub async fn run(s: Scenario) -> Report {
         on_map
     };
     let ((), on_map) = tokio::join!(connecting, watching);
+    let warming = (Instant::now(), costs(&cluster).await);
     let connected = connected.into_inner();
     let on_map_after = on_map
         .iter()
@@ -666,6 +697,7 @@ pub async fn run(s: Scenario) -> Report {
             .count();
         held as f64 / truth.len().max(1) as f64
     };
+    let before_fault = (Instant::now(), costs(&cluster).await);
     let started = Instant::now();
     let mut duty_cycle: Option<tokio::task::JoinHandle<()>> = None;
     let mut what = format!("{victim} holding {:.0}% of the fleet", share * 100.0);
@@ -723,6 +755,7 @@ pub async fn run(s: Scenario) -> Report {
     let mut longest: HashMap<(usize, String), Duration> = HashMap::new();
     let mut worst_share: f64 = 0.0;
     let mut ended: Option<Instant> = None;
+    let mut at_end = None;
     let converged;
     loop {
         let now = Instant::now();
@@ -746,6 +779,7 @@ pub async fn run(s: Scenario) -> Report {
                 _ => {}
             }
             ended = Some(now);
+            at_end = Some((now, costs(&cluster).await));
         }
         let truth = truth();
         let mut bad_pairs = 0;
@@ -993,6 +1027,9 @@ pub async fn run(s: Scenario) -> Report {
             break;
         }
     }
+    if let Some(end) = &at_end {
+        println!("{}", cost_line(&warming, &before_fault, end));
+    }
     if let Ok(path) = std::env::var("CHAOS_NODE_LOGS") {
         let _ = std::fs::write(path, cluster.logs());
     }
@@ -1022,6 +1059,30 @@ pub async fn run(s: Scenario) -> Report {
         report.zone_faults.len(),
     );
     report
+}
+
+type Costs = (Instant, HashMap<String, (f64, f64)>);
+
+/// Each node's CPU (a share of one core) before the fault and during it,
+/// and the fixes it relayed during it.
+fn cost_line(warming: &Costs, before: &Costs, end: &Costs) -> String {
+    let mut ids: Vec<&String> = end.1.keys().collect();
+    ids.sort();
+    let per_node: Vec<String> = ids
+        .iter()
+        .filter_map(|id| {
+            let (w, b, e) = (warming.1.get(*id)?, before.1.get(*id)?, end.1.get(*id)?);
+            let calm = (b.0 - w.0) / (before.0 - warming.0).as_secs_f64().max(0.001);
+            let fault = (e.0 - b.0) / (end.0 - before.0).as_secs_f64().max(0.001);
+            let relayed = e.1 - b.1;
+            Some(format!(
+                "{id} CPU {:.0}% before, {:.0}% during, {relayed:.0} fixes relayed",
+                calm * 100.0,
+                fault * 100.0
+            ))
+        })
+        .collect();
+    format!("  cost: {}", per_node.join("; "))
 }
 
 /// Whether `check` holds in ten looks 100 ms apart. A vehicle crossing
