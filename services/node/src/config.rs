@@ -303,8 +303,15 @@ pub struct ClusterConfig {
     /// The QUIC address other nodes redirect clients to. Empty: the bound
     /// address (which must then not be unspecified).
     pub advertise_quic: String,
-    /// The HTTP address shown in `GET /v1/cluster`. Empty: the bound one.
+    /// The HTTP address clients are sent to (the HTTPS address in a
+    /// redirect, for their WebSocket fallback) and shown in
+    /// `GET /v1/cluster`. Empty: the bound one.
     pub advertise_http: String,
+    /// Where the other nodes reach this node's HTTP API (their reach
+    /// questions, relayed drivers), when not `advertise_http`: a node
+    /// whose clients come through a load balancer its peers bypass. Empty:
+    /// `advertise_http`; a port of 0: the port the HTTP listener bound.
+    pub peer_http: String,
     /// How long a node's membership and its shard leases live without
     /// renewal: the longest a dead node's shards stay unowned.
     #[serde(with = "humantime_serde")]
@@ -341,6 +348,7 @@ impl Default for ClusterConfig {
             enabled: false,
             advertise_quic: String::new(),
             advertise_http: String::new(),
+            peer_http: String::new(),
             lease_ttl: Duration::from_secs(3),
             renew_interval: Duration::from_secs(1),
             handoff_distance_m: 250.0,

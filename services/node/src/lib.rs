@@ -206,6 +206,11 @@ fn announcement(config: &Config, quic: SocketAddr, http: SocketAddr) -> NodeInfo
         id: config.node_id.clone(),
         quic: or_bound(&config.cluster.advertise_quic, quic),
         http: or_bound(&config.cluster.advertise_http, http),
+        // A port of 0: the one the listener bound (on the host given).
+        peer_http: match config.cluster.peer_http.parse::<SocketAddr>() {
+            Ok(peer) if peer.port() == 0 => SocketAddr::new(peer.ip(), http.port()).to_string(),
+            _ => config.cluster.peer_http.clone(),
+        },
         shards: Vec::new(),
         // Below 2^53, so any JSON reader keeps it exact.
         instance: rand::random::<u64>() >> 11,

@@ -67,6 +67,9 @@ struct Node {
     child: Child,
     quic: SocketAddr,
     http: SocketAddr,
+    /// Where clients reach its HTTP API (`http`, unless a relay is in
+    /// front of it).
+    client_http: SocketAddr,
     admin: SocketAddr,
     log: PathBuf,
 }
@@ -80,11 +83,13 @@ impl Node {
             child,
             quic: loopback(0),
             http: loopback(0),
+            client_http: loopback(0),
             admin: loopback(0),
             log,
         };
         let bound = listening(&mut node.child, &node.log).await;
         (node.quic, node.http, node.admin) = (bound.quic, bound.http, bound.admin);
+        node.client_http = node.http;
         node
     }
 
@@ -132,9 +137,10 @@ struct Cluster {
     nodes: Vec<Node>,
     /// The nodes' shard and membership lease.
     lease_ttl: Duration,
-    /// Nodes whose client-facing QUIC address is a relay a test can cut
-    /// (their advertised address), by id.
-    quic_relays: HashMap<String, hexfleet_testkit::UdpRelay>,
+    /// Nodes whose client-facing addresses are relays a test can cut
+    /// (their advertised QUIC and HTTP addresses; their peers reach their
+    /// HTTP API directly), by id.
+    quic_relays: HashMap<String, (hexfleet_testkit::UdpRelay, hexfleet_testkit::TcpRelay)>,
     /// More of each node's `[cluster]` settings.
     cluster_settings: String,
 }
@@ -203,8 +209,9 @@ impl Cluster {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut quic_relays = HashMap::new();
         for id in relayed {
-            let relay = hexfleet_testkit::UdpRelay::start().await.unwrap();
-            quic_relays.insert(id.to_string(), relay);
+            let quic = hexfleet_testkit::UdpRelay::start().await.unwrap();
+            let https = hexfleet_testkit::TcpRelay::start_unbound().await.unwrap();
+            quic_relays.insert(id.to_string(), (quic, https));
         }
         let cluster = Cluster {
             quic_relays,
@@ -214,8 +221,8 @@ impl Cluster {
         cluster.launch(count).await
     }
 
-    /// The relay in front of node `id`'s client address.
-    fn quic_relay(&self, id: &str) -> &hexfleet_testkit::UdpRelay {
+    /// The relays in front of node `id`'s client addresses.
+    fn client_relays(&self, id: &str) -> &(hexfleet_testkit::UdpRelay, hexfleet_testkit::TcpRelay) {
         &self.quic_relays[id]
     }
 
@@ -273,10 +280,12 @@ impl Cluster {
     async fn spawn_logging(&self, id: &str, log: &str) -> Node {
         let (child, log) = self.start_process(id, log);
         let mut node = Node::listening(id, child, log).await;
-        if let Some(relay) = self.quic_relays.get(id) {
-            // Clients (and the peers' probes) reach it through the relay.
-            relay.set_target(node.quic);
-            node.quic = relay.addr();
+        if let Some((quic, https)) = self.quic_relays.get(id) {
+            // Clients (and the peers' probes) reach it through the relays.
+            quic.set_target(node.quic);
+            https.set_target(node.http);
+            node.quic = quic.addr();
+            node.client_http = https.addr();
         }
         node
     }
@@ -301,7 +310,11 @@ impl Cluster {
                 self.lease_ttl.as_millis(),
                 self.quic_relays
                     .get(id)
-                    .map(|relay| format!("advertise_quic = \"{}\"\n", relay.addr()))
+                    .map(|(quic, https)| format!(
+                        "advertise_quic = \"{}\"\nadvertise_http = \"{}\"\npeer_http = \"127.0.0.1:0\"\n",
+                        quic.addr(),
+                        https.addr()
+                    ))
                     .unwrap_or_default(),
                 self.cluster_settings,
             ),
@@ -350,13 +363,11 @@ impl Cluster {
         .unwrap()
         // Notice a dead node within a fraction of a second.
         .with_liveness(Duration::from_millis(200), Duration::from_millis(700));
-        match self.quic_relays.is_empty() {
-            true => connector,
-            // A node's client-facing cut here is its QUIC address's: these
-            // clients do not fall back to its HTTPS, as if the cut took
-            // that too (a load balancer's target, one zone's ingress).
-            false => connector.with_transport(hexfleet_client::TransportPolicy::QuicOnly),
+        // Where each node's WebSocket fallback is (redirects say it too).
+        for node in &self.nodes {
+            connector.set_https_address(node.quic, node.client_http);
         }
+        connector
     }
 
     fn seeds(&self) -> Vec<SocketAddr> {
@@ -380,6 +391,7 @@ impl Cluster {
                         http: n.http.to_string(),
                         shards: Vec::new(),
                         instance: 0,
+                        peer_http: String::new(),
                         unreached: Default::default(),
                     };
                     (n.id.clone(), info)
@@ -2876,6 +2888,18 @@ async fn chaos_clientcut_small() {
     scenario.fault_for = Duration::from_secs(6);
     scenario.cluster_settings = "unreachable_handoff = \"3s\"\n".into();
     let report = chaos::run(scenario).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_clientcut_inbound_only_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::ClientCutIn)).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_slow_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::Slow)).await;
     chaos::assert_clean(&report);
 }
 

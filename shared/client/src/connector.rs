@@ -419,6 +419,10 @@ impl Connector {
             Err(_) => true,
         };
         tracing::debug!(%addr, "QUIC has not connected yet; trying WebSocket beside it");
+        // The WebSocket has as long as QUIC had in all: a node whose TCP
+        // port accepts and then says nothing (its ingress cut, a load
+        // balancer's dead target) is unreachable, and said so soon.
+        let websocket_deadline = tokio::time::Instant::now() + self.quic_timeout * 4;
         let websocket = self.open_websocket(addr);
         tokio::pin!(websocket);
         let mut websocket_failed = None;
@@ -441,6 +445,9 @@ impl Connector {
                 },
                 _ = tokio::time::sleep_until(quic_deadline), if quic_live && websocket_failed.is_some() => {
                     quic_live = false;
+                }
+                _ = tokio::time::sleep_until(websocket_deadline), if websocket_failed.is_none() => {
+                    websocket_failed = Some(ClientError::Timeout);
                 }
             }
             if !quic_live {

@@ -40,6 +40,16 @@ pub enum BusError {
     Encode(#[from] rmp_serde::encode::Error),
 }
 
+impl NodeInfo {
+    /// Where peers reach this node's HTTP API.
+    pub fn peer_http(&self) -> &str {
+        match self.peer_http.is_empty() {
+            true => &self.http,
+            false => &self.peer_http,
+        }
+    }
+}
+
 impl ShardChanges {
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty() && self.removals.is_empty()
@@ -84,8 +94,14 @@ pub struct NodeInfo {
     pub id: String,
     /// Where clients reach its QUIC endpoint (the address in a `Redirect`).
     pub quic: String,
-    /// Where its HTTP API answers.
+    /// Where clients reach its HTTP API (and WebSocket fallback): the
+    /// HTTPS address in a `Redirect`.
     pub http: String,
+    /// Where its peers reach its HTTP API (their reach questions, relayed
+    /// drivers' sessions), when not `http` (a node behind a load balancer
+    /// its peers bypass). Empty: `http`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_http: String,
     /// The shards whose lease it holds, as H3 cell hex strings.
     #[serde(default)]
     pub shards: Vec<String>,

@@ -25,6 +25,7 @@ use tokio::{
 /// Relays connections to `target` until dropped.
 pub struct TcpRelay {
     addr: SocketAddr,
+    target: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     cut: watch::Sender<bool>,
     relayed: Arc<AtomicU64>,
     accept: JoinHandle<()>,
@@ -33,15 +34,27 @@ pub struct TcpRelay {
 impl TcpRelay {
     /// Listens on a free loopback port and relays to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        let relay = Self::start_unbound().await?;
+        relay.set_target(target);
+        Ok(relay)
+    }
+
+    /// Listens on a free loopback port; connections made before it has a
+    /// target ([`TcpRelay::set_target`]) are dropped.
+    pub async fn start_unbound() -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (cut, _) = watch::channel(false);
         let relayed = Arc::new(AtomicU64::new(0));
+        let target: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
         let accept = tokio::spawn({
-            let (cut, relayed) = (cut.clone(), relayed.clone());
+            let (cut, relayed, target) = (cut.clone(), relayed.clone(), target.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let (cut, relayed) = (cut.subscribe(), relayed.clone());
+                    let Some(target) = target.lock().ok().and_then(|t| *t) else {
+                        continue;
+                    };
                     tokio::spawn(async move {
                         let mut open = cut.clone();
                         if open.wait_for(|cut| !cut).await.is_err() {
@@ -61,10 +74,17 @@ impl TcpRelay {
         });
         Ok(Self {
             addr,
+            target,
             cut,
             relayed,
             accept,
         })
+    }
+
+    pub fn set_target(&self, target: SocketAddr) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = Some(target);
+        }
     }
 
     /// Where clients connect instead of the target.

@@ -265,6 +265,7 @@ pub async fn renew(conn: &Conn, me: &NodeInfo, ttl_ms: u64) -> Result<Membership
                 http: "unknown".into(),
                 shards: Vec::new(),
                 instance: 0,
+                peer_http: String::new(),
                 unreached: Default::default(),
             });
         return Ok(Membership::Taken(other));
@@ -362,6 +363,7 @@ mod tests {
             http: String::new(),
             shards: Vec::new(),
             instance: 0,
+            peer_http: String::new(),
             unreached: Default::default(),
         }
     }

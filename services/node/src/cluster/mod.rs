@@ -307,6 +307,14 @@ impl Cluster {
         self.live.read().reachable_at(quic)
     }
 
+    /// Where the peers reach the HTTP API of the node whose client address
+    /// is `quic`.
+    pub fn peer_http_at(&self, quic: &str) -> Option<String> {
+        let live = self.live.read();
+        let node = live.nodes.values().find(|n| n.quic == quic)?;
+        Some(node.peer_http().to_string())
+    }
+
     /// A client could not connect to the node at `quic`: counted, and the
     /// peers probed at once rather than at the next round.
     pub fn client_reports_unreachable(&self, quic: &str) {

@@ -258,6 +258,7 @@ mod tests {
             http: String::new(),
             shards: Vec::new(),
             instance: 1,
+            peer_http: String::new(),
             unreached: BTreeMap::new(),
         };
         let live = [peer];

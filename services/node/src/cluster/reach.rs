@@ -213,7 +213,11 @@ impl Peers {
             .collect();
         let query = format!("shards={}&members={members}", list.join(","));
         let asked = live.iter().filter(|n| n.id != me).map(|peer| {
-            let url = format!("{}://{}/v1/cluster/reach?{query}", self.scheme, peer.http);
+            let url = format!(
+                "{}://{}/v1/cluster/reach?{query}",
+                self.scheme,
+                peer.peer_http()
+            );
             async move {
                 let answer = self.client.get(url).send().await.ok()?;
                 answer

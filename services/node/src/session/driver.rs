@@ -179,10 +179,10 @@ pub(super) async fn serve(
     // Its shard's owner is one its client cannot reach: the session goes
     // on there, relayed (see `forward`).
     let relayed = match (&outcome, session.forward_to.take()) {
-        (Err(Stop::Redirected(_)), Some((owner, first))) => {
+        (Err(Stop::Redirected(_)), Some((via, first))) => {
             let relay = forward::Relay {
                 token,
-                owner,
+                via,
                 report: session.report,
                 first,
                 superseded: session.superseded.clone(),
@@ -309,9 +309,9 @@ struct DriverSession<'a> {
     /// Nodes' client addresses this driver's client said it could not
     /// reach: it is not redirected there.
     unreachable: Vec<String>,
-    /// Set when the driver belongs on a node its client cannot reach: the
-    /// owner (as a redirect would name it) and the fix that found it.
-    forward_to: Option<(Redirect, Option<Fix>)>,
+    /// Set when the driver belongs on a node its client cannot reach: where
+    /// the peers reach that node, and the fix that found it.
+    forward_to: Option<(String, Option<Fix>)>,
 }
 
 impl<'a> DriverSession<'a> {
@@ -723,8 +723,8 @@ impl<'a> DriverSession<'a> {
             Route::Away(redirect) => {
                 let reachable = cluster.reachable_at(&redirect.addr)
                     && !self.unreachable.contains(&redirect.addr);
-                if !reachable && !redirect.https.is_empty() {
-                    self.forward_to = Some((redirect.clone(), fix));
+                if !reachable {
+                    self.forward_to = cluster.peer_http_at(&redirect.addr).map(|via| (via, fix));
                 }
                 Err(Stop::Redirected(redirect))
             }

@@ -20,7 +20,7 @@ use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
     decode_datagram,
     ws::{self, Channel},
-    ClientMsg, DriverReport, ErrorCode, Fix, Hello, Redirect, RejectReason, Role, ServerMsg,
+    ClientMsg, DriverReport, ErrorCode, Fix, Hello, RejectReason, Role, ServerMsg,
     PROTOCOL_VERSION,
 };
 use tokio_tungstenite::tungstenite::{
@@ -48,9 +48,8 @@ const GOODBYE_WAIT: Duration = Duration::from_secs(3);
 /// What a relayed session starts from.
 pub(super) struct Relay {
     pub token: String,
-    /// Where the driver would have been redirected; `https` is the owner's
-    /// HTTP address, which its peers reach.
-    pub owner: Redirect,
+    /// Where the peers reach the HTTP API of the shard's owner.
+    pub via: String,
     pub report: DriverReport,
     /// The fix that found the driver's shard elsewhere, not yet accepted
     /// anywhere.
@@ -71,7 +70,7 @@ pub(super) async fn relay(
     let metrics = &ctx.ingest.metrics;
     metrics.drivers_forwarded.inc();
     metrics.forwarded_sessions.inc();
-    tracing::info!(vehicle = %id, owner = %relay.owner.https, "the shard's owner is unreachable for this driver: relaying its session there");
+    tracing::info!(vehicle = %id, owner = %relay.via, "the shard's owner is unreachable for this driver: relaying its session there");
     let outcome = run(conn, tx, rx, ctx, &relay).await;
     metrics.forwarded_sessions.dec();
     let how = match &outcome {
@@ -212,7 +211,7 @@ async fn open(ctx: &Context, relay: &Relay) -> Result<Opened, String> {
     let cluster = ctx.cluster.as_deref().ok_or("no cluster")?;
     let mut socket = cluster
         .peers()
-        .websocket(&relay.owner.https)
+        .websocket(&relay.via)
         .await
         .map_err(|e| e.to_string())?;
     let hello = ClientMsg::Hello(Hello {

@@ -56,16 +56,17 @@ pub enum Fault {
     /// Phones whose clocks are wrong from the start (see [`phone_clock`]);
     /// at the fault, a sixth of them jump a minute ahead.
     Clocks,
-    /// One node's client-facing QUIC address (a relay its clients and its
-    /// peers' probes go through) drops every datagram both ways, while the
-    /// node keeps Redis and its peers. The drivers are QUIC-only clients:
-    /// a cut of the node's ingress takes its HTTPS with it.
+    /// One node's client-facing addresses (relays its clients and its
+    /// peers' probes go through: UDP for QUIC, TCP for its HTTPS and the
+    /// WebSocket fallback) drop everything both ways, while the node keeps
+    /// Redis and its peers (which reach its HTTP API directly).
     ClientCut,
-    /// The same, datagrams toward the node dropped only.
+    /// The same, QUIC datagrams toward the node dropped only (its HTTPS
+    /// cut).
     ClientCutIn,
-    /// The same, datagrams from the node dropped only.
+    /// The same, QUIC datagrams from the node dropped only (its HTTPS cut).
     ClientCutOut,
-    /// The same node's client side losing 30% of datagrams each way.
+    /// The same node's client side losing 30% of QUIC datagrams each way.
     ClientLoss,
     /// The busiest node at a 10% duty cycle (SIGSTOP 90 ms, SIGCONT 10 ms).
     Slow,
@@ -726,7 +727,12 @@ pub async fn run(s: Scenario) -> Report {
         }
         Fault::ClientCut | Fault::ClientCutIn | Fault::ClientCutOut | Fault::ClientLoss => {
             let (inbound, outbound) = s.fault.client_loss();
-            cluster.quic_relay(&victim).set_loss(inbound, outbound);
+            let (quic, https) = cluster.client_relays(&victim);
+            quic.set_loss(inbound, outbound);
+            // A cut one way is a cut for TCP; TCP rides out loss itself.
+            if s.fault != Fault::ClientLoss {
+                https.cut();
+            }
             what = format!(
                 "{what}: its client address dropping {:.0}% of datagrams toward it, {:.0}% from it",
                 inbound * 100.0,
@@ -767,7 +773,11 @@ pub async fn run(s: Scenario) -> Report {
                     Store::Single { relay, .. } => relay.heal(),
                     Store::Cluster(_) => {}
                 },
-                fault if fault.on_client_side() => cluster.quic_relay(&victim).heal(),
+                fault if fault.on_client_side() => {
+                    let (quic, https) = cluster.client_relays(&victim);
+                    quic.heal();
+                    https.heal();
+                }
                 Fault::Slow => {
                     if let Some(cycle) = duty_cycle.take() {
                         cycle.abort();
