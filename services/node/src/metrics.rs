@@ -348,7 +348,7 @@ impl Metrics {
             forward_ended: registered(
                 &mut r,
                 "forward_ended",
-                "Relayed driver sessions ended, by how: goodbye, lost, redirected, refused, owner_lost, owner_unavailable",
+                "Relayed driver sessions ended, by how: goodbye, lost (the client), redirected, refused, owner_unavailable (the owner could not take it, or its side ended)",
                 Family::default(),
             ),
             shards_held: registered(&mut r, "shards_held", "Shard leases this node holds", Gauge::default()),
