@@ -168,10 +168,25 @@ impl Validator {
                 }
             }
         }
-        let fix = &Fix {
+        let mut corrected = Fix {
             fix_time_ms: fix.fix_time_ms.saturating_add(observed.correction_ms),
             ..*fix
         };
+        if let Some(last) = self.last {
+            // Corrected by an offset an earlier session found (a driver
+            // handed over, back after a lost connection), a fix is only as
+            // close to that session's last one as the two sessions'
+            // measurements agree: a fix sent again after a redirect, its
+            // stamp made with the first connection's measurement, may come
+            // out a few milliseconds before itself. Within the tolerance it
+            // is taken at the last fix's time, so times stay in order.
+            let behind = last.fix_time_ms.saturating_sub(corrected.fix_time_ms);
+            let assumed = !self.clock.confirmed() && self.assumed_offset_ms.is_some();
+            if assumed && behind > 0 && behind <= self.limits.clock_tolerance_ms {
+                corrected.fix_time_ms = last.fix_time_ms;
+            }
+        }
+        let fix = &corrected;
         let position =
             Position::new(fix.lat, fix.lon).map_err(|_| RejectReason::InvalidCoordinate)?;
         if !position.is_indexable() {
@@ -305,6 +320,34 @@ mod tests {
         let third = fix(13, NOW + 2_000 + ahead, north(max * 3.0), 13.4);
         let valid = v.check(&third, NOW + 2_000).expect("a step at the limit");
         assert_eq!(valid.fix.fix_time_ms, NOW + 2_000);
+    }
+
+    #[test]
+    fn a_fix_sent_again_to_a_node_that_assumed_the_offset_is_not_back_in_time_by_a_measurement_error(
+    ) {
+        // The first node corrected the phone's clock by +60 001 ms and left
+        // the fix (in node time) for the next; the SDK's measurements on
+        // the two connections differ by a millisecond.
+        let note = LastFix {
+            seq: 1,
+            fix_time_ms: NOW,
+            position: Position::new(52.5, 13.4).unwrap(),
+        };
+        let stamped = NOW - 60_001;
+        let mut v = Validator::new(limits(), Some(note));
+        v.assume_offset(60_001);
+        v.reported_offset(1);
+        let again = fix(2, stamped, 52.5, 13.4);
+        let valid = v.check(&again, NOW + 30).expect("kept");
+        assert_eq!(
+            valid.fix.fix_time_ms, NOW,
+            "at the last fix's time, in order"
+        );
+        // Seconds back is back in time still.
+        let mut v = Validator::new(limits(), Some(note));
+        v.assume_offset(60_001);
+        let back = fix(2, stamped - 2_000, 52.5, 13.4);
+        assert_eq!(v.check(&back, NOW + 30), Err(RejectReason::TimeBackwards));
     }
 
     #[test]

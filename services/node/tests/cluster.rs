@@ -1441,6 +1441,20 @@ async fn a_wrong_clock_found_by_one_node_is_known_to_the_node_it_redirects_to() 
         let mut fix = FixInput::at(at.0 + step as f64 * 0.0001, at.1);
         fix.fix_time_ms = Some(hexfleet_node::clock::now_ms() + 3_600_000);
         d.send_fix(fix).await.unwrap();
+        if step == 1 {
+            // The second fix finds the offset, and the driver redirected:
+            // an app that resumes on a lost connection sends it again, and
+            // the owner keeps it, from the offset the first node found.
+            tokio::time::timeout(WAIT, d.lost())
+                .await
+                .expect("redirected");
+            d.resume().await.unwrap();
+            let kept = eventually(WAIT, "the second fix kept by the owner", async || {
+                stored(&redis, id).filter(|s| s.seq == 2)
+            })
+            .await;
+            assert!((kept.clock_offset_ms + 3_600_000).abs() < 1_000, "{kept:?}");
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let state = eventually(WAIT, "the third and fourth fixes written", async || {

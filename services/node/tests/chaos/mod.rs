@@ -627,12 +627,13 @@ pub async fn run(s: Scenario) -> Report {
                     client_side.lock().insert(
                         id.clone(),
                         format!(
-                            "on {} reconnects {} acked {} next {} last send {:?}",
+                            "on {} reconnects {} acked {} next {} last send {:?}; rejected {:?}",
                             client.node(),
                             client.reconnects(),
                             client.acked_seq(),
                             client.next_seq(),
-                            sent.err()
+                            sent.err(),
+                            client.stats().rejections,
                         ),
                     );
                 }
@@ -668,11 +669,16 @@ pub async fn run(s: Scenario) -> Report {
     let ((), on_map) = tokio::join!(connecting, watching);
     let warming = (Instant::now(), costs(&cluster).await);
     let connected = connected.into_inner();
-    let on_map_after = on_map
+    let (slowest, on_map_after) = on_map
         .iter()
-        .map(|(id, at)| at.saturating_duration_since(connected[id]))
-        .max()
+        .map(|(id, at)| (id.clone(), at.saturating_duration_since(connected[id])))
+        .max_by_key(|(_, after)| *after)
         .unwrap_or_default();
+    println!(
+        "  slowest on the map: {slowest}, {} ms after its driver connected; its client: {}",
+        on_map_after.as_millis(),
+        client_side.lock().get(&slowest).map_or("-", String::as_str)
+    );
     tokio::time::sleep(s.warm_up).await;
 
     // The fault, watched.
