@@ -702,14 +702,19 @@ impl Cluster {
     /// ones that do not answer at the next renewal.
     async fn probe_peers(self: Arc<Self>, stop: CancellationToken) {
         let Some(prober) = &self.prober else { return };
-        let mut tick = tokio::time::interval(self.config.probe_interval);
+        let every = self.config.probe_interval;
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Clients' reports wake the prober early, but no oftener than this:
+        // a client that keeps naming nodes costs the peers nothing more.
+        let mut early_from = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-                _ = self.probe_now.notified() => {}
+                _ = self.probe_now.notified(), if tokio::time::Instant::now() >= early_from => {}
             }
+            early_from = tokio::time::Instant::now() + every / 2;
             let live: Vec<NodeInfo> = self.live.read().nodes.values().cloned().collect();
             let round = prober.round(&self.id, &live).await;
             self.metrics.probes(true).inc_by(round.answered as u64);
