@@ -1482,6 +1482,82 @@ async fn a_wrong_clock_found_by_one_node_is_known_to_the_node_it_redirects_to() 
     );
 }
 
+/// A node its clients cannot reach (its QUIC and HTTPS behind relays that
+/// drop everything), alive to Redis and its peer: the peer judges it
+/// unreachable from its probes, and a driver of its shard that connects to
+/// the peer is not redirected there but relayed. Each fix is written by
+/// the owner and acknowledged through the relay only once written, and a
+/// `Goodbye` signs the vehicle off there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_whose_shards_owner_its_client_cannot_reach_is_relayed_there_with_the_same_promises(
+) {
+    let redis = RedisServer::start();
+    // A hand-off far off: the owner keeps its shard for the whole test.
+    let settings = "unreachable_handoff = \"1h\"\n";
+    let cluster = Cluster::start_relayed(redis.url(), 2, &["n1"], settings).await;
+    let (peer, owner) = (&cluster.nodes[0], cluster.by_id("n1"));
+    let (shard, at) = owned_near_centre(&cluster, owner);
+    let (quic, https) = cluster.client_relays("n1");
+    quic.cut();
+    https.cut();
+    let judged = Instant::now();
+    eventually(WAIT, "the peer judges n1 unreachable", async || {
+        let live = live_set(peer.http).await?;
+        live.unreachable.contains("n1").then_some(())
+    })
+    .await;
+    println!("n1 judged unreachable {:?} into the cut", judged.elapsed());
+    eventually(WAIT, "n1 learns it itself", async || {
+        let said = owner
+            .metric("hexfleet_cluster_unreachable_for_clients")
+            .await;
+        (said == 1.0).then_some(())
+    })
+    .await;
+
+    let id = "relayed";
+    let mut d = driver(&cluster, peer.quic, id).await;
+    for step in 1..=3u64 {
+        d.send_fix(FixInput::at(at.0 + step as f64 * 0.0001, at.1))
+            .await
+            .unwrap();
+        let acked = d.acknowledged(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(acked, step, "acknowledged once written");
+        let state = stored(&redis, id).expect("written");
+        assert_eq!(state.seq, step, "what was acknowledged is in the store");
+        assert_eq!(
+            lease_of(&redis, shard).map(|l| l.starts_with("n1")),
+            Some(true)
+        );
+    }
+    assert_eq!(d.node(), peer.quic, "kept by the node it reached");
+    assert_eq!(peer.metric("hexfleet_forwarded_sessions").await, 1.0);
+    assert_eq!(peer.metric("hexfleet_fixes_relayed_total").await, 3.0);
+    assert_eq!(peer.metric("hexfleet_sessions_redirected_total").await, 0.0);
+    d.goodbye().await.expect("the sign-off confirmed");
+    assert!(stored(&redis, id).is_none(), "signed off by the owner");
+    eventually(
+        WAIT,
+        "the relayed session counted as ended by goodbye",
+        async || {
+            let ended = peer
+                .metric("hexfleet_forward_ended_total{how=\"goodbye\"}")
+                .await;
+            (ended == 1.0).then_some(())
+        },
+    )
+    .await;
+
+    // Healed: the peers reach it again, and no client is relayed.
+    quic.heal();
+    https.heal();
+    eventually(WAIT, "n1 reachable again", async || {
+        let live = live_set(peer.http).await?;
+        (!live.unreachable.contains("n1")).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_vehicles_are_visible_again_to_every_rider_within_five_seconds() {
     let redis = RedisServer::start();

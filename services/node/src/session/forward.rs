@@ -237,6 +237,7 @@ async fn open(ctx: &Context, relay: &Relay) -> Result<Opened, String> {
     forward(&mut socket, &ClientMsg::Driver(relay.report)).await?;
     if let Some(fix) = relay.first {
         forward(&mut socket, &ClientMsg::Fix(fix)).await?;
+        ctx.ingest.metrics.fixes_relayed.inc();
     }
     Ok(Opened::Welcomed(Box::new(socket)))
 }
