@@ -1548,14 +1548,40 @@ async fn a_driver_whose_shards_owner_its_client_cannot_reach_is_relayed_there_wi
     )
     .await;
 
-    // Healed: the peers reach it again, and no client is relayed.
+    // Relaying is a bridge: once the peers reach the owner again, a relayed
+    // driver is sent there itself.
+    let mut d = driver(&cluster, peer.quic, "bridged").await;
+    d.send_fix(FixInput::at(at.0, at.1)).await.unwrap();
+    d.acknowledged(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(d.node(), peer.quic, "relayed");
     quic.heal();
     https.heal();
-    eventually(WAIT, "n1 reachable again", async || {
-        let live = live_set(peer.http).await?;
-        (!live.unreachable.contains("n1")).then_some(())
+    let healed = Instant::now();
+    let mut step = 0;
+    eventually(WAIT, "the driver on its shard's owner itself", async || {
+        step += 1;
+        let _ = d
+            .send_fix(FixInput::at(at.0 + step as f64 * 0.0001, at.1))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (d.node() == owner.quic).then_some(())
     })
     .await;
+    println!(
+        "a relayed driver on its owner {:?} after the heal",
+        healed.elapsed()
+    );
+    let live = live_set(peer.http).await.unwrap();
+    assert!(!live.unreachable.contains("n1"), "{live:?}");
+    let redirected = peer
+        .metric("hexfleet_forward_ended_total{how=\"redirected\"}")
+        .await;
+    assert_eq!(redirected, 1.0);
+    d.acknowledged(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        stored(&redis, "bridged").map(|s| s.seq),
+        Some(d.acked_seq())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

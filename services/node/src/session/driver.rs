@@ -179,9 +179,11 @@ pub(super) async fn serve(
     // Its shard's owner is one its client cannot reach: the session goes
     // on there, relayed (see `forward`).
     let relayed = match (&outcome, session.forward_to.take()) {
-        (Err(Stop::Redirected(_)), Some((via, first))) => {
+        (Err(Stop::Redirected(redirect)), Some((via, first))) => {
             let relay = forward::Relay {
                 token,
+                owner: redirect.clone(),
+                reported: session.unreachable.contains(&redirect.addr),
                 via,
                 report: session.report,
                 first,

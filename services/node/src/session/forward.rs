@@ -20,7 +20,7 @@ use hexfleet_model::VehicleId;
 use hexfleet_protocol::{
     decode_datagram,
     ws::{self, Channel},
-    ClientMsg, DriverReport, ErrorCode, Fix, Hello, RejectReason, Role, ServerMsg,
+    ClientMsg, DriverReport, ErrorCode, Fix, Hello, Redirect, RejectReason, Role, ServerMsg,
     PROTOCOL_VERSION,
 };
 use tokio_tungstenite::tungstenite::{
@@ -45,9 +45,23 @@ const OWNER_WAIT: Duration = Duration::from_secs(2);
 /// wait for the sign-off to be written is shorter).
 const GOODBYE_WAIT: Duration = Duration::from_secs(3);
 
+/// How often a relay looks whether its client may reach the owner again.
+const REACH_LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a client names a node it could not reach (the SDK's
+/// `UNREACHABLE_MEMORY`): a relay its client asked for is not ended sooner,
+/// or the client would only come back.
+const CLIENT_REPORT_MEMORY: Duration = Duration::from_secs(30);
+
 /// What a relayed session starts from.
 pub(super) struct Relay {
     pub token: String,
+    /// Where a redirect would send the driver: where it goes once its
+    /// client can reach the owner again.
+    pub owner: Redirect,
+    /// Whether the client itself said it cannot reach the owner (rather
+    /// than only the owner's peers).
+    pub reported: bool,
     /// Where the peers reach the HTTP API of the shard's owner.
     pub via: String,
     pub report: DriverReport,
@@ -105,6 +119,9 @@ async fn run(
     let mut ping = tokio::time::interval(ctx.idle_timeout / 3);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut goodbye_by: Option<tokio::time::Instant> = None;
+    let started = tokio::time::Instant::now();
+    let mut look = tokio::time::interval(REACH_LOOK_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let goodbye_late = async {
             match goodbye_by {
@@ -185,6 +202,20 @@ async fn run(
             _ = ping.tick() => {
                 if to_owner.send(Message::Ping(Vec::new().into())).await.is_err() {
                     return Err(unavailable("its socket closed"));
+                }
+            }
+            // Forwarding is a bridge: once the owner's peers reach it again
+            // (and the client's own report, if any, has lapsed), the driver
+            // goes there itself.
+            _ = look.tick(), if goodbye_by.is_none() => {
+                let reachable = ctx
+                    .cluster
+                    .as_deref()
+                    .is_some_and(|c| c.reachable_at(&relay.owner.addr));
+                let lapsed = !relay.reported || started.elapsed() >= CLIENT_REPORT_MEMORY;
+                if reachable && lapsed {
+                    close_owner(&mut to_owner, "its client can reach this node again").await;
+                    return Err(Stop::Redirected(relay.owner.clone()));
                 }
             }
             _ = goodbye_late => {
