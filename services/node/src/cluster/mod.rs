@@ -307,6 +307,13 @@ impl Cluster {
         self.live.read().reachable_at(quic)
     }
 
+    /// Whether a client may be redirected to the node at `quic`: its peers
+    /// reach it, and the client did not say it cannot (`unreachable`, from
+    /// its `Hello`).
+    pub fn may_redirect_to(&self, quic: &str, unreachable: &[String]) -> bool {
+        self.reachable_at(quic) && !unreachable.iter().any(|a| a == quic)
+    }
+
     /// Where the peers reach the HTTP API of the node whose client address
     /// is `quic`.
     pub fn peer_http_at(&self, quic: &str) -> Option<String> {

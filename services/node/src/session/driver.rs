@@ -723,9 +723,7 @@ impl<'a> DriverSession<'a> {
         }
         match away {
             Route::Away(redirect) => {
-                let reachable = cluster.reachable_at(&redirect.addr)
-                    && !self.unreachable.contains(&redirect.addr);
-                if !reachable {
+                if !cluster.may_redirect_to(&redirect.addr, &self.unreachable) {
                     self.forward_to = cluster.peer_http_at(&redirect.addr).map(|via| (via, fix));
                 }
                 Err(Stop::Redirected(redirect))

@@ -272,8 +272,9 @@ fn redirect_for(s: &Subscribe, ctx: &Context, unreachable: &[String]) -> Option<
     let center = Position::new(s.lat, s.lon).ok()?;
     let shard = ctx.ingest.locate(center).shard;
     let redirect = cluster.redirect_for(shard)?;
-    let reachable = cluster.reachable_at(&redirect.addr) && !unreachable.contains(&redirect.addr);
-    reachable.then_some(redirect)
+    cluster
+        .may_redirect_to(&redirect.addr, unreachable)
+        .then_some(redirect)
 }
 
 /// Checks a subscription and returns the cells it watches.
