@@ -1,6 +1,7 @@
 //! Faults a node meets in production, with real sockets: a phone changing
-//! networks mid-session (QUIC connection migration), and every client of a
-//! node coming back at once (a reconnect storm after a restart).
+//! networks mid-session (QUIC connection migration), a lossy path, and
+//! every client of a node coming back at once (a reconnect storm after a
+//! restart).
 
 use std::{
     sync::{
@@ -106,6 +107,46 @@ async fn a_phone_changing_networks_keeps_its_session_and_its_car_never_leaves_vi
     // Moves that coalesce in the rider's mailbox are not seen one by one;
     // most are.
     assert!(delays.len() >= 80, "{} fixes seen", delays.len());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_path_losing_a_third_of_its_packets_a_drivers_fixes_all_arrive_once_it_sees_the_loss()
+{
+    let node = TestNode::start(None).await;
+    let path = hexfleet_testkit::UdpRelay::start().await.unwrap();
+    path.set_target(node.node.quic_addr);
+    let phone = node.connector();
+    let mut driver = phone
+        .driver(path.addr(), &driver_token("lossy"), available())
+        .await
+        .unwrap();
+    assert!(driver.uses_datagrams());
+    path.set_loss(0.3, 0.3);
+    // Datagrams until the connection has lost a packet (keep-alives
+    // included), a fix on the control stream from then on: a fix every
+    // 100 ms is slower than a retransmission on loopback.
+    const FIXES: u64 = 40;
+    let mut last = 0;
+    for step in 0..FIXES {
+        let lat = OSLO.0 + step as f64 * 1e-5;
+        last = driver.send_fix(FixInput::at(lat, OSLO.1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acked = driver.acknowledged(WAIT).await.unwrap();
+    assert_eq!(acked, last, "the last fix arrived");
+    let accepted = node.metric("hexfleet_fixes_accepted_total").await as u64;
+    let (_, dropped) = path.counts();
+    println!("lossy path: {accepted} of {FIXES} fixes accepted, {dropped} datagrams dropped");
+    assert!(dropped >= 20, "the path lost packets: {dropped}");
+    // At 30 % loss as datagrams alone, about 12 of the 40 would be lost;
+    // only those sent before the first loss was detected may be.
+    assert!(
+        accepted >= FIXES - 4,
+        "{accepted} of {FIXES} fixes accepted"
+    );
+    assert_eq!(driver.stats().rejected_total, 0, "a fix arrived twice");
+    assert_eq!(driver.reconnects(), 0);
     node.stop().await;
 }
 

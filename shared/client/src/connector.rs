@@ -138,7 +138,25 @@ struct Routes {
     /// every `Hello` for [`UNREACHABLE_MEMORY`], so a node does not send it
     /// back there (it forwards its fixes instead).
     unreachable: HashMap<SocketAddr, Instant>,
+    /// The last round trip measured to each node over QUIC, and the latest
+    /// to any: a new connection's handshake starts from it (see
+    /// [`MIN_INITIAL_RTT`]).
+    round_trips: HashMap<SocketAddr, Duration>,
+    last_round_trip: Option<Duration>,
 }
+
+/// Nodes whose round trip is remembered; past this the memory starts over
+/// (a client talks to a handful of nodes).
+const ROUND_TRIPS_KEPT: usize = 64;
+
+/// The round trip a QUIC handshake starts from: the one last measured to
+/// that node, else to any node (the nodes of a cluster sit together), else
+/// QUIC's default (333 ms), within these bounds. A handshake packet lost
+/// is sent again after three of them, so from the default a lost packet
+/// costs a second, longer than a lossy network's clients wait to connect
+/// (RFC 9002 §6.2.2 lets a connection start from an earlier one's RTT).
+const MIN_INITIAL_RTT: Duration = Duration::from_millis(10);
+const MAX_INITIAL_RTT: Duration = Duration::from_secs(1);
 
 /// How long a node this client could not connect to is reported as such.
 pub const UNREACHABLE_MEMORY: Duration = Duration::from_secs(30);
@@ -182,8 +200,15 @@ const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// keep-alives, so one lost packet does not end a connection.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
-fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
+fn transport(
+    keep_alive: Duration,
+    idle: Duration,
+    initial_rtt: Option<Duration>,
+) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
+    if let Some(rtt) = initial_rtt {
+        transport.initial_rtt(rtt.clamp(MIN_INITIAL_RTT, MAX_INITIAL_RTT));
+    }
     transport.keep_alive_interval(Some(keep_alive));
     if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         transport.max_idle_timeout(Some(idle));
@@ -274,7 +299,7 @@ impl Connector {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport(DEFAULT_KEEP_ALIVE, DEFAULT_IDLE_TIMEOUT));
+        config.transport_config(transport(DEFAULT_KEEP_ALIVE, DEFAULT_IDLE_TIMEOUT, None));
         Ok(Self {
             config,
             endpoints: Arc::default(),
@@ -291,6 +316,8 @@ impl Connector {
                 network: String::new(),
                 websocket_until: HashMap::new(),
                 unreachable: HashMap::new(),
+                round_trips: HashMap::new(),
+                last_round_trip: None,
             })),
             udp: Arc::default(),
         })
@@ -360,6 +387,27 @@ impl Connector {
                 routes.websocket_until.insert(network, until);
             }
         }
+    }
+
+    /// What a new QUIC connection to `node` starts its round-trip estimate
+    /// from (see [`MIN_INITIAL_RTT`]).
+    fn initial_rtt(&self, node: SocketAddr) -> Option<Duration> {
+        let routes = self.routes.lock();
+        routes
+            .round_trips
+            .get(&node)
+            .copied()
+            .or(routes.last_round_trip)
+    }
+
+    /// Remembers a round trip measured to `node` over QUIC.
+    pub(crate) fn note_round_trip(&self, node: SocketAddr, rtt: Duration) {
+        let mut routes = self.routes.lock();
+        if routes.round_trips.len() >= ROUND_TRIPS_KEPT && !routes.round_trips.contains_key(&node) {
+            routes.round_trips.clear();
+        }
+        routes.round_trips.insert(node, rtt);
+        routes.last_round_trip = Some(rtt);
     }
 
     fn https_for(&self, quic: SocketAddr) -> SocketAddr {
@@ -463,7 +511,18 @@ impl Connector {
         addr: SocketAddr,
     ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
         let endpoint = self.endpoint_for(addr)?;
-        let conn = endpoint.connect(addr, &self.server_name)?.await?;
+        let config = match self.initial_rtt(addr) {
+            Some(rtt) => {
+                let mut config = self.config.clone();
+                config.transport_config(transport(self.keep_alive, self.idle, Some(rtt)));
+                config
+            }
+            None => self.config.clone(),
+        };
+        let conn = endpoint
+            .connect_with(config, addr, &self.server_name)?
+            .await?;
+        self.note_round_trip(addr, conn.rtt());
         let (send, recv) = conn.open_bi().await?;
         let (tx, rx) = quic_control(send, recv);
         Ok((Conn::Quic(conn), tx, rx))
@@ -495,7 +554,8 @@ impl Connector {
     /// taken for gone too (a handshake with a dead node otherwise waits
     /// for quinn's own timeout, seconds).
     pub fn with_liveness(mut self, keep_alive: Duration, idle: Duration) -> Self {
-        self.config.transport_config(transport(keep_alive, idle));
+        self.config
+            .transport_config(transport(keep_alive, idle, None));
         self.timeout = idle;
         self.keep_alive = keep_alive;
         self.idle = idle;
@@ -578,6 +638,13 @@ impl Connector {
             let said = tokio::time::timeout(self.timeout, self.hello_once(addr, role, token))
                 .await
                 .unwrap_or(Err(ClientError::Timeout));
+            // A node is reached when it answered `Hello`: a connection made
+            // whose `Hello` then went unanswered (a lossy path) is not.
+            match &said {
+                Ok(_) => self.reached(addr, true),
+                Err(e) if could_not_connect(e) => self.reached(addr, false),
+                Err(_) => {}
+            }
             match said {
                 Ok(Greeting::Redirect(to)) => {
                     redirected_by = Some(addr);
@@ -612,6 +679,20 @@ impl Connector {
             .collect()
     }
 
+    /// Notes how a connection to `node` ended. One that timed out (nothing
+    /// heard from the node for the idle timeout: the path failed, or the
+    /// node) counts as a node this client could not reach: the next
+    /// `Hello`s say so, and the node reached keeps the client rather than
+    /// sending it straight back through the path that just failed.
+    pub(crate) fn connection_ended(&self, node: SocketAddr, how: Option<&ClientError>) {
+        if matches!(
+            how,
+            Some(ClientError::Connection(quinn::ConnectionError::TimedOut))
+        ) {
+            self.reached(node, false);
+        }
+    }
+
     /// Notes whether a connection to `addr` could be made.
     fn reached(&self, addr: SocketAddr, reached: bool) {
         let mut routes = self.routes.lock();
@@ -635,18 +716,7 @@ impl Connector {
         let opened = tokio::time::timeout(self.timeout, self.open(addr))
             .await
             .unwrap_or(Err(ClientError::Timeout));
-        let (conn, mut tx, mut rx) = match opened {
-            Ok(opened) => {
-                self.reached(addr, true);
-                opened
-            }
-            Err(e) => {
-                if could_not_connect(&e) {
-                    self.reached(addr, false);
-                }
-                return Err(e);
-            }
-        };
+        let (conn, mut tx, mut rx) = opened?;
         let sent = std::time::Instant::now();
         tx.send(ClientMsg::Hello(Hello {
             version: PROTOCOL_VERSION,

@@ -77,6 +77,15 @@ impl Conn {
         }
     }
 
+    /// The QUIC path's smoothed round trip and the packets it lost so far;
+    /// `None` over a WebSocket (TCP sends again what it lost by itself).
+    pub(crate) fn path(&self) -> Option<(std::time::Duration, u64)> {
+        match self {
+            Conn::Quic(conn) => Some((conn.rtt(), conn.stats().path.lost_packets)),
+            Conn::Ws(_) => None,
+        }
+    }
+
     /// The node's QUIC address this connection stands for (over WebSocket,
     /// the one the client was asked to reach).
     pub(crate) fn node(&self) -> SocketAddr {

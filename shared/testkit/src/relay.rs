@@ -159,21 +159,27 @@ struct UdpState {
     drop_outbound: std::sync::atomic::AtomicU32,
     forwarded: AtomicU64,
     dropped: AtomicU64,
-    /// A counter that spreads drops evenly and reproducibly.
-    draws: AtomicU64,
+    /// Which datagrams are dropped: each independently, as on a lossy
+    /// link, from a fixed seed (a regular pattern would fall in step with a
+    /// client's own rhythm and spare or hit the same packet every time).
+    draws: std::sync::Mutex<rand::rngs::StdRng>,
 }
+
+/// The seed of every relay's losses: a run's drops are the same each time
+/// for the same traffic.
+const LOSS_SEED: u64 = 0x6865_7866_6c65_6574;
 
 impl UdpState {
     fn drops(&self, permille: &std::sync::atomic::AtomicU32) -> bool {
-        let permille = u64::from(permille.load(Ordering::Relaxed));
+        let permille = permille.load(Ordering::Relaxed);
         if permille == 0 {
             return false;
         }
-        // Weyl sequence over 0..1000: every window of 1000 drops exactly
-        // `permille`, in no regular pattern.
-        let draw = self.draws.fetch_add(1, Ordering::Relaxed);
-        let spread = draw.wrapping_mul(618_034) % 1_000_000 / 1000;
-        let dropped = spread < permille;
+        let dropped = permille >= 1000
+            || match self.draws.lock() {
+                Ok(mut draws) => rand::Rng::random_range(&mut *draws, 0..1000) < permille,
+                Err(_) => false,
+            };
         if dropped {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -194,7 +200,7 @@ impl UdpRelay {
             drop_outbound: 0.into(),
             forwarded: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            draws: AtomicU64::new(0),
+            draws: std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(LOSS_SEED)),
         });
         let task = tokio::spawn(relay_udp(listener, state.clone()));
         Ok(Self { addr, state, task })

@@ -54,7 +54,16 @@ struct Record {
     failures: u32,
     /// When the current run of failures started.
     failing_since: Option<Instant>,
+    /// The round trip the last answered probe measured: the next starts
+    /// from it. From QUIC's default (333 ms) a lost handshake packet goes
+    /// again only after a second, as long as a probe waits, so on a lossy
+    /// path one lost packet would fail the probe.
+    rtt: Option<Duration>,
 }
+
+/// Bounds on the round trip a probe starts from.
+const MIN_INITIAL_RTT: Duration = Duration::from_millis(10);
+const MAX_INITIAL_RTT: Duration = Duration::from_secs(1);
 
 /// Dials peers' client addresses and keeps what it found.
 pub struct Prober {
@@ -93,12 +102,7 @@ impl Prober {
         crypto.alpn_protocols = vec![hexfleet_protocol::PROBE_ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ProbeError::Tls(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        if let Ok(idle) = quinn::IdleTimeout::try_from(timeout) {
-            transport.max_idle_timeout(Some(idle));
-        }
-        config.transport_config(Arc::new(transport));
+        let config = quinn::ClientConfig::new(Arc::new(crypto));
         let bind: SocketAddr = match family {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -112,28 +116,37 @@ impl Prober {
         })
     }
 
-    /// Dials one address: whether a handshake completed within the timeout.
-    async fn dial(&self, addr: SocketAddr) -> bool {
-        let connecting = match self
-            .endpoint
-            .connect_with(self.config.clone(), addr, "probe")
-        {
+    /// Dials one address, its handshake starting from `rtt` when one was
+    /// measured: the round trip, if the handshake completed within the
+    /// timeout.
+    async fn dial(&self, addr: SocketAddr, rtt: Option<Duration>) -> Option<Duration> {
+        let mut config = self.config.clone();
+        let mut transport = quinn::TransportConfig::default();
+        if let Ok(idle) = quinn::IdleTimeout::try_from(self.timeout) {
+            transport.max_idle_timeout(Some(idle));
+        }
+        if let Some(rtt) = rtt {
+            transport.initial_rtt(rtt.clamp(MIN_INITIAL_RTT, MAX_INITIAL_RTT));
+        }
+        config.transport_config(Arc::new(transport));
+        let connecting = match self.endpoint.connect_with(config, addr, "probe") {
             Ok(connecting) => connecting,
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "a probe could not start");
-                return false;
+                return None;
             }
         };
         match tokio::time::timeout(self.timeout, connecting).await {
             Ok(Ok(conn)) => {
+                let rtt = conn.rtt();
                 conn.close(CLOSE_CODE.into(), b"probed");
-                true
+                Some(rtt)
             }
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "a probe's handshake failed");
-                false
+                None
             }
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 
@@ -145,13 +158,22 @@ impl Prober {
             .filter(|n| n.id != me)
             .map(|n| (n.id.clone(), n.quic.parse().ok()))
             .collect();
-        let results = join_all(peers.iter().map(|(id, addr)| async move {
-            let answered = match addr {
-                Some(addr) => self.dial(*addr).await,
-                // An address no client could dial either.
-                None => false,
-            };
-            (id.clone(), answered)
+        let rtts: HashMap<String, Duration> = self
+            .records
+            .lock()
+            .iter()
+            .filter_map(|(id, r)| Some((id.clone(), r.rtt?)))
+            .collect();
+        let results = join_all(peers.iter().map(|(id, addr)| {
+            let rtt = rtts.get(id).copied();
+            async move {
+                let answered = match addr {
+                    Some(addr) => self.dial(*addr, rtt).await,
+                    // An address no client could dial either.
+                    None => None,
+                };
+                (id.clone(), answered)
+            }
         }))
         .await;
         let now = Instant::now();
@@ -160,12 +182,15 @@ impl Prober {
         let mut round = Round::default();
         for (id, answered) in results {
             let record = records.entry(id.clone()).or_default();
-            if answered {
+            if let Some(rtt) = answered {
                 round.answered += 1;
                 if record.failures >= FAILURES {
                     tracing::info!(node = %id, "a peer's client address answers again");
                 }
-                *record = Record::default();
+                *record = Record {
+                    rtt: Some(rtt),
+                    ..Record::default()
+                };
             } else {
                 round.failed += 1;
                 record.failures += 1;

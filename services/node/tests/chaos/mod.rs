@@ -22,6 +22,7 @@
 //! holds after convergence); `scripts/chaos.sh SCENARIO` runs it at the
 //! issue's scale in release mode and prints the figures.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use hexfleet_model::geodesy::haversine_m;
@@ -33,6 +34,11 @@ use super::*;
 const BEHIND_M: f64 = 60.0;
 /// How often the checker looks at every rider's view.
 const SAMPLE: Duration = Duration::from_millis(100);
+/// Steps of each driver's client kept for the report.
+const TRAIL: usize = 64;
+
+/// A driver's client's last steps, each at its time since the fleet started.
+type Trail = VecDeque<(Duration, String)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -469,6 +475,14 @@ fn lookouts(cluster: &Cluster, meeting: (f64, f64)) -> Vec<(String, (f64, f64))>
 }
 
 pub async fn run(s: Scenario) -> Report {
+    // The clients' own logs (the SDK runs in this process), as
+    // CHAOS_CLIENT_LOG filters them (e.g. `hexfleet_client=debug`).
+    if let Ok(filter) = std::env::var("CHAOS_CLIENT_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let cut_id = format!("n{}", s.nodes - 1);
     let grace = Duration::from_secs(10);
     let (mut store, mut cluster) = if s.fault.on_redis_cluster() {
@@ -508,6 +522,8 @@ pub async fn run(s: Scenario) -> Report {
     // What each driver's client last said: its node, its reconnects, its
     // last send's error, its acknowledged and next seq.
     let client_side: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    // And its last few steps, each at its time since `began`.
+    let trails: Arc<Mutex<HashMap<String, Trail>>> = Arc::default();
     let side = (s.drivers as f64).sqrt().ceil() as usize;
     let routes: Vec<(String, Route)> = (0..s.drivers)
         .map(|i| {
@@ -595,9 +611,18 @@ pub async fn run(s: Scenario) -> Report {
             connected.lock().insert(id.clone(), Instant::now());
             let (gone, stop, going) = (gone.clone(), stop.clone(), CancellationToken::new());
             let client_side = client_side.clone();
+            let trails = trails.clone();
             leave.push((id.clone(), going.clone()));
             let (every, resume) = (s.fix_every, s.resume);
             tokio::spawn(async move {
+                let step = |what: String| {
+                    let mut trails = trails.lock();
+                    let trail = trails.entry(id.clone()).or_default();
+                    if trail.len() == TRAIL {
+                        trail.pop_front();
+                    }
+                    trail.push_back((began.elapsed(), what));
+                };
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
@@ -612,7 +637,9 @@ pub async fn run(s: Scenario) -> Report {
                         // An app that takes its vehicle back to the map as soon
                         // as its connection is lost, not at its next fix.
                         _ = client.lost(), if resume => {
-                            let _ = client.resume().await;
+                            step(format!("lost {}: {:?}", client.node(), client.closed_error()));
+                            let resumed = client.resume().await;
+                            step(format!("resumed on {}: {resumed:?}", client.node()));
                             continue;
                         }
                     }
@@ -624,6 +651,7 @@ pub async fn run(s: Scenario) -> Report {
                         fix.fix_time_ms = Some(hexfleet_node::clock::now_ms() + skew_ms + jump);
                     }
                     let sent = client.send_fix(fix).await;
+                    step(format!("fix {:?} to {}", sent, client.node()));
                     client_side.lock().insert(
                         id.clone(),
                         format!(
@@ -765,6 +793,8 @@ pub async fn run(s: Scenario) -> Report {
     }
     let mut streaks: HashMap<(usize, String), (Instant, Duration)> = HashMap::new();
     let mut longest: HashMap<(usize, String), Duration> = HashMap::new();
+    // When each pair's longest streak ended.
+    let mut streaks_ended: HashMap<(usize, String), Instant> = HashMap::new();
     let mut worst_share: f64 = 0.0;
     let mut ended: Option<Instant> = None;
     let mut at_end = None;
@@ -813,7 +843,10 @@ pub async fn run(s: Scenario) -> Report {
                 }
                 let streak = now - *since;
                 let held = longest.entry((i, id.clone())).or_default();
-                *held = (*held).max(streak);
+                if streak > *held {
+                    *held = streak;
+                    streaks_ended.insert((i, id.clone()), now);
+                }
                 false
             });
         }
@@ -865,6 +898,22 @@ pub async fn run(s: Scenario) -> Report {
                 client_side.lock().get(id).map_or("-", String::as_str),
                 nodes.join(" ")
             );
+        }
+        if let Some((pair, d)) = worst.first() {
+            let id = &pair.1;
+            if let Some(ended) = streaks_ended.get(*pair) {
+                let ended = *ended - began;
+                let (from, to) = (ended.saturating_sub(**d + Duration::from_secs(4)), ended);
+                println!(
+                    "  its streak ended {} ms after the fleet started; its client then:",
+                    ended.as_millis()
+                );
+                for (at, step) in trails.lock().get(id).into_iter().flatten() {
+                    if (from..=to).contains(at) {
+                        println!("    {id}: {:>6} ms {step}", at.as_millis());
+                    }
+                }
+            }
         }
     }
     let mut all: Vec<Duration> = longest.values().copied().collect();
