@@ -412,7 +412,7 @@ impl Node {
             listener: admin_listener,
             router: http::admin_router(admin_api.clone()).layer(counted.clone()),
             max_connections: 64,
-            max_connections_per_address: 64,
+            per_address: per_address::PerAddress::new(64),
             header_timeout: config.http.header_timeout,
             tls: None,
             metrics: None,
@@ -466,8 +466,15 @@ impl Node {
                 shutdown.clone(),
             ));
         }
+        let http_per_address =
+            per_address::PerAddress::new(config.http.max_connections_per_address);
         if let Some(cluster) = &cluster {
             tasks.spawn(cluster.clone().run(shutdown.clone()));
+            tasks.spawn(
+                cluster
+                    .clone()
+                    .exempt_members(http_per_address.clone(), shutdown.clone()),
+            );
             let replicas = Replicas::new(store.clone(), fanout.clone(), cells, metrics.clone());
             tasks.spawn(replicas.run(
                 config.store.clone(),
@@ -562,7 +569,7 @@ impl Node {
             listener: http_listener,
             router,
             max_connections: config.http.max_connections,
-            max_connections_per_address: config.http.max_connections_per_address,
+            per_address: http_per_address.clone(),
             header_timeout: config.http.header_timeout,
             tls: http_tls
                 .then(|| certificates.https().map(tokio_rustls::TlsAcceptor::from))

@@ -1,7 +1,10 @@
 //! Connections counted per source IP address, so one host cannot take a
-//! listener's whole connection budget.
+//! listener's whole connection budget. The cluster's other members are
+//! exempt on the HTTP listener: a node relaying drivers to this one (see
+//! `session::forward`) opens a connection per driver, thousands from one
+//! address when a node its clients cannot reach has that many.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
 use dashmap::{mapref::entry::Entry, DashMap};
 
@@ -9,6 +12,8 @@ use dashmap::{mapref::entry::Entry, DashMap};
 pub struct PerAddress {
     max: usize,
     open: DashMap<IpAddr, usize>,
+    /// Addresses counted but not limited: the cluster's other members.
+    exempt: parking_lot::RwLock<HashSet<IpAddr>>,
 }
 
 /// One connection's place in its address's count; freed when dropped.
@@ -23,14 +28,23 @@ impl PerAddress {
         Arc::new(Self {
             max,
             open: DashMap::new(),
+            exempt: parking_lot::RwLock::default(),
         })
     }
 
-    /// A slot for one more connection from `ip`, unless it has `max` open.
+    /// The addresses not limited from now on (those of the cluster's other
+    /// members), in place of the last ones given.
+    pub fn set_exempt(&self, addresses: impl IntoIterator<Item = IpAddr>) {
+        *self.exempt.write() = addresses.into_iter().map(canonical).collect();
+    }
+
+    /// A slot for one more connection from `ip`, unless it has `max` open
+    /// and is not exempt.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         let ip = canonical(ip);
+        let exempt = self.exempt.read().contains(&ip);
         let mut open = self.open.entry(ip).or_insert(0);
-        if *open >= self.max {
+        if *open >= self.max && !exempt {
             return None;
         }
         *open += 1;
@@ -84,5 +98,23 @@ mod tests {
         let _three = limit.try_acquire(a).unwrap();
         drop(two);
         assert_eq!(limit.open(a), 1);
+    }
+
+    #[test]
+    fn the_clusters_members_are_counted_but_not_limited() {
+        let limit = PerAddress::new(1);
+        let peer: IpAddr = "10.0.0.7".parse().unwrap();
+        let client: IpAddr = "10.0.0.8".parse().unwrap();
+        limit.set_exempt(["::ffff:10.0.0.7".parse().unwrap()]);
+        let relays: Vec<_> = (0..5).map(|_| limit.try_acquire(peer).unwrap()).collect();
+        assert_eq!(limit.open(peer), 5);
+        let _one = limit.try_acquire(client).unwrap();
+        assert!(limit.try_acquire(client).is_none());
+        // A member that left is limited again; its open slots still free.
+        limit.set_exempt([]);
+        assert!(limit.try_acquire(peer).is_none());
+        drop(relays);
+        assert_eq!(limit.open(peer), 0);
+        assert!(limit.try_acquire(peer).is_some());
     }
 }

@@ -143,6 +143,8 @@ struct Cluster {
     quic_relays: HashMap<String, (hexfleet_testkit::UdpRelay, hexfleet_testkit::TcpRelay)>,
     /// More of each node's `[cluster]` settings.
     cluster_settings: String,
+    /// More of each node's `[http]` settings.
+    http_settings: String,
 }
 
 /// One cluster at a time: each is several processes, and two cores shared
@@ -193,18 +195,20 @@ impl Cluster {
             lease_ttl: Duration::from_millis(1500),
             quic_relays: HashMap::new(),
             cluster_settings: String::new(),
+            http_settings: String::new(),
         };
         cluster.launch(count).await
     }
 
     /// Nodes on one Redis, those in `relayed` advertising a QUIC address
     /// that is a relay (see [`Cluster::quic_relay`]), with more
-    /// `[cluster]` settings.
+    /// `[cluster]` and `[http]` settings.
     async fn start_relayed(
         redis_url: String,
         count: usize,
         relayed: &[&str],
         cluster_settings: &str,
+        http_settings: &str,
     ) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut quic_relays = HashMap::new();
@@ -216,6 +220,7 @@ impl Cluster {
         let cluster = Cluster {
             quic_relays,
             cluster_settings: cluster_settings.into(),
+            http_settings: http_settings.into(),
             ..Cluster::on_redis(turn, redis_url, Duration::from_millis(1500))
         };
         cluster.launch(count).await
@@ -253,6 +258,7 @@ impl Cluster {
             lease_ttl,
             quic_relays: HashMap::new(),
             cluster_settings: String::new(),
+            http_settings: String::new(),
         }
     }
 
@@ -298,12 +304,13 @@ impl Cluster {
             &config,
             format!(
                 "node_id = \"{id}\"\n\
-                 [http]\ntls = {}\n\
+                 [http]\ntls = {}\n{}\
                  [cells]\nshard_res = {SHARD_RES}\n\
                  [ingest]\nack_interval = \"100ms\"\noffline_grace = \"{}ms\"\n\
                  [store]\nkind = \"{}\"\nredis_url = \"{}\"\n\
                  [cluster]\nenabled = true\nlease_ttl = \"{}ms\"\nrenew_interval = \"500ms\"\n{}{}",
                 self.https,
+                self.http_settings,
                 self.offline_grace.as_millis(),
                 self.store,
                 self.redis_url_of.get(id).unwrap_or(&self.redis_url),
@@ -1494,7 +1501,10 @@ async fn a_driver_whose_shards_owner_its_client_cannot_reach_is_relayed_there_wi
     let redis = RedisServer::start();
     // A hand-off far off: the owner keeps its shard for the whole test.
     let settings = "unreachable_handoff = \"1h\"\n";
-    let cluster = Cluster::start_relayed(redis.url(), 2, &["n1"], settings).await;
+    // A per-address limit below the relays this test makes: a peer's
+    // relayed sessions are not limited by it.
+    let http = "max_connections_per_address = 2\n";
+    let cluster = Cluster::start_relayed(redis.url(), 2, &["n1"], settings, http).await;
     let (peer, owner) = (&cluster.nodes[0], cluster.by_id("n1"));
     let (shard, at) = owned_near_centre(&cluster, owner);
     let (quic, https) = cluster.client_relays("n1");
@@ -1533,17 +1543,43 @@ async fn a_driver_whose_shards_owner_its_client_cannot_reach_is_relayed_there_wi
     assert_eq!(d.node(), peer.quic, "kept by the node it reached");
     assert_eq!(peer.metric("hexfleet_forwarded_sessions").await, 1.0);
     assert_eq!(peer.metric("hexfleet_fixes_relayed_total").await, 3.0);
+    // More relayed drivers than the owner takes connections from one
+    // address: the peer's are not limited.
+    let mut more = Vec::new();
+    for n in 0..3 {
+        let mut other = driver(&cluster, peer.quic, &format!("relayed-{n}")).await;
+        other
+            .send_fix(FixInput::at(at.0 - 0.0001 * (n + 1) as f64, at.1))
+            .await
+            .unwrap();
+        more.push(other);
+    }
+    for other in &mut more {
+        let acked = other.acknowledged(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(acked, 1, "a relayed driver past the per-address limit");
+    }
+    assert_eq!(peer.metric("hexfleet_forwarded_sessions").await, 4.0);
+    assert_eq!(
+        owner
+            .metric("hexfleet_connections_refused_total{reason=\"http_address_limit\"}")
+            .await,
+        0.0
+    );
+    for other in more {
+        other.goodbye().await.expect("signed off");
+    }
+    assert_eq!(peer.metric("hexfleet_fixes_relayed_total").await, 6.0);
     assert_eq!(peer.metric("hexfleet_sessions_redirected_total").await, 0.0);
     d.goodbye().await.expect("the sign-off confirmed");
     assert!(stored(&redis, id).is_none(), "signed off by the owner");
     eventually(
         WAIT,
-        "the relayed session counted as ended by goodbye",
+        "the relayed sessions counted as ended by goodbye",
         async || {
             let ended = peer
                 .metric("hexfleet_forward_ended_total{how=\"goodbye\"}")
                 .await;
-            (ended == 1.0).then_some(())
+            (ended == 4.0).then_some(())
         },
     )
     .await;

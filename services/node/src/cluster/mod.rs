@@ -322,6 +322,45 @@ impl Cluster {
         Some(node.peer_http().to_string())
     }
 
+    /// The IP addresses the other live members advertise (client and peer
+    /// addresses given as IP literals; host names are not looked up).
+    pub fn member_addresses(&self) -> BTreeSet<std::net::IpAddr> {
+        let live = self.live.read();
+        live.nodes
+            .values()
+            .filter(|n| n.id != self.id)
+            .flat_map(|n| [n.quic.as_str(), n.http.as_str(), n.peer_http()])
+            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect()
+    }
+
+    /// Keeps `limit` exempting the other members' addresses (see
+    /// [`crate::per_address`]) as the live set changes.
+    pub async fn exempt_members(
+        self: Arc<Self>,
+        limit: Arc<crate::per_address::PerAddress>,
+        shutdown: CancellationToken,
+    ) {
+        let mut changes = self.watch_changes();
+        let mut exempt = BTreeSet::new();
+        loop {
+            let members = self.member_addresses();
+            if members != exempt {
+                tracing::debug!(?members, "the cluster's members' addresses are not limited");
+                limit.set_exempt(members.iter().copied());
+                exempt = members;
+            }
+            // Looked at when ownership changes, and at every renewal's
+            // pace (a member may move without changing who owns what).
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(self.config.renew_interval) => {}
+            }
+        }
+    }
+
     /// A client could not connect to the node at `quic`: counted, and the
     /// peers probed at once rather than at the next round.
     pub fn client_reports_unreachable(&self, quic: &str) {

@@ -4,8 +4,9 @@
 //! - At most `max_connections` connections are open at once (WebSockets
 //!   included, for as long as they live); beyond it, new ones wait in the
 //!   kernel's accept queue until one closes.
-//! - At most `max_connections_per_address` from one IP address; beyond it
-//!   new ones are closed at once and counted.
+//! - At most `max_connections_per_address` from one IP address (the
+//!   cluster's other members exempt); beyond it new ones are closed at once
+//!   and counted.
 //! - A connection must finish its TLS handshake, and send each request's
 //!   headers, within `header_timeout`, so a client trickling bytes (or none)
 //!   ties up a connection slot for that long at most.
@@ -47,7 +48,8 @@ pub struct Listener {
     pub listener: TcpListener,
     pub router: Router,
     pub max_connections: usize,
-    pub max_connections_per_address: usize,
+    /// The limit per source address (see [`PerAddress`]).
+    pub per_address: Arc<PerAddress>,
     pub header_timeout: Duration,
     /// HTTPS when set.
     pub tls: Option<TlsAcceptor>,
@@ -60,7 +62,7 @@ pub struct Listener {
 /// in flight.
 pub async fn serve(this: Listener, shutdown: CancellationToken, grace: Duration) {
     let slots = Arc::new(Semaphore::new(this.max_connections));
-    let per_address = PerAddress::new(this.max_connections_per_address);
+    let per_address = this.per_address.clone();
     let connections = TaskTracker::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

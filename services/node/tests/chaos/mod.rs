@@ -505,7 +505,8 @@ pub async fn run(s: Scenario) -> Report {
         let cluster = match s.fault.on_client_side() {
             true => {
                 let relayed = [cut_id.as_str()];
-                Cluster::start_relayed(redis.url(), s.nodes, &relayed, &s.cluster_settings).await
+                Cluster::start_relayed(redis.url(), s.nodes, &relayed, &s.cluster_settings, "")
+                    .await
             }
             false => {
                 Cluster::start_reaching("redis", redis.url(), urls, s.nodes, false, grace).await
