@@ -243,8 +243,14 @@ impl VehicleTable {
 
     /// Runs `f` on every vehicle's state, in no order.
     pub fn each(&self, mut f: impl FnMut(&VehicleState)) {
+        self.each_entry(|entry| f(&entry.state));
+    }
+
+    /// Runs `f` on every vehicle's entry (its state, cell and shard), in no
+    /// order.
+    pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
         for entry in self.vehicles.iter() {
-            f(&entry.state);
+            f(entry.value());
         }
     }
 

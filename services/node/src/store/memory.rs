@@ -239,8 +239,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn zone_counts(&self, _nodes: &[String]) -> Result<Vec<Vec<u8>>, StoreError> {
-        Ok(Vec::new())
+    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        Ok(vec![None; nodes.len()])
     }
 
     async fn shards(&self) -> Result<Vec<ShardId>, StoreError> {

@@ -298,8 +298,9 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// The zone counts the given nodes left (those still fresh).
-    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// The zone counts each of the given nodes left, in their order
+    /// (`None` where they expired or were never left).
+    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
 
     /// Every shard that ever held a vehicle.
     async fn shards(&self) -> Result<Vec<ShardId>, StoreError>;

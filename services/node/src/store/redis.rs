@@ -1199,13 +1199,12 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn zone_counts(&self, nodes: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         if nodes.is_empty() {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = nodes.iter().map(|n| keys::zone_counts(n)).collect();
-        let raw: Vec<Option<Vec<u8>>> = self.conn.cmd(redis::cmd("MGET").arg(&keys)).await?;
-        Ok(raw.into_iter().flatten().collect())
+        Ok(self.conn.cmd(redis::cmd("MGET").arg(&keys)).await?)
     }
 
     async fn shards(&self) -> Result<Vec<ShardId>, StoreError> {

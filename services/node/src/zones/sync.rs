@@ -14,7 +14,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use hexfleet_model::{ShardId, ZoneId};
+use hexfleet_model::{ShardId, VehicleState, ZoneId};
 use tokio_util::sync::CancellationToken;
 
 use super::{tally, Zone, ZoneSpec, Zones};
@@ -206,19 +206,79 @@ pub async fn show_events(store: Arc<dyn Store>, zones: Arc<Zones>, shutdown: Can
 /// Live counts per zone, by status.
 pub type ZoneCounts = HashMap<ZoneId, super::StatusTally>;
 
+/// A node's counts per shard it keeps vehicles in.
+pub type ShardCounts = HashMap<ShardId, ZoneCounts>;
+
 /// How often a node shares its counts, and how long they last.
 pub const COUNTS_EVERY: Duration = Duration::from_secs(1);
 const COUNTS_TTL: Duration = Duration::from_secs(3);
 
-/// This node's counts, from its own vehicles.
-pub fn local_counts(ingest: &Ingest) -> ZoneCounts {
-    let mut states = Vec::new();
-    ingest.table.each(|s| {
-        if !s.zones.is_empty() {
-            states.push(s.clone());
+/// What a node leaves in the store: its counts per shard, so that a shard
+/// two nodes count at once is counted once (see [`merged`]). Shards by
+/// their H3 index.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Shared {
+    shards: Vec<(u64, ZoneCounts)>,
+}
+
+/// This node's counts per shard, from its own vehicles.
+pub fn local_counts(ingest: &Ingest) -> ShardCounts {
+    let mut states: HashMap<ShardId, Vec<VehicleState>> = HashMap::new();
+    ingest.table.each_entry(|e| {
+        if !e.state.zones.is_empty() {
+            states.entry(e.shard).or_default().push(e.state.clone());
         }
     });
-    tally(&states)
+    states
+        .into_iter()
+        .map(|(shard, states)| (shard, tally(&states)))
+        .collect()
+}
+
+/// Counts over shards, each counted once: by the node `owner` names for it
+/// when that node counted it, otherwise by the node that counted the most
+/// vehicles there. Two nodes count a shard at once when one went silent
+/// (its last shared counts still hold its vehicles) and the node that will
+/// own the shard already took its drivers in, and for a moment in a
+/// hand-off.
+pub fn merged(
+    reports: &[(&str, ShardCounts)],
+    owner: impl Fn(ShardId) -> Option<String>,
+) -> ZoneCounts {
+    let size = |counts: &ZoneCounts| -> u64 {
+        counts
+            .values()
+            .flat_map(|tally| tally.iter())
+            .map(|n| u64::from(*n))
+            .sum()
+    };
+    let mut by_shard: HashMap<ShardId, Vec<(&str, &ZoneCounts)>> = HashMap::new();
+    for (node, shards) in reports {
+        for (shard, counts) in shards {
+            by_shard.entry(*shard).or_default().push((node, counts));
+        }
+    }
+    let mut total = ZoneCounts::new();
+    for (shard, counted) in by_shard {
+        let owner = owner(shard);
+        let chosen = counted
+            .iter()
+            .find(|(node, _)| owner.as_deref() == Some(*node))
+            .or_else(|| counted.iter().max_by_key(|(_, counts)| size(counts)));
+        if let Some((_, counts)) = chosen {
+            add(&mut total, counts);
+        }
+    }
+    total
+}
+
+fn add(into: &mut ZoneCounts, counts: &ZoneCounts) {
+    for (zone, tally) in counts {
+        let mine = into.entry(zone.clone()).or_default();
+        for (a, b) in mine.iter_mut().zip(tally) {
+            *a += b;
+        }
+    }
 }
 
 /// Leaves this node's counts in the store every second, until shutdown.
@@ -234,8 +294,13 @@ pub async fn share_counts(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let counts = local_counts(&ingest);
-        let Ok(bytes) = rmp_serde::to_vec(&counts) else {
+        let shared = Shared {
+            shards: local_counts(&ingest)
+                .into_iter()
+                .map(|(shard, counts)| (u64::from(shard.0), counts))
+                .collect(),
+        };
+        let Ok(bytes) = rmp_serde::to_vec(&shared) else {
             continue;
         };
         if let Err(e) = store.put_zone_counts(&node, &bytes, COUNTS_TTL).await {
@@ -244,16 +309,76 @@ pub async fn share_counts(
     }
 }
 
-/// Adds counts another node shared to `into`.
-pub fn add_counts(into: &mut ZoneCounts, bytes: &[u8]) {
-    let Ok(counts) = rmp_serde::from_slice::<ZoneCounts>(bytes) else {
+/// The counts another node shared, per shard; `None` if they do not
+/// decode.
+pub fn decode_counts(bytes: &[u8]) -> Option<ShardCounts> {
+    let Ok(shared) = rmp_serde::from_slice::<Shared>(bytes) else {
         tracing::warn!("a node's shared zone counts do not decode");
-        return;
+        return None;
     };
-    for (zone, tally) in counts {
-        let mine = into.entry(zone).or_default();
-        for (a, b) in mine.iter_mut().zip(tally) {
-            *a += b;
-        }
+    Some(
+        shared
+            .shards
+            .into_iter()
+            .filter_map(|(shard, counts)| {
+                let cell = h3o::CellIndex::try_from(shard).ok()?;
+                Some((ShardId(cell), counts))
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(lon: f64) -> ShardId {
+        let cell = h3o::LatLng::new(59.9, lon)
+            .expect("a position")
+            .to_cell(h3o::Resolution::Five);
+        ShardId(cell)
+    }
+
+    /// Counts of one zone: `available` vehicles available.
+    fn counts(available: u32) -> ZoneCounts {
+        let mut tally = crate::zones::StatusTally::default();
+        tally[hexfleet_model::VehicleStatus::Available as usize] = available;
+        HashMap::from([(ZoneId::new("airport").expect("an id"), tally)])
+    }
+
+    fn available(total: &ZoneCounts) -> u32 {
+        total.values().map(|t| t.iter().sum::<u32>()).sum()
+    }
+
+    #[test]
+    fn a_shard_two_nodes_count_is_counted_once_by_its_owner() {
+        let (a, b) = (shard(10.0), shard(11.0));
+        // n1 went silent with 5 vehicles in `a` and 2 in `b`; n2, which
+        // owns `a` now, took 3 of them in already; n3 counts 4 in `b`,
+        // which n1 still owns.
+        let reports = [
+            ("n1", HashMap::from([(a, counts(5)), (b, counts(2))])),
+            ("n2", HashMap::from([(a, counts(3))])),
+            ("n3", HashMap::from([(b, counts(4))])),
+        ];
+        let owner = |s: ShardId| Some(if s == a { "n2" } else { "n1" }.to_string());
+        assert_eq!(available(&merged(&reports, owner)), 3 + 2);
+        // An owner that counted nothing there: the largest count stands.
+        let nobody = |_| Some("n9".to_string());
+        assert_eq!(available(&merged(&reports, nobody)), 5 + 4);
+        // One node alone: all of it.
+        assert_eq!(available(&merged(&reports[..1], |_| None)), 7);
+    }
+
+    #[test]
+    fn shared_counts_go_through_the_store_and_back() {
+        let a = shard(10.0);
+        let shared = Shared {
+            shards: vec![(u64::from(a.0), counts(2))],
+        };
+        let bytes = rmp_serde::to_vec(&shared).expect("encodes");
+        let back = decode_counts(&bytes).expect("decodes");
+        assert_eq!(back.get(&a).map(available), Some(2));
+        assert!(decode_counts(b"not counts").is_none());
     }
 }

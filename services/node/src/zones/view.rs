@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use hexfleet_model::{ShardId, VehicleState, ZoneId};
 
 use super::{
-    sync::{add_counts, local_counts, ZoneCounts},
+    sync::{decode_counts, local_counts, merged, ShardCounts, ZoneCounts},
     Zone,
 };
 use crate::{
@@ -24,19 +24,24 @@ pub async fn counts(
     store: &dyn Store,
     cluster: Option<&Cluster>,
 ) -> Result<ZoneCounts, StoreError> {
-    let mut counts = local_counts(ingest);
-    if let Some(cluster) = cluster {
-        let others: Vec<String> = cluster
-            .live()
-            .nodes
-            .into_keys()
-            .filter(|id| id != cluster.node_id())
-            .collect();
-        for bytes in store.zone_counts(&others).await? {
-            add_counts(&mut counts, &bytes);
+    let mine = local_counts(ingest);
+    let Some(cluster) = cluster else {
+        return Ok(merged(&[("", mine)], |_| None));
+    };
+    let others: Vec<String> = cluster
+        .live()
+        .nodes
+        .into_keys()
+        .filter(|id| id != cluster.node_id())
+        .collect();
+    let shared = store.zone_counts(&others).await?;
+    let mut reports: Vec<(&str, ShardCounts)> = vec![(cluster.node_id(), mine)];
+    for (node, bytes) in others.iter().zip(shared) {
+        if let Some(counts) = bytes.as_deref().and_then(decode_counts) {
+            reports.push((node, counts));
         }
     }
-    Ok(counts)
+    Ok(merged(&reports, |shard| cluster.owner(shard).map(|n| n.id)))
 }
 
 /// [`counts`], computed at most once a second for all who ask.
