@@ -138,25 +138,7 @@ struct Routes {
     /// every `Hello` for [`UNREACHABLE_MEMORY`], so a node does not send it
     /// back there (it forwards its fixes instead).
     unreachable: HashMap<SocketAddr, Instant>,
-    /// The last round trip measured to each node over QUIC, and the latest
-    /// to any: a new connection's handshake starts from it (see
-    /// [`MIN_INITIAL_RTT`]).
-    round_trips: HashMap<SocketAddr, Duration>,
-    last_round_trip: Option<Duration>,
 }
-
-/// Nodes whose round trip is remembered; past this the memory starts over
-/// (a client talks to a handful of nodes).
-const ROUND_TRIPS_KEPT: usize = 64;
-
-/// The round trip a QUIC handshake starts from: the one last measured to
-/// that node, else to any node (the nodes of a cluster sit together), else
-/// QUIC's default (333 ms), within these bounds. A handshake packet lost
-/// is sent again after three of them, so from the default a lost packet
-/// costs a second, longer than a lossy network's clients wait to connect
-/// (RFC 9002 §6.2.2 lets a connection start from an earlier one's RTT).
-const MIN_INITIAL_RTT: Duration = Duration::from_millis(10);
-const MAX_INITIAL_RTT: Duration = Duration::from_secs(1);
 
 /// How long a node this client could not connect to is reported as such.
 pub const UNREACHABLE_MEMORY: Duration = Duration::from_secs(30);
@@ -200,15 +182,8 @@ const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// keep-alives, so one lost packet does not end a connection.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
-fn transport(
-    keep_alive: Duration,
-    idle: Duration,
-    initial_rtt: Option<Duration>,
-) -> Arc<quinn::TransportConfig> {
+fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
-    if let Some(rtt) = initial_rtt {
-        transport.initial_rtt(rtt.clamp(MIN_INITIAL_RTT, MAX_INITIAL_RTT));
-    }
     transport.keep_alive_interval(Some(keep_alive));
     if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         transport.max_idle_timeout(Some(idle));
@@ -299,7 +274,7 @@ impl Connector {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport(DEFAULT_KEEP_ALIVE, DEFAULT_IDLE_TIMEOUT, None));
+        config.transport_config(transport(DEFAULT_KEEP_ALIVE, DEFAULT_IDLE_TIMEOUT));
         Ok(Self {
             config,
             endpoints: Arc::default(),
@@ -316,8 +291,6 @@ impl Connector {
                 network: String::new(),
                 websocket_until: HashMap::new(),
                 unreachable: HashMap::new(),
-                round_trips: HashMap::new(),
-                last_round_trip: None,
             })),
             udp: Arc::default(),
         })
@@ -387,27 +360,6 @@ impl Connector {
                 routes.websocket_until.insert(network, until);
             }
         }
-    }
-
-    /// What a new QUIC connection to `node` starts its round-trip estimate
-    /// from (see [`MIN_INITIAL_RTT`]).
-    fn initial_rtt(&self, node: SocketAddr) -> Option<Duration> {
-        let routes = self.routes.lock();
-        routes
-            .round_trips
-            .get(&node)
-            .copied()
-            .or(routes.last_round_trip)
-    }
-
-    /// Remembers a round trip measured to `node` over QUIC.
-    pub(crate) fn note_round_trip(&self, node: SocketAddr, rtt: Duration) {
-        let mut routes = self.routes.lock();
-        if routes.round_trips.len() >= ROUND_TRIPS_KEPT && !routes.round_trips.contains_key(&node) {
-            routes.round_trips.clear();
-        }
-        routes.round_trips.insert(node, rtt);
-        routes.last_round_trip = Some(rtt);
     }
 
     fn https_for(&self, quic: SocketAddr) -> SocketAddr {
@@ -511,18 +463,7 @@ impl Connector {
         addr: SocketAddr,
     ) -> Result<(Conn, ControlWrite, ControlRead), ClientError> {
         let endpoint = self.endpoint_for(addr)?;
-        let config = match self.initial_rtt(addr) {
-            Some(rtt) => {
-                let mut config = self.config.clone();
-                config.transport_config(transport(self.keep_alive, self.idle, Some(rtt)));
-                config
-            }
-            None => self.config.clone(),
-        };
-        let conn = endpoint
-            .connect_with(config, addr, &self.server_name)?
-            .await?;
-        self.note_round_trip(addr, conn.rtt());
+        let conn = endpoint.connect(addr, &self.server_name)?.await?;
         let (send, recv) = conn.open_bi().await?;
         let (tx, rx) = quic_control(send, recv);
         Ok((Conn::Quic(conn), tx, rx))
@@ -554,8 +495,7 @@ impl Connector {
     /// taken for gone too (a handshake with a dead node otherwise waits
     /// for quinn's own timeout, seconds).
     pub fn with_liveness(mut self, keep_alive: Duration, idle: Duration) -> Self {
-        self.config
-            .transport_config(transport(keep_alive, idle, None));
+        self.config.transport_config(transport(keep_alive, idle));
         self.timeout = idle;
         self.keep_alive = keep_alive;
         self.idle = idle;

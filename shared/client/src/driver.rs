@@ -425,11 +425,6 @@ impl DriverClient {
     /// Connects again: to where the node redirected it, else to the node it
     /// used or a seed, with a backoff and jitter between attempts.
     async fn reconnect(&mut self) -> Result<(), ClientError> {
-        // The path's last round trip is the best start for the next
-        // connection's.
-        if let Some((rtt, _)) = self.conn.path() {
-            self.connector.note_round_trip(self.node, rtt);
-        }
         // A node that redirects says where before it closes, but the close
         // can be seen here before the reader has taken the `Redirect`: the
         // reader is given the rest of the closed control stream first.
