@@ -23,7 +23,10 @@
 # peers (the drivers QUIC-only, as if its HTTPS went with it): clientcut
 # (every datagram dropped both ways), clientcut-in (toward it only),
 # clientcut-out (from it only), client-loss (30% each way); slow (the
-# busiest node at a 10% duty cycle, SIGSTOP 90 ms / SIGCONT 10 ms).
+# busiest node at a 10% duty cycle, SIGSTOP 90 ms / SIGCONT 10 ms);
+# redis-full (Redis refusing every write, maxmemory reached under
+# noeviction, reads still answered, a sixth of the drivers signing off
+# meanwhile).
 # Defaults: 300 drivers, 8 s, a fix a second. CHAOS_CLUSTER_SETTINGS adds
 # lines to every node's [cluster] section (e.g. 'unreachable_handoff = "5s"').
 #
@@ -36,7 +39,7 @@
 # (cluster.rs, chaos_*_small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks|clientcut|clientcut-in|clientcut-out|client-loss|slow [drivers] [fault seconds] [fix ms]}
+scenario=${1:?usage: scripts/chaos.sh kill|freeze|redis-stall|redis-cut|cluster-master-kill|cluster-failover|cluster-slots|clocks|clientcut|clientcut-in|clientcut-out|client-loss|slow|redis-full [drivers] [fault seconds] [fix ms]}
 export CHAOS_SCENARIO=$scenario
 export CHAOS_DRIVERS=${2:-300}
 export CHAOS_FAULT_S=${3:-8}

@@ -3050,6 +3050,12 @@ async fn chaos_clientcut_inbound_only_small() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_full_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::RedisFull)).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_slow_small() {
     let report = chaos::run(chaos::Scenario::small(chaos::Fault::Slow)).await;
     chaos::assert_clean(&report);

@@ -61,8 +61,10 @@ return {value, redis.call('HLEN', KEYS[3])}
 /// again. KEYS: lease, epoch. ARGV: value.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  -- The epoch first: a server out of memory refuses it, and then nothing
+  -- was released.
   redis.call('INCR', KEYS[2])
+  redis.call('DEL', KEYS[1])
   return 1
 end
 return 0

@@ -33,22 +33,30 @@ use crate::store::{keys, redis::Conn, StoreError};
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local holder = redis.call('HGET', KEYS[4], ARGV[1])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if holder and holder ~= ARGV[4] and score and tonumber(score) > now then
+  return {'taken', redis.call('HGET', KEYS[2], ARGV[1]) or ''}
+end
+-- This node's own renewal first: a store refusing writes (out of memory)
+-- fails the script here, before it removed anyone.
+local was = score and tonumber(score) > now
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local joined = 0
+if not was then
+  joined = 1
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, id in ipairs(expired) do
   redis.call('HDEL', KEYS[2], id)
   redis.call('HDEL', KEYS[4], id)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local holder = redis.call('HGET', KEYS[4], ARGV[1])
-if holder and holder ~= ARGV[4] and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  return {'taken', redis.call('HGET', KEYS[2], ARGV[1]) or ''}
-end
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
-local joined = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 if joined > 0 or #expired > 0 then
   redis.call('INCR', KEYS[3])
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 local scores = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local out = {tostring(joined), tostring(redis.call('GET', KEYS[3]) or '0'), tostring(now), tostring(#scores)}
 for _, v in ipairs(scores) do table.insert(out, v) end

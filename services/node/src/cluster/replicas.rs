@@ -6,7 +6,8 @@
 //! bus sequence they reflect, in one script), then applies the owner's
 //! batches in sequence order: a batch at or below the replica's sequence is
 //! old news; one beyond the next means batches were missed, and the shard
-//! is read again. The replica's vehicles go to the fan-out like local ones,
+//! is read again. A batch under sequence 0 is one the store refused for
+//! want of memory: shown at once, the sequence left where it is. The replica's vehicles go to the fan-out like local ones,
 //! so a rider sees the same view whichever node it is connected to.
 //!
 //! On a Redis Cluster the channels are sharded (`SSUBSCRIBE`, one slot with
@@ -407,16 +408,21 @@ impl Replicas {
         let Some(replica) = self.replicas.get_mut(&shard) else {
             return;
         };
-        if stale.contains(&shard) || seq <= replica.seq {
+        // Sequence 0: a batch the store could not write (out of memory),
+        // shown now; written, it comes again under its own sequence.
+        let unwritten = seq == 0;
+        if stale.contains(&shard) || (seq <= replica.seq && !unwritten) {
             return;
         }
-        if seq != replica.seq + 1 {
+        if !unwritten && seq != replica.seq + 1 {
             tracing::debug!(%shard, have = replica.seq, got = seq, "a gap in a shard's bus; reading it again");
             self.metrics.bus_resnapshots.inc();
             stale.insert(shard);
             return;
         }
-        replica.seq = seq;
+        if !unwritten {
+            replica.seq = seq;
+        }
         self.metrics.bus_batches.inc();
         let now = clock::now_ms();
         for removal in changes.removals {

@@ -660,7 +660,13 @@ impl<'a> DriverSession<'a> {
         let home = self.ctx.ingest.table.get(&self.id).map(|e| e.shard);
         if let Some(home) = home.filter(|&h| cluster.owns(h)) {
             let crossed = *self.crossed_at.get_or_insert(valid.position);
-            if crossed.distance_m(valid.position) < cluster.handoff_distance_m() {
+            // Nor is a driver handed over while its shard's changes are
+            // not all written (the store refusing writes, or away): the
+            // next node would start from an older stored state, without
+            // this node's note, and the two nodes' zone events for the
+            // vehicle would land in either order once the store takes them.
+            let behind = self.ctx.ingest.writer.has_unwritten(home);
+            if behind || crossed.distance_m(valid.position) < cluster.handoff_distance_m() {
                 return Route::Here(Placed {
                     cell: placed.cell,
                     shard: home,

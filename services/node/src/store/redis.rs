@@ -67,6 +67,11 @@ if ARGV[1] ~= '' then
     return redis.error_reply('FENCED the lease is now ' .. tostring(held))
   end
 end
+-- A script is not undone when a command in it fails, and a server out of
+-- memory still takes removals: a command that needs memory and changes
+-- nothing goes first, so such a server refuses the whole write (OOM)
+-- before any of it lands, events apart from their states.
+redis.call('INCRBY', KEYS[5], 0)
 local out = {}
 local function run(cmd, key, first, n, stride)
   for done = 0, n - 1, 1000 do
@@ -586,6 +591,12 @@ impl RedisStore {
             match self.conn.invoke::<(u64, Vec<Value>)>(&call).await {
                 Ok((_seq, replies)) => replies,
                 Err(e) if e.code() == Some("FENCED") => return Ok(ShardWrite::Fenced),
+                Err(e) if e.code() == Some("OOM") => {
+                    if let Some((command, body)) = publish {
+                        self.preview(command, sb.shard, body).await;
+                    }
+                    return Err(e.into());
+                }
                 Err(e) => return Err(e.into()),
             }
         };
@@ -593,6 +604,29 @@ impl RedisStore {
             None => Ok(ShardWrite::Written(Vec::new())),
             Some(Verdict::Retry(e)) => Err(StoreError::Unwritable(e)),
             Some(Verdict::Refused(_)) => self.write_shard_one_by_one(sb).await,
+        }
+    }
+
+    /// Publishes a shard's batch that Redis refused to write for want of
+    /// memory (`maxmemory` reached under `noeviction`: it still answers
+    /// reads, publishes, and takes commands that free memory), under
+    /// sequence 0: replicas show it at once without taking it for written
+    /// (see `cluster::replicas`), so riders elsewhere see the shard move
+    /// while the writer retries. Only the lease holder gets this far: the
+    /// script checked the lease before any write failed.
+    async fn preview(&self, command: &str, shard: ShardId, body: &[u8]) {
+        let mut message = b"0 ".to_vec();
+        message.extend_from_slice(body);
+        let published = self
+            .conn
+            .cmd::<i64>(
+                redis::cmd(command)
+                    .arg(keys::bus_channel(shard))
+                    .arg(message),
+            )
+            .await;
+        if let Err(e) = published {
+            tracing::debug!(%shard, error = %e, "publishing an unwritten batch");
         }
     }
 

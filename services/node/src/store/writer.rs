@@ -246,6 +246,12 @@ impl StoreWriter {
                 .is_none_or(|&at| at <= ticket.0)
     }
 
+    /// Whether the last flush left changes to `shard` unwritten (failed,
+    /// fenced, waiting for its lease).
+    pub fn has_unwritten(&self, shard: ShardId) -> bool {
+        self.unwritten.lock().contains(&shard)
+    }
+
     /// Marks what this flush drops of `shard`.
     fn dropping(&self, shard: ShardId) {
         let this_flush = self.flushes.borrow().saturating_add(1);
