@@ -3056,6 +3056,12 @@ async fn chaos_redis_full_small() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_client_loss_small() {
+    let report = chaos::run(chaos::Scenario::small(chaos::Fault::ClientLoss)).await;
+    chaos::assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_slow_small() {
     let report = chaos::run(chaos::Scenario::small(chaos::Fault::Slow)).await;
     chaos::assert_clean(&report);
