@@ -238,7 +238,7 @@ impl StoreWriter {
         let done = *self.flushes.borrow();
         done != u64::MAX
             && done >= ticket.0.saturating_add(2)
-            && !self.unwritten.lock().contains(&shard)
+            && !self.has_unwritten(shard)
             && self
                 .dropped_at
                 .lock()
@@ -275,7 +275,7 @@ impl StoreWriter {
     pub async fn written(&self, shard: ShardId, still: impl Fn() -> bool) -> bool {
         loop {
             self.flushed().await;
-            if !self.unwritten.lock().contains(&shard) {
+            if !self.has_unwritten(shard) {
                 return true;
             }
             if !still() || *self.flushes.borrow() == u64::MAX {
