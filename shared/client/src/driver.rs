@@ -367,8 +367,10 @@ async fn read_control(mut rx: ControlRead, shared: Arc<Shared>, connector: Conne
 
 impl DriverClient {
     /// Sends a fix with the next sequence number; returns that number.
-    /// Datagrams are used when the connection has them: a lost fix is simply
-    /// superseded by the next.
+    /// Datagrams are used when the connection has them (a lost fix is
+    /// superseded by the next), except on a path that lost packets lately,
+    /// where the control stream sends a lost fix again sooner than the next
+    /// one comes (for `LOSSY_FOR`, 10 s, after a loss).
     pub async fn send_fix(&mut self, input: FixInput) -> Result<u64, ClientError> {
         let seq = self.next_seq;
         let device_ms = input.fix_time_ms.unwrap_or_else(|| self.device_now_ms());
