@@ -7,8 +7,9 @@
 //! batches in sequence order: a batch at or below the replica's sequence is
 //! old news; one beyond the next means batches were missed, and the shard
 //! is read again. A batch under sequence 0 is one the store refused for
-//! want of memory: shown at once, the sequence left where it is. The replica's vehicles go to the fan-out like local ones,
-//! so a rider sees the same view whichever node it is connected to.
+//! want of memory: shown at once, the sequence left where it is. The
+//! replica's vehicles go to the fan-out like local ones, so a rider sees
+//! the same view whichever node it is connected to.
 //!
 //! On a Redis Cluster the channels are sharded (`SSUBSCRIBE`, one slot with
 //! the shard's keys); on one server, plain pub/sub does the same job.
