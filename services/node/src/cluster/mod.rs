@@ -18,12 +18,13 @@
 
 pub mod leases;
 pub mod membership;
+pub mod ownership;
 pub mod probe;
 pub mod reach;
 pub mod replicas;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use self::{
     leases::Renewal,
     membership::{Heard, LiveSet, Membership},
+    ownership::{Ownership, Renewed},
 };
 use crate::{
     config::ClusterConfig,
@@ -54,24 +56,6 @@ use crate::{
         Store, StoreError,
     },
 };
-
-/// A lease this node holds.
-#[derive(Debug, Clone, PartialEq)]
-enum Holding {
-    /// Its own: sessions route to it, the writer writes it.
-    Held(Arc<str>),
-    /// Being given up: its drivers are redirected to the new owner, the
-    /// writer still writes it until the release.
-    Releasing(Arc<str>),
-}
-
-impl Holding {
-    fn value(&self) -> &Arc<str> {
-        match self {
-            Holding::Held(v) | Holding::Releasing(v) => v,
-        }
-    }
-}
 
 /// How often shards this node should own but has no lease for are tried.
 const ACQUIRE_INTERVAL: Duration = Duration::from_millis(100);
@@ -99,13 +83,8 @@ pub struct Cluster {
     conn: Conn,
     config: ClusterConfig,
     live: RwLock<LiveSet>,
-    holdings: RwLock<HashMap<ShardId, Holding>>,
-    /// Shards this node should own and has no lease for yet.
-    wanted: Mutex<HashSet<ShardId>>,
-    /// Shards whose lease this node lost without giving it up (fenced, or
-    /// not renewed in time): it serves no driver there until it holds the
-    /// lease again, so nothing it accepted before can be written late.
-    tainted: Mutex<HashSet<ShardId>>,
+    /// Which shards this node holds, wants, and lost (see [`ownership`]).
+    ownership: Mutex<Ownership>,
     held: watch::Sender<Shards>,
     /// Bumped whenever what [`Cluster::owns`] answers may have changed, so
     /// sessions re-check their driver's shard only then.
@@ -121,13 +100,6 @@ pub struct Cluster {
     /// Members the store lost with this node's membership, counted as live
     /// while settling (see [`Cluster::presume`]).
     presumed: Mutex<BTreeMap<String, NodeInfo>>,
-    /// Shards whose write was fenced: their lease is checked at once (lost
-    /// to another node, or lost by the store and taken again).
-    suspect: Mutex<HashSet<ShardId>>,
-    /// Shards whose write was fenced and whose lease is not checked yet:
-    /// the writer holds their changes back until it is known whether they
-    /// are written (the lease taken back) or dropped (another node's).
-    doubt: Mutex<HashSet<ShardId>>,
     wake: Notify,
     /// Cancelled when the node leaves: renewals stop.
     leaving: CancellationToken,
@@ -136,8 +108,6 @@ pub struct Cluster {
     /// When the last membership renewal that succeeded was sent: this
     /// node's membership does not expire before that plus `lease_ttl`.
     reached: Mutex<std::time::Instant>,
-    /// The same for each lease held.
-    renewed: Mutex<HashMap<ShardId, std::time::Instant>>,
     /// When each member last renewed its membership, as of the last read of
     /// the live set (this node's clock).
     heard: Mutex<BTreeMap<String, std::time::Instant>>,
@@ -203,28 +173,24 @@ impl Cluster {
                 .ok(),
             Err(_) => None,
         };
+        let ownership = Ownership::new(config.lease_ttl, config.renew_interval);
         let cluster = Arc::new(Cluster {
             id: me.id.clone(),
             me: RwLock::new(me),
             conn,
             config,
             live: RwLock::new(live),
-            holdings: RwLock::default(),
-            wanted: Mutex::default(),
-            tainted: Mutex::default(),
+            ownership: Mutex::new(ownership),
             held: watch::Sender::new(Shards::default()),
             changes: watch::Sender::new(0),
             members_seen: AtomicU64::new(version),
             registered: AtomicBool::new(true),
             settling_until: Mutex::new(None),
             presumed: Mutex::default(),
-            suspect: Mutex::default(),
-            doubt: Mutex::default(),
             wake: Notify::new(),
             leaving: CancellationToken::new(),
             replaced: CancellationToken::new(),
             reached: Mutex::new(sent),
-            renewed: Mutex::default(),
             heard: Mutex::new(heard),
             heard_since: Mutex::new(sent),
             looked: Mutex::new(received),
@@ -269,18 +235,13 @@ impl Cluster {
             .read()
             .owner(shard)
             .is_some_and(|owner| owner.id == self.id);
-        mine && !self.cut_off.load(Ordering::Relaxed)
-            && !matches!(
-                self.holdings.read().get(&shard),
-                Some(Holding::Releasing(_))
-            )
-            && !self.tainted.lock().contains(&shard)
+        mine && !self.cut_off.load(Ordering::Relaxed) && self.ownership.lock().serves(shard)
     }
 
     /// Whether this node holds `shard`'s lease or is about to (its writes
     /// there may still land).
     pub fn may_write(&self, shard: ShardId) -> bool {
-        self.holdings.read().contains_key(&shard) || self.owns(shard)
+        self.ownership.lock().holds(shard) || self.owns(shard)
     }
 
     /// Where a client of `shard` should go, if not here.
@@ -492,11 +453,10 @@ impl Cluster {
             .await?;
         let me = self.node_id();
         let live = self.live.read().clone();
-        let holdings = self.holdings.read();
-        let mut wanted = self.wanted.lock();
+        let mut ownership = self.ownership.lock();
         for shard in stored.iter().filter_map(|s| s.parse::<ShardId>().ok()) {
-            if live.owner(shard).is_some_and(|o| o.id == me) && !holdings.contains_key(&shard) {
-                wanted.insert(shard);
+            if live.owner(shard).is_some_and(|o| o.id == me) {
+                ownership.want(shard);
             }
         }
         Ok(())
@@ -561,12 +521,7 @@ impl Cluster {
         if let Err(e) = membership::leave(&self.conn, &me).await {
             tracing::warn!(error = %e, "leaving the live set; it expires by itself");
         }
-        let holdings: Vec<(ShardId, Arc<str>)> = self
-            .holdings
-            .write()
-            .drain()
-            .map(|(s, h)| (s, h.value().clone()))
-            .collect();
+        let holdings = self.ownership.lock().drain();
         join_all(
             holdings
                 .iter()
@@ -578,8 +533,7 @@ impl Cluster {
 
     fn publish_held(&self) {
         self.changed();
-        let holdings = self.holdings.read();
-        let held: HashSet<ShardId> = holdings.keys().copied().collect();
+        let held = self.ownership.lock().held();
         self.metrics.shards_held.set(held.len() as i64);
         self.me.write().shards = held.iter().map(|s| s.to_string()).collect();
         self.held.send_replace(Arc::new(held));
@@ -835,13 +789,7 @@ impl Cluster {
                 self.wake.notify_one();
                 tracing::warn!("the store answers again: serving again, as the leases say");
             }
-            let late: Vec<(ShardId, std::time::Instant)> = self
-                .renewed
-                .lock()
-                .iter()
-                .filter(|(_, at)| now - **at >= late_after)
-                .map(|(s, at)| (*s, *at))
-                .collect();
+            let late = self.ownership.lock().late(now);
             let members_late = members_late && !self.is_cut_off();
             if late.is_empty() && !members_late {
                 said = None;
@@ -865,12 +813,10 @@ impl Cluster {
             let members_due = members_late
                 && now >= reach::deadline(reached, ttl, every)
                 && peers.cut_from(peers.members);
+            let peers_cut = |shard: ShardId| peers.cut_from(peers.shards.contains(&shard));
             let due: Vec<(ShardId, std::time::Instant)> = late
                 .into_iter()
-                .filter(|(shard, at)| {
-                    now >= reach::deadline(*at, ttl, every)
-                        && peers.cut_from(peers.shards.contains(shard))
-                })
+                .filter(|(shard, at)| now >= reach::deadline(*at, ttl, every) && peers_cut(*shard))
                 .collect();
             if !members_due && due.is_empty() {
                 continue;
@@ -888,15 +834,21 @@ impl Cluster {
                 self.stop_serving(peers, now - reached);
                 continue;
             }
-            for (shard, at) in due {
-                if !mine.shards.contains(&shard.to_string()) {
-                    let value = self.holdings.read().get(&shard).map(|h| h.value().clone());
-                    if let Some(value) = value {
-                        tracing::error!(%shard, answered = peers.answered, late_ms = (now - at).as_millis() as u64, "cut from the shard's lease while the peers reach it: stepping down before it can expire elsewhere");
-                        self.metrics.cluster_cut_off.inc();
-                        self.step_down(shard, &value);
-                    }
-                }
+            let live = self.live.read().clone();
+            let cut = self.ownership.lock().cut_from(
+                now,
+                peers_cut,
+                |shard| mine.shards.contains(&shard.to_string()),
+                |shard| live.owner(shard).is_some_and(|o| o.id == self.id),
+            );
+            for (shard, _) in cut {
+                let late_ms = due
+                    .iter()
+                    .find(|(s, _)| *s == shard)
+                    .map(|(_, at)| (now - *at).as_millis() as u64);
+                tracing::error!(%shard, answered = peers.answered, late_ms, "cut from the shard's lease while the peers reach it: stepping down before it can expire elsewhere");
+                self.metrics.cluster_cut_off.inc();
+                self.stepped_down(shard);
             }
         }
     }
@@ -923,66 +875,72 @@ impl Cluster {
     /// the tombstones other nodes left for the others.
     async fn renew_leases(self: &Arc<Self>) {
         let ttl = self.config.lease_ttl;
-        let holdings: Vec<(ShardId, Holding)> = self
-            .holdings
-            .read()
-            .iter()
-            .map(|(s, h)| (*s, h.clone()))
-            .collect();
+        let holdings = self.ownership.lock().to_renew();
         let me = self.node_id();
         let sent = std::time::Instant::now();
         // Each renewal noted as it returns: on a Redis Cluster one failing
         // master must not make the others' leases look late.
-        let renewed = join_all(holdings.iter().map(|(shard, h)| async move {
-            let result = leases::renew(&self.conn, *shard, me, h.value(), ttl).await;
-            if matches!(result, Ok((Renewal::Renewed | Renewal::Reclaimed(_), _))) {
-                self.renewed_at(*shard, h.value(), sent);
-            }
-            result
-        }))
-        .await;
-        for ((shard, holding), result) in holdings.into_iter().zip(renewed) {
-            if let Ok((_, true)) = result {
-                self.apply_tombstones(shard).await;
-            }
-            match result.map(|(renewal, _)| renewal) {
-                Ok(Renewal::Renewed) => {}
-                Ok(Renewal::Reclaimed(value)) => {
-                    tracing::warn!(%shard, %value, "the store had lost the shard's lease (a restart?) and nobody took it since: holding it again, keeping its vehicles");
-                    self.reclaimed(shard, holding.value(), value.into());
-                }
-                Ok(Renewal::Lost) => {
-                    tracing::warn!(%shard, "the shard's lease is no longer ours; stepping down");
-                    self.step_down(shard, holding.value());
+        join_all(holdings.iter().map(|(shard, value)| async move {
+            let result = leases::renew(&self.conn, *shard, me, value, ttl).await;
+            match result {
+                Ok((renewal, tombstones)) => {
+                    let kept = self.renewal_answered(*shard, value, sent, renewal);
+                    if tombstones && kept {
+                        self.apply_tombstones(*shard).await;
+                    }
                 }
                 Err(e) => tracing::warn!(%shard, error = %e, "renewing a shard lease"),
             }
+        }))
+        .await;
+    }
+
+    /// Carries out what a renewal of `shard` under `value`, sent at `sent`,
+    /// found. Says whether the shard is still held.
+    fn renewal_answered(
+        &self,
+        shard: ShardId,
+        value: &str,
+        sent: std::time::Instant,
+        renewal: Renewal,
+    ) -> bool {
+        let ours = self.should_own(shard);
+        let new = match &renewal {
+            Renewal::Reclaimed(new) => Some(new.clone()),
+            _ => None,
+        };
+        // Bound first: the arms take the lock again.
+        let renewed = self
+            .ownership
+            .lock()
+            .renewed(shard, value, sent, renewal, ours);
+        match renewed {
+            Renewed::Kept => {}
+            Renewed::Reclaimed => {
+                tracing::warn!(%shard, value = new.as_deref().unwrap_or_default(), "the store had lost the shard's lease (it restarted, or stalled past it) and nobody took it since: holding it again, keeping its vehicles and writing what waited");
+                self.reclaimed(shard);
+            }
+            Renewed::SteppedDown => {
+                tracing::warn!(%shard, "the shard's lease is another node's; stepping down");
+                self.stepped_down(shard);
+                return false;
+            }
         }
+        self.ownership.lock().holds(shard)
     }
 
     /// After the live set changed: gives up the shards that moved away, and
     /// wants the ones that moved here.
     async fn rebalance(self: &Arc<Self>) {
-        let moved: Vec<(ShardId, Arc<str>)> = {
-            let mut holdings = self.holdings.write();
-            let me = self.node_id();
-            let live = self.live.read();
-            let mut moved = Vec::new();
-            for (shard, holding) in holdings.iter_mut() {
-                if let Holding::Held(value) = holding {
-                    if live.owner(*shard).is_none_or(|o| o.id != me) {
-                        moved.push((*shard, value.clone()));
-                        *holding = Holding::Releasing(value.clone());
-                    }
-                }
-            }
-            moved
-        };
+        let live = self.live.read().clone();
+        let moved = self
+            .ownership
+            .lock()
+            .rebalance(|shard| live.owner(shard).is_some_and(|o| o.id == self.id));
         self.changed();
-        self.wanted.lock().retain(|&s| self.should_own(s));
-        for (shard, value) in moved {
+        for (shard, _) in moved {
             let cluster = self.clone();
-            tokio::spawn(async move { cluster.give_up(shard, value).await });
+            tokio::spawn(async move { cluster.give_up(shard).await });
         }
         if let Err(e) = self.want_stored_shards().await {
             tracing::warn!(error = %e, "reading the stored shards");
@@ -1001,8 +959,9 @@ impl Cluster {
     /// A flush that fails keeps the lease (renewed as ever) until one
     /// succeeds: the new owner must not load the shard without those
     /// changes. If the lease is lost meanwhile, stepping down has already
-    /// let the shard go.
-    async fn give_up(&self, shard: ShardId, value: Arc<str>) {
+    /// let the shard go; if it is reclaimed under a new value, that value
+    /// is released.
+    async fn give_up(&self, shard: ShardId) {
         tracing::info!(%shard, "handing the shard to its new owner");
         let deadline = tokio::time::Instant::now() + self.config.renew_interval;
         while tokio::time::Instant::now() < deadline
@@ -1010,21 +969,21 @@ impl Cluster {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let still_ours = || {
-            self.holdings
-                .read()
-                .get(&shard)
-                .is_some_and(|h| h.value() == &value)
-        };
+        let still_ours = || self.ownership.lock().releasing(shard).is_some();
         if !self.writer.written(shard, still_ours).await {
             tracing::info!(%shard, "the shard was lost while its last changes were written; nothing to release");
             return;
         }
+        let Some(value) = self.ownership.lock().releasing(shard) else {
+            return;
+        };
         match leases::release(&self.conn, shard, &value).await {
             Ok(_) => {}
             Err(e) => tracing::warn!(%shard, error = %e, "releasing a lease; it expires by itself"),
         }
-        self.drop_holding(shard, &value);
+        if self.ownership.lock().released(shard, &value) {
+            self.let_go(shard);
+        }
     }
 
     /// Lets go of the copies of vehicles handed off as they crossed whose
@@ -1055,55 +1014,26 @@ impl Cluster {
     /// now (step down), or lost by the store with nobody holding it since
     /// (hold it again, keep the vehicles).
     async fn check_suspects(self: &Arc<Self>) {
-        let suspects: Vec<ShardId> = self.suspect.lock().drain().collect();
+        let suspects = self.ownership.lock().take_suspects();
         let me = self.node_id();
-        for shard in suspects {
-            let Some(value) = self.holdings.read().get(&shard).map(|h| h.value().clone()) else {
-                self.doubt.lock().remove(&shard);
-                continue;
-            };
+        for (shard, value) in suspects {
             let sent = std::time::Instant::now();
-            let renewed = leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await;
-            if matches!(renewed, Ok((Renewal::Renewed | Renewal::Reclaimed(_), _))) {
-                self.renewed_at(shard, &value, sent);
-            }
-            match renewed.map(|(renewal, _)| renewal) {
-                Ok(Renewal::Renewed) => {
-                    // Taken back since the write was fenced: write again.
-                    self.doubt.lock().remove(&shard);
-                }
-                Ok(Renewal::Reclaimed(new)) => {
-                    tracing::warn!(%shard, value = %new, "a write found the shard's lease gone (the store restarted, or stalled past it) and nobody took it since: holding it again, keeping its vehicles and writing what waited");
-                    self.reclaimed(shard, &value, new.into());
-                    self.doubt.lock().remove(&shard);
-                }
-                Ok(Renewal::Lost) => {
-                    tracing::warn!(%shard, "the shard's lease is another node's; stepping down");
-                    self.step_down(shard, &value);
+            match leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await {
+                Ok((renewal, _)) => {
+                    self.renewal_answered(shard, &value, sent, renewal);
                 }
                 Err(e) => {
                     tracing::warn!(%shard, error = %e, "checking a fenced shard's lease; trying again");
-                    self.suspect.lock().insert(shard);
+                    self.ownership.lock().check_again(shard);
                 }
             }
         }
     }
 
-    /// Swaps a holding's value for the one the store now knows, so the
-    /// writer's next flush is fenced by it, and writes every vehicle of the
-    /// shard again: the store may have lost them too.
-    fn reclaimed(&self, shard: ShardId, old: &str, value: Arc<str>) {
-        {
-            let mut holdings = self.holdings.write();
-            if let Some(holding) = holdings.get_mut(&shard) {
-                if &**holding.value() == old {
-                    *holding = match holding {
-                        Holding::Held(_) => Holding::Held(value),
-                        Holding::Releasing(_) => Holding::Releasing(value),
-                    };
-                }
-            }
-        }
+    /// A shard held again under a new value (the writer's next flush is
+    /// fenced by it): every vehicle of the shard is written again, as the
+    /// store may have lost them too.
+    fn reclaimed(&self, shard: ShardId) {
         self.metrics.shards_reclaimed.inc();
         self.changed();
         for entry in self.ingest.table.entries() {
@@ -1113,68 +1043,34 @@ impl Cluster {
         }
     }
 
+    /// Steps down from every shard held; returns how many.
+    fn step_down_all(&self) -> usize {
+        let live = self.live.read().clone();
+        let shards = self
+            .ownership
+            .lock()
+            .step_down_all(|shard| live.owner(shard).is_some_and(|o| o.id == self.id));
+        for shard in &shards {
+            self.stepped_down(*shard);
+        }
+        shards.len()
+    }
+
     /// This node lost a shard it thought it held: it writes nothing more
     /// there and forgets the shard's vehicles (the new owner has them). The
     /// removals it could not write are left to the new owner as tombstones.
-    /// Notes a renewal of `shard`'s lease sent at `sent`, if this node
-    /// still holds it under `value`.
-    fn renewed_at(&self, shard: ShardId, value: &str, sent: std::time::Instant) {
-        let held = self
-            .holdings
-            .read()
-            .get(&shard)
-            .is_some_and(|h| &**h.value() == value);
-        if held {
-            self.renewed.lock().insert(shard, sent);
-        }
-    }
-
-    /// Steps down from every shard held; returns how many.
-    fn step_down_all(&self) -> usize {
-        let held: Vec<(ShardId, Arc<str>)> = self
-            .holdings
-            .read()
-            .iter()
-            .map(|(s, h)| (*s, h.value().clone()))
-            .collect();
-        for (shard, value) in &held {
-            self.step_down(*shard, value);
-        }
-        held.len()
-    }
-
-    fn step_down(&self, shard: ShardId, value: &str) {
-        let current = self.holdings.read().get(&shard).map(|h| h.value().clone());
-        if current.as_deref() != Some(value) {
-            // Given up or taken again since: not this holding's to lose.
-            return;
-        }
-        self.tainted.lock().insert(shard);
+    fn stepped_down(&self, shard: ShardId) {
         self.changed();
         self.writer.discard(shard);
-        self.drop_holding(shard, value);
-        if self.should_own(shard) {
-            // Ours again once whoever holds it now lets it go.
-            self.wanted.lock().insert(shard);
-        }
+        self.let_go(shard);
     }
 
-    fn drop_holding(&self, shard: ShardId, value: &str) {
-        let dropped = {
-            let mut holdings = self.holdings.write();
-            match holdings.get(&shard) {
-                Some(h) if &**h.value() == value => holdings.remove(&shard).is_some(),
-                _ => false,
-            }
-        };
-        if dropped {
-            self.renewed.lock().remove(&shard);
-            self.doubt.lock().remove(&shard);
-            let released = self.ingest.release_shard(shard);
-            self.metrics.shards_released.inc();
-            tracing::info!(%shard, vehicles = released, "gave up the shard");
-            self.publish_held();
-        }
+    /// A shard no longer held: its vehicles leave the table.
+    fn let_go(&self, shard: ShardId) {
+        let released = self.ingest.release_shard(shard);
+        self.metrics.shards_released.inc();
+        tracing::info!(%shard, vehicles = released, "gave up the shard");
+        self.publish_held();
     }
 
     /// Takes the removals another node left for a shard this node holds,
@@ -1209,7 +1105,7 @@ impl Cluster {
         if self.settling() {
             return;
         }
-        let wanted: Vec<ShardId> = self.wanted.lock().iter().copied().collect();
+        let wanted = self.ownership.lock().wanted();
         if wanted.is_empty() {
             return;
         }
@@ -1275,14 +1171,11 @@ impl Cluster {
         };
         if !self.should_own(shard) {
             let _ = leases::release(&self.conn, shard, &value).await;
-            self.wanted.lock().remove(&shard);
+            self.ownership.lock().not_taken(shard);
             return;
         }
         let (states, leftovers) = self.leftovers(shard, states).await;
-        self.holdings.write().insert(shard, Holding::Held(value));
-        self.renewed.lock().insert(shard, sent);
-        self.wanted.lock().remove(&shard);
-        self.tainted.lock().remove(&shard);
+        self.ownership.lock().took(shard, value, sent);
         let taken = self.ingest.take_over(shard, states);
         // Copies of vehicles that moved on (their removal from here was
         // never written: their node died between the two writes).
@@ -1322,26 +1215,19 @@ fn heard_at(
 
 impl Fences for Cluster {
     fn fence(&self, shard: ShardId) -> Fence {
-        if self.doubt.lock().contains(&shard) {
-            return Fence::Awaiting;
+        let (fence, wanted) = self
+            .ownership
+            .lock()
+            .fence(shard, || self.should_own(shard));
+        if wanted {
+            self.wake.notify_one();
         }
-        if let Some(holding) = self.holdings.read().get(&shard) {
-            return Fence::Held(holding.value().clone());
-        }
-        if self.should_own(shard) {
-            if self.wanted.lock().insert(shard) {
-                self.wake.notify_one();
-            }
-            Fence::Awaiting
-        } else {
-            Fence::Foreign
-        }
+        fence
     }
 
     fn fenced(&self, shard: ShardId) {
-        if self.holdings.read().contains_key(&shard) {
-            self.doubt.lock().insert(shard);
-            self.suspect.lock().insert(shard);
+        let now = std::time::Instant::now();
+        if self.ownership.lock().fenced(shard, now) {
             self.wake.notify_one();
         }
     }
