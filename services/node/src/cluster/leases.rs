@@ -4,7 +4,10 @@
 //! a TTL; the epoch comes from `INCR` on the shard's epoch key, so every
 //! holding has a value never seen before. The store's write script checks
 //! that value (fencing), so a node that lost its lease without knowing it
-//! writes nothing.
+//! writes nothing. A store that lost the epoch key (it restarted empty)
+//! starts it again from its clock in milliseconds, not from 0: a value
+//! given before is not given again, even to another process with the same
+//! node id, which would otherwise pass the fence with a stale lease.
 
 use std::{sync::LazyLock, time::Duration};
 
@@ -13,6 +16,20 @@ use redis::Script;
 
 use crate::store::{keys, redis::Conn, StoreError};
 
+/// Sets an epoch key that is missing, or behind `floor`, to the store's
+/// clock in milliseconds (or `floor`, if ahead of it).
+const EPOCH_FLOOR: &str = r#"
+local function epoch_floor(key, floor)
+  local epoch = tonumber(redis.call('GET', key) or '0')
+  if epoch >= floor and epoch > 0 then
+    return
+  end
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('SET', key, string.format('%d', math.max(ms, floor)))
+end
+"#;
+
 /// Takes a free lease (or one an earlier process of this node id left).
 /// KEYS: lease, epoch. ARGV: node id, TTL ms. Returns the value, or nil.
 const ACQUIRE: &str = r#"
@@ -20,6 +37,7 @@ local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then
   return false
 end
+epoch_floor(KEYS[2], 0)
 local value = ARGV[1] .. ' ' .. redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
@@ -42,16 +60,15 @@ end
 if held then
   return false
 end
+local ours = tonumber(ARGV[4])
 local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
-if epoch > tonumber(ARGV[4]) then
+if epoch > ours then
   return false
 end
+-- Behind ours: the epoch restarted with the store; values never seen
+-- before continue from its clock.
+epoch_floor(KEYS[2], ours)
 local value = ARGV[3] .. ' ' .. redis.call('INCR', KEYS[2])
-if tonumber(string.match(value, '%d+$')) <= tonumber(ARGV[4]) then
-  -- The epoch restarted with the store: keep values never seen before.
-  redis.call('SET', KEYS[2], tonumber(ARGV[4]) + 1)
-  value = ARGV[3] .. ' ' .. (tonumber(ARGV[4]) + 1)
-end
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {value, redis.call('HLEN', KEYS[3])}
 "#;
@@ -70,8 +87,10 @@ end
 return 0
 "#;
 
-static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
-static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+static ACQUIRE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{EPOCH_FLOOR}{ACQUIRE}")));
+static RENEW_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{EPOCH_FLOOR}{RENEW}")));
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 
 fn millis(ttl: Duration) -> u64 {
@@ -143,4 +162,69 @@ pub async fn release(conn: &Conn, shard: ShardId, value: &str) -> Result<bool, S
         .key(keys::epoch(shard))
         .arg(value);
     Ok(conn.invoke::<i64>(&call).await? == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard() -> ShardId {
+        let cell = h3o::LatLng::new(52.52, 13.40)
+            .expect("a valid point")
+            .to_cell(h3o::Resolution::Five);
+        ShardId(cell)
+    }
+
+    /// The scripts against a real Redis that loses its data: a value given
+    /// before is never given again, to the renewing holder or to another
+    /// process of its id.
+    #[tokio::test]
+    async fn a_store_that_lost_its_data_gives_no_value_twice() {
+        let redis = hexfleet_testkit::RedisServer::start();
+        let store = crate::store::redis::RedisStore::connect(&redis.url())
+            .await
+            .expect("connect");
+        let conn = store.conn();
+        let ttl = Duration::from_secs(5);
+        let shard = shard();
+        let first = acquire(conn, shard, "n0", ttl)
+            .await
+            .expect("acquire")
+            .expect("a free lease");
+        // Epochs start from the store's clock, in milliseconds.
+        assert!(epoch_of(&first) > 1_700_000_000_000, "{first}");
+        let again = acquire(conn, shard, "n0", ttl).await.expect("acquire");
+        assert!(again
+            .as_deref()
+            .is_some_and(|v| epoch_of(v) == epoch_of(&first) + 1));
+        let held = again.expect("held");
+        let flush = || async {
+            let _: () = conn.cmd(&redis::cmd("FLUSHALL")).await.expect("FLUSHALL");
+        };
+        // Lost with the data: the holder takes it back under a newer epoch.
+        flush().await;
+        let (renewal, _) = renew(conn, shard, "n0", &held, ttl).await.expect("renew");
+        let Renewal::Reclaimed(reclaimed) = renewal else {
+            panic!("{renewal:?}")
+        };
+        assert!(
+            epoch_of(&reclaimed) > epoch_of(&held),
+            "{reclaimed} after {held}"
+        );
+        // Lost again: another process of the same id acquires it, and is
+        // not given the value the first one holds.
+        flush().await;
+        let twin = acquire(conn, shard, "n0", ttl)
+            .await
+            .expect("acquire")
+            .expect("a free lease");
+        assert_ne!(twin, reclaimed);
+        assert_ne!(twin, held);
+        // The first one's renewal now finds it another holding's.
+        let (renewal, _) = renew(conn, shard, "n0", &reclaimed, ttl)
+            .await
+            .expect("renew");
+        assert_eq!(renewal, Renewal::Lost);
+        assert!(release(conn, shard, &twin).await.expect("release"));
+    }
 }

@@ -77,8 +77,10 @@ fn epoch_of(value: &str) -> u64 {
 }
 
 /// The store's side: the lease scripts and the write script's fence.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Store {
+    /// Its clock's zero.
+    origin: Instant,
     leases: HashMap<usize, (String, Instant)>,
     epochs: HashMap<usize, u64>,
     /// Each shard's writing holdings, in the order their writes came.
@@ -86,6 +88,25 @@ struct Store {
 }
 
 impl Store {
+    fn new(origin: Instant) -> Store {
+        Store {
+            origin,
+            leases: HashMap::new(),
+            epochs: HashMap::new(),
+            writers: HashMap::new(),
+        }
+    }
+
+    /// As `leases.rs`'s `epoch_floor`: a missing or behind epoch starts
+    /// again from the store's clock in milliseconds.
+    fn epoch_floor(&mut self, shard: usize, floor: u64, now: Instant) {
+        let clock_ms = 1_000_000 + (now - self.origin).as_millis() as u64;
+        let epoch = self.epochs.entry(shard).or_default();
+        if *epoch < floor || *epoch == 0 {
+            *epoch = clock_ms.max(floor);
+        }
+    }
+
     fn held(&self, shard: usize, now: Instant) -> Option<&str> {
         self.leases
             .get(&shard)
@@ -99,6 +120,7 @@ impl Store {
                 return None;
             }
         }
+        self.epoch_floor(shard, 0, now);
         let epoch = self.epochs.entry(shard).or_default();
         *epoch += 1;
         let value = format!("{node} {epoch}");
@@ -116,12 +138,13 @@ impl Store {
             None => {}
         }
         let ours = epoch_of(value);
-        let epoch = self.epochs.entry(shard).or_default();
-        if *epoch > ours {
+        if self.epochs.get(&shard).is_some_and(|&e| e > ours) {
             return Renewal::Lost;
         }
-        // The store restarted: values never seen before.
-        *epoch = (*epoch + 1).max(ours + 1);
+        // Behind ours: the store restarted; values never seen before.
+        self.epoch_floor(shard, ours, now);
+        let epoch = self.epochs.entry(shard).or_default();
+        *epoch += 1;
         let value = format!("{node} {epoch}");
         self.leases.insert(shard, (value.clone(), now + TTL));
         Renewal::Reclaimed(value)
@@ -202,6 +225,12 @@ enum Fault {
 #[derive(Debug)]
 struct Node {
     id: String,
+    /// The node whose shards it owns (itself, or the one whose id a twin
+    /// was started with).
+    acts_for: usize,
+    /// The step it starts at, and the one it stops at, if it does.
+    starts: u32,
+    stops: Option<u32>,
     own: Ownership,
     /// Who should own each shard, as this node sees it.
     view: Vec<usize>,
@@ -240,6 +269,9 @@ impl World {
         let nodes = (0..NODES)
             .map(|n| Node {
                 id: format!("n{n}"),
+                acts_for: n,
+                starts: 0,
+                stops: None,
                 own: Ownership::new(TTL, RENEW),
                 view: first.clone(),
                 next_renewal: start + RENEW,
@@ -255,7 +287,7 @@ impl World {
             step: 0,
             rng: StdRng::seed_from_u64(seed),
             shards: shards(),
-            store: Store::default(),
+            store: Store::new(start),
             nodes,
             requests: Vec::new(),
             faults: Vec::new(),
@@ -263,16 +295,18 @@ impl World {
             views: Vec::new(),
         };
         for &(kind, node, from, len) in script.iter().take(10) {
+            // Seven kinds: the twin's share is smaller, as it needs more.
             let node = node as usize % NODES;
             let from = u32::from(from) % FAULT_STEPS;
             let to = (from + 1 + u32::from(len) % 200).min(FAULT_STEPS);
-            match kind % 6 {
+            match kind % 7 {
                 0 => world.faults.push((Fault::Cut { node }, from, to)),
                 1 => world.faults.push((Fault::Freeze { node }, from, to)),
                 2 => world.faults.push((Fault::Stall, from, to)),
                 3 => world.restarts.push(from),
                 4 => world.views.push((from, Some(node), assignment(len))),
-                _ => world.views.push((from, None, assignment(len))),
+                5 => world.views.push((from, None, assignment(len))),
+                _ => world.twin(node, from, to),
             }
         }
         // After the faults, every view agrees.
@@ -280,6 +314,67 @@ impl World {
             .views
             .push((FAULT_STEPS, None, assignment(seed as u16)));
         world
+    }
+
+    /// `node` freezes from `from` to `to` (at least long enough for its
+    /// membership to lapse), and a second process with its id starts
+    /// meanwhile; when `node` wakes, its first membership renewal finds
+    /// the id taken and it stops, stepping down from everything.
+    fn twin(&mut self, node: usize, from: u32, to: u32) {
+        if self
+            .nodes
+            .iter()
+            .any(|n| n.acts_for == node && n.starts > 0)
+        {
+            return;
+        }
+        let lapsed = (TTL.as_millis() / STEP.as_millis()) as u32 + 1;
+        let to = to.max(from + lapsed + 10);
+        self.faults.push((Fault::Freeze { node }, from, to));
+        self.nodes[node].stops = Some(to + 1);
+        self.nodes.push(Node {
+            id: self.nodes[node].id.clone(),
+            acts_for: node,
+            starts: from + lapsed,
+            stops: None,
+            own: Ownership::new(TTL, RENEW),
+            view: Vec::new(),
+            next_renewal: self.start,
+            dirty: HashMap::new(),
+            giving: HashSet::new(),
+            fenced: HashMap::new(),
+            overlap: HashMap::new(),
+        });
+    }
+
+    /// Whether `node` runs this step: started, not stopped, not frozen.
+    fn running(&self, node: usize) -> bool {
+        let n = &self.nodes[node];
+        self.step >= n.starts && n.stops.is_none_or(|s| self.step < s) && !self.frozen(node)
+    }
+
+    /// Starts and stops processes due this step.
+    fn start_and_stop(&mut self) {
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].starts == self.step && self.step > 0 {
+                // It joins: shards the store holds that are its are wanted.
+                let view = self.nodes[self.nodes[node].acts_for].view.clone();
+                let acts_for = self.nodes[node].acts_for;
+                for (shard, &owner) in view.iter().enumerate() {
+                    if owner == acts_for {
+                        self.nodes[node].own.want(self.shards[shard]);
+                    }
+                }
+                self.nodes[node].view = view;
+                self.nodes[node].next_renewal = self.now + RENEW;
+            }
+            if self.nodes[node].stops == Some(self.step) {
+                for shard in self.nodes[node].own.step_down_all(|_| false) {
+                    let s = self.index(shard);
+                    self.stepped_down(node, s);
+                }
+            }
+        }
     }
 
     fn faulty(&self, fault: impl Fn(Fault) -> bool) -> bool {
@@ -362,23 +457,24 @@ impl World {
             if self.restarts.contains(&step) {
                 self.store.restart();
             }
+            self.start_and_stop();
             for (at, node, view) in self.views.clone() {
                 if at == step {
-                    for (n, each) in self.nodes.iter_mut().enumerate() {
-                        if node.is_none_or(|node| node == n) {
+                    for each in self.nodes.iter_mut() {
+                        if node.is_none_or(|node| node == each.acts_for) {
                             each.view = view.clone();
                         }
                     }
-                    for n in 0..NODES {
-                        if node.is_none_or(|node| node == n) {
+                    for n in 0..self.nodes.len() {
+                        if node.is_none_or(|node| node == self.nodes[n].acts_for) {
                             self.rebalance(n);
                         }
                     }
                 }
             }
             self.run_store();
-            for node in 0..NODES {
-                if !self.frozen(node) {
+            for node in 0..self.nodes.len() {
+                if self.running(node) {
                     self.node_step(node);
                 }
             }
@@ -422,7 +518,7 @@ impl World {
     }
 
     fn ours(&self, node: usize, shard: usize) -> bool {
-        self.nodes[node].view[shard] == node
+        self.nodes[node].view[shard] == self.nodes[node].acts_for
     }
 
     fn node_step(&mut self, node: usize) {
@@ -507,6 +603,9 @@ impl World {
         match (command.clone(), answer) {
             // As `Cluster::took`: the live set may have moved it on.
             (Command::Acquire, Some(Answer::Acquired(Some(value)))) => match ours {
+                _ if self.held_elsewhere(node, shard, &value) => {
+                    panic!("node {node} acquired shard {shard} under {value}, a value another process holds")
+                }
                 true => {
                     self.nodes[node].own.took(id, value.into(), sent);
                     self.nodes[node].fenced.remove(&shard);
@@ -517,6 +616,12 @@ impl World {
                 }
             },
             (Command::Renew(value), Some(Answer::Renewal(renewal))) => {
+                if let Renewal::Reclaimed(new) = &renewal {
+                    assert!(
+                        !self.held_elsewhere(node, shard, new),
+                        "node {node} reclaimed shard {shard} under {new}, a value another process holds"
+                    );
+                }
                 let lost = renewal == Renewal::Lost;
                 let held = self.nodes[node].own.holds_as(id, &value);
                 let did = self.nodes[node]
@@ -537,7 +642,10 @@ impl World {
                     assert!(
                         self.store.held(shard, now) != Some(&*value)
                             && (store_epoch > epoch_of(&value) || self.restarted()),
-                        "node {node} dropped shard {shard} under {value} while it was still its own"
+                        "node {node} dropped shard {shard} under {value} while it was still its own (step {}, sent {:?} ago, store {:?}, epoch {store_epoch})",
+                        self.step,
+                        now - sent,
+                        self.store.held(shard, now)
                     );
                     self.stepped_down(node, shard);
                 }
@@ -576,6 +684,13 @@ impl World {
         }
     }
 
+    /// Whether a process other than `node` holds `shard` under `value`:
+    /// values are never given twice, even to two processes of one id.
+    fn held_elsewhere(&self, node: usize, shard: usize, value: &str) -> bool {
+        let id = self.shards[shard];
+        (0..self.nodes.len()).any(|p| p != node && self.nodes[p].own.holds_as(id, value))
+    }
+
     fn stepped_down(&mut self, node: usize, shard: usize) {
         let n = &mut self.nodes[node];
         n.dirty.remove(&shard);
@@ -587,9 +702,10 @@ impl World {
         let view = self.nodes[node].view.clone();
         let shards = self.shards.clone();
         let index = |shard: ShardId| shards.iter().position(|&s| s == shard).unwrap_or(0);
+        let me = self.nodes[node].acts_for;
         let moved = self.nodes[node]
             .own
-            .rebalance(|shard| view[index(shard)] == node);
+            .rebalance(|shard| view[index(shard)] == me);
         for (shard, _) in moved {
             self.nodes[node].giving.insert(index(shard));
         }
@@ -601,8 +717,8 @@ impl World {
         if self.nodes[node].own.late(now).is_empty() {
             return;
         }
-        let peers: Vec<usize> = (0..NODES)
-            .filter(|&p| p != node && !self.frozen(p))
+        let peers: Vec<usize> = (0..self.nodes.len())
+            .filter(|&p| p != node && self.running(p))
             .collect();
         let peers_reach = peers.iter().any(|&p| self.reaches(p));
         let reached = self.reaches(node);
@@ -610,11 +726,12 @@ impl World {
         let shards = self.shards.clone();
         let index = |shard: ShardId| shards.iter().position(|&s| s == shard).unwrap_or(0);
         let late: HashMap<ShardId, Instant> = self.nodes[node].own.late(now).into_iter().collect();
+        let me = self.nodes[node].acts_for;
         let cut = self.nodes[node].own.cut_from(
             now,
             |_| peers.is_empty() || peers_reach,
             |_| reached,
-            |shard| view[index(shard)] == node,
+            |shard| view[index(shard)] == me,
         );
         for (shard, value) in cut {
             let s = index(shard);
@@ -702,17 +819,23 @@ impl World {
     /// holds in the store.
     fn check_overlap(&mut self) {
         let now = self.now;
-        for node in 0..NODES {
-            if self.frozen(node) {
+        for node in 0..self.nodes.len() {
+            if !self.running(node) {
                 continue;
             }
             for shard in 0..SHARDS {
                 let id = self.shards[shard];
                 let mine = self.nodes[node].own.value(id);
-                let other = self
-                    .store
-                    .held(shard, now)
-                    .is_some_and(|held| !held.starts_with(&format!("n{node} ")));
+                // Another node's, or a twin's: not a value this process
+                // made (its own id's, left by an acquisition that timed
+                // out, is only in the store).
+                let own_id = format!("{} ", self.nodes[node].id);
+                let other = self.store.held(shard, now).is_some_and(|held| {
+                    mine.as_deref() != Some(held)
+                        && (!held.starts_with(&own_id)
+                            || (0..self.nodes.len())
+                                .any(|p| p != node && self.nodes[p].own.holds_as(id, held)))
+                });
                 let n = &mut self.nodes[node];
                 match mine.is_some() && other {
                     true => {
@@ -737,7 +860,12 @@ impl World {
         let now = self.now;
         for shard in 0..SHARDS {
             let id = self.shards[shard];
-            let owner = self.nodes[0].view[shard];
+            let acts_for = self.nodes[0].view[shard];
+            // The process acting for that node now (a twin, if one took over).
+            let owner = (0..self.nodes.len())
+                .rev()
+                .find(|&n| self.nodes[n].acts_for == acts_for && self.nodes[n].stops.is_none())
+                .unwrap_or(acts_for);
             let held = self.store.held(shard, now);
             let value = self.nodes[owner].own.value(id);
             assert!(
@@ -828,4 +956,44 @@ fn a_node_cut_from_the_store_lets_go_before_another_can_take_over() {
         "{writers:?}"
     );
     assert!(world.nodes[0].overlap.is_empty());
+}
+
+#[test]
+fn a_twin_started_while_a_node_is_frozen_takes_its_shards_and_the_node_stops_when_it_wakes() {
+    // n0 freezes at 2 s for 4 s; a process with its id starts once its
+    // membership has lapsed and takes its shards (the same id may take its
+    // own lease: a restarted node does). n0 wakes holding them, writes
+    // nothing (fenced), finds out, and stops.
+    let mut world = World::new(5, &[]);
+    world.twin(0, 40, 120);
+    world.views.clear();
+    world.run();
+    let twin = world.nodes.len() - 1;
+    assert_eq!(world.nodes[twin].acts_for, 0);
+    for (shard, &owner) in world.nodes[1].view.iter().enumerate() {
+        let id = world.shards[shard];
+        if owner == 0 {
+            assert!(world.nodes[twin].own.holds(id), "shard {shard}");
+            assert!(!world.nodes[0].own.holds(id), "shard {shard}");
+        }
+    }
+}
+
+/// Found by the property test: Redis restarted empty while a node was
+/// frozen and a twin with its id ran; the twin was given the very value
+/// the frozen node held (epochs started again from 1), so the frozen node
+/// would have passed the fence on waking. Epochs now start again from the
+/// store's clock.
+#[test]
+fn a_store_restarted_empty_never_gives_a_twin_the_value_its_namesake_holds() {
+    simulate(
+        11950983421629878545,
+        &[
+            (187, 245, 18842, 16116),
+            (13, 105, 19905, 42976),
+            (37, 27, 58223, 12081),
+            (90, 209, 2204, 18766),
+            (17, 85, 40635, 0),
+        ],
+    );
 }
