@@ -79,6 +79,9 @@ impl ClusterError {
 pub struct Cluster {
     /// This node's id (fixed; `me` carries it too, with what changes).
     id: String,
+    /// This process's instance, in hex: it tells its lease values from
+    /// those of another process with the same id (see [`leases`]).
+    instance: String,
     me: RwLock<NodeInfo>,
     conn: Conn,
     config: ClusterConfig,
@@ -176,6 +179,7 @@ impl Cluster {
         let ownership = Ownership::new(config.lease_ttl, config.renew_interval);
         let cluster = Arc::new(Cluster {
             id: me.id.clone(),
+            instance: format!("{:x}", me.instance),
             me: RwLock::new(me),
             conn,
             config,
@@ -210,6 +214,14 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.id
+    }
+
+    /// Who this node is, to the lease scripts.
+    fn holder(&self) -> leases::Holder<'_> {
+        leases::Holder {
+            node: &self.id,
+            instance: &self.instance,
+        }
     }
 
     /// The live nodes as this node last read them.
@@ -876,7 +888,7 @@ impl Cluster {
     async fn renew_leases(self: &Arc<Self>) {
         let ttl = self.config.lease_ttl;
         let holdings = self.ownership.lock().to_renew();
-        let me = self.node_id();
+        let me = self.holder();
         let sent = std::time::Instant::now();
         // Each renewal noted as it returns: on a Redis Cluster one failing
         // master must not make the others' leases look late.
@@ -1015,7 +1027,7 @@ impl Cluster {
     /// (hold it again, keep the vehicles).
     async fn check_suspects(self: &Arc<Self>) {
         let suspects = self.ownership.lock().take_suspects();
-        let me = self.node_id();
+        let me = self.holder();
         for (shard, value) in suspects {
             let sent = std::time::Instant::now();
             match leases::renew(&self.conn, shard, me, &value, self.config.lease_ttl).await {
@@ -1109,7 +1121,7 @@ impl Cluster {
         if wanted.is_empty() {
             return;
         }
-        let me = self.node_id();
+        let me = self.holder();
         let ttl = self.config.lease_ttl;
         let sent = std::time::Instant::now();
         let results = join_all(

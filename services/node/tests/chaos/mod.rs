@@ -903,11 +903,34 @@ pub async fn run(s: Scenario) -> Report {
                 converged = now - end;
                 break;
             }
-            assert!(
-                now - end < Duration::from_secs(60),
-                "riders not right 60 s after the fault: {bad_pairs} pairs\n{}",
-                cluster.logs()
-            );
+            if now - end >= Duration::from_secs(60) {
+                // Which vehicles, and what each rider shows of them.
+                let mut detail = Vec::new();
+                for (i, r) in riders.iter().enumerate() {
+                    let view = r.view();
+                    for id in wrong(r, &truth) {
+                        let t = &truth[&id];
+                        let shown = view.get(&VehicleId::new(id.as_str()).unwrap()).map(|v| {
+                            let off_m = haversine_m(v.lat, v.lon, t.at.0, t.at.1) as i64;
+                            format!(
+                                "shown {off_m} m off, seen_ms {}, status {:?}",
+                                v.seen_ms, v.status
+                            )
+                        });
+                        detail.push(format!(
+                            "rider {i} {id}: signed off {}, {}",
+                            t.gone,
+                            shown.unwrap_or_else(|| "not shown".into())
+                        ));
+                    }
+                }
+                detail.sort();
+                panic!(
+                    "riders not right 60 s after the fault: {bad_pairs} pairs\n{}\n{}",
+                    detail.join("\n"),
+                    cluster.logs()
+                );
+            }
         }
         tokio::time::sleep(SAMPLE).await;
     }

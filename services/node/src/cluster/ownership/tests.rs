@@ -69,12 +69,7 @@ fn shards() -> Vec<ShardId> {
     .collect()
 }
 
-fn epoch_of(value: &str) -> u64 {
-    value
-        .rsplit_once(' ')
-        .and_then(|(_, e)| e.parse().ok())
-        .unwrap_or(0)
-}
+use crate::cluster::leases::epoch_of;
 
 /// The store's side: the lease scripts and the write script's fence.
 #[derive(Debug)]
@@ -114,7 +109,13 @@ impl Store {
             .map(|(v, _)| v.as_str())
     }
 
-    fn acquire(&mut self, shard: usize, node: &str, now: Instant) -> Option<String> {
+    fn acquire(
+        &mut self,
+        shard: usize,
+        node: &str,
+        instance: usize,
+        now: Instant,
+    ) -> Option<String> {
         if let Some(held) = self.held(shard, now) {
             if !held.starts_with(&format!("{node} ")) {
                 return None;
@@ -123,16 +124,33 @@ impl Store {
         self.epoch_floor(shard, 0, now);
         let epoch = self.epochs.entry(shard).or_default();
         *epoch += 1;
-        let value = format!("{node} {epoch}");
+        let value = format!("{node} {epoch}/{instance:x}");
         self.leases.insert(shard, (value.clone(), now + TTL));
         Some(value)
     }
 
-    fn renew(&mut self, shard: usize, node: &str, value: &str, now: Instant) -> Renewal {
-        match self.held(shard, now) {
+    fn renew(
+        &mut self,
+        shard: usize,
+        node: &str,
+        instance: usize,
+        value: &str,
+        now: Instant,
+    ) -> Renewal {
+        match self.held(shard, now).map(str::to_string) {
             Some(held) if held == value => {
-                self.leases.insert(shard, (value.to_string(), now + TTL));
+                self.leases.insert(shard, (held, now + TTL));
                 return Renewal::Renewed;
+            }
+            // This process's own, under a later epoch (a renewal of its
+            // that timed out ran late).
+            Some(held)
+                if held.starts_with(&format!("{node} "))
+                    && held.ends_with(&format!("/{instance:x}"))
+                    && epoch_of(&held) > epoch_of(value) =>
+            {
+                self.leases.insert(shard, (held.clone(), now + TTL));
+                return Renewal::Reclaimed(held);
             }
             Some(_) => return Renewal::Lost,
             None => {}
@@ -145,7 +163,7 @@ impl Store {
         self.epoch_floor(shard, ours, now);
         let epoch = self.epochs.entry(shard).or_default();
         *epoch += 1;
-        let value = format!("{node} {epoch}");
+        let value = format!("{node} {epoch}/{instance:x}");
         self.leases.insert(shard, (value.clone(), now + TTL));
         Renewal::Reclaimed(value)
     }
@@ -501,8 +519,8 @@ impl World {
             let (node, shard) = (self.requests[i].node, self.requests[i].shard);
             let id = self.nodes[node].id.clone();
             let answer = match self.requests[i].command.clone() {
-                Command::Acquire => Answer::Acquired(self.store.acquire(shard, &id, now)),
-                Command::Renew(v) => Answer::Renewal(self.store.renew(shard, &id, &v, now)),
+                Command::Acquire => Answer::Acquired(self.store.acquire(shard, &id, node, now)),
+                Command::Renew(v) => Answer::Renewal(self.store.renew(shard, &id, node, &v, now)),
                 Command::Release(v) => {
                     self.store.release(shard, &v, now);
                     Answer::Released
