@@ -208,22 +208,33 @@ mod tests {
         instance: "b2",
     };
 
+    const TTL: Duration = Duration::from_secs(5);
+
+    /// A private Redis where `n0` holds the shard's lease.
+    async fn held_by_n0() -> (
+        hexfleet_testkit::RedisServer,
+        crate::store::redis::RedisStore,
+        String,
+    ) {
+        let redis = hexfleet_testkit::RedisServer::start();
+        let store = crate::store::redis::RedisStore::connect(&redis.url())
+            .await
+            .expect("connect");
+        let held = acquire(store.conn(), shard(), N0, TTL)
+            .await
+            .expect("acquire")
+            .expect("a free lease");
+        (redis, store, held)
+    }
+
     /// The scripts against a real Redis that loses its data: a value given
     /// before is never given again, to the renewing holder or to another
     /// process of its id.
     #[tokio::test]
     async fn a_store_that_lost_its_data_gives_no_value_twice() {
-        let redis = hexfleet_testkit::RedisServer::start();
-        let store = crate::store::redis::RedisStore::connect(&redis.url())
-            .await
-            .expect("connect");
+        let (_redis, store, first) = held_by_n0().await;
         let conn = store.conn();
-        let ttl = Duration::from_secs(5);
-        let shard = shard();
-        let first = acquire(conn, shard, N0, ttl)
-            .await
-            .expect("acquire")
-            .expect("a free lease");
+        let (shard, ttl) = (shard(), TTL);
         // Epochs start from the store's clock, in milliseconds.
         assert!(epoch_of(&first) > 1_700_000_000_000, "{first}");
         assert!(
@@ -271,17 +282,9 @@ mod tests {
     /// it its own; another process of its id would not.
     #[tokio::test]
     async fn a_renewal_that_ran_after_it_timed_out_leaves_the_lease_its_own() {
-        let redis = hexfleet_testkit::RedisServer::start();
-        let store = crate::store::redis::RedisStore::connect(&redis.url())
-            .await
-            .expect("connect");
+        let (_redis, store, held) = held_by_n0().await;
         let conn = store.conn();
-        let ttl = Duration::from_secs(5);
-        let shard = shard();
-        let held = acquire(conn, shard, N0, ttl)
-            .await
-            .expect("acquire")
-            .expect("a free lease");
+        let (shard, ttl) = (shard(), TTL);
         let lapse = || async {
             let _: () = conn
                 .cmd(redis::cmd("DEL").arg(keys::lease(shard)))
