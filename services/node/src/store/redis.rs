@@ -230,6 +230,10 @@ pub enum Conn {
 pub struct HealingCluster {
     client: redis::cluster::ClusterClient,
     conn: parking_lot::RwLock<ClusterConnection>,
+    /// Bumped each time the connection is made again: commands waiting on
+    /// the old one fail at once rather than wait out their timeout (a
+    /// renewal stuck there for 5 s let the node's membership lapse).
+    remade: tokio::sync::watch::Sender<u64>,
     timeouts_in_a_row: std::sync::atomic::AtomicU32,
     remaking: std::sync::atomic::AtomicBool,
 }
@@ -245,6 +249,28 @@ const PROBES_MISSED: u32 = 2;
 impl HealingCluster {
     fn current(&self) -> ClusterConnection {
         self.conn.read().clone()
+    }
+
+    /// Runs `op` on the current connection. If the connection is made
+    /// again meanwhile, the command fails at once (`ConnectionAborted`, not
+    /// counted as a timeout): the caller tries again on the new one, as
+    /// after any failure. Its effect may still land, as after a timeout.
+    async fn run<T, F, Fut>(self: &Arc<Self>, op: F) -> redis::RedisResult<T>
+    where
+        F: FnOnce(ClusterConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut remade = self.remade.subscribe();
+        let result = tokio::select! {
+            result = op(self.current()) => result,
+            _ = remade.changed() => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the Redis Cluster connection was made again while this command waited",
+            )
+            .into()),
+        };
+        self.observe(&result);
+        result
     }
 
     /// Counts timeouts in a row; past [`WEDGED_AFTER`], makes the
@@ -315,6 +341,7 @@ impl HealingCluster {
             Ok(Ok(conn)) => {
                 *self.conn.write() = conn;
                 self.timeouts_in_a_row.store(0, Relaxed);
+                self.remade.send_modify(|made| *made += 1);
                 tracing::warn!("the Redis Cluster connection stopped answering; made it again");
             }
             Ok(Err(e)) => {
@@ -337,9 +364,8 @@ impl Conn {
         match self {
             Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
             Conn::Cluster(h) => {
-                let result = invocation.invoke_async(&mut h.current()).await;
-                h.observe(&result);
-                result
+                h.run(|mut c| async move { invocation.invoke_async(&mut c).await })
+                    .await
             }
         }
     }
@@ -352,9 +378,8 @@ impl Conn {
         match self {
             Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
             Conn::Cluster(h) => {
-                let result = pipe.query_async(&mut h.current()).await;
-                h.observe(&result);
-                result
+                h.run(|mut c| async move { pipe.query_async(&mut c).await })
+                    .await
             }
         }
     }
@@ -363,9 +388,8 @@ impl Conn {
         match self {
             Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
             Conn::Cluster(h) => {
-                let result = cmd.query_async(&mut h.current()).await;
-                h.observe(&result);
-                result
+                h.run(|mut c| async move { cmd.query_async(&mut c).await })
+                    .await
             }
         }
     }
@@ -418,6 +442,7 @@ impl RedisStore {
         let healing = Arc::new(HealingCluster {
             client,
             conn: parking_lot::RwLock::new(conn),
+            remade: tokio::sync::watch::Sender::new(0),
             timeouts_in_a_row: Default::default(),
             remaking: Default::default(),
         });
