@@ -281,7 +281,7 @@ struct World {
 }
 
 impl World {
-    fn new(seed: u64, script: &[(u8, u8, u16, u16)]) -> World {
+    fn new(seed: u64, script: &Script) -> World {
         let start = Instant::now();
         let first: Vec<usize> = (0..SHARDS).map(|s| s % NODES).collect();
         let nodes = (0..NODES)
@@ -921,7 +921,7 @@ fn assignment(seed: u16) -> Vec<usize> {
         .collect()
 }
 
-fn simulate(seed: u64, script: &[(u8, u8, u16, u16)]) -> World {
+fn simulate(seed: u64, script: &Script) -> World {
     let mut world = World::new(seed, script);
     world.run();
     world
@@ -1006,12 +1006,34 @@ fn a_twin_started_while_a_node_is_frozen_takes_its_shards_and_the_node_stops_whe
     }
 }
 
-/// Found by a long run: Redis restarted empty while two nodes' views both
-/// gave them shard 3; n1 took it at once while n0, cut and then stalled
-/// with everyone, could not hear of it until the store answered again.
-#[test]
-fn a_node_cut_then_stalled_after_a_restart_finds_out_when_the_store_answers() {
-    simulate(
+/// Schedules the property test failed on once, kept: each a seed and a
+/// script, with what it found.
+/// Faults, each drawn from four numbers (see [`World::new`]).
+type Script = [(u8, u8, u16, u16)];
+
+const FOUND: &[(&str, u64, &Script)] = &[
+    (
+        // Redis restarted empty while a node was frozen and a twin with its
+        // id ran; the twin was given the very value the frozen node held
+        // (epochs started again from 1), so the frozen node would have
+        // passed the fence on waking. Epochs now start from the store's
+        // clock.
+        "a twin given its frozen namesake's lease value",
+        11950983421629878545,
+        &[
+            (187, 245, 18842, 16116),
+            (13, 105, 19905, 42976),
+            (37, 27, 58223, 12081),
+            (90, 209, 2204, 18766),
+            (17, 85, 40635, 0),
+        ],
+    ),
+    (
+        // Redis restarted empty while two nodes' views both gave them shard
+        // 3; n1 took it at once while n0, cut and then stalled with
+        // everyone, could not hear of it until the store answered again
+        // (the check counted that time against it).
+        "a node cut then stalled after a restart",
         8157406496691823323,
         &[
             (228, 31, 30946, 54038),
@@ -1025,24 +1047,13 @@ fn a_node_cut_then_stalled_after_a_restart_finds_out_when_the_store_answers() {
             (164, 14, 64807, 14868),
             (231, 165, 14871, 31),
         ],
-    );
-}
+    ),
+];
 
-/// Found by the property test: Redis restarted empty while a node was
-/// frozen and a twin with its id ran; the twin was given the very value
-/// the frozen node held (epochs started again from 1), so the frozen node
-/// would have passed the fence on waking. Epochs now start again from the
-/// store's clock.
 #[test]
-fn a_store_restarted_empty_never_gives_a_twin_the_value_its_namesake_holds() {
-    simulate(
-        11950983421629878545,
-        &[
-            (187, 245, 18842, 16116),
-            (13, 105, 19905, 42976),
-            (37, 27, 58223, 12081),
-            (90, 209, 2204, 18766),
-            (17, 85, 40635, 0),
-        ],
-    );
+fn schedules_that_once_failed_hold() {
+    for (what, seed, script) in FOUND {
+        eprintln!("{what}");
+        simulate(*seed, script);
+    }
 }
