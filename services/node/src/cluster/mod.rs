@@ -950,7 +950,7 @@ impl Cluster {
             .lock()
             .rebalance(|shard| live.owner(shard).is_some_and(|o| o.id == self.id));
         self.changed();
-        for (shard, _) in moved {
+        for shard in moved {
             let cluster = self.clone();
             tokio::spawn(async move { cluster.give_up(shard).await });
         }

@@ -178,12 +178,12 @@ impl Ownership {
     /// wanted that are no longer ours are not, and shards lost that are
     /// ours now are wanted (until then their drivers are refused: nothing
     /// else would want them).
-    pub fn rebalance(&mut self, ours: impl Fn(ShardId) -> bool) -> Vec<(ShardId, Arc<str>)> {
+    pub fn rebalance(&mut self, ours: impl Fn(ShardId) -> bool) -> Vec<ShardId> {
         let mut moved = Vec::new();
         for (shard, holding) in self.holdings.iter_mut() {
             if !holding.releasing && !ours(*shard) {
                 holding.releasing = true;
-                moved.push((*shard, holding.value.clone()));
+                moved.push(*shard);
             }
         }
         self.wanted.retain(|&s| ours(s));

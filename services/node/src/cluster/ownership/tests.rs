@@ -724,7 +724,7 @@ impl World {
         let moved = self.nodes[node]
             .own
             .rebalance(|shard| view[index(shard)] == me);
-        for (shard, _) in moved {
+        for shard in moved {
             self.nodes[node].giving.insert(index(shard));
         }
     }
