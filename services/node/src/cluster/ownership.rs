@@ -308,7 +308,7 @@ impl Ownership {
 
     /// The last moment this node may serve what it last renewed at
     /// `renewed`: before anyone else can hold it.
-    pub fn deadline(&self, renewed: Instant) -> Instant {
+    fn deadline(&self, renewed: Instant) -> Instant {
         reach::deadline(renewed, self.lease_ttl, self.renew_interval)
     }
 
